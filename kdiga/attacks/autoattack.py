@@ -1,0 +1,290 @@
+"""The one adapter for AutoAttack (Croce & Hein, 2020) through the ``pyautoattack`` package.
+
+``pyautoattack`` ships fra31/auto-attack's attack code under another import name, with
+keyword-only arguments: ``AutoAttack(model, *, attacks, device, eps, norm, seed, version)``
+and ``run_standard_evaluation(x, y, /, *, batch_size, state_path) -> (x_adv, y_adv)``.
+Its gradient-masking checks (``pyautoattack.checks``: randomised output, probabilities
+instead of logits, dynamic defence, zero gradients, Square beating the white-box attacks,
+too many target classes) log warnings on the ``"auto-attack"`` logger; this adapter
+captures them into ``AutoAttackResult.flags`` so reports keep them.
+
+Side effects of ``pyautoattack`` that the adapter contains: it reseeds torch's global RNG
+(kept private here with ``torch.random.fork_rng``), and its dynamic-defence check keeps a
+module-level call counter that is never reset (reset here before each run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdiga.attacks.checks import check_gradients, check_perturbation
+from kdiga.attacks.pgd import check_eps
+from kdiga.utils import eval_mode
+
+logger = logging.getLogger(__name__)
+
+ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
+VERSIONS = ("standard", "plus", "rand", "custom")
+AA_NORMS = {"linf": "Linf", "l2": "L2", "l1": "L1"}
+# Smallest number of classes each loss can use (the DLR losses read the 3rd / 4th logit).
+_MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4, "fab-t": 2, "fab": 2, "apgd-ce": 2, "square": 2}
+
+
+@dataclass
+class AutoAttackResult:
+    """Outcome of one AutoAttack run on N samples.
+
+    ``robust`` [N] bool: correct clean and no attack of the list found an adversarial
+    example. ``clean_correct`` [N] bool. ``x_adv`` [N, C, H, W] (the clean input where no
+    attack succeeded). ``y_adv`` [N]: predicted label at ``x_adv``. ``flags``: AutoAttack's
+    gradient-masking warnings plus the adapter's own checks, one string each.
+    ``grad_evals``: per-sample backward passes through the model; ``forward_evals``:
+    per-sample forward passes without an input gradient.
+    """
+
+    robust: Tensor
+    clean_correct: Tensor
+    x_adv: Tensor
+    y_adv: Tensor
+    eps: float
+    norm: str
+    version: str
+    attacks: list[str]
+    flags: list[str] = field(default_factory=list)
+    grad_evals: int = 0
+    forward_evals: int = 0
+
+    def accuracy(self) -> dict[str, float]:
+        """``{"clean": float, "robust": float}`` over the N samples."""
+        n = max(len(self.robust), 1)
+        return {
+            "clean": self.clean_correct.sum().item() / n,
+            "robust": self.robust.sum().item() / n,
+        }
+
+
+class _CountBackward(torch.autograd.Function):
+    """Identity whose backward adds the batch size to a counter (one per backward pass)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, counter: list[int]) -> Tensor:
+        ctx.counter = counter
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        ctx.counter[0] += grad.shape[0]
+        return grad, None
+
+
+class _Counted(nn.Module):
+    """Wraps a model and counts per-sample forward and backward passes."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.backwards = [0]
+        self.forwards = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            x = _CountBackward.apply(x, self.backwards)
+        else:
+            self.forwards += x.shape[0]
+        return self.model(x)
+
+
+class _FlagHandler(logging.Handler):
+    def __init__(self, sink: list[str]) -> None:
+        super().__init__(level=logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _capture_flags(sink: list[str]) -> Iterator[None]:
+    """Collect pyautoattack's check warnings (logger or ``warnings.warn``) into ``sink``."""
+    aa_logger = logging.getLogger("auto-attack")
+    handler = _FlagHandler(sink)
+    aa_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+        sink.extend(str(w.message) for w in caught if "pyautoattack" in (w.filename or ""))
+    finally:
+        aa_logger.removeHandler(handler)
+
+
+def canonical_aa_norm(norm: str) -> str:
+    """Return "Linf", "L2" or "L1" for any capitalisation of them; ValueError otherwise."""
+    key = norm.lower() if isinstance(norm, str) else None
+    if key not in AA_NORMS:
+        raise ValueError(f"norm must be one of {tuple(AA_NORMS.values())} (any case), got {norm!r}")
+    return AA_NORMS[key]
+
+
+def _validate_attacks(version: str, attacks: Sequence[str] | None) -> tuple[str, list[str] | None]:
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+    if attacks is None:
+        if version == "custom":
+            raise ValueError(f"version='custom' needs a list of attacks from {ATTACKS}")
+        return version, None
+    if version != "custom":
+        raise ValueError(
+            f"attacks={list(attacks)!r} needs version='custom' (version {version!r} fixes its "
+            "own attack list)"
+        )
+    if isinstance(attacks, str):
+        raise ValueError(
+            f"attacks must be a list of names from {ATTACKS}, got the string {attacks!r}"
+        )
+    bad = [a for a in attacks if a not in ATTACKS]
+    if bad or not attacks:
+        raise ValueError(f"unknown or empty attack list {list(attacks)!r}; allowed: {ATTACKS}")
+    return version, list(dict.fromkeys(attacks))
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: Tensor, batch_size: int, device: torch.device) -> Tensor:
+    """Predicted labels [N] (on the CPU) for ``x`` [N, ...], in batches."""
+    preds = [
+        model(x[i : i + batch_size].to(device)).argmax(1).cpu()
+        for i in range(0, len(x), batch_size)
+    ]
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+
+
+def _configure(adversary: Any, n_classes: int, n_iter: int | None, n_queries: int | None) -> None:
+    """Fit target-class counts to the number of classes; apply iteration overrides."""
+    for a in adversary.attacks_to_run:
+        if n_classes < _MIN_CLASSES[a]:
+            raise ValueError(
+                f"attack {a!r} needs at least {_MIN_CLASSES[a]} classes, the model has {n_classes}"
+            )
+    targets = min(9, n_classes - 1)
+    if adversary.apgd_targeted.n_target_classes > targets:
+        logger.info("AutoAttack: target classes reduced to %d (%d classes)", targets, n_classes)
+        adversary.apgd_targeted.n_target_classes = targets
+        adversary.fab.n_target_classes = targets
+    if n_iter is not None:
+        for attack in (adversary.apgd, adversary.apgd_targeted, adversary.fab):
+            attack.n_iter = n_iter
+        for attack in (adversary.apgd, adversary.apgd_targeted):
+            attack.n_iter_orig = n_iter
+            attack.n_iter_2 = max(int(0.22 * n_iter), 1)
+            attack.n_iter_min = max(int(0.06 * n_iter), 1)
+            attack.size_decr = max(int(0.03 * n_iter), 1)
+    if n_queries is not None:
+        adversary.square.n_queries = n_queries
+
+
+def _check_positive_int(value: Any, name: str, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def autoattack(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    norm: str = "Linf",
+    version: str = "standard",
+    attacks: Sequence[str] | None = None,
+    batch_size: int = 256,
+    seed: int | None = 0,
+    device: torch.device | str | None = None,
+    n_iter: int | None = None,
+    n_queries: int | None = None,
+) -> AutoAttackResult:
+    """Run AutoAttack on images ``x`` [N, C, H, W] in [0, 1] with labels ``y`` [N].
+
+    Args:
+        model: logits model on [0, 1] images; run in eval mode, previous mode restored.
+        eps: radius ε > 0 in [0, 1] pixel space. norm: "Linf", "L2" or "L1" (any case).
+        version: "standard" (APGD-CE, APGD-T, FAB-T, Square), "plus", "rand" or "custom".
+        attacks: with version "custom", a list from ``ATTACKS``, e.g. ["apgd-ce", "apgd-t"].
+        batch_size: samples per attack batch. seed: AutoAttack's seed (None: time-based).
+        device: where the attack runs (default: the model's device).
+        n_iter: override the iterations of APGD, APGD-T and FAB (default 100; fewer is
+            a weaker, cheaper evaluation). n_queries: override Square's queries (5000).
+
+    Returns:
+        ``AutoAttackResult``; ``flags`` holds pyautoattack's gradient-masking warnings.
+    """
+    from pyautoattack import AutoAttack, checks
+
+    eps = check_eps(eps)
+    aa_norm = canonical_aa_norm(norm)
+    version, attack_list = _validate_attacks(version, attacks)
+    _check_positive_int(batch_size, "batch_size")
+    _check_positive_int(n_iter, "n_iter", allow_none=True)
+    _check_positive_int(n_queries, "n_queries", allow_none=True)
+    if not isinstance(x, Tensor) or x.dim() < 2 or y.shape != x.shape[:1]:
+        raise ValueError("x must be a tensor [N, C, H, W] and y a label tensor [N]")
+    if x.numel() and (x.min() < 0 or x.max() > 1):
+        raise ValueError("x must lie in [0, 1]; normalisation belongs inside the model wrapper")
+    device = torch.device(device) if device is not None else _model_device(model)
+    counted = _Counted(model)
+    flags: list[str] = []
+    x_adv, y_adv = x.detach().clone(), y.detach().clone()
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    with eval_mode(model), torch.random.fork_rng(devices=rng_devices), torch.no_grad():
+        clean_pred = adv_pred = _predict(model, x, batch_size, device)
+        adversary = AutoAttack(
+            counted, attacks=attack_list, device=device, eps=eps, norm=aa_norm, seed=seed,
+            version=version,
+        )  # fmt: skip
+        if len(x):
+            head = slice(0, batch_size)
+            flags += check_gradients(model, x[head].to(device), y[head].to(device))
+            _configure(adversary, model(x[:1].to(device)).shape[-1], n_iter, n_queries)
+            for k in checks.funcs:  # the dynamic-defence check's counter is never reset
+                checks.funcs[k] = 0
+            with _capture_flags(flags):
+                x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+            adv_pred = _predict(model, x_adv, batch_size, device)
+    y_cpu = y.detach().cpu()
+    clean_correct = clean_pred == y_cpu
+    robust = (y_adv.detach().cpu() == y_cpu) & clean_correct
+    if not torch.equal(robust, (adv_pred == y_cpu) & clean_correct):
+        flags.append(
+            "the model's predictions at x_adv changed between AutoAttack and a re-evaluation: "
+            "randomised or non-deterministic model?"
+        )
+    flags += check_perturbation(x.detach().cpu(), x_adv.detach().cpu(), eps, aa_norm)
+    for f in dict.fromkeys(flags):
+        logger.warning("AutoAttack check (eps=%g): %s", eps, f)
+    return AutoAttackResult(
+        robust=robust,
+        clean_correct=clean_correct,
+        x_adv=x_adv.detach(),
+        y_adv=y_adv.detach(),
+        eps=eps,
+        norm=aa_norm,
+        version=version,
+        attacks=list(adversary.attacks_to_run),
+        flags=list(dict.fromkeys(flags)),
+        grad_evals=counted.backwards[0],
+        forward_evals=counted.forwards,
+    )

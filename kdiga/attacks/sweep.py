@@ -1,0 +1,387 @@
+"""Robust accuracy over increasing radii, attacking only the points still robust; resumable.
+
+A sample is robust at radius r only if it is classified correctly clean and no attack
+found an adversarial example within r. An adversarial example found at a smaller radius
+is valid at every larger one, so with ``reuse=True`` a point broken at r_(k-1) counts as
+broken at r_k and is not attacked again: the robust set at r_k is (robust at r_(k-1)) ∩
+(survives the attack at r_k). With ``reuse=False`` every radius attacks every clean-correct
+point (the baseline). For a deterministic attack (PGD with ``random_start=False``) the
+attack on a point at r_k is the same computation in both modes, so the reuse robust set is
+a subset of the independent one at every radius (up to floating-point effects of batch
+composition).
+
+The sweep processes the data in batches; with ``state_path`` it saves its progress and
+the RNG state atomically after each batch, and a re-run with the same arguments skips the
+batches already done and ends with the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdiga.attacks.autoattack import autoattack, canonical_aa_norm
+from kdiga.attacks.checks import check_gradients
+from kdiga.attacks.pgd import canonical_norm, check_eps, perturbation_norm, pgd
+from kdiga.utils import atomic_torch_save, eval_mode
+
+logger = logging.getLogger(__name__)
+
+SWEEP_ATTACKS = ("pgd", "autoattack")
+_STATE_VERSION = 1
+
+# attack(x [n, ...], y [n], radius) -> (x_adv [n, ...], per-sample gradient evals, flags)
+AttackFn = Callable[[Tensor, Tensor, float], tuple[Tensor, int, list[str]]]
+
+
+@dataclass
+class SweepResult:
+    """Per-sample outcome of a robust-accuracy sweep over N samples and R radii.
+
+    ``radii``: sorted increasing. ``clean_correct`` [N] bool. ``robust`` [R, N] bool.
+    ``grad_evals``: per-sample gradient evaluations spent in all (``grad_evals_per_radius``
+    per radius). ``max_perturbation`` [R]: the largest ``norm`` distance of an adversarial
+    input tried at each radius (0 where no point was attacked); ``in_range`` [R]: whether
+    every adversarial input lay in [0, 1]. ``flags``: gradient-masking warnings.
+    """
+
+    radii: list[float]
+    clean_correct: Tensor
+    robust: Tensor
+    grad_evals: int
+    grad_evals_per_radius: list[int]
+    max_perturbation: list[float]
+    in_range: list[bool]
+    attack: str = "pgd"
+    norm: str = "linf"
+    reuse: bool = True
+    flags: list[str] = field(default_factory=list)
+
+    def accuracy(self) -> dict[str, Any]:
+        """``{"clean": float, "robust": {radius: float}}`` over the N samples."""
+        n = max(self.clean_correct.numel(), 1)
+        return {
+            "clean": self.clean_correct.sum().item() / n,
+            "robust": {
+                r: row.sum().item() / n for r, row in zip(self.radii, self.robust, strict=True)
+            },
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly summary: accuracies, costs, checks (no per-sample tensors)."""
+        acc = self.accuracy()
+        return {
+            "attack": self.attack,
+            "norm": self.norm,
+            "reuse": self.reuse,
+            "n": int(self.clean_correct.numel()),
+            "radii": list(self.radii),
+            "clean": acc["clean"],
+            "robust": [acc["robust"][r] for r in self.radii],
+            "grad_evals": self.grad_evals,
+            "grad_evals_per_radius": list(self.grad_evals_per_radius),
+            "max_perturbation": list(self.max_perturbation),
+            "in_range": list(self.in_range),
+            "flags": list(self.flags),
+        }
+
+
+def _check_radii(radii: Sequence[float]) -> list[float]:
+    """Radii as sorted floats: each finite and >= 0 (0 = clean), no duplicates."""
+    if isinstance(radii, str | bytes) or not isinstance(radii, Sequence) or not radii:
+        raise ValueError(f"radii must be a non-empty sequence of numbers >= 0, got {radii!r}")
+    values = [0.0 if r == 0 else check_eps(r, "each radius") for r in radii]
+    if len(set(values)) != len(values):
+        raise ValueError(f"radii must be distinct, got {list(radii)!r}")
+    return sorted(values)
+
+
+def _check_int(value: Any, name: str, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _hash_tensors(items: Sequence[tuple[str, Tensor]]) -> str:
+    h = hashlib.sha256()
+    for name, t in items:
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{t.numel()};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _pgd_attack(
+    model: nn.Module,
+    *,
+    steps: int,
+    step_size: float | None,
+    norm: str,
+    restarts: int,
+    random_start: bool,
+    generator: torch.Generator,
+) -> AttackFn:
+    def run(x: Tensor, y: Tensor, radius: float) -> tuple[Tensor, int, list[str]]:
+        x_adv, stats = pgd(
+            model, x, y, eps=radius, steps=steps, step_size=step_size, norm=norm,
+            restarts=restarts, random_start=random_start, generator=generator,
+            early_stop=True, return_stats=True,
+        )  # fmt: skip
+        return x_adv, stats["grad_evals"], []
+
+    return run
+
+
+def _autoattack_attack(
+    model: nn.Module,
+    *,
+    norm: str,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    kwargs: dict[str, Any],
+) -> AttackFn:
+    def run(x: Tensor, y: Tensor, radius: float) -> tuple[Tensor, int, list[str]]:
+        res = autoattack(
+            model, x, y, eps=radius, norm=norm, batch_size=batch_size, seed=seed,
+            device=device, **kwargs,
+        )  # fmt: skip
+        return res.x_adv, res.grad_evals, res.flags
+
+    return run
+
+
+def _attack_batch(
+    model: nn.Module,
+    attack: AttackFn,
+    x: Tensor,
+    y: Tensor,
+    radii: list[float],
+    norm: str,
+    reuse: bool,
+) -> dict[str, Any]:
+    """Clean correctness [b] and robustness [R, b] of one batch, with costs and checks."""
+    with eval_mode(model), torch.no_grad():
+        clean = model(x).argmax(dim=1) == y
+    still = clean.clone()
+    rows, evals, max_pert, in_range, flags = [], [], [], [], []
+    for r in radii:
+        targets = still if reuse else clean
+        robust = targets.clone()
+        idx = targets.nonzero().squeeze(1)
+        n_evals, pert, ok = 0, 0.0, True
+        if r > 0 and idx.numel():
+            x_adv, n_evals, new_flags = attack(x[idx], y[idx], r)
+            with eval_mode(model), torch.no_grad():
+                broken = model(x_adv).argmax(dim=1) != y[idx]
+            robust[idx[broken]] = False
+            pert = perturbation_norm(x_adv - x[idx], norm).max().item()
+            ok = bool(x_adv.min() >= 0 and x_adv.max() <= 1)
+            flags += new_flags
+        rows.append(robust)
+        evals.append(n_evals)
+        max_pert.append(pert)
+        in_range.append(ok)
+        if reuse:
+            still = robust
+    return {
+        "clean": clean.cpu(),
+        "robust": torch.stack(rows).cpu(),
+        "grad_evals": evals,
+        "max_perturbation": max_pert,
+        "in_range": in_range,
+        "flags": flags,
+    }
+
+
+def _fresh_state(n: int, n_radii: int, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "version": _STATE_VERSION,
+        "fingerprint": fingerprint,
+        "batches_done": 0,
+        "clean": torch.zeros(n, dtype=torch.bool),
+        "robust": torch.zeros(n_radii, n, dtype=torch.bool),
+        "grad_evals": [0] * n_radii,
+        "max_perturbation": [0.0] * n_radii,
+        "in_range": [True] * n_radii,
+        "flags": [],
+        "generator_state": None,
+    }
+
+
+def _load_state(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"sweep state file {path} does not load ({err}); delete it") from err
+    if state.get("version") != _STATE_VERSION or state.get("fingerprint") != fingerprint:
+        raise ValueError(
+            f"sweep state file {path} was written by a sweep with other arguments, model or "
+            "data; delete it or pass another state_path"
+        )
+    return state
+
+
+def _open_state(
+    path: Path | None,
+    fingerprint: dict[str, Any],
+    n: int,
+    n_radii: int,
+    n_batches: int,
+    generator: torch.Generator,
+) -> dict[str, Any]:
+    """The saved progress at ``path`` (generator restored to its saved state), or a new one."""
+    state = _load_state(path, fingerprint) if path is not None else None
+    if state is None:
+        return _fresh_state(n, n_radii, fingerprint)
+    logger.info(
+        "resuming sweep from %s: %d/%d batches done", path, state["batches_done"], n_batches
+    )
+    if state["generator_state"] is not None:
+        generator.set_state(state["generator_state"])
+    return state
+
+
+def _merge(state: dict[str, Any], part: dict[str, Any], sl: slice) -> None:
+    state["clean"][sl] = part["clean"]
+    state["robust"][:, sl] = part["robust"]
+    k = len(state["grad_evals"])
+    for i in range(k):
+        state["grad_evals"][i] += part["grad_evals"][i]
+        state["max_perturbation"][i] = max(
+            state["max_perturbation"][i], part["max_perturbation"][i]
+        )
+        state["in_range"][i] = state["in_range"][i] and part["in_range"][i]
+    state["flags"] = list(dict.fromkeys(state["flags"] + part["flags"]))
+
+
+def robust_sweep(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    radii: Sequence[float],
+    *,
+    attack: str = "pgd",
+    steps: int = 20,
+    step_size: float | None = None,
+    norm: str = "linf",
+    restarts: int = 1,
+    random_start: bool = True,
+    batch_size: int = 256,
+    reuse: bool = True,
+    generator: torch.Generator | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    autoattack_kwargs: dict[str, Any] | None = None,
+    state_path: str | Path | None = None,
+) -> SweepResult:
+    """Per-sample robust accuracy of ``model`` on ``x`` [N, C, H, W] in [0, 1], ``y`` [N].
+
+    Args:
+        radii: attack radii in [0, 1] pixel space, >= 0 and distinct; they are sorted
+            increasing and the result's rows follow the sorted order (0 means clean).
+        attack: "pgd" (early-exit PGD: a point stops being attacked once misclassified) or
+            "autoattack" (the ``kdiga.attacks.autoattack`` adapter per radius).
+        steps, step_size, restarts, random_start: PGD settings; ``step_size`` None means
+            2.5·r/steps at each radius r, a number is used at every radius.
+        norm: "linf" or "l2" ("l1" too with AutoAttack), any case.
+        batch_size: samples per batch (and AutoAttack's batch size).
+        reuse: attack at r_k only the points still robust at r_(k-1) (default); False
+            attacks every clean-correct point at every radius (the baseline).
+        generator: RNG for PGD's random starts; default ``torch.Generator().manual_seed(seed)``.
+            seed: that seed, and AutoAttack's.
+        device: where batches go (default: the model's device); the model is not moved.
+        autoattack_kwargs: extra arguments for ``autoattack`` (version, attacks, n_iter, ...).
+        state_path: save progress after each batch and resume from it on a re-run with
+            the same arguments, model and data (ValueError if they differ).
+
+    Returns:
+        ``SweepResult`` (tensors on the CPU).
+    """
+    if attack not in SWEEP_ATTACKS:
+        raise ValueError(f"attack must be one of {SWEEP_ATTACKS}, got {attack!r}")
+    norm = canonical_norm(norm) if attack == "pgd" else canonical_aa_norm(norm).lower()
+    radii = _check_radii(radii)
+    _check_int(batch_size, "batch_size", 1)
+    _check_int(steps, "steps", 0)
+    _check_int(restarts, "restarts", 1)
+    if not isinstance(x, Tensor) or x.dim() < 2 or not isinstance(y, Tensor):
+        raise ValueError("x must be a tensor [N, C, H, W] and y a label tensor [N]")
+    if y.shape != x.shape[:1]:
+        raise ValueError(f"y must have shape [{x.shape[0]}], got {tuple(y.shape)}")
+    if x.numel() and (x.min() < 0 or x.max() > 1):
+        raise ValueError("x must lie in [0, 1]; normalisation belongs inside the model wrapper")
+    device = torch.device(device) if device is not None else _model_device(model)
+    if generator is None:
+        generator = torch.Generator().manual_seed(seed)
+    aa_kwargs = dict(autoattack_kwargs or {})
+    if attack == "pgd":
+        run = _pgd_attack(
+            model, steps=steps, step_size=step_size, norm=norm, restarts=restarts,
+            random_start=random_start, generator=generator,
+        )  # fmt: skip
+    else:
+        run = _autoattack_attack(
+            model, norm=norm, batch_size=batch_size, seed=seed, device=device, kwargs=aa_kwargs
+        )
+
+    n, n_batches = x.shape[0], math.ceil(x.shape[0] / batch_size)
+    path = Path(state_path) if state_path is not None else None
+    fingerprint = {}
+    if path is not None:
+        fingerprint = {
+            "attack": attack, "norm": norm, "radii": radii, "steps": steps,
+            "step_size": step_size, "restarts": restarts, "random_start": random_start,
+            "batch_size": batch_size, "reuse": reuse, "seed": seed,
+            "generator": _hash_tensors([("g", generator.get_state())]),
+            "autoattack_kwargs": repr(sorted(aa_kwargs.items())),
+            "data": _hash_tensors([("x", x), ("y", y)]),
+            "model": _hash_tensors(list(model.state_dict().items())),
+        }  # fmt: skip
+    state = _open_state(path, fingerprint, n, len(radii), n_batches, generator)
+    if state["batches_done"] == 0 and n:
+        head = slice(0, batch_size)
+        with eval_mode(model), torch.no_grad():
+            correct = model(x[head].to(device)).argmax(1) == y[head].to(device)
+        state["flags"] += check_gradients(
+            model, x[head][correct.cpu()].to(device), y[head][correct.cpu()].to(device)
+        )
+    for b in range(state["batches_done"], n_batches):
+        sl = slice(b * batch_size, min((b + 1) * batch_size, n))
+        part = _attack_batch(model, run, x[sl].to(device), y[sl].to(device), radii, norm, reuse)
+        _merge(state, part, sl)
+        state["batches_done"] = b + 1
+        state["generator_state"] = generator.get_state()
+        if path is not None:
+            atomic_torch_save(state, path)
+        logger.debug("sweep batch %d/%d done", b + 1, n_batches)
+
+    result = SweepResult(
+        radii=radii,
+        clean_correct=state["clean"],
+        robust=state["robust"],
+        grad_evals=sum(state["grad_evals"]),
+        grad_evals_per_radius=list(state["grad_evals"]),
+        max_perturbation=list(state["max_perturbation"]),
+        in_range=list(state["in_range"]),
+        attack=attack,
+        norm=norm,
+        reuse=reuse,
+        flags=list(state["flags"]),
+    )
+    logger.info("sweep (%s, %s, reuse=%s): %s", attack, norm, reuse, result.accuracy())
+    return result
