@@ -1,0 +1,479 @@
+"""Tests for kdiga.bounds: local linearity (Definition 2), Proposition 2, Table 4."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from kdiga.bounds import (
+    gap,
+    input_gradient,
+    llm_key,
+    local_linearity,
+    proposition2,
+    residual,
+    sample_indices,
+    table4,
+)
+
+SHAPE = (1, 6, 6)
+D = 36
+
+
+def _mlp(seed: int, dtype=torch.float64, classes: int = 3) -> nn.Module:
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Flatten(), nn.Linear(D, 12), nn.Tanh(), nn.Linear(12, classes))
+    return m.to(dtype)
+
+
+def _conv(seed: int, dtype=torch.float64, classes: int = 3) -> nn.Module:
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, classes))
+    return m.to(dtype)
+
+
+def _data(seed: int, n: int = 6, dtype=torch.float64, classes: int = 3, lo=0.0, hi=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = lo + (hi - lo) * torch.rand((n, *SHAPE), generator=g, dtype=dtype)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return x, y
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+class _Constant(nn.Module):
+    """Logits that ignore x: huge margin for class 0, so CE ~ 0 and its gradient is 0."""
+
+    def forward(self, x):
+        return (x.flatten(1)[:, :1] * 0 + torch.tensor([30.0, -30.0], dtype=x.dtype)).to(x.dtype)
+
+
+class _Quadratic(nn.Module):
+    """Logits [0, b + a·‖x − 0.5‖²]: CE = softplus(margin), gradient 0 at x = 0.5."""
+
+    def __init__(self, a: float, b: float) -> None:
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x):
+        m = self.b + self.a * ((x - 0.5) ** 2).flatten(1).sum(1)
+        return torch.stack([torch.zeros_like(m), m], dim=1)
+
+
+# --------------------------------------------------------------------------- residual
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_residual_is_exactly_zero_at_the_origin(dtype):
+    model = _conv(1, dtype)
+    x, y = _data(1, dtype=dtype)
+    ce0, g0 = input_gradient(model, x, y)
+    r = residual(model.eval(), x, y, torch.zeros_like(x), ce0, g0)
+    assert torch.equal(r, torch.zeros_like(r))
+
+
+def test_input_gradient_matches_per_sample_autograd():
+    model = _mlp(2)
+    x, y = _data(2, n=4)
+    ce, g = input_gradient(model, x, y)
+    for i in range(len(x)):
+        xi = x[i : i + 1].clone().requires_grad_(True)
+        cei = F.cross_entropy(model(xi), y[i : i + 1])
+        (gi,) = torch.autograd.grad(cei, xi)
+        torch.testing.assert_close(ce[i], cei.detach())
+        torch.testing.assert_close(g[i : i + 1], gi)
+
+
+def test_residual_is_second_order_taylor_remainder():
+    """r(te) − ½ t² eᵀHe = O(t³): halving t divides the error by ~8 (by ~2 if the gradient
+    term were missing, by ~4 if the Hessian term did not match)."""
+    model = _mlp(3)
+    x, y = _data(3, n=2, lo=0.2, hi=0.8)
+    ce0, g0 = input_gradient(model, x, y)
+    d = torch.rand(x.shape, generator=_gen(3), dtype=x.dtype) * 2 - 1
+    for i in range(len(x)):
+
+        def f(v, i=i):
+            return F.cross_entropy(model(v.view(1, *SHAPE)), y[i : i + 1])
+
+        h = torch.autograd.functional.hessian(f, x[i].flatten())
+        errs = []
+        for t in (1e-2, 5e-3, 2.5e-3):
+            e = t * d
+            r = residual(model, x, y, e, ce0, g0)[i]
+            q = 0.5 * e[i].flatten() @ h @ e[i].flatten()
+            assert abs(q) > 1e-9
+            assert abs(r - q) < 0.1 * abs(q)
+            errs.append(abs(r - q).item())
+        assert errs[1] / errs[0] < 0.2 and errs[2] / errs[1] < 0.2
+
+
+# --------------------------------------------------------------------------- LLM
+
+
+def test_llm_of_affine_logits_is_not_zero():
+    """CE is nonlinear in the logits, so even an affine model has γ > 0."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(D, 3)).double()
+    x, y = _data(4)
+    res = local_linearity(model, x, y, 0.1, steps=5, restarts=1, generator=_gen())
+    assert (res.gamma > 1e-4).all()
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    eps=st.sampled_from([0.02, 0.1, 0.5]),
+    norm=st.sampled_from(["linf", "l2"]),
+    steps=st.integers(0, 4),
+    restarts=st.integers(1, 2),
+)
+def test_llm_is_max_over_every_point_evaluated(seed, eps, norm, steps, restarts):
+    model = _conv(seed)
+    x, y = _data(seed)
+    seen = []
+    res = local_linearity(
+        model,
+        x,
+        y,
+        eps,
+        steps=steps,
+        restarts=restarts,
+        norm=norm,
+        generator=_gen(seed),
+        on_evaluate=seen.append,
+    )
+    assert res.evaluations == len(seen) == restarts * (steps + 1)
+    ce0, g0 = input_gradient(model, x, y)
+    rs = torch.stack([residual(model, x, y, e, ce0, g0) for e in seen])
+    torch.testing.assert_close(res.gamma, rs.abs().amax(0).clamp_min(0))
+    assert (res.gamma >= 0).all()
+    for e in [*seen, res.e_star]:  # every point inside the ball and the box
+        norms = e.flatten(1).abs().amax(1) if norm == "linf" else e.flatten(1).norm(dim=1)
+        assert (norms <= eps * (1 + 1e-9)).all()
+        assert ((x + e) >= -1e-12).all() and ((x + e) <= 1 + 1e-12).all()
+    r_star = residual(model, x, y, res.e_star, ce0, g0)
+    torch.testing.assert_close(r_star, res.residual)
+    torch.testing.assert_close(r_star.abs(), res.gamma)
+
+
+def test_llm_keeps_the_absolute_value():
+    """CE = softplus(−‖x − 0.5‖²) at x = 0.5 is concave in x with zero gradient: the residual
+    is negative everywhere, largest in size at the corners of the L∞ ball. Ascent on |r| gets
+    there; the authors' signed version would stay near e = 0."""
+    model = _Quadratic(a=-1.0, b=0.0)
+    x = torch.full((3, *SHAPE), 0.5, dtype=torch.float64)
+    y = torch.zeros(3, dtype=torch.long)
+    eps = 0.1
+    res = local_linearity(model, x, y, eps, steps=5, restarts=1, generator=_gen())
+    corner = F.softplus(torch.tensor(0.0)) - F.softplus(torch.tensor(-D * eps**2))
+    assert (res.residual < 0).all()
+    torch.testing.assert_close(res.gamma, corner.double().expand(3))
+
+
+def test_llm_with_the_smaller_ball_optimum_is_monotone_in_eps():
+    """The true LLM grows with eps; the ascent alone need not, but offering it the arg-max of
+    the smaller ball (a point of the larger one) makes γ(eps2) >= γ(eps1) guaranteed."""
+    model = _mlp(5)
+    x, y = _data(5)
+    small = local_linearity(model, x, y, 0.05, steps=4, generator=_gen(1))
+    big = local_linearity(
+        model, x, y, 0.1, steps=4, generator=_gen(2), extra_perturbations=[small.e_star]
+    )
+    assert (big.gamma >= small.gamma).all()
+
+
+def test_llm_covers_supplied_random_candidates():
+    model = _conv(6)
+    x, y = _data(6)
+    eps = 0.1
+    cands = [((torch.rand(x.shape, dtype=x.dtype) * 2 - 1) * eps + x).clamp(0, 1) - x]
+    cands += [((torch.rand(x.shape, dtype=x.dtype) * 2 - 1) * eps + x).clamp(0, 1) - x]
+    ce0, g0 = input_gradient(model, x, y)
+    best = torch.stack([residual(model, x, y, e, ce0, g0).abs() for e in cands]).amax(0)
+    res = local_linearity(model, x, y, eps, steps=2, restarts=1, extra_perturbations=cands)
+    assert (res.gamma >= best).all()
+
+
+def test_ascent_beats_random_sampling_on_average():
+    """Same number of evaluations: 10 ascent steps from one start vs 11 random points."""
+    model = _mlp(7, torch.float32)
+    x, y = _data(7, n=32, dtype=torch.float32)
+    asc = local_linearity(model, x, y, 0.1, steps=10, restarts=1, generator=_gen())
+    rnd = local_linearity(model, x, y, 0.1, steps=0, restarts=11, generator=_gen())
+    assert asc.evaluations == rnd.evaluations == 11
+    assert asc.gamma.mean() > 1.5 * rnd.gamma.mean()
+
+
+# --------------------------------------------------------------------------- Proposition 2
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    eps=st.sampled_from([0.03, 0.2, 1.0]),
+    norm=st.sampled_from(["linf", "l2"]),
+    archs=st.sampled_from([(_mlp, _conv), (_conv, _mlp), (_mlp, _mlp)]),
+)
+def test_proposition2_holds_on_every_perturbation_tried(seed, eps, norm, archs):
+    student, teacher = archs[0](seed), archs[1](seed + 1)
+    x, y = _data(seed, n=5)
+    gen = _gen(seed)
+    extras = []
+    for _ in range(20):
+        if norm == "linf":
+            e = (torch.rand(x.shape, generator=gen, dtype=x.dtype) * 2 - 1) * eps
+        else:
+            e = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+            e = e / e.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            e = e * eps * torch.rand(len(x), 1, 1, 1, generator=gen, dtype=x.dtype)
+        extras.append((x + e).clamp(0, 1) - x)
+    seen = []
+    res = proposition2(
+        student,
+        teacher,
+        x,
+        y,
+        eps,
+        steps=4,
+        restarts=2,
+        norm=norm,
+        generator=gen,
+        extra_perturbations=extras,
+        on_evaluate=seen.append,
+    )
+    assert len(seen) == res.evaluations == 2 * 2 * 5 + 20
+    gaps = torch.stack([gap(student, teacher, x, y, e) for e in [torch.zeros_like(x), *seen]])
+    assert (gaps <= res.bound + 1e-6).all()
+    torch.testing.assert_close(res.gap_max, gaps.amax(0))
+    torch.testing.assert_close(res.bound, res.gamma_s + res.gamma_t + res.phi)
+    dual = (res.grad_gap_dual - res.grad_gap_l2).abs()
+    assert (dual < 1e-12).all() if norm == "l2" else (res.grad_gap_dual >= res.grad_gap_l2).all()
+
+
+def _linear_student(seed: int, margin: float) -> tuple[nn.Module, torch.Tensor]:
+    """Two classes, margin wᵀx + b ≈ `margin` >> 0 with y = 0: CE ≈ margin, linear in x."""
+    torch.manual_seed(seed)
+    lin = nn.Linear(D, 2).double()
+    w = torch.randn(D, dtype=torch.float64)
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.weight[1] = w
+        lin.bias.copy_(torch.tensor([0.0, margin - 0.5 * w.sum().item()]))
+    return nn.Sequential(nn.Flatten(), lin), w
+
+
+def test_l2_norm_of_the_gradient_gap_is_not_enough_under_linf():
+    """CE_s exactly linear up to 1e-17 (γs ≈ 0), teacher CE ≈ 0 with zero gradient: at
+    e = eps·sign(w) the gap is ce_s + eps·‖w‖₁, which the dual (L1) φ covers and the L2 φ of
+    the paper's "a norm" reading misses by eps·(‖w‖₁ − ‖w‖₂)."""
+    student, w = _linear_student(8, margin=40.0)
+    teacher = _Constant()
+    x, _ = _data(8, lo=0.3, hi=0.7)
+    y = torch.zeros(len(x), dtype=torch.long)
+    eps = 0.1
+    e = (eps * w.sign()).view(1, *SHAPE).expand_as(x).clone()
+    res = proposition2(student, teacher, x, y, eps, steps=2, restarts=1, extra_perturbations=[e])
+    observed = gap(student, teacher, x, y, e)
+    assert (res.gamma_s < 1e-12).all() and (res.gamma_t < 1e-12).all()
+    assert (observed <= res.bound + 1e-9).all()
+    wrong = res.gamma_s + res.gamma_t + res.ce_s + res.ce_t + eps * res.grad_gap_l2
+    assert (observed > wrong + 1.0).all()
+
+
+def test_dropping_the_student_llm_breaks_the_bound():
+    """Student CE = softplus(‖x − 0.5‖²) at x = 0.5: zero gradient, so only γs accounts for
+    the rise of the loss inside the ball."""
+    student, teacher = _Quadratic(a=1.0, b=0.0), _Constant()
+    x = torch.full((3, *SHAPE), 0.5, dtype=torch.float64)
+    y = torch.zeros(3, dtype=torch.long)
+    eps = 0.1
+    e = torch.full_like(x, eps)
+    res = proposition2(student, teacher, x, y, eps, steps=2, restarts=1, extra_perturbations=[e])
+    observed = gap(student, teacher, x, y, e)
+    assert (observed <= res.bound + 1e-9).all()
+    assert (observed > res.gamma_t + res.phi + 0.1).all()
+
+
+def test_extra_perturbation_outside_the_ball_is_rejected():
+    model = _mlp(9)
+    x, y = _data(9, lo=0.3, hi=0.7)
+    e = torch.full_like(x, 0.11)
+    with pytest.raises(ValueError, match="ball"):
+        proposition2(model, model, x, y, 0.1, steps=1, restarts=1, extra_perturbations=[e])
+    with pytest.raises(ValueError, match="ball"):
+        local_linearity(model, x, y, 0.1, steps=1, extra_perturbations=[e])
+    x1 = torch.ones_like(x)
+    with pytest.raises(ValueError, match="box"):
+        local_linearity(model, x1, y, 0.2, steps=1, extra_perturbations=[e])
+
+
+# --------------------------------------------------------------------------- Table 4
+
+
+def test_table4_keys_values_and_determinism():
+    student, teacher = _conv(10, torch.float32), _mlp(11, torch.float32)
+    x, y = _data(10, n=7, dtype=torch.float32)
+    kw = dict(radii=(4 / 255, 8 / 255), steps=3, restarts=1, batch_size=3)
+    a = table4(student, teacher, x, y, generator=_gen(5), **kw)
+    b = table4(student, teacher, x, y, generator=_gen(5), **kw)
+    assert set(a) == {llm_key(4 / 255), llm_key(8 / 255), "ce", "grad_gap_l2"}
+    assert llm_key(8 / 255) == "llm@0.0313725"
+    assert a == b
+    assert all(math.isfinite(v) and v >= 0 for v in a.values())
+    assert a[llm_key(8 / 255)] > 0
+
+
+def test_table4_means_match_the_per_sample_functions():
+    student, teacher = _mlp(12), _conv(13)
+    x, y = _data(12, n=5)
+    t4 = table4(
+        student,
+        teacher,
+        x,
+        y,
+        radii=(0.05, 0.1),
+        steps=2,
+        restarts=1,
+        batch_size=2,
+        generator=_gen(7),
+    )
+    big = table4(
+        student,
+        teacher,
+        x,
+        y,
+        radii=(0.05, 0.1),
+        steps=2,
+        restarts=1,
+        batch_size=10,
+        generator=_gen(7),
+    )
+    ce_s, g_s = input_gradient(student, x, y)
+    _, g_t = input_gradient(teacher, x, y)
+    assert t4["ce"] == pytest.approx(ce_s.mean().item(), rel=1e-12)
+    assert t4["grad_gap_l2"] == pytest.approx((g_s - g_t).flatten(1).norm(dim=1).mean().item())
+    assert big["ce"] == pytest.approx(t4["ce"]) and big["grad_gap_l2"] == pytest.approx(
+        t4["grad_gap_l2"]
+    )
+    gen = _gen(7)  # one batch draws the same random starts in the same order
+    for r in (0.05, 0.1):
+        llm = local_linearity(student, x, y, r, steps=2, restarts=1, generator=gen)
+        assert big[llm_key(r)] == pytest.approx(llm.gamma.mean().item(), rel=1e-12)
+
+
+def test_sample_indices():
+    a = sample_indices(100, 10, seed=3)
+    assert a.dtype == torch.int64 and len(a) == 10 and len(set(a.tolist())) == 10
+    assert torch.equal(a, a.sort().values) and a.min() >= 0 and a.max() < 100
+    assert torch.equal(a, sample_indices(100, 10, seed=3))
+    assert not torch.equal(a, sample_indices(100, 10, seed=4))
+    with pytest.raises(ValueError, match="n_total"):
+        sample_indices(5, 6, seed=0)
+
+
+# --------------------------------------------------------------------------- modes, grads
+
+
+def _stochastic_model() -> nn.Module:
+    torch.manual_seed(14)
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3),
+        nn.BatchNorm2d(2),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Flatten(),
+        nn.Linear(2 * 4 * 4, 3),
+    ).double()
+
+
+CALLS = {
+    "input_gradient": lambda s, t, x, y: input_gradient(s, x, y),
+    "local_linearity": lambda s, t, x, y: local_linearity(s, x, y, 0.1, steps=2, restarts=1),
+    "proposition2": lambda s, t, x, y: proposition2(s, t, x, y, 0.1, steps=2, restarts=1),
+    "gap": lambda s, t, x, y: gap(s, t, x, y, torch.full_like(x, 0.01)),
+    "table4": lambda s, t, x, y: table4(s, t, x, y, radii=(0.1,), steps=2, restarts=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_modes_restored_no_param_grads_eval_mode_used(name):
+    student, teacher = _stochastic_model(), _stochastic_model()
+    teacher.eval()
+    teacher[0].weight.requires_grad_(False)
+    x, y = _data(14, n=4)
+    stats = student[1].running_mean.clone()
+    flags = [p.requires_grad for m in (student, teacher) for p in m.parameters()]
+    first = CALLS[name](student, teacher, x, y)
+    assert student.training and all(m.training for m in student.modules())
+    assert not any(m.training for m in teacher.modules())
+    assert flags == [p.requires_grad for m in (student, teacher) for p in m.parameters()]
+    assert all(p.grad is None for m in (student, teacher) for p in m.parameters())
+    assert torch.equal(student[1].running_mean, stats)  # BatchNorm never in train mode
+    if name in ("input_gradient", "gap"):  # no randomness: dropout in train mode would show
+        second = CALLS[name](student, teacher, x, y)
+        for u, v in zip(torch.atleast_1d(first), torch.atleast_1d(second), strict=True):
+            assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("ctx", [torch.no_grad, torch.inference_mode])
+def test_works_under_no_grad_and_inference_mode(ctx):
+    student, teacher = _mlp(15), _conv(15)
+    x, y = _data(15)
+    ref = proposition2(student, teacher, x, y, 0.1, steps=2, generator=_gen())
+    with ctx():
+        x, y = x.clone(), y.clone()  # inference tensors under inference_mode
+        res = proposition2(student, teacher, x, y, 0.1, steps=2, generator=_gen())
+        t4 = table4(student, teacher, x, y, radii=(0.1,), steps=1, restarts=1)
+    assert torch.equal(ref.bound, res.bound)
+    assert math.isfinite(t4["llm@0.1"])
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"eps": 0.0}, "eps"),
+        ({"eps": -0.1}, "eps"),
+        ({"eps": float("nan")}, "eps"),
+        ({"eps": float("inf")}, "eps"),
+        ({"steps": -1}, "steps"),
+        ({"restarts": 0}, "restarts"),
+        ({"step_size": 0.0}, "step_size"),
+        ({"norm": "l1"}, "linf"),
+    ],
+)
+@pytest.mark.parametrize("fn", ["local_linearity", "proposition2"])
+def test_bad_arguments_raise_value_error(kwargs, match, fn):
+    model = _mlp(16)
+    x, y = _data(16, n=2)
+    args = {"eps": 0.1, "steps": 1, "restarts": 1, **kwargs}
+    eps = args.pop("eps")
+    with pytest.raises(ValueError, match=match):
+        if fn == "local_linearity":
+            local_linearity(model, x, y, eps, **args)
+        else:
+            proposition2(model, model, x, y, eps, **args)
+
+
+def test_bad_inputs_raise_value_error():
+    model = _mlp(17)
+    x, y = _data(17, n=2)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        input_gradient(model, x * 3, y)
+    with pytest.raises(ValueError, match="y must"):
+        input_gradient(model, x, y[:1])
+    with pytest.raises(ValueError, match="distinct"):
+        table4(model, model, x, y, radii=(0.1, 0.1 + 1e-12))
+    with pytest.raises(ValueError, match="batch_size"):
+        table4(model, model, x, y, batch_size=0)
