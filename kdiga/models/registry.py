@@ -1,0 +1,131 @@
+"""Model registry: ``build_model(name, ...)`` for every architecture kdiga knows.
+
+Built-in names are registered by their modules with ``@register_model``; ``"timm:<name>"`` and
+``"torchvision:<name>"`` are resolved by :mod:`kdiga.models.external`. Every model comes back
+wrapped in :class:`~kdiga.models.normalized.NormalizedModel`, inputs in [0, 1].
+
+Default normalisation: the identity (mean 0, std 1) unless ``mean``/``std`` are given, except
+for ``pretrained=True`` timm and torchvision models, which take the mean/std their weights
+were trained with (timm's ``pretrained_cfg``, torchvision's weights transforms).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import nn
+
+from kdiga.models.normalized import NormalizedModel, resolve_stats
+
+logger = logging.getLogger(__name__)
+
+#: builder(num_classes, in_chans, image_size, **kwargs) -> raw nn.Module giving logits [B, N].
+Builder = Callable[..., nn.Module]
+
+_BUILDERS: dict[str, Builder] = {}
+EXTERNAL_PREFIXES = ("timm:", "torchvision:")
+
+
+def register_model(name: str) -> Callable[[Builder], Builder]:
+    """Decorator registering ``builder(num_classes, in_chans, image_size, **kwargs)``."""
+    if ":" in name:
+        raise ValueError(f"built-in model names may not contain ':' (reserved), got {name!r}")
+
+    def deco(builder: Builder) -> Builder:
+        if name in _BUILDERS:
+            raise ValueError(f"model {name!r} is already registered")
+        _BUILDERS[name] = builder
+        return builder
+
+    return deco
+
+
+def list_models() -> list[str]:
+    """Sorted built-in architecture names (``"timm:<name>"``/``"torchvision:<name>"`` also work)."""
+    return sorted(_BUILDERS)
+
+
+def _check_positive(**values: int) -> None:
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be a positive int, got {value!r}")
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    *,
+    in_chans: int = 3,
+    image_size: int = 32,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    pretrained: bool = False,
+    **kwargs: Any,
+) -> NormalizedModel:
+    """Build architecture ``name`` wrapped with its input normalisation.
+
+    Args:
+        name: one of :func:`list_models`, or ``"timm:<name>"``, ``"torchvision:<name>"``.
+        num_classes: N, the logits' width.
+        in_chans: C of the inputs [B, C, H, W].
+        image_size: H = W the model is built for (CNNs here pool adaptively and accept other
+            sizes; ViTs need it).
+        mean, std: per-channel normalisation (1 or C values); see the module docstring for
+            the default.
+        pretrained: download pretrained weights (timm/torchvision only). Offline this raises
+            ``RuntimeError`` naming the model and how to supply a local file.
+        **kwargs: architecture options (``width``, ``width_mult``, ``depth``,
+            ``widen_factor``, timm/torchvision constructor arguments), stored for reloading.
+
+    Returns:
+        NormalizedModel: ``forward(x [B, C, H, W] in [0, 1]) -> logits [B, N]``.
+    """
+    _check_positive(num_classes=num_classes, in_chans=in_chans, image_size=image_size)
+    default_stats = None
+    if name.startswith(EXTERNAL_PREFIXES):
+        from kdiga.models import external
+
+        net, default_stats = external.build_external(
+            name,
+            num_classes,
+            in_chans=in_chans,
+            image_size=image_size,
+            pretrained=pretrained,
+            **kwargs,
+        )
+    elif name in _BUILDERS:
+        if pretrained:
+            raise ValueError(
+                f"{name!r} has no pretrained weights to download; build it with "
+                "pretrained=False and load a checkpoint (kdiga.models.load_model, "
+                "kdiga.teachers.load_teacher('file:...'))"
+            )
+        try:
+            net = _BUILDERS[name](num_classes, in_chans, image_size, **kwargs)
+        except TypeError as exc:
+            raise ValueError(f"bad options for {name!r}: {exc}") from exc
+    else:
+        raise ValueError(
+            f"unknown model {name!r}; allowed: {', '.join(list_models())}, "
+            "'timm:<timm model name>', 'torchvision:<torchvision model name>'"
+        )
+    mean_l, std_l = resolve_stats(mean, std, in_chans, default_stats)
+    stored = {k: v for k, v in kwargs.items() if k not in external_only_kwargs()}
+    logger.debug("built %s (%d classes, %d chans, %dpx)", name, num_classes, in_chans, image_size)
+    return NormalizedModel(
+        net,
+        mean_l,
+        std_l,
+        arch=name,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        image_size=image_size,
+        build_kwargs=stored,
+    )
+
+
+def external_only_kwargs() -> frozenset[str]:
+    """Keyword arguments that only matter when downloading weights (not kept for reloading)."""
+    return frozenset({"pretrained_cfg", "pretrained_cfg_overlay", "weights"})

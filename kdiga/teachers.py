@@ -1,0 +1,428 @@
+"""Teachers: fetch a robust model by its source and say where it came from.
+
+A teacher is named by a source string:
+
+- ``file:<path>``: a local checkpoint, either a kdiga model file (``save_model``) or a raw
+  / RobustBench-style checkpoint for ``arch`` (a bare ``state_dict`` such as TRADES's
+  ``model_cifar_wrn.pt``; a dict holding it under ``"state_dict"``, ``"model"`` or ``"net"``;
+  ``"module."`` prefixes from DataParallel; the robustness library's layout with
+  ``module.model.*`` for the net, ``module.attacker.*`` duplicates and the input
+  normalisation in ``module.normalizer.new_mean``/``new_std``). ``sha256`` is verified when
+  given.
+- ``url:<https://...>``: downloaded once into ``cache_dir`` (atomically), verified against
+  the required ``sha256`` and reused from the cache afterwards without network.
+- ``timm:<name>``: a timm model with its pretrained weights (downloaded by timm), or with
+  ``weights=<local file>`` offline.
+- ``train:...`` teachers are trained by the pipeline (``teacher`` stage), not here.
+
+Every teacher comes back frozen (``requires_grad_(False)``) and in eval mode, with a
+:class:`TeacherMeta` (architecture, normalisation, source, sha256; ``clean_acc`` and
+``robust_acc`` are filled by the evaluation and stored with the teacher artifact).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import shutil
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from torch import Tensor, nn
+
+from kdiga.models import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    NormalizedModel,
+    build_model,
+    is_model_record,
+    model_from_record,
+    read_checkpoint,
+)
+from kdiga.utils import atomic_path, sha256_file
+
+logger = logging.getLogger(__name__)
+
+SCHEMES = ("file", "url", "timm")
+CHECKPOINT_FORMATS = ("auto", "kdiga", "state_dict")
+URL_SCHEMES = ("https", "http", "file")
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
+_NORMALIZER_PREFIXES = ("normalizer.", "normalize.")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+M = TypeVar("M", bound=nn.Module)
+
+
+@dataclass
+class TeacherMeta:
+    """Where a teacher came from and how good it is (the paper's bracketed numbers).
+
+    ``robust_acc`` maps an attack-and-radius label (e.g. ``"pgd20@8/255"``) to an accuracy.
+    """
+
+    arch: str
+    num_classes: int
+    in_chans: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str
+    sha256: str | None = None
+    clean_acc: float | None = None
+    robust_acc: dict[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (lists for mean/std)."""
+        out = asdict(self)
+        out["mean"], out["std"] = list(self.mean), list(self.std)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TeacherMeta:
+        """Inverse of :meth:`to_dict`; unknown or missing keys raise ``ValueError``."""
+        names = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.default is MISSING}
+        unknown, missing = set(data) - names, required - set(data)
+        if unknown or missing:
+            raise ValueError(
+                f"bad teacher metadata: unknown keys {sorted(unknown)}, missing keys "
+                f"{sorted(missing)}; allowed keys: {sorted(names)}"
+            )
+        values = dict(data)
+        values["mean"] = tuple(float(v) for v in values["mean"])
+        values["std"] = tuple(float(v) for v in values["std"])
+        if values.get("robust_acc") is not None:
+            values["robust_acc"] = {str(k): float(v) for k, v in values["robust_acc"].items()}
+        return cls(**values)
+
+
+def freeze(model: M) -> M:
+    """Freeze ``model`` in place (no parameter gradients, eval mode) and return it."""
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def _check_sha256(sha256: str | None) -> str | None:
+    if sha256 is None:
+        return None
+    digest = sha256.strip().lower()
+    if not _SHA256.fullmatch(digest):
+        raise ValueError(f"sha256 must be 64 hex digits, got {sha256!r}")
+    return digest
+
+
+def _verify(path: Path, expected: str | None) -> str:
+    actual = sha256_file(path)
+    if expected is not None and actual != expected:
+        raise ValueError(f"sha256 mismatch for {path}: expected {expected}, actual {actual}")
+    return actual
+
+
+def load_teacher(
+    source: str,
+    *,
+    arch: str | None = None,
+    num_classes: int = 10,
+    in_chans: int = 3,
+    image_size: int = 32,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    sha256: str | None = None,
+    cache_dir: str | os.PathLike = "data/teachers/cache",
+    checkpoint_format: str = "auto",
+    model_kwargs: Mapping[str, Any] | None = None,
+    weights: str | os.PathLike | None = None,
+    timeout: float = 60.0,
+) -> tuple[NormalizedModel, TeacherMeta]:
+    """Load the teacher named by ``source``, frozen and in eval mode, with its metadata.
+
+    Args:
+        source: ``"file:<path>"``, ``"url:<https://...>"`` or ``"timm:<name>"``.
+        arch: registry name for raw checkpoints (required unless the file is a kdiga model
+            file, whose stored architecture must then equal ``arch`` if given).
+        num_classes, in_chans, image_size: what to build ``arch`` for (a kdiga model file
+            stores its own, which win).
+        mean, std: input normalisation; default: the checkpoint's own (robustness-library
+            normalizer, kdiga file), timm's pretrained config, else mean 0, std 1.
+        sha256: expected digest of the weights file (required for ``url:``).
+        cache_dir: where ``url:`` downloads are kept.
+        checkpoint_format: ``"auto"``, ``"kdiga"`` (must be a kdiga model file) or
+            ``"state_dict"`` (a raw / RobustBench-style checkpoint for ``arch``).
+        model_kwargs: extra architecture options for ``build_model`` (e.g. ``depth``).
+        weights: for ``timm:``, a local weights file to use instead of downloading.
+        timeout: seconds to wait for the network (``url:``).
+
+    Returns:
+        (model, meta): model maps images [B, C, H, W] in [0, 1] to logits [B, N].
+    """
+    scheme, sep, rest = source.partition(":")
+    if scheme == "train":
+        raise ValueError(
+            f"{source!r}: 'train:' teachers are trained by the pipeline's teacher stage "
+            "(PGD-AT or TRADES, see params.yaml), not loaded by kdiga.teachers"
+        )
+    if not sep or scheme not in SCHEMES or not rest:
+        raise ValueError(
+            f"bad teacher source {source!r}; allowed: 'file:<path>', 'url:<https://...>', "
+            "'timm:<name>' (and 'train:' in the pipeline)"
+        )
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ValueError(
+            f"checkpoint_format {checkpoint_format!r} not in {', '.join(CHECKPOINT_FORMATS)}"
+        )
+    if weights is not None and scheme != "timm":
+        raise ValueError(f"weights= is for 'timm:' sources; for {scheme}: the file is the source")
+    digest = _check_sha256(sha256)
+    spec = dict(
+        arch=arch,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        checkpoint_format=checkpoint_format,
+        model_kwargs=dict(model_kwargs or {}),
+    )
+    if scheme == "file":
+        model, meta = _from_file(Path(rest).expanduser(), source, digest, **spec)
+    elif scheme == "url":
+        if digest is None:
+            raise ValueError(f"{source!r}: url sources need sha256= (the file's hex digest)")
+        path = fetch_url(rest, digest, cache_dir, timeout=timeout)
+        model, meta = _from_file(path, source, digest, **spec)
+    else:
+        model, meta = _from_timm(rest, source, digest, weights, **spec)
+    logger.info("teacher %s: %s (sha256 %s)", source, meta.arch, meta.sha256)
+    return freeze(model), meta
+
+
+def _meta(model: NormalizedModel, source: str, digest: str | None, extra: Mapping) -> TeacherMeta:
+    robust = extra.get("robust_acc")
+    return TeacherMeta(
+        arch=model.arch,
+        num_classes=model.num_classes,
+        in_chans=model.in_chans,
+        image_size=model.image_size,
+        mean=tuple(model.mean.flatten().tolist()),
+        std=tuple(model.std.flatten().tolist()),
+        source=source,
+        sha256=digest,
+        clean_acc=extra.get("clean_acc"),
+        robust_acc=dict(robust) if robust is not None else None,
+    )
+
+
+def _from_file(
+    path: Path,
+    source: str,
+    expected: str | None,
+    *,
+    arch: str | None,
+    checkpoint_format: str,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    default_stats: tuple[Sequence[float], Sequence[float]] | None = None,
+    **build: Any,
+) -> tuple[NormalizedModel, TeacherMeta]:
+    if not path.is_file():
+        raise CheckpointNotFoundError(
+            f"teacher file {path} does not exist: put the checkpoint there or give another "
+            "'file:<path>' (with arch= for a raw state_dict, and its sha256=)"
+        )
+    digest = _verify(path, expected)
+    obj = _read_weights(path, trusted=expected is not None)
+    if is_model_record(obj) and checkpoint_format != "state_dict":
+        model = model_from_record(obj, path)
+        if arch is not None and arch != model.arch:
+            raise ValueError(f"{path} holds a {model.arch!r} model, not arch={arch!r}")
+        for given, stored, what in ((mean, model.mean, "mean"), (std, model.std, "std")):
+            if given is not None and [float(v) for v in given] != stored.flatten().tolist():
+                raise ValueError(f"{path} stores {what} {stored.flatten().tolist()}, not {given}")
+        return model, _meta(model, source, digest, obj.get("meta") or {})
+    if checkpoint_format == "kdiga":
+        raise CheckpointError(f"{path} is not a kdiga model file (checkpoint_format='kdiga')")
+    if arch is None:
+        raise ValueError(f"{path} is a raw checkpoint: give its architecture with arch=")
+    state, ckpt_mean, ckpt_std = split_checkpoint(obj, path)
+    stats = default_stats or (None, None)
+    model = build_model(
+        arch,
+        build["num_classes"],
+        in_chans=build["in_chans"],
+        image_size=build["image_size"],
+        mean=mean if mean is not None else ckpt_mean if ckpt_mean is not None else stats[0],
+        std=std if std is not None else ckpt_std if ckpt_std is not None else stats[1],
+        **build["model_kwargs"],
+    )
+    load_net_state(model, state, path)
+    return model, _meta(model, source, digest, {})
+
+
+def _read_weights(path: Path, *, trusted: bool) -> Any:
+    """Tensors of a checkpoint file; full unpickling only for sha256-verified files."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
+    try:
+        return read_checkpoint(path)
+    except CheckpointError as exc:
+        if not isinstance(exc.__cause__, pickle.UnpicklingError):
+            raise
+        if not trusted:
+            raise CheckpointError(
+                f"{path} holds pickled objects beyond tensors; give its sha256= to trust and "
+                "fully unpickle it"
+            ) from exc
+        logger.warning("%s: fully unpickling a sha256-verified checkpoint", path)
+        return read_checkpoint(path, weights_only=False)
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and all(isinstance(v, Tensor) for v in obj.values())
+
+
+def split_checkpoint(
+    obj: Any, path: str | os.PathLike = "<checkpoint>"
+) -> tuple[dict[str, Tensor], list[float] | None, list[float] | None]:
+    """The net's state_dict and the input (mean, std) stored with it, if any.
+
+    Unwraps ``"state_dict"``/``"model_state_dict"``/``"model"``/``"net"``, strips
+    ``"module."``, drops ``attacker.*`` (robustness library), reads ``normalizer.new_mean``/
+    ``new_std`` (robustness) or ``normalize.mean``/``std`` (RobustBench), and strips a
+    ``"model."`` prefix shared by every remaining key.
+    """
+    state = obj
+    for _ in range(3):
+        if _is_tensor_dict(state):
+            break
+        inner = [k for k in _WRAPPER_KEYS if isinstance(state, Mapping) and k in state]
+        if not inner:
+            break
+        state = state[inner[0]]
+    if not _is_tensor_dict(state) or not state:
+        keys = sorted(obj)[:10] if isinstance(obj, Mapping) else type(obj).__name__
+        raise CheckpointError(
+            f"{path}: no state_dict found (top level: {keys}); expected a dict of tensors, "
+            f"possibly under one of {_WRAPPER_KEYS}"
+        )
+    state = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith("attacker.")}
+    norm = {k: v for k, v in state.items() if k.startswith(_NORMALIZER_PREFIXES)}
+    state = {k: v for k, v in state.items() if k not in norm}
+    mean = std = None
+    for k, v in norm.items():
+        leaf = k.rsplit(".", 1)[-1]
+        if leaf in ("new_mean", "mean"):
+            mean = v.flatten().tolist()
+        elif leaf in ("new_std", "std"):
+            std = v.flatten().tolist()
+    if state and all(k.startswith("model.") for k in state):
+        state = {k[len("model.") :]: v for k, v in state.items()}
+    return state, mean, std
+
+
+def load_net_state(model: NormalizedModel, state: Mapping[str, Tensor], path: Any) -> None:
+    """``model.net.load_state_dict(state, strict=True)``; a mismatch names ``path``."""
+    try:
+        model.net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        own = set(model.net.state_dict())
+        missing = sorted(own - set(state))[:8]
+        unexpected = sorted(set(state) - own)[:8]
+        raise CheckpointError(
+            f"{path}: weights do not fit {model.arch!r} (missing e.g. {missing}, "
+            f"unexpected e.g. {unexpected}): {str(exc)[:500]}"
+        ) from exc
+
+
+def cache_path(url: str, sha256: str, cache_dir: str | os.PathLike) -> Path:
+    """Where ``url`` is cached: ``<cache_dir>/<sha256[:16]>-<file name>``."""
+    name = Path(urllib.parse.urlparse(url).path).name or "weights"
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    return Path(cache_dir) / f"{sha256[:16]}-{name}"
+
+
+def fetch_url(
+    url: str, sha256: str, cache_dir: str | os.PathLike, *, timeout: float = 60.0
+) -> Path:
+    """Download ``url`` once into ``cache_dir`` (atomically), verify ``sha256``, return the path.
+
+    A cached file with the right digest is reused without network. Unreachable -> a
+    ``RuntimeError`` saying where to put the file by hand.
+    """
+    sha256 = _check_sha256(sha256) or ""
+    scheme = urllib.parse.urlparse(url).scheme
+    if scheme not in URL_SCHEMES:
+        raise ValueError(f"url {url!r}: scheme {scheme!r} not in {URL_SCHEMES}")
+    dest = cache_path(url, sha256, cache_dir)
+    if dest.is_file():
+        if sha256_file(dest) == sha256:
+            logger.info("using cached %s", dest)
+            return dest
+        logger.warning("cached %s has a wrong sha256; downloading again", dest)
+        dest.unlink()
+    logger.info("downloading %s to %s", url, dest)
+    with atomic_path(dest) as tmp:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as fh:
+                shutil.copyfileobj(response, fh)
+        except (OSError, urllib.error.URLError) as exc:
+            raise RuntimeError(
+                f"could not reach {url} ({type(exc).__name__}: {exc}). Offline? Download the "
+                f"file elsewhere and place it at {dest}, or load it with 'file:<path>'"
+            ) from exc
+        _verify(tmp, sha256)
+    return dest
+
+
+def _from_timm(
+    name: str,
+    source: str,
+    expected: str | None,
+    weights: str | os.PathLike | None,
+    *,
+    arch: str | None,
+    **spec: Any,
+) -> tuple[NormalizedModel, TeacherMeta]:
+    from kdiga.models.external import timm_default_stats
+
+    timm_arch = f"timm:{name}"
+    if arch is not None and arch != timm_arch:
+        raise ValueError(f"source {source!r} builds {timm_arch!r}, not arch={arch!r}")
+    if weights is not None:
+        stats = timm_default_stats(name)
+        return _from_file(
+            Path(weights).expanduser(),
+            source,
+            expected,
+            arch=timm_arch,
+            default_stats=stats,
+            **spec,
+        )
+    if expected is not None:
+        raise ValueError("sha256= applies to a weights file: give weights=<path> with it")
+    if spec["checkpoint_format"] != "auto":
+        raise ValueError("checkpoint_format applies to a weights file: give weights=<path>")
+    model = build_model(
+        timm_arch,
+        spec["num_classes"],
+        in_chans=spec["in_chans"],
+        image_size=spec["image_size"],
+        mean=spec["mean"],
+        std=spec["std"],
+        pretrained=True,
+        **spec["model_kwargs"],
+    )
+    return model, _meta(model, source, None, {})
