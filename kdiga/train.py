@@ -1,0 +1,413 @@
+"""The training loop: SGD with momentum and multi-step LR, a checkpoint every epoch, resume.
+
+``fit`` trains a student on in-memory images with any criterion of the losses contract,
+``parts = criterion(student, teacher, x, y)`` returning a dict whose ``"loss"`` is
+backpropagated (paper eq. 1, 2, 5, 6, 7 live in ``kdiga.losses``).
+
+Reproducibility: the data order and the augmentation of epoch ``e`` come from generators
+seeded with ``(cfg.seed, e)`` alone; the global torch RNG (PGD random starts inside losses,
+dropout) is forked for the run, seeded with ``cfg.seed`` and saved in every checkpoint. A run
+killed at any point and started again on the same checkpoint path ends with the same weights,
+bit for bit on CPU, as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdiga.data import AUGMENTATIONS, augment, to_float
+from kdiga.utils import atomic_torch_save, eval_mode
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "kdiga.train/1"
+_AUG_SEED_OFFSET = 500009  # keeps the augmentation stream apart from the data-order stream
+# Fields that may differ between a checkpoint and the run resuming it (they change neither
+# what an epoch computes nor, on CPU, how).
+_RESUMABLE_CHANGES = frozenset({"epochs", "amp", "channels_last"})
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss was NaN or infinite; nothing of that epoch was checkpointed."""
+
+    def __init__(self, epoch: int, batch: int, parts: Mapping[str, float]) -> None:
+        self.epoch, self.batch, self.parts = epoch, batch, dict(parts)
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in self.parts.items())
+        super().__init__(
+            f"non-finite loss at epoch {epoch}, batch {batch} ({shown}); the last checkpoint "
+            f"(end of epoch {epoch - 1}) is unchanged: lower the learning rate or loss weights"
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of one training run (the paper's values live in the presets).
+
+    The learning rate is ``lr * lr_gamma ** (number of milestones <= epoch)`` (MultiStepLR,
+    epochs counted from 0); it does not depend on ``epochs``, so a run can be extended.
+    ``amp`` (bf16 autocast of the forward) and ``channels_last`` apply on CUDA only.
+    ``crop_padding`` is the padding of the "crop"/"crop_flip" augmentations (4 on CIFAR-10's
+    32 px; less on 16 px digits). ``drop_last`` drops a final partial batch (train-mode
+    BatchNorm fails on a batch of one).
+    """
+
+    epochs: int
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: tuple[int, ...] = ()
+    lr_gamma: float = 0.1
+    nesterov: bool = False
+    seed: int = 0
+    augment: str = "none"
+    crop_padding: int = 4
+    amp: bool = True
+    channels_last: bool = True
+    drop_last: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
+        checks = [
+            ("epochs", self.epochs >= 0, ">= 0"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("lr", self.lr > 0 and math.isfinite(self.lr), "> 0 and finite"),
+            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("lr_gamma", 0 < self.lr_gamma <= 1, "in (0, 1]"),
+            (
+                "milestones",
+                all(m >= 1 for m in self.milestones)
+                and all(a < b for a, b in zip(self.milestones, self.milestones[1:], strict=False)),
+                "strictly increasing epochs >= 1",
+            ),
+            ("augment", self.augment in AUGMENTATIONS, f"one of {AUGMENTATIONS}"),
+            ("crop_padding", self.crop_padding >= 0, ">= 0"),
+            ("nesterov", not self.nesterov or self.momentum > 0, "False when momentum is 0"),
+        ]
+        for key, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig.{key}={getattr(self, key)!r}; allowed: {allowed}")
+
+
+def _epoch_generators(seed: int, epoch: int) -> tuple[torch.Generator, torch.Generator]:
+    """(data order, augmentation) generators of epoch ``epoch`` (0-based)."""
+    base = int(seed) * 1000003 + int(epoch)
+    return (
+        torch.Generator().manual_seed(base),
+        torch.Generator().manual_seed(base + _AUG_SEED_OFFSET),
+    )
+
+
+def _check_data(images: Tensor, labels: Tensor, what: str) -> tuple[Tensor, Tensor]:
+    if images.ndim != 4:
+        raise ValueError(f"{what} images must be [N, C, H, W]; got shape {tuple(images.shape)}")
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise ValueError(f"{what} images must be uint8 or float in [0, 1]; got {images.dtype}")
+    labels = torch.as_tensor(labels)
+    if labels.ndim != 1 or labels.numel() != images.shape[0] or labels.is_floating_point():
+        raise ValueError(
+            f"{what} labels must be int [N] with N={images.shape[0]}; "
+            f"got {labels.dtype} {tuple(labels.shape)}"
+        )
+    if labels.numel() == 0:
+        raise ValueError(f"{what} set is empty")
+    return images, labels.long()
+
+
+def _prepare_teacher(teacher: nn.Module | None, device: torch.device, cl: bool) -> None:
+    if teacher is None:
+        return
+    teacher.to(device)
+    if cl:
+        teacher.to(memory_format=torch.channels_last)
+    teacher.eval()
+    teacher.requires_grad_(False)
+
+
+def _load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types on a bad file
+        raise ValueError(f"{path}: training checkpoint does not load ({err})") from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a kdiga training checkpoint ({CHECKPOINT_FORMAT})")
+    mine = dataclasses.asdict(cfg)
+    diff = {
+        k: (v, mine.get(k))
+        for k, v in ckpt["config"].items()
+        if k not in _RESUMABLE_CHANGES and (tuple(v) if isinstance(v, list) else v) != mine.get(k)
+    }
+    if diff:
+        shown = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(
+            f"{path}: checkpoint was made with another config ({shown}); only "
+            f"{sorted(_RESUMABLE_CHANGES)} may change on resume: delete it to start over"
+        )
+    if ckpt["epoch"] > cfg.epochs:
+        raise ValueError(
+            f"{path}: checkpoint is at epoch {ckpt['epoch']}, past the requested "
+            f"epochs={cfg.epochs}; it cannot be rewound"
+        )
+    return ckpt
+
+
+def _run_epoch(
+    student: nn.Module,
+    criterion: Callable[..., dict[str, Tensor]],
+    teacher: nn.Module | None,
+    images: Tensor,
+    labels: Tensor,
+    cfg: TrainConfig,
+    epoch: int,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    teacher_cache: Callable[[Tensor], Any] | None,
+    on_batch: Callable[[dict], None] | None,
+) -> dict[str, float]:
+    """One pass over the data; returns the sample-weighted mean of each loss part."""
+    order_gen, aug_gen = _epoch_generators(cfg.seed, epoch)
+    n = labels.numel()
+    perm = torch.randperm(n, generator=order_gen)
+    starts = range(0, n - cfg.batch_size + 1 if cfg.drop_last else n, cfg.batch_size)
+    cuda = device.type == "cuda"
+    sums: dict[str, float] = {}
+    seen = 0
+    student.train()
+    for b, start in enumerate(starts):
+        idx = perm[start : start + cfg.batch_size]
+        dev_idx = idx.to(device)
+        x = augment(to_float(images[dev_idx]), cfg.augment, aug_gen, padding=cfg.crop_padding)
+        y = labels[dev_idx]
+        if cuda and cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        kwargs = {} if teacher_cache is None else {"teacher_out": teacher_cache(idx)}
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and cfg.amp):
+            parts = criterion(student, teacher, x, y, **kwargs)
+        if not isinstance(parts, Mapping) or "loss" not in parts:
+            raise ValueError(f"criterion must return a dict with a 'loss' key; got {type(parts)}")
+        if not parts["loss"].requires_grad:
+            raise ValueError("criterion's 'loss' has no gradient (computed under no_grad?)")
+        names = list(parts)
+        values = torch.stack([parts[k].detach().float().reshape(()) for k in names]).tolist()
+        record = dict(zip(names, values, strict=True))
+        if not all(math.isfinite(v) for v in values):
+            raise NonFiniteLossError(epoch + 1, b, record)
+        parts["loss"].backward()
+        optimizer.step()
+        for k, v in record.items():
+            sums[k] = sums.get(k, 0.0) + v * idx.numel()
+        seen += idx.numel()
+        if on_batch is not None:
+            on_batch({"epoch": epoch + 1, "batch": b, "num_batches": len(starts), **record})
+    return {k: v / seen for k, v in sums.items()}
+
+
+def fit(
+    student: nn.Module,
+    criterion: Callable[..., dict[str, Tensor]],
+    images: Tensor,
+    labels: Tensor,
+    cfg: TrainConfig,
+    *,
+    teacher: nn.Module | None = None,
+    checkpoint_path: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    on_epoch: Callable[[dict], None] | None = None,
+    on_batch: Callable[[dict], None] | None = None,
+    val: tuple[Tensor, Tensor] | None = None,
+    teacher_cache: Callable[[Tensor], Any] | None = None,
+) -> list[dict[str, float]]:
+    """Train ``student`` in place for ``cfg.epochs`` epochs; return the per-epoch history.
+
+    Each step: ``parts = criterion(student, teacher, x, y)`` with the student in train mode
+    and ``x`` ``[B, C, H, W]`` in [0, 1] (augmented per ``cfg.augment``), then
+    ``parts["loss"].backward()`` and an SGD step. After every epoch the model, optimiser,
+    scheduler, RNG state, config and history are saved atomically to ``checkpoint_path``; if
+    that file exists when ``fit`` starts, training resumes from it (``cfg.epochs`` may grow).
+
+    Args:
+        student: the model to train (moved to ``device``).
+        criterion: ``(student, teacher, x, y, [teacher_out=]) -> dict`` with a "loss" scalar.
+        images: uint8 ``[N, C, H, W]`` (or float in [0, 1]); held on ``device`` for the run.
+        labels: int ``[N]``.
+        cfg: optimisation settings.
+        teacher: moved to ``device``, put in eval mode and frozen (``requires_grad_(False)``).
+        checkpoint_path: where to checkpoint and resume; None: no checkpoints.
+        device: where to train; bf16 autocast and channels_last apply on CUDA only.
+        on_epoch: called with each epoch's history record, after its checkpoint is saved.
+        on_batch: called after each step with {epoch, batch, num_batches, loss parts...}
+            (e.g. to drive a progress bar).
+        val: (images, labels) for a held-out validation accuracy after each epoch.
+        teacher_cache: ``(indices [B] into images, on CPU) -> TeacherSignals`` passed to the
+            criterion as ``teacher_out=`` (precomputed teacher signals; needs augment="none").
+
+    Returns:
+        one dict per epoch: epoch (1-based), lr, the mean of each loss part, time_s, and
+        val_acc when ``val`` is given.
+
+    Raises:
+        NonFiniteLossError: a NaN or infinite loss part (epoch and batch named).
+    """
+    images, labels = _check_data(images, labels, "train")
+    if val is not None:
+        val = _check_data(*val, "val")
+    if cfg.drop_last and labels.numel() < cfg.batch_size:
+        raise ValueError(
+            f"drop_last with N={labels.numel()} < batch_size={cfg.batch_size} leaves no batch"
+        )
+    if teacher_cache is not None and cfg.augment != "none":
+        raise ValueError(
+            f"teacher_cache holds signals of unaugmented images; augment={cfg.augment!r} "
+            "needs augment='none' or no cache"
+        )
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    student.to(device)
+    if cuda and cfg.channels_last:
+        student.to(memory_format=torch.channels_last)
+    _prepare_teacher(teacher, device, cuda and cfg.channels_last)
+    images, labels = images.to(device), labels.to(device)
+
+    optimizer = torch.optim.SGD(
+        student.parameters(),
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        nesterov=cfg.nesterov,
+    )
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=list(cfg.milestones), gamma=cfg.lr_gamma
+    )
+    path = None if checkpoint_path is None else Path(checkpoint_path)
+    if isinstance(criterion, nn.Module):
+        criterion.to(device)
+    cuda_index = None
+    if cuda:
+        cuda_index = torch.cuda.current_device() if device.index is None else device.index
+    # The run's global RNG (dropout, PGD random starts in losses) is its own: seeded from
+    # cfg.seed or restored from the checkpoint, and the caller's state is restored afterwards.
+    with torch.random.fork_rng(devices=[] if cuda_index is None else [cuda_index]):
+        start, history = 0, []
+        if path is not None and path.exists():
+            ckpt = _load_checkpoint(path, cfg)
+            student.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if cuda and ckpt["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], cuda_index)
+            start, history = ckpt["epoch"], list(ckpt["history"])
+            logger.info("resuming from %s at epoch %d of %d", path, start, cfg.epochs)
+        else:
+            torch.default_generator.manual_seed(cfg.seed)
+            if cuda_index is not None:
+                torch.cuda.default_generators[cuda_index].manual_seed(cfg.seed)
+        for epoch in range(start, cfg.epochs):
+            lr = optimizer.param_groups[0]["lr"]
+            t0 = time.perf_counter()
+            means = _run_epoch(
+                student, criterion, teacher, images, labels, cfg, epoch, optimizer, device,
+                teacher_cache, on_batch,
+            )  # fmt: skip
+            scheduler.step()
+            record = {"epoch": epoch + 1, "lr": lr, **means}
+            record["time_s"] = time.perf_counter() - t0
+            if val is not None:
+                record["val_acc"] = evaluate(student, *val, device=device)
+            history.append(record)
+            if path is not None:
+                _save_checkpoint(
+                    path, student, optimizer, scheduler, cfg, epoch + 1, history, cuda_index
+                )
+            logger.info("epoch %d/%d %s", epoch + 1, cfg.epochs, _fmt(record))
+            if on_epoch is not None:
+                on_epoch(dict(record))
+    return history
+
+
+def _fmt(record: Mapping[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "epoch")
+
+
+def _save_checkpoint(
+    path: Path,
+    student: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    cfg: TrainConfig,
+    epoch: int,
+    history: list[dict[str, float]],
+    cuda_index: int | None,
+) -> None:
+    rng = {"torch": torch.get_rng_state()}
+    rng["cuda"] = None if cuda_index is None else torch.cuda.get_rng_state(cuda_index)
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": epoch,
+        "model": student.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng,
+        "config": dataclasses.asdict(cfg),
+        "history": history,
+    }
+    atomic_torch_save(state, path)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return torch.device("cpu") if p is None else p.device
+
+
+def predict(
+    model: nn.Module,
+    images: Tensor,
+    *,
+    batch_size: int = 512,
+    device: str | torch.device | None = None,
+) -> Tensor:
+    """Logits ``[N, K]`` (float32, on CPU) of ``model`` on images ``[N, C, H, W]``, eval mode.
+
+    ``device`` None uses the model's own device; otherwise the model is moved there. The
+    model's train/eval mode is restored afterwards.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be [N, C, H, W]; got shape {tuple(images.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be >= 1")
+    dev = _model_device(model) if device is None else torch.device(device)
+    model.to(dev)
+    out = []
+    with eval_mode(model), torch.inference_mode():
+        for start in range(0, images.shape[0], batch_size):
+            x = to_float(images[start : start + batch_size].to(dev))
+            out.append(model(x).float().cpu())
+    if not out:
+        raise ValueError("no images to predict (N = 0)")
+    return torch.cat(out)
+
+
+def evaluate(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    batch_size: int = 512,
+    device: str | torch.device | None = None,
+) -> float:
+    """Clean accuracy of ``model`` on (images ``[N, C, H, W]``, labels ``[N]``), in eval mode."""
+    images, labels = _check_data(images, labels, "evaluation")
+    logits = predict(model, images, batch_size=batch_size, device=device)
+    return (logits.argmax(1) == labels.cpu()).float().mean().item()
