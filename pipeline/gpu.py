@@ -1,0 +1,377 @@
+"""Hand each concurrent job its own GPU: a slot pool of ``flock``-ed lock files.
+
+Snakemake counts ``resources: gpu=1`` tokens but never says *which* GPU a job gets
+(snakemake/snakemake issue 281), and several ``dvc exp run --queue`` workers can run at once.
+:func:`gpu_slot` closes that gap: every job takes an exclusive, non-blocking ``fcntl.flock`` on
+one of ``<lock_dir>/gpu<id>.lock`` and sets ``CUDA_VISIBLE_DEVICES=<id>`` while it holds it.
+
+Why ``flock`` and not "the lock file exists":
+
+- Taking the lock is one atomic kernel operation, so jobs that start at the same instant never
+  both get the same device (no check-then-create race).
+- The kernel drops the lock when the last descriptor of the open file goes away, i.e. when the
+  process exits *however it exits*, SIGKILL and the OOM killer included. A crashed job never
+  leaves a stale lock behind, so there is nothing to clean up. (The lock files themselves stay
+  and must never be deleted: deleting one while another job has it open would let two jobs
+  hold "the same" lock on two different files.)
+- ``flock`` locks belong to the open file, not the process (unlike POSIX ``lockf`` locks), so
+  two holders in one process exclude each other as well, and a child process that inherits
+  the descriptor keeps the device locked (the CLI relies on this).
+
+The lock directory must be on a local file system shared by every job of the machine (``/tmp``
+by default; set ``KDIGA_GPU_LOCK_DIR`` when ``/tmp`` is private per job or per user).
+
+Which devices make up the pool, first match wins:
+
+1. Inside a slot held by a parent process (the CLI, or any ancestor calling :func:`gpu_slot`):
+   that device, without locking again.
+2. ``n_slots`` argument: devices ``"0" .. str(n_slots - 1)``.
+3. ``KDIGA_GPU_SLOTS``: a comma-separated list of device ids (``"4,5"`` hands out ``"4"`` and
+   ``"5"``; use a trailing comma, ``"4,"``, for a single id) or a bare count (``"4"`` means
+   ``"0,1,2,3"``; ``"0"`` means none).
+4. ``CUDA_VISIBLE_DEVICES`` already set (by SLURM, for instance): one device is this job's own
+   and is yielded without locking; several are shared as a pool; none (``""``) means CPU.
+5. ``torch.cuda.device_count()`` devices (counted through NVML, which does not initialise
+   CUDA in this process); zero means CPU: yield ``None`` and leave the environment alone.
+
+Each :func:`gpu_slot` entered in one process takes its own slot (its own device); a process
+started inside a slot (``KDIGA_GPU_HELD`` names the holder) shares its parent's device.
+
+``CUDA_VISIBLE_DEVICES`` only binds CUDA if it is set before CUDA initialises in a process, so
+enter the slot before touching ``torch.cuda`` (then the device is ``cuda:0`` inside), or run
+the GPU work in a subprocess (``python -m pipeline.gpu -- <command ...>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SLOTS_ENV = "KDIGA_GPU_SLOTS"
+LOCK_DIR_ENV = "KDIGA_GPU_LOCK_DIR"
+VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
+HELD_ENV = "KDIGA_GPU_HELD"  # "<pid>:<device>" of the process holding the lock, for children
+
+_DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
+# CUDA_VISIBLE_DEVICES as it was before each slot this process holds now, outermost first.
+_HELD_HERE: list[str | None] = []
+
+
+def default_lock_dir() -> Path:
+    """``$KDIGA_GPU_LOCK_DIR``, else ``/tmp/kdiga-gpu-locks-<uid>``.
+
+    ``/tmp`` rather than ``$TMPDIR``: the locks must be shared by every job on the machine, and
+    schedulers often give each job its own ``$TMPDIR``.
+    """
+    env = os.environ.get(LOCK_DIR_ENV)
+    if env:
+        return Path(env)
+    tmp = Path("/tmp")
+    if not tmp.is_dir():
+        import tempfile
+
+        tmp = Path(tempfile.gettempdir())
+    return tmp / f"kdiga-gpu-locks-{os.getuid()}"
+
+
+def parse_slots(spec: str) -> list[str]:
+    """Device ids from a ``KDIGA_GPU_SLOTS`` value: ``"0,1,2,3"``, ``"4,"`` or a count ``"4"``."""
+    spec = spec.strip()
+    if "," not in spec and spec.isdigit():
+        return [str(i) for i in range(int(spec))]
+    ids = [tok.strip() for tok in spec.split(",") if tok.strip()]
+    bad = [tok for tok in ids if not _DEVICE_ID.fullmatch(tok)]
+    if bad or len(set(ids)) != len(ids):
+        raise ValueError(
+            f"{SLOTS_ENV}={spec!r}: expected a device count (e.g. '4') or a comma-separated list "
+            f"of distinct device ids such as '0,1,2,3' or '4,' (got invalid/duplicate {bad or ids})"
+        )
+    return ids
+
+
+def parse_visible(spec: str) -> list[str]:
+    """Device ids in a ``CUDA_VISIBLE_DEVICES`` value; like CUDA, stop at the first invalid id."""
+    ids: list[str] = []
+    for tok in (t.strip() for t in spec.split(",")):
+        if not _DEVICE_ID.fullmatch(tok):  # "" or "-1": CUDA ignores this and all later ids
+            break
+        ids.append(tok)
+    return ids
+
+
+def _cuda_device_count() -> int:
+    """Number of CUDA devices; 0 without torch or CUDA. Does not initialise CUDA (NVML)."""
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return int(torch.cuda.device_count())
+
+
+def _inherited(visible: str | None) -> str | None:
+    """The device a parent process holds for us, if this process runs inside its slot."""
+    pid, _, device = os.environ.get(HELD_ENV, "").partition(":")
+    if device and device == visible and pid != str(os.getpid()):
+        return device
+    return None
+
+
+def _resolve_pool(n_slots: int | None) -> tuple[list[str], bool]:
+    """(device ids, whether to lock): see the module docstring for the order of the sources."""
+    visible = os.environ.get(VISIBLE_ENV)
+    device = _inherited(visible)
+    if device is not None:
+        return [device], False
+    if n_slots is not None:
+        if isinstance(n_slots, bool) or not isinstance(n_slots, int) or n_slots < 0:
+            raise ValueError(f"n_slots must be an int >= 0 (or None for auto), got {n_slots!r}")
+        return [str(i) for i in range(n_slots)], True
+    spec = os.environ.get(SLOTS_ENV, "").strip()
+    if spec:
+        return parse_slots(spec), True
+    if _HELD_HERE:  # CUDA_VISIBLE_DEVICES is ours: pool from what this process was given
+        visible = _HELD_HERE[0]
+    if visible is not None:
+        ids = parse_visible(visible)
+        return ids, len(ids) > 1
+    with _env(VISIBLE_ENV, None):  # count all devices, not the one an outer holder set
+        count = _cuda_device_count()
+    return [str(i) for i in range(count)], True
+
+
+def _lock_path(lock_dir: Path, device: str) -> Path:
+    return lock_dir / f"gpu{re.sub(r'[^A-Za-z0-9._-]', '_', device)}.lock"
+
+
+def _open_lock(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:  # someone else's file in a shared lock dir: flock needs only read
+        return os.open(path, os.O_RDONLY)
+
+
+def _try_lock(path: Path) -> int | None:
+    """Open and flock ``path`` without blocking: the descriptor, or None if it is held."""
+    fd = _open_lock(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return None
+        raise
+    with contextlib.suppress(OSError):  # who holds it, for humans and error messages only
+        info = f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+    return fd
+
+
+def _holders(lock_dir: Path, ids: Sequence[str]) -> str:
+    lines = []
+    for device in ids:
+        try:
+            who = _lock_path(lock_dir, device).read_text().strip() or "unknown"
+        except OSError:
+            who = "unknown"
+        lines.append(f"  gpu {device}: {who}")
+    return "\n".join(lines)
+
+
+def acquire_slot(
+    ids: Sequence[str], lock_dir: Path, *, timeout: float | None = None, poll: float = 0.2
+) -> tuple[str, int]:
+    """Lock the first free device of ``ids``, retrying every ``poll`` s: (device, descriptor).
+
+    Raises ``TimeoutError`` if none frees up within ``timeout`` seconds (None: wait forever).
+    The caller releases the slot by closing the descriptor.
+    """
+    lock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    start = time.monotonic()
+    waiting_logged = False
+    while True:
+        for device in ids:
+            fd = _try_lock(_lock_path(lock_dir, device))
+            if fd is not None:
+                logger.info(
+                    "GPU slot %s acquired after %.1f s (pid %d, locks in %s)",
+                    device,
+                    time.monotonic() - start,
+                    os.getpid(),
+                    lock_dir,
+                )
+                return device, fd
+        waited = time.monotonic() - start
+        if timeout is not None and waited + poll > timeout:
+            raise TimeoutError(
+                f"no free GPU slot after {waited:.1f} s (timeout {timeout} s): all {len(ids)} "
+                f"slots {list(ids)} are held (locks in {lock_dir}; last recorded holders below). "
+                f"Wait for a job to finish, raise the timeout, or list more devices in "
+                f"{SLOTS_ENV}.\n{_holders(lock_dir, ids)}"
+            )
+        if not waiting_logged:
+            logger.info("All %d GPU slots %s busy; waiting for one to free up", len(ids), ids)
+            waiting_logged = True
+        time.sleep(poll)
+
+
+def _set_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+@contextmanager
+def _env(name: str, value: str | None) -> Iterator[None]:
+    saved = os.environ.get(name)
+    _set_env(name, value)
+    try:
+        yield
+    finally:
+        _set_env(name, saved)
+
+
+@contextmanager
+def gpu_slot(
+    *,
+    n_slots: int | None = None,
+    lock_dir: str | Path | None = None,
+    timeout: float | None = None,
+    poll: float = 0.2,
+) -> Iterator[str | None]:
+    """Hold one GPU of the pool for the ``with`` block; yield its id (``"2"``) or None (CPU).
+
+    While held, ``CUDA_VISIBLE_DEVICES`` is the yielded id (restored afterwards), and child
+    processes started inside reuse this device rather than taking another slot. The pool and
+    the defaults are described in the module docstring. ``timeout`` (seconds, None = forever)
+    bounds the wait for a free slot, then ``TimeoutError``; ``poll`` is the retry interval.
+    ``os.environ`` is per process: use the yielded id, not the variable, across threads.
+    """
+    with _hold(n_slots=n_slots, lock_dir=lock_dir, timeout=timeout, poll=poll) as (device, _):
+        yield device
+
+
+@contextmanager
+def _hold(
+    *, n_slots: int | None, lock_dir: str | Path | None, timeout: float | None, poll: float
+) -> Iterator[tuple[str | None, int | None]]:
+    """:func:`gpu_slot`, also yielding the lock descriptor (None when nothing was locked)."""
+    if timeout is not None and timeout < 0:
+        raise ValueError(f"timeout must be >= 0 seconds or None (wait forever), got {timeout}")
+    if not poll > 0:
+        raise ValueError(f"poll must be > 0 seconds, got {poll}")
+    ids, lock = _resolve_pool(n_slots)
+    if not ids:
+        logger.info("No GPU slots (no %s, no CUDA device): running on the CPU", SLOTS_ENV)
+        yield None, None
+        return
+    if not lock:
+        logger.info("Using GPU %s given to this job (%s), no slot lock", ids[0], VISIBLE_ENV)
+        yield ids[0], None
+        return
+    _warn_if_cuda_initialised()
+    device, fd = acquire_slot(
+        ids,
+        Path(lock_dir) if lock_dir is not None else default_lock_dir(),
+        timeout=timeout,
+        poll=poll,
+    )
+    saved = {name: os.environ.get(name) for name in (VISIBLE_ENV, HELD_ENV)}
+    _HELD_HERE.append(saved[VISIBLE_ENV])
+    try:
+        os.environ[VISIBLE_ENV] = device
+        os.environ[HELD_ENV] = f"{os.getpid()}:{device}"
+        yield device, fd
+    finally:
+        _HELD_HERE.pop()
+        for name, value in saved.items():
+            _set_env(name, value)
+        os.close(fd)  # releases the flock (the kernel also does it if we die first)
+        logger.info("GPU slot %s released", device)
+
+
+def _warn_if_cuda_initialised() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        logger.warning(
+            "CUDA is already initialised in this process: setting %s now does not change which "
+            "GPU it uses; enter gpu_slot() before touching torch.cuda or run the work in a "
+            "subprocess",
+            VISIBLE_ENV,
+        )
+
+
+def _run_child(command: Sequence[str], fd: int | None) -> int:
+    """Run ``command``, forwarding SIGTERM/SIGHUP; its exit status (128 + signal if killed)."""
+    try:
+        # The child inherits the lock descriptor: the device stays locked while it runs, even
+        # if this wrapper is killed first.
+        child = subprocess.Popen(list(command), pass_fds=(fd,) if fd is not None else ())
+    except FileNotFoundError:
+        print(f"pipeline.gpu: command not found: {command[0]}", file=sys.stderr)
+        return 127
+    except PermissionError:
+        print(f"pipeline.gpu: command not executable: {command[0]}", file=sys.stderr)
+        return 126
+
+    def forward(signum: int, _frame: object) -> None:
+        child.send_signal(signum)
+
+    handled = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    # SIGINT from a terminal already reaches the child (same process group): just keep waiting.
+    previous = {
+        sig: signal.signal(sig, forward if sig != signal.SIGINT else signal.SIG_IGN)
+        for sig in handled
+    }
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 - code if code < 0 else code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: ``python -m pipeline.gpu [options] -- <command ...>`` runs the command in a slot."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.gpu",
+        description="Run a command holding a free GPU slot, with CUDA_VISIBLE_DEVICES set to it. "
+        "The exit status is the command's (128 + N if killed by signal N).",
+    )
+    parser.add_argument("--n-slots", type=int, default=None, help=f"pool size (else ${SLOTS_ENV})")
+    parser.add_argument("--lock-dir", default=None, help=f"lock directory (else ${LOCK_DIR_ENV})")
+    parser.add_argument("--timeout", type=float, default=None, help="max seconds to wait")
+    parser.add_argument("--poll", type=float, default=0.2, help="seconds between retries")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- command and arguments")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no command given: python -m pipeline.gpu -- <command ...>")
+    try:
+        with _hold(
+            n_slots=args.n_slots, lock_dir=args.lock_dir, timeout=args.timeout, poll=args.poll
+        ) as (_, fd):
+            return _run_child(command, fd)
+    except (TimeoutError, ValueError) as exc:
+        print(f"pipeline.gpu: {exc}", file=sys.stderr)
+        return 75  # EX_TEMPFAIL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
