@@ -1,0 +1,79 @@
+"""Stage attack: one model under one attack (PGD-k or AutoAttack) over the increasing radii.
+
+A point broken at a smaller radius counts as broken at every larger one and is not attacked
+again (kdiga.attacks.robust_sweep). Progress is saved after each batch, so a killed job
+resumes. The result carries its own sanity checks; a failed check marks it suspect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from pipeline import dag
+from pipeline.common import checkpoint_path, device, load_split, log, run, write_json
+from pipeline.params import model_ids, radius_label
+
+
+def body(args: argparse.Namespace, params: dict) -> None:
+    from kdiga.attacks import check_gradients, check_sweep, robust_sweep
+    from kdiga.data import to_float
+    from kdiga.models import load_model
+    from kdiga.utils import sha256_file
+
+    if args.model not in model_ids(params):
+        raise ValueError(f"--model {args.model!r} unknown; known: {', '.join(model_ids(params))}")
+    a = params["attack"]
+    if args.attack not in a["attacks"]:
+        raise ValueError(f"--attack {args.attack!r} not in attack.attacks {a['attacks']}")
+    model, _ = load_model(dag.model_path(args.model))
+    images, labels, _ = load_split("test")
+    x = to_float(images)
+    kw: dict = {"norm": a["norm"], "batch_size": a["batch_size"], "seed": params["seed"]}
+    if args.attack == "pgd":
+        kw |= {k: a["pgd"][k] for k in ("steps", "restarts", "step_size")}
+    else:
+        kw["autoattack_kwargs"] = dict(a["autoattack"])
+    model_sha = sha256_file(dag.model_path(args.model))
+    state = checkpoint_path("attack", f"{args.model}--{args.attack}", model_sha, a, params["seed"])
+    with device() as dev:
+        model.to(dev).eval()
+        start = time.perf_counter()
+        result = robust_sweep(
+            model, x, labels, a["radii"], attack=args.attack, device=dev, state_path=state, **kw
+        )
+        seconds = time.perf_counter() - start
+        probe = x[: min(len(x), a["batch_size"])].to(dev), labels[: min(len(x), a["batch_size"])]
+        gradient_problems = check_gradients(model, probe[0], probe[1].to(dev))
+    problems = check_sweep(result) + gradient_problems
+    if model.training:
+        problems.append("model was in train mode during evaluation")
+    out = result.to_dict() | {
+        "model": args.model,
+        "radius_labels": [radius_label(r) for r in result.radii],
+        "settings": kw,
+        "seconds": seconds,
+        "problems": problems,
+        "suspect": bool(problems or result.flags),
+        "model_sha256": model_sha,
+    }
+    write_json(out, dag.eval_path(args.model, args.attack))
+    state.unlink(missing_ok=True)
+    robust = ", ".join(
+        f"{radius_label(r)}: {v:.3f}" for r, v in zip(result.radii, out["robust"], strict=True)
+    )
+    log.info("%s %s: clean %.3f; robust %s", args.model, args.attack, out["clean"], robust)
+    if out["suspect"]:
+        log.warning("%s %s is suspect: %s", args.model, args.attack, problems + result.flags)
+
+
+def main(argv: list[str] | None = None) -> int:
+    def add(ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--model", required=True, help="teacher or <student>--<method>")
+        ap.add_argument("--attack", required=True, help="pgd or autoattack")
+
+    return run("attack", "Evaluate one model under one attack over every radius.", body, argv, add)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

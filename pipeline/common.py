@@ -1,0 +1,162 @@
+"""What every stage shares: CLI and logging set-up, clear errors, device choice, shard I/O."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline import dag
+from pipeline.params import ParamError, check_paths, load_params, params_file
+
+log = logging.getLogger("kdiga.pipeline")
+
+SPLITS = ("train", "val", "test")
+
+
+def parser(stage: str, description: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=f"python -m pipeline.{stage}", description=description)
+    ap.add_argument(
+        "--params", default=None, help="the params file (default: $KDIGA_PARAMS or params.yaml)"
+    )
+    ap.add_argument("--log", default=None, help="also write the log to this file")
+    return ap
+
+
+def _setup_logging(log_file: str | None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, mode="w"))
+    logging.basicConfig(
+        level=os.environ.get("KDIGA_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from kdiga.models import CheckpointError
+    from kdiga.shards import ShardError
+    from kdiga.train import NonFiniteLossError
+
+    return (
+        ParamError,
+        ShardError,
+        CheckpointError,
+        NonFiniteLossError,
+        FileNotFoundError,
+        ValueError,
+        RuntimeError,
+    )
+
+
+def run(
+    stage: str,
+    description: str,
+    body: Callable[[argparse.Namespace, dict], None],
+    argv: list[str] | None = None,
+    add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """Parse the CLI, validate params, run ``body(args, params)``; a bad input exits 2 with
+    one line naming what is wrong, never a traceback (set KDIGA_DEBUG=1 for one)."""
+    ap = parser(stage, description)
+    if add_args:
+        add_args(ap)
+    args = ap.parse_args(argv)
+    _setup_logging(args.log)
+    try:
+        path = args.params or params_file()
+        params = load_params(path)
+        check_paths(params, (stage,))
+        stale = (
+            dag.check_fresh(path) if path == "params.yaml" and Path("dvc.yaml").exists() else None
+        )
+        if stale:
+            log.warning("%s", stale)
+        body(args, params)
+    except _user_errors() as err:
+        if os.environ.get("KDIGA_DEBUG"):
+            raise
+        log.error("%s failed: %s", stage, err)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+@contextlib.contextmanager
+def device() -> Iterator[str]:
+    """A device for this job: its own GPU when there are any (a slot from pipeline.gpu), else
+    the CPU. Held for the whole job."""
+    from pipeline.gpu import gpu_slot
+
+    with gpu_slot() as slot:
+        if slot is None:
+            yield "cpu"
+        else:
+            log.info("running on GPU %s", slot)
+            yield "cuda"
+
+
+# -- shards -------------------------------------------------------------------------------
+
+
+def manifest_path(split: str) -> Path:
+    return Path(dag.SHARDS) / f"{split}.json"
+
+
+def load_split(split: str) -> tuple[Any, Any, dict]:
+    """A split from the shard stage: uint8 images [N, C, H, W], labels [N], its manifest."""
+    from kdiga.shards import load_sharded
+
+    path = manifest_path(split)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the shard stage first")
+    return load_sharded(path)
+
+
+def data_info(manifest: dict) -> dict:
+    """num_classes, in_chans and image_size of the study's data, from a split's manifest."""
+    return {
+        "num_classes": int(manifest["num_classes"]),
+        "in_chans": int(manifest["channels"]),
+        "image_size": int(manifest["image_size"]),
+    }
+
+
+# -- small I/O ----------------------------------------------------------------------------
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    from kdiga.utils import atomic_write_text
+
+    atomic_write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", path)
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the stage that writes it first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); delete it and re-run") from None
+
+
+def config_hash(*objs: Any) -> str:
+    """A short hash of JSON-able values: names resumable state so a params change never
+    resumes a checkpoint made for other params."""
+    text = json.dumps(objs, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def checkpoint_path(kind: str, key: str, *identity: Any) -> Path:
+    return dag.checkpoint_dir() / kind / f"{key}-{config_hash(*identity)}.pt"

@@ -1,0 +1,111 @@
+"""Stage distill: one student trained with one method (st, kd, ard, kdiga, kdiga_ardc,
+kdiga_arda) from the teacher; resumable from its last epoch; per-epoch metrics for plots."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from pipeline import dag
+from pipeline.common import (
+    checkpoint_path,
+    data_info,
+    device,
+    load_split,
+    log,
+    run,
+    write_json,
+)
+from pipeline.params import parse_student_id
+
+
+def loss_settings(method: str, d: dict) -> dict:
+    """The kdiga.losses settings of ``method`` from the distill section."""
+    cfg: dict = {}
+    if method != "st":
+        cfg |= {
+            "ce_weight": d["ce_weight"],
+            "kl_weight": d["kl_weight"],
+            "temperature": d["temperature"],
+        }
+    if method in dag.IGA:
+        iga = d["iga"]
+        cfg |= {
+            "iga_weight": iga["weight"],
+            "iga_reduction": iga["reduction"],
+            "student_grad_mode": iga["grad_mode"],
+        }
+    if method in dag.ADVERSARIAL:
+        adv = d["adversarial"]
+        cfg |= {"eps": adv["eps"], "steps": adv["steps"], "step_size": adv["step_size"]}
+    return cfg
+
+
+def body(args: argparse.Namespace, params: dict) -> None:
+    from kdiga.losses import build_loss
+    from kdiga.models import build_model, load_model, save_model
+    from kdiga.train import TrainConfig, evaluate, fit
+
+    student, method = parse_student_id(params, args.model)
+    d = params["distill"]
+    x, y, manifest = load_split("train")
+    val = load_split("val")[:2]
+    teacher = None if method in dag.TEACHERLESS else load_model(dag.model_path("teacher"))[0]
+    model = build_model(student, **data_info(manifest), **d["student_kwargs"])
+    criterion = build_loss(method, **loss_settings(method, d))
+    cfg = TrainConfig(
+        epochs=d["epochs"],
+        batch_size=d["batch_size"],
+        lr=d["lr"],
+        momentum=d["momentum"],
+        weight_decay=d["weight_decay"],
+        milestones=tuple(d["milestones"]),
+        augment=d["augment"],
+        crop_padding=d["crop_padding"],
+        seed=params["seed"],
+        drop_last=True,
+    )
+    keys = dag.distill_param_keys(method)
+    identity = (args.model, dag.params_view(params, keys), params["shard"])
+    if teacher is not None:
+        from kdiga.utils import sha256_file
+
+        identity += (sha256_file(dag.model_path("teacher")),)
+    ckpt = checkpoint_path("distill", args.model, *identity)
+    with device() as dev:
+        start = time.perf_counter()
+        history = fit(
+            model,
+            criterion,
+            x,
+            y,
+            cfg,
+            teacher=teacher,
+            checkpoint_path=ckpt,
+            device=dev,
+            val=val,
+            on_epoch=lambda r: log.info("%s epoch %s", args.model, r),
+        )
+        seconds = time.perf_counter() - start
+        val_acc = evaluate(model, *val, device=dev)
+    model.cpu()
+    save_model(
+        model,
+        dag.model_path(args.model),
+        meta={"student": student, "method": method, "val_acc": val_acc},
+    )
+    write_json(history, dag.history_path(args.model))
+    log.info(
+        "%s: val accuracy %.4f after %d epochs (%.1f s)", args.model, val_acc, cfg.epochs, seconds
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    def add(ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--model", required=True, help="student id <student>--<method>")
+
+    return run("distill", "Distill one student with one method.", body, argv, add)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,411 @@
+"""The one schema for ``params.yaml``: every Snakemake and DVC run validates through it.
+
+``load_params()`` reads the file, checks every key before any work starts, and returns the
+validated sections with radii parsed to floats. A bad value raises :class:`ParamError`
+naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DATASETS = ("digits", "cifar10", "imagenet", "synthetic")
+METHODS = ("st", "kd", "ard", "kdiga", "kdiga_ardc", "kdiga_arda")
+TEACHER_METHODS = ("at", "trades")
+ATTACKS = ("pgd", "autoattack")
+NORMS = ("linf", "l2")
+AUGMENTS = ("none", "crop", "crop_flip")
+IGA_REDUCTIONS = ("per_sample_mean", "batch_frobenius")
+GRAD_MODES = ("train", "eval")
+AA_VERSIONS = ("standard", "plus", "rand", "custom")
+AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+TEACHER_SCHEMES = ("train", "file:", "url:", "timm:")
+ID_SEP = "--"
+
+
+class ParamError(ValueError):
+    """A value in params.yaml that is not allowed."""
+
+    def __init__(self, key: str, value: Any, allowed: str) -> None:
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"params: {key} = {value!r} is not allowed; {allowed}")
+
+
+# -- leaf checks -------------------------------------------------------------------------
+
+
+def _int(key: str, v: Any, lo: int = 0) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ParamError(key, v, f"expected an integer >= {lo}")
+    return v
+
+
+def _float(key: str, v: Any, lo: float = 0.0, *, strict: bool = False) -> float:
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or v < lo or (strict and v == lo):
+        raise ParamError(key, v, f"expected a finite number {'>' if strict else '>='} {lo}")
+    return float(v)
+
+
+def _choice(key: str, v: Any, allowed: tuple[str, ...]) -> str:
+    if v not in allowed:
+        raise ParamError(key, v, f"allowed: {', '.join(allowed)}")
+    return v
+
+
+def _bool(key: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ParamError(key, v, "expected true or false")
+    return v
+
+
+def _optional(check: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapped(key: str, v: Any, *args: Any, **kw: Any) -> Any:
+        return None if v is None else check(key, v, *args, **kw)
+
+    return wrapped
+
+
+def parse_radius(key: str, v: Any) -> float:
+    """A radius in [0, 1] pixel units: a number or a fraction string such as ``"8/255"``."""
+    if isinstance(v, str) and re.fullmatch(r"\s*\d+(\.\d*)?\s*/\s*\d+(\.\d*)?\s*", v):
+        num, den = (float(p) for p in v.split("/"))
+        if den == 0:
+            raise ParamError(key, v, "a fraction's denominator must not be 0")
+        r = num / den
+    elif isinstance(v, int | float) and not isinstance(v, bool):
+        r = float(v)
+    else:
+        raise ParamError(
+            key, v, "expected a radius in (0, 1] for [0, 1] images, e.g. 0.03 or 8/255"
+        )
+    if not math.isfinite(r) or r <= 0:
+        raise ParamError(key, v, "a radius must be in (0, 1] for [0, 1] images")
+    if r > 1:
+        hint = f"; did you mean {v}/255?" if r <= 255 else ""
+        raise ParamError(key, v, f"a radius must be in (0, 1] for [0, 1] images{hint}")
+    return r
+
+
+def radius_label(r: float) -> str:
+    """A short, stable text for a radius: ``8/255`` when it is one, else ``0.1``."""
+    frac = Fraction(r).limit_denominator(255)
+    if frac.denominator == 255 and abs(float(frac) - r) < 1e-12:
+        return f"{frac.numerator}/255"
+    return f"{r:g}"
+
+
+def _list(key: str, v: Any, item: Callable[[str, Any], Any], *, unique: bool = True) -> list:
+    if not isinstance(v, list) or not v:
+        raise ParamError(key, v, "expected a non-empty list")
+    out = [item(f"{key}[{i}]", x) for i, x in enumerate(v)]
+    if unique and len(set(map(str, out))) != len(out):
+        raise ParamError(key, v, "list entries must be unique")
+    return out
+
+
+def _mapping(key: str, v: Any) -> dict:
+    if not isinstance(v, Mapping):
+        raise ParamError(key, v, "expected a mapping")
+    return dict(v)
+
+
+def _keys(key: str, section: Any, allowed: tuple[str, ...]) -> dict:
+    section = _mapping(key, section)
+    unknown = sorted(set(section) - set(allowed))
+    if unknown:
+        raise ParamError(
+            f"{key}.{unknown[0]}", section[unknown[0]], f"known keys: {', '.join(allowed)}"
+        )
+    missing = [k for k in allowed if k not in section]
+    if missing:
+        raise ParamError(f"{key}.{missing[0]}", None, "this key is required")
+    return section
+
+
+def _student(key: str, v: Any) -> str:
+    from kdiga.models import list_models
+
+    names = tuple(list_models())
+    if not isinstance(v, str) or not (v in names or v.startswith(("timm:", "torchvision:"))):
+        raise ParamError(key, v, f"allowed: {', '.join(names)}, timm:<name>, torchvision:<name>")
+    if ID_SEP in v or "/" in v:
+        raise ParamError(key, v, f"a student name must not contain '{ID_SEP}' or '/'")
+    return v
+
+
+def _norm_stats(key: str, v: Any) -> list[float] | None:
+    if v is None:
+        return None
+    return _list(key, v, lambda k, x: _float(k, x), unique=False)
+
+
+def _path_exists(key: str, v: Any, what: str) -> str:
+    if not isinstance(v, str) or not Path(v).exists():
+        raise ParamError(key, v, f"{what} does not exist; give the path to an existing {what}")
+    return v
+
+
+# -- sections ----------------------------------------------------------------------------
+
+_TRAIN_KEYS = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "milestones",
+    "augment",
+    "crop_padding",
+)
+
+
+def _train_common(key: str, s: dict) -> dict:
+    out = {
+        "epochs": _int(f"{key}.epochs", s["epochs"], 0),
+        "batch_size": _int(f"{key}.batch_size", s["batch_size"], 1),
+        "lr": _float(f"{key}.lr", s["lr"], strict=True),
+        "momentum": _float(f"{key}.momentum", s["momentum"]),
+        "weight_decay": _float(f"{key}.weight_decay", s["weight_decay"]),
+        "augment": _choice(f"{key}.augment", s["augment"], AUGMENTS),
+        "crop_padding": _int(f"{key}.crop_padding", s["crop_padding"], 0),
+    }
+    ms = s["milestones"]
+    if not isinstance(ms, list) or any(isinstance(m, bool) or not isinstance(m, int) for m in ms):
+        raise ParamError(f"{key}.milestones", ms, "expected a list of epoch numbers")
+    if ms != sorted(set(ms)) or any(m < 1 for m in ms):
+        raise ParamError(f"{key}.milestones", ms, "milestones must be increasing epochs >= 1")
+    out["milestones"] = ms
+    return out
+
+
+def _shard(s: Any) -> dict:
+    keys = ("dataset", "root", "image_size", "val_fraction", "test_samples", "max_per_shard")
+    s = _keys("shard", s, keys)
+    out = {
+        "dataset": _choice("shard.dataset", s["dataset"], DATASETS),
+        "root": s["root"],
+        "image_size": _int("shard.image_size", s["image_size"], 4),
+        "val_fraction": _float("shard.val_fraction", s["val_fraction"]),
+        "test_samples": _optional(_int)("shard.test_samples", s["test_samples"], 1),
+        "max_per_shard": _int("shard.max_per_shard", s["max_per_shard"], 1),
+    }
+    if out["val_fraction"] >= 1:
+        raise ParamError("shard.val_fraction", s["val_fraction"], "expected a fraction in [0, 1)")
+    if out["dataset"] in ("cifar10", "imagenet") and out["root"] is None:
+        raise ParamError(
+            "shard.root", None, f"dataset {out['dataset']} needs the path to its local root"
+        )
+    return out
+
+
+def _teacher(s: Any) -> dict:
+    s = _keys("teacher", s, ("source", "arch", "arch_kwargs", "sha256", "mean", "std", "train"))
+    src = s["source"]
+    if not isinstance(src, str) or not (src == "train" or src.startswith(TEACHER_SCHEMES[1:])):
+        raise ParamError("teacher.source", src, f"allowed: {', '.join(TEACHER_SCHEMES)}<...>")
+    sha = s["sha256"]
+    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        raise ParamError("teacher.sha256", sha, "expected 64 lowercase hex digits or null")
+    if src.startswith("url:") and sha is None:
+        raise ParamError("teacher.sha256", sha, "a url: teacher needs its expected sha256")
+    out = {
+        "source": src,
+        "arch": _student("teacher.arch", s["arch"]) if s["arch"] is not None else None,
+        "arch_kwargs": _mapping("teacher.arch_kwargs", s["arch_kwargs"]),
+        "sha256": sha,
+        "mean": _norm_stats("teacher.mean", s["mean"]),
+        "std": _norm_stats("teacher.std", s["std"]),
+    }
+    if (src == "train" or src.startswith(("file:", "url:"))) and out["arch"] is None:
+        raise ParamError("teacher.arch", None, f"a {src.split(':')[0]} teacher needs its arch")
+    t = _keys(
+        "teacher.train",
+        s["train"],
+        ("method", "eps", "steps", "step_size", "trades_beta", *_TRAIN_KEYS),
+    )
+    out["train"] = {
+        "method": _choice("teacher.train.method", t["method"], TEACHER_METHODS),
+        "eps": parse_radius("teacher.train.eps", t["eps"]),
+        "steps": _int("teacher.train.steps", t["steps"], 1),
+        "step_size": _optional(parse_radius)("teacher.train.step_size", t["step_size"]),
+        "trades_beta": _float("teacher.train.trades_beta", t["trades_beta"]),
+        **_train_common("teacher.train", t),
+    }
+    return out
+
+
+def _distill(s: Any) -> dict:
+    keys = (
+        "students",
+        "methods",
+        "student_kwargs",
+        *_TRAIN_KEYS,
+        "ce_weight",
+        "kl_weight",
+        "temperature",
+        "iga",
+        "adversarial",
+    )
+    s = _keys("distill", s, keys)
+    iga = _keys("distill.iga", s["iga"], ("weight", "reduction", "grad_mode"))
+    adv = _keys("distill.adversarial", s["adversarial"], ("eps", "steps", "step_size"))
+    return {
+        "students": _list("distill.students", s["students"], _student),
+        "methods": _list("distill.methods", s["methods"], lambda k, v: _choice(k, v, METHODS)),
+        "student_kwargs": _mapping("distill.student_kwargs", s["student_kwargs"]),
+        **_train_common("distill", s),
+        "ce_weight": _float("distill.ce_weight", s["ce_weight"]),
+        "kl_weight": _float("distill.kl_weight", s["kl_weight"]),
+        "temperature": _float("distill.temperature", s["temperature"], strict=True),
+        "iga": {
+            "weight": _float("distill.iga.weight", iga["weight"]),
+            "reduction": _choice("distill.iga.reduction", iga["reduction"], IGA_REDUCTIONS),
+            "grad_mode": _choice("distill.iga.grad_mode", iga["grad_mode"], GRAD_MODES),
+        },
+        "adversarial": {
+            "eps": parse_radius("distill.adversarial.eps", adv["eps"]),
+            "steps": _int("distill.adversarial.steps", adv["steps"], 1),
+            "step_size": _optional(parse_radius)("distill.adversarial.step_size", adv["step_size"]),
+        },
+    }
+
+
+def _attack(s: Any) -> dict:
+    s = _keys("attack", s, ("attacks", "radii", "norm", "batch_size", "pgd", "autoattack"))
+    pgd = _keys("attack.pgd", s["pgd"], ("steps", "restarts", "step_size"))
+    aa = _keys("attack.autoattack", s["autoattack"], ("version", "attacks"))
+    radii = _list("attack.radii", s["radii"], parse_radius)
+    if radii != sorted(radii):
+        raise ParamError("attack.radii", s["radii"], "radii must be listed in increasing order")
+    version = _choice("attack.autoattack.version", aa["version"], AA_VERSIONS)
+    return {
+        "attacks": _list("attack.attacks", s["attacks"], lambda k, v: _choice(k, v, ATTACKS)),
+        "radii": radii,
+        "norm": _choice("attack.norm", s["norm"], NORMS),
+        "batch_size": _int("attack.batch_size", s["batch_size"], 1),
+        "pgd": {
+            "steps": _int("attack.pgd.steps", pgd["steps"], 1),
+            "restarts": _int("attack.pgd.restarts", pgd["restarts"], 1),
+            "step_size": _optional(parse_radius)("attack.pgd.step_size", pgd["step_size"]),
+        },
+        "autoattack": {
+            "version": version,
+            "attacks": _list(
+                "attack.autoattack.attacks", aa["attacks"], lambda k, v: _choice(k, v, AA_ATTACKS)
+            ),
+        },
+    }
+
+
+def _bounds(s: Any) -> dict:
+    s = _keys("bounds", s, ("radii", "samples", "steps", "restarts", "batch_size"))
+    return {
+        "radii": _list("bounds.radii", s["radii"], parse_radius),
+        "samples": _int("bounds.samples", s["samples"], 1),
+        "steps": _int("bounds.steps", s["steps"], 0),
+        "restarts": _int("bounds.restarts", s["restarts"], 1),
+        "batch_size": _int("bounds.batch_size", s["batch_size"], 1),
+    }
+
+
+def _report(s: Any) -> dict:
+    s = _keys("report", s, ("figure_attack",))
+    return {"figure_attack": _choice("report.figure_attack", s["figure_attack"], ATTACKS)}
+
+
+SECTIONS: dict[str, Callable[[Any], dict]] = {
+    "shard": _shard,
+    "teacher": _teacher,
+    "distill": _distill,
+    "attack": _attack,
+    "bounds": _bounds,
+    "report": _report,
+}
+
+
+def validate(raw: Any) -> dict:
+    """Check a whole params mapping; return it with radii parsed and defaults made explicit."""
+    raw = _keys("params", raw, ("seed", *SECTIONS))
+    out: dict[str, Any] = {"seed": _int("seed", raw["seed"], 0)}
+    for name, check in SECTIONS.items():
+        out[name] = check(raw[name])
+    if out["report"]["figure_attack"] not in out["attack"]["attacks"]:
+        raise ParamError(
+            "report.figure_attack",
+            out["report"]["figure_attack"],
+            f"must be one of attack.attacks: {', '.join(out['attack']['attacks'])}",
+        )
+    return out
+
+
+def check_paths(params: dict, stages: tuple[str, ...] = ("shard", "teacher")) -> None:
+    """Check the files params name exist (a dataset root, a teacher file): before a real run,
+    not at a dry run, so the paper's presets can be inspected on a machine without them."""
+    s, t = params["shard"], params["teacher"]
+    if "shard" in stages and s["dataset"] in ("cifar10", "imagenet"):
+        layout = {
+            "cifar10": "torchvision's CIFAR-10 layout (<root>/cifar-10-batches-py/)",
+            "imagenet": "an ImageFolder root (<root>/train/<wnid>/, <root>/val/<wnid>/)",
+        }[s["dataset"]]
+        _path_exists("shard.root", s["root"], f"directory holding {layout}")
+    if "teacher" in stages and t["source"].startswith("file:"):
+        _path_exists("teacher.source", t["source"][5:], "teacher checkpoint file")
+
+
+def params_file() -> str:
+    """The params file: $KDIGA_PARAMS when set (e.g. a preset), else params.yaml."""
+    import os
+
+    return os.environ.get("KDIGA_PARAMS", "params.yaml")
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise ParamError("params file", str(path), "the file does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamError("params file", str(path), f"it is not valid YAML ({err})") from None
+
+
+def load_params(path: str | Path | None = None) -> dict:
+    """Read and validate ``params.yaml``; raises :class:`ParamError` on the first bad value."""
+    return validate(read_yaml(params_file() if path is None else path))
+
+
+# -- model ids shared by the DAG and the stages ------------------------------------------
+
+
+def student_slug(student: str) -> str:
+    """A file-name-safe form of a student name (``timm:vit_small`` -> ``timm+vit_small``)."""
+    return student.replace(":", "+")
+
+
+def student_ids(params: dict) -> list[str]:
+    """``<student>--<method>`` for every distillation job, in params order."""
+    d = params["distill"]
+    return [f"{student_slug(s)}{ID_SEP}{m}" for s in d["students"] for m in d["methods"]]
+
+
+def parse_student_id(params: dict, model_id: str) -> tuple[str, str]:
+    """The (student name, method) of a student id; a clear error for an unknown id."""
+    d = params["distill"]
+    for s in d["students"]:
+        for m in d["methods"]:
+            if f"{student_slug(s)}{ID_SEP}{m}" == model_id:
+                return s, m
+    raise ParamError("--model", model_id, f"known students: {', '.join(student_ids(params))}")
+
+
+def model_ids(params: dict) -> list[str]:
+    """Every model the attack stage evaluates: the teacher, then each student."""
+    return ["teacher", *student_ids(params)]

@@ -1,0 +1,74 @@
+"""Stage shard: a dataset into WebDataset tar shards (train / val / test) with manifests.
+
+The validation split is cut from train (for tuning); the test split is only ever evaluated.
+The output directory appears whole or not at all: shards are written beside it and moved in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+from pipeline import dag
+from pipeline.common import log, run
+
+NUM_CLASSES = {"digits": 10, "cifar10": 10, "imagenet": 1000, "synthetic": 10}
+
+
+def _splits(s: dict, seed: int) -> dict:
+    from kdiga.data import load_dataset, split_indices
+
+    kw = {"root": s["root"], "image_size": s["image_size"]}
+    if s["dataset"] == "imagenet":
+        raise ValueError(
+            "shard.dataset imagenet: training shards are written with `python -m "
+            "pipeline.shard_imagenet`-style streaming, which this version does not have; "
+            "use the ImageNet preset for evaluation-only runs (test_samples) or cifar10"
+        )
+    train_x, train_y = load_dataset(s["dataset"], "train", seed=seed, **kw)
+    test_x, test_y = load_dataset(s["dataset"], "test", n=s["test_samples"], seed=seed, **kw)
+    keep, val = split_indices(train_y, s["val_fraction"], seed=seed)
+    return {
+        "train": (train_x[keep], train_y[keep]),
+        "val": (train_x[val], train_y[val]),
+        "test": (test_x, test_y),
+    }
+
+
+def body(args: argparse.Namespace, params: dict) -> None:
+    from kdiga.shards import write_manifest, write_shards
+
+    s = params["shard"]
+    out = Path(dag.SHARDS)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".shards-"))
+    try:
+        for split, (x, y) in _splits(s, params["seed"]).items():
+            entries = write_shards(x, y, tmp, prefix=split, max_per_shard=s["max_per_shard"])
+            write_manifest(
+                entries,
+                tmp / f"{split}.json",
+                dataset=s["dataset"],
+                split=split,
+                image_size=int(x.shape[-1]),
+                channels=int(x.shape[1]),
+                num_classes=NUM_CLASSES[s["dataset"]],
+                class_counts=[int((y == c).sum()) for c in range(NUM_CLASSES[s["dataset"]])],
+            )
+            log.info("%s: %d images in %d shard(s)", split, len(y), len(entries))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run("shard", "Write the dataset as WebDataset shards.", body, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""Stage teacher: fetch a teacher (file, url, timm) or train one (PGD-AT or TRADES).
+
+Writes the teacher as a kdiga model file and its metadata (architecture, normalisation,
+source, sha256, clean accuracy on validation and test). Its robust accuracy comes from the
+attack stage, with exactly the students' attacks: the bracketed numbers of the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from pipeline import dag
+from pipeline.common import (
+    checkpoint_path,
+    data_info,
+    device,
+    load_split,
+    log,
+    run,
+    write_json,
+)
+
+
+def _train(t: dict, params: dict, info: dict, dev: str):
+    from kdiga.losses import build_loss
+    from kdiga.models import build_model
+    from kdiga.train import TrainConfig, fit
+
+    tr = t["train"]
+    model = build_model(t["arch"], mean=t["mean"], std=t["std"], **info, **t["arch_kwargs"])
+    loss_cfg = {"eps": tr["eps"], "steps": tr["steps"], "step_size": tr["step_size"]}
+    if tr["method"] == "trades":
+        loss_cfg["trades_beta"] = tr["trades_beta"]
+    criterion = build_loss(tr["method"], **loss_cfg)
+    cfg = TrainConfig(
+        epochs=tr["epochs"],
+        batch_size=tr["batch_size"],
+        lr=tr["lr"],
+        momentum=tr["momentum"],
+        weight_decay=tr["weight_decay"],
+        milestones=tuple(tr["milestones"]),
+        augment=tr["augment"],
+        crop_padding=tr["crop_padding"],
+        seed=params["seed"],
+        drop_last=True,
+    )
+    x, y, _ = load_split("train")
+    val = load_split("val")[:2]
+    ckpt = checkpoint_path("teacher", "teacher", t, params["seed"], params["shard"])
+    start = time.perf_counter()
+    history = fit(
+        model,
+        criterion,
+        x,
+        y,
+        cfg,
+        checkpoint_path=ckpt,
+        device=dev,
+        val=val,
+        on_epoch=lambda r: log.info("teacher epoch %s", r),
+    )
+    return model, {"train_seconds": time.perf_counter() - start, "history": history}
+
+
+def body(args: argparse.Namespace, params: dict) -> None:
+    from kdiga.models import save_model
+    from kdiga.teachers import load_teacher
+    from kdiga.train import evaluate
+    from kdiga.utils import sha256_file
+
+    t = params["teacher"]
+    _, _, manifest = load_split("test")
+    info = data_info(manifest)
+    with device() as dev:
+        if t["source"] == "train":
+            model, extra = _train(t, params, info, dev)
+            source_sha = None
+        else:
+            model, meta = load_teacher(
+                t["source"],
+                arch=t["arch"],
+                mean=t["mean"],
+                std=t["std"],
+                sha256=t["sha256"],
+                cache_dir="data/teachers/cache",
+                model_kwargs=t["arch_kwargs"] or None,
+                **info,
+            )
+            extra, source_sha = {}, meta.sha256
+        accs = {s: evaluate(model, *load_split(s)[:2], device=dev) for s in ("val", "test")}
+    model.cpu()
+    save_model(model, dag.model_path("teacher"), meta={"source": t["source"]})
+    meta = {
+        "arch": model.arch,
+        "num_classes": model.num_classes,
+        "in_chans": model.in_chans,
+        "image_size": model.image_size,
+        "mean": model.mean.flatten().tolist(),
+        "std": model.std.flatten().tolist(),
+        "source": t["source"],
+        "source_sha256": source_sha,
+        "sha256": sha256_file(dag.model_path("teacher")),
+        "train": t["train"] if t["source"] == "train" else None,
+        "val_acc": accs["val"],
+        "clean_acc": accs["test"],
+        **extra,
+    }
+    write_json(meta, dag.teacher_meta_path())
+    log.info("teacher: clean accuracy %.4f (val %.4f)", accs["test"], accs["val"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run("teacher", "Fetch or train the teacher.", body, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,129 @@
+"""The Snakefile and dvc.yaml describe one DAG: same jobs, commands, inputs and outputs."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import dag
+from pipeline.params import load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _tool(name: str) -> str:
+    path = BIN / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} is not installed")
+    return found
+
+
+def snakemake_jobs(params_file: str = "params.yaml") -> list[dict]:
+    """Parse `snakemake -n --forceall` into jobs: rule, inputs, outputs, shell command."""
+    env = dict(os.environ, KDIGA_PARAMS=params_file, PATH=f"{BIN}:{os.environ['PATH']}")
+    proc = subprocess.run(
+        [_tool("snakemake"), "-n", "--forceall", "--nolock", "--cores", "1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs, job = [], None
+    for line in proc.stdout.splitlines():
+        if m := re.match(r"^(?:local)?rule (\w+):$", line):
+            job = {"rule": m.group(1), "input": set(), "output": set(), "cmd": None}
+            jobs.append(job)
+        elif job and (m := re.match(r"^\s+(input|output): (.*)$", line)):
+            job[m.group(1)] = {p.strip() for p in m.group(2).split(",")}
+        elif job and line.startswith("Shell command: "):
+            job["cmd"] = line[len("Shell command: ") :].strip()
+    return [j for j in jobs if j["rule"] != "all"]
+
+
+def _as_set(jobs: list[dict]) -> set:
+    return {(j["rule"], j["cmd"], frozenset(j["input"]), frozenset(j["output"])) for j in jobs}
+
+
+def _dag_set(params: dict) -> set:
+    return {
+        (j.stage, j.cmd, frozenset(j.deps), frozenset(j.outs + j.metrics + j.plots))
+        for j in dag.jobs(params)
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "params_file", ["params.yaml", "configs/cifar10.yaml", "configs/imagenet.yaml"]
+)
+def test_snakemake_runs_exactly_the_dag_jobs(params_file):
+    """Every preset dry-runs, and Snakemake's jobs are the table's jobs, command for command."""
+    sm = snakemake_jobs(params_file)
+    assert _as_set(sm) == _dag_set(load_params(ROOT / params_file))
+    assert len(sm) == len(dag.jobs(load_params(ROOT / params_file)))
+
+
+def test_dvc_yaml_is_fresh():
+    """dvc.yaml is generated from params.yaml; a stale copy would run another DAG."""
+    os.chdir(ROOT)
+    assert dag.check_fresh() is None, "run `python -m pipeline.dag`"
+
+
+@pytest.mark.slow
+def test_dvc_reads_the_same_jobs():
+    """DVC's own parse of dvc.yaml: the same commands, data inputs and outputs."""
+    from dvc.repo import Repo
+
+    repo = Repo(str(ROOT))
+    try:
+        stages = {s.addressing: s for s in repo.index.stages}
+    finally:
+        repo.close()
+    jobs = {j.name: j for j in dag.jobs(load_params(ROOT / "params.yaml"))}
+    assert set(stages) == set(jobs)
+    for name, job in jobs.items():
+        stage = stages[name]
+        assert stage.cmd == job.cmd
+        deps = {d.def_path for d in stage.deps if not str(d.def_path).endswith("params.yaml")}
+        assert deps == {*job.deps, f"pipeline/{job.stage}.py", "kdiga"}
+        assert {o.def_path for o in stage.outs} == {*job.outs, *job.metrics, *job.plots}
+
+
+def test_stale_dvc_yaml_is_reported(tmp_path):
+    text = (ROOT / "params.yaml").read_text().replace("methods: [st, kd,", "methods: [kd,")
+    (tmp_path / "params.yaml").write_text(text)
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    problem = dag.check_fresh(tmp_path / "params.yaml", tmp_path / "dvc.yaml")
+    assert problem is not None and "python -m pipeline.dag" in problem
+
+
+def test_distill_jobs_read_only_their_own_params():
+    """Changing the IGA weight re-runs only the IGA methods; st ignores the teacher."""
+    params = load_params(ROOT / "params.yaml")
+    by_name = {j.name: j for j in dag.jobs(params)}
+    assert "distill.iga" in by_name["distill@small_cnn--kdiga"].params
+    assert "distill.iga" not in by_name["distill@small_cnn--kd"].params
+    assert "distill.adversarial" in by_name["distill@small_cnn--ard"].params
+    assert dag.model_path("teacher") not in by_name["distill@small_cnn--st"].deps
+    assert all(
+        "attack" not in p for j in by_name.values() if j.stage == "distill" for p in j.params
+    )
+
+
+def test_every_stage_has_its_script_and_section():
+    params = load_params(ROOT / "params.yaml")
+    for stage in dag.STAGES:
+        assert (ROOT / "pipeline" / f"{stage}.py").exists()
+        assert stage in params
+    assert {j.stage for j in dag.jobs(params)} == set(dag.STAGES)

@@ -1,0 +1,89 @@
+"""A tiny study (digits at 8x8, one epoch, narrow models) shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def bin_path(name: str) -> str:
+    return str(BIN / name)
+
+
+def env(**extra: str) -> dict:
+    """The environment of a stage run: the venv first, the repo importable, CPU only."""
+    out = dict(os.environ)
+    out["PATH"] = f"{BIN}:{out['PATH']}"
+    out["PYTHONPATH"] = str(ROOT)
+    out["KDIGA_GPU_SLOTS"] = "0"  # CPU, whatever the machine has
+    out.pop("KDIGA_PARAMS", None)
+    out.update(extra)
+    return out
+
+
+TINY = {
+    "seed": 0,
+    "shard": {
+        "dataset": "digits",
+        "root": None,
+        "image_size": 8,
+        "val_fraction": 0.2,
+        "test_samples": 120,
+        "max_per_shard": 500,
+    },
+    "teacher": {
+        "source": "train",
+        "arch": "small_cnn",
+        "arch_kwargs": {"width": 8},
+        "sha256": None,
+        "mean": None,
+        "std": None,
+        "train": {
+            "method": "at",
+            "eps": 0.1,
+            "steps": 2,
+            "step_size": None,
+            "trades_beta": 6.0,
+            "epochs": 2,
+            "batch_size": 64,
+            "lr": 0.05,
+            "momentum": 0.9,
+            "weight_decay": 5e-4,
+            "milestones": [],
+            "augment": "none",
+            "crop_padding": 0,
+        },
+    },
+    "distill": {
+        "students": ["small_cnn"],
+        "methods": ["st", "kd", "kdiga"],
+        "student_kwargs": {"width": 8},
+        "epochs": 1,
+        "batch_size": 64,
+        "lr": 0.05,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "milestones": [],
+        "augment": "none",
+        "crop_padding": 0,
+        "ce_weight": 0.5,
+        "kl_weight": 0.5,
+        "temperature": 1.0,
+        "iga": {"weight": 1.0, "reduction": "per_sample_mean", "grad_mode": "train"},
+        "adversarial": {"eps": 0.1, "steps": 2, "step_size": None},
+    },
+    "attack": {
+        "attacks": ["pgd", "autoattack"],
+        "radii": [0.05, 0.1],
+        "norm": "linf",
+        "batch_size": 120,
+        "pgd": {"steps": 3, "restarts": 1, "step_size": None},
+        "autoattack": {"version": "custom", "attacks": ["apgd-ce"]},
+    },
+    "bounds": {"radii": [0.1], "samples": 40, "steps": 2, "restarts": 1, "batch_size": 40},
+    "report": {"figure_attack": "pgd"},
+}
