@@ -27,7 +27,7 @@ def body(args: argparse.Namespace, params: dict) -> None:
     if args.attack not in a["attacks"]:
         raise ValueError(f"--attack {args.attack!r} not in attack.attacks {a['attacks']}")
     model, _ = load_model(dag.model_path(args.model))
-    images, labels, _ = load_split("test")
+    images, labels, _ = load_split(a["split"])
     x = to_float(images)
     kw: dict = {"norm": a["norm"], "batch_size": a["batch_size"], "seed": params["seed"]}
     if args.attack == "pgd":

@@ -114,7 +114,8 @@ def distill_param_keys(method: str) -> list[str]:
 
 
 def attack_param_keys(attack: str) -> list[str]:
-    return ["seed", "attack.radii", "attack.norm", "attack.batch_size", f"attack.{attack}"]
+    common = ["seed", "attack.split", "attack.radii", "attack.norm", "attack.batch_size"]
+    return [*common, f"attack.{attack}"]
 
 
 def params_view(params: dict, keys: list[str]) -> str:

@@ -1,9 +1,15 @@
 """Stage distill: one student trained with one method (st, kd, ard, kdiga, kdiga_ardc,
-kdiga_arda) from the teacher; resumable from its last epoch; per-epoch metrics for plots."""
+kdiga_arda) from the teacher; resumable from its last epoch; per-epoch metrics for plots.
+
+One run over several GPUs or nodes: ``torchrun --nproc_per_node=N -m pipeline.distill
+--model <id>``. ``distill.batch_size`` is then the global batch (divisible by N); every rank
+trains on its slice through DistributedDataParallel and rank 0 writes the outputs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 from pipeline import dag
@@ -41,12 +47,35 @@ def loss_settings(method: str, d: dict) -> dict:
     return cfg
 
 
+def _device(info) -> contextlib.AbstractContextManager[str]:
+    """Under torchrun each rank uses its local GPU (or the CPU); else a GPU slot or the CPU."""
+    if not info.is_distributed:
+        return device()
+    import torch
+
+    dev = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
+    return contextlib.nullcontext(dev)
+
+
 def body(args: argparse.Namespace, params: dict) -> None:
+    from kdiga.distributed import barrier, init_from_env, shutdown
+
+    info = init_from_env()  # a no-op unless launched by torchrun
+    try:
+        distill(args.model, params, info)
+        barrier()
+    finally:
+        shutdown()
+
+
+def distill(model_id: str, params: dict, info) -> None:
+    from kdiga.distributed import is_main
     from kdiga.losses import build_loss
     from kdiga.models import build_model, load_model, save_model
     from kdiga.train import TrainConfig, evaluate, fit
+    from kdiga.utils import sha256_file
 
-    student, method = parse_student_id(params, args.model)
+    student, method = parse_student_id(params, model_id)
     d = params["distill"]
     x, y, manifest = load_split("train")
     val = load_split("val")[:2]
@@ -65,39 +94,26 @@ def body(args: argparse.Namespace, params: dict) -> None:
         seed=params["seed"],
         drop_last=True,
     )
-    keys = dag.distill_param_keys(method)
-    identity = (args.model, dag.params_view(params, keys), params["shard"])
+    # Resumable state is keyed by everything that made it: never resume another run's.
+    identity = [model_id, dag.params_view(params, dag.distill_param_keys(method)), params["shard"]]
     if teacher is not None:
-        from kdiga.utils import sha256_file
-
-        identity += (sha256_file(dag.model_path("teacher")),)
-    ckpt = checkpoint_path("distill", args.model, *identity)
-    with device() as dev:
+        identity.append(sha256_file(dag.model_path("teacher")))
+    ckpt = checkpoint_path("distill", model_id, *identity)
+    with _device(info) as dev:
         start = time.perf_counter()
-        history = fit(
-            model,
-            criterion,
-            x,
-            y,
-            cfg,
-            teacher=teacher,
-            checkpoint_path=ckpt,
-            device=dev,
-            val=val,
-            on_epoch=lambda r: log.info("%s epoch %s", args.model, r),
-        )
+        history = fit(model, criterion, x, y, cfg, teacher=teacher, checkpoint_path=ckpt,
+                      device=dev, val=val,
+                      on_epoch=lambda r: log.info("%s epoch %s", model_id, r))  # fmt: skip
         seconds = time.perf_counter() - start
         val_acc = evaluate(model, *val, device=dev)
+    if not is_main():
+        return
     model.cpu()
-    save_model(
-        model,
-        dag.model_path(args.model),
-        meta={"student": student, "method": method, "val_acc": val_acc},
-    )
-    write_json(history, dag.history_path(args.model))
-    log.info(
-        "%s: val accuracy %.4f after %d epochs (%.1f s)", args.model, val_acc, cfg.epochs, seconds
-    )
+    meta = {"student": student, "method": method, "val_acc": val_acc}
+    save_model(model, dag.model_path(model_id), meta=meta)
+    write_json(history, dag.history_path(model_id))
+    log.info("%s: val accuracy %.4f after %d epochs (%.1f s)", model_id, val_acc, cfg.epochs,
+             seconds)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -279,7 +279,7 @@ def _distill(s: Any) -> dict:
 
 
 def _attack(s: Any) -> dict:
-    s = _keys("attack", s, ("attacks", "radii", "norm", "batch_size", "pgd", "autoattack"))
+    s = _keys("attack", s, ("split", "attacks", "radii", "norm", "batch_size", "pgd", "autoattack"))
     pgd = _keys("attack.pgd", s["pgd"], ("steps", "restarts", "step_size"))
     aa = _keys("attack.autoattack", s["autoattack"], ("version", "attacks"))
     radii = _list("attack.radii", s["radii"], parse_radius)
@@ -287,6 +287,7 @@ def _attack(s: Any) -> dict:
         raise ParamError("attack.radii", s["radii"], "radii must be listed in increasing order")
     version = _choice("attack.autoattack.version", aa["version"], AA_VERSIONS)
     return {
+        "split": _choice("attack.split", s["split"], ("test", "val")),
         "attacks": _list("attack.attacks", s["attacks"], lambda k, v: _choice(k, v, ATTACKS)),
         "radii": radii,
         "norm": _choice("attack.norm", s["norm"], NORMS),

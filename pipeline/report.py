@@ -194,7 +194,8 @@ def body(args: argparse.Namespace, params: dict) -> None:
     parts = [
         "# kdiga study report",
         "",
-        f"Dataset: {s['dataset']} ({s['image_size']}x{s['image_size']}), {n_test} test images. "
+        f"Dataset: {s['dataset']} ({s['image_size']}x{s['image_size']}), evaluated on "
+        f"{n_test} {params['attack']['split']} images. "
         f"Teacher: {teacher['arch']} ({_teacher_kind(teacher)}, source `{teacher['source']}`), "
         f"clean accuracy {_pct(teacher['clean_acc'])}% (validation {_pct(teacher['val_acc'])}%). "
         f"Radii are {params['attack']['norm']} in [0, 1] pixel units.",

@@ -77,6 +77,7 @@ TINY = {
         "adversarial": {"eps": 0.1, "steps": 2, "step_size": None},
     },
     "attack": {
+        "split": "test",
         "attacks": ["pgd", "autoattack"],
         "radii": [0.05, 0.1],
         "norm": "linf",
