@@ -15,6 +15,16 @@ from pipeline.common import checkpoint_path, device, load_split, log, run, write
 from pipeline.params import model_ids, radius_label
 
 
+def autoattack_settings(aa: dict) -> dict:
+    """kdiga.attacks.autoattack arguments: the attack list only for the custom version,
+    and only the overrides that are set (null keeps AutoAttack's own value)."""
+    out = {"version": aa["version"]}
+    if aa["version"] == "custom":
+        out["attacks"] = list(aa["attacks"])
+    out |= {k: aa[k] for k in ("n_restarts", "n_iter", "n_target_classes") if aa[k] is not None}
+    return out
+
+
 def body(args: argparse.Namespace, params: dict) -> None:
     from kdiga.attacks import check_gradients, check_sweep, robust_sweep
     from kdiga.data import to_float
@@ -33,7 +43,7 @@ def body(args: argparse.Namespace, params: dict) -> None:
     if args.attack == "pgd":
         kw |= {k: a["pgd"][k] for k in ("steps", "restarts", "step_size")}
     else:
-        kw["autoattack_kwargs"] = dict(a["autoattack"])
+        kw["autoattack_kwargs"] = autoattack_settings(a["autoattack"])
     model_sha = sha256_file(dag.model_path(args.model))
     state = checkpoint_path("attack", f"{args.model}--{args.attack}", model_sha, a, params["seed"])
     with device() as dev:

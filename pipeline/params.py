@@ -281,7 +281,11 @@ def _distill(s: Any) -> dict:
 def _attack(s: Any) -> dict:
     s = _keys("attack", s, ("split", "attacks", "radii", "norm", "batch_size", "pgd", "autoattack"))
     pgd = _keys("attack.pgd", s["pgd"], ("steps", "restarts", "step_size"))
-    aa = _keys("attack.autoattack", s["autoattack"], ("version", "attacks"))
+    aa = _keys(
+        "attack.autoattack",
+        s["autoattack"],
+        ("version", "attacks", "n_restarts", "n_iter", "n_target_classes"),
+    )
     radii = _list("attack.radii", s["radii"], parse_radius)
     if radii != sorted(radii):
         raise ParamError("attack.radii", s["radii"], "radii must be listed in increasing order")
@@ -302,6 +306,10 @@ def _attack(s: Any) -> dict:
             "attacks": _list(
                 "attack.autoattack.attacks", aa["attacks"], lambda k, v: _choice(k, v, AA_ATTACKS)
             ),
+            **{
+                k: _optional(_int)(f"attack.autoattack.{k}", aa[k], 1)
+                for k in ("n_restarts", "n_iter", "n_target_classes")
+            },
         },
     }
 

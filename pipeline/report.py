@@ -144,6 +144,15 @@ def figure(params: dict, attack: str, evals: dict, path: str) -> list[dict]:
     return table
 
 
+def _autoattack_label(aa: dict) -> str:
+    """E.g. 'AutoAttack (custom: apgd-ce, apgd-dlr; 1 restart)': what was really run."""
+    text = aa["version"] + (f": {', '.join(aa['attacks'])}" if aa["version"] == "custom" else "")
+    extra = [f"{aa['n_restarts']} restart(s)"] if aa["n_restarts"] else []
+    extra += [f"{aa['n_iter']} iterations"] if aa["n_iter"] else []
+    extra += [f"{aa['n_target_classes']} target classes"] if aa["n_target_classes"] else []
+    return f"AutoAttack ({'; '.join([text, *extra])})"
+
+
 def metrics(params: dict, evals: dict, bounds: dict, teacher: dict) -> dict:
     """Nested metrics for `dvc exp show`: model -> clean, attack -> radius label -> accuracy."""
     out: dict = {"teacher_val_acc": teacher["val_acc"]}
@@ -205,10 +214,7 @@ def body(args: argparse.Namespace, params: dict) -> None:
             p = params["attack"]["pgd"]
             what = f"{p['steps']}-step PGD, {p['restarts']} restart(s)"
         else:
-            aa = params["attack"]["autoattack"]
-            what = f"AutoAttack ({aa['version']}" + (
-                f": {', '.join(aa['attacks'])})" if aa["version"] == "custom" else ")"
-            )
+            what = _autoattack_label(params["attack"]["autoattack"])
         parts += [
             "",
             f"## Accuracy (%) under {what}",

@@ -59,7 +59,7 @@ def study(tmp_path_factory) -> Path:
 def test_snakemake_builds_the_report(study):
     report = (study / "reports" / "report.md").read_text()
     assert "Accuracy (%) under 3-step PGD" in report
-    assert "AutoAttack (custom: apgd-ce)" in report
+    assert "AutoAttack (custom: apgd-ce; 1 restart(s); 20 iterations)" in report
     assert "Table 4" in report
     assert (study / "reports" / "figure1.png").stat().st_size > 1000
     metrics = json.loads((study / "reports" / "metrics.json").read_text())

@@ -171,15 +171,22 @@ def _predict(model: nn.Module, x: Tensor, batch_size: int, device: torch.device)
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 
 
-def _configure(adversary: Any, n_classes: int, n_iter: int | None, n_queries: int | None) -> None:
-    """Fit target-class counts to the number of classes; apply iteration overrides."""
+def _configure(
+    adversary: Any,
+    n_classes: int,
+    n_iter: int | None,
+    n_queries: int | None,
+    n_restarts: int | None = None,
+    n_target_classes: int | None = None,
+) -> None:
+    """Fit target-class counts to the number of classes; apply the overrides."""
     for a in adversary.attacks_to_run:
         if n_classes < _MIN_CLASSES[a]:
             raise ValueError(
                 f"attack {a!r} needs at least {_MIN_CLASSES[a]} classes, the model has {n_classes}"
             )
-    targets = min(9, n_classes - 1)
-    if adversary.apgd_targeted.n_target_classes > targets:
+    targets = min(9 if n_target_classes is None else n_target_classes, n_classes - 1)
+    if n_target_classes is not None or adversary.apgd_targeted.n_target_classes > targets:
         logger.info("AutoAttack: target classes reduced to %d (%d classes)", targets, n_classes)
         adversary.apgd_targeted.n_target_classes = targets
         adversary.fab.n_target_classes = targets
@@ -193,6 +200,9 @@ def _configure(adversary: Any, n_classes: int, n_iter: int | None, n_queries: in
             attack.size_decr = max(int(0.03 * n_iter), 1)
     if n_queries is not None:
         adversary.square.n_queries = n_queries
+    if n_restarts is not None:
+        adversary.apgd.n_restarts = n_restarts
+        adversary.fab.n_restarts = n_restarts
 
 
 def _check_positive_int(value: Any, name: str, allow_none: bool = False) -> None:
@@ -216,6 +226,8 @@ def autoattack(
     device: torch.device | str | None = None,
     n_iter: int | None = None,
     n_queries: int | None = None,
+    n_restarts: int | None = None,
+    n_target_classes: int | None = None,
 ) -> AutoAttackResult:
     """Run AutoAttack on images ``x`` [N, C, H, W] in [0, 1] with labels ``y`` [N].
 
@@ -228,6 +240,10 @@ def autoattack(
         device: where the attack runs (default: the model's device).
         n_iter: override the iterations of APGD, APGD-T and FAB (default 100; fewer is
             a weaker, cheaper evaluation). n_queries: override Square's queries (5000).
+        n_restarts: override the restarts of untargeted APGD and FAB. The "standard"
+            version uses 1; "custom" keeps AutoAttack's constructor default of 5.
+        n_target_classes: override the target classes of APGD-T and FAB-T (default
+            min(9, classes - 1)).
 
     Returns:
         ``AutoAttackResult``; ``flags`` holds pyautoattack's gradient-masking warnings.
@@ -240,6 +256,8 @@ def autoattack(
     _check_positive_int(batch_size, "batch_size")
     _check_positive_int(n_iter, "n_iter", allow_none=True)
     _check_positive_int(n_queries, "n_queries", allow_none=True)
+    _check_positive_int(n_restarts, "n_restarts", allow_none=True)
+    _check_positive_int(n_target_classes, "n_target_classes", allow_none=True)
     if not isinstance(x, Tensor) or x.dim() < 2 or y.shape != x.shape[:1]:
         raise ValueError("x must be a tensor [N, C, H, W] and y a label tensor [N]")
     if x.numel() and (x.min() < 0 or x.max() > 1):
@@ -258,7 +276,8 @@ def autoattack(
         if len(x):
             head = slice(0, batch_size)
             flags += check_gradients(model, x[head].to(device), y[head].to(device))
-            _configure(adversary, model(x[:1].to(device)).shape[-1], n_iter, n_queries)
+            n_classes = model(x[:1].to(device)).shape[-1]
+            _configure(adversary, n_classes, n_iter, n_queries, n_restarts, n_target_classes)
             for k in checks.funcs:  # the dynamic-defence check's counter is never reset
                 checks.funcs[k] = 0
             with _capture_flags(flags):
