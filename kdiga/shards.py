@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("npy", "png")
 MANIFEST_VERSION = 1
-_MTIME = 0.0  # fixed member mtime: the same data gives byte-identical shards (stable sha256)
+_MTIME = 0  # fixed int mtime: identical bytes for the same data; a float adds a PAX header
 
 
 class ShardError(ValueError):

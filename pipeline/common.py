@@ -132,6 +132,19 @@ def data_info(manifest: dict) -> dict:
     }
 
 
+def train_config(section: dict, seed: int):
+    """kdiga.train.TrainConfig from a validated training section (teacher.train, distill)."""
+    from kdiga.train import TrainConfig
+
+    keys = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "augment", "crop_padding")
+    return TrainConfig(
+        **{k: section[k] for k in keys},
+        milestones=tuple(section["milestones"]),
+        seed=seed,
+        drop_last=True,  # train-mode BatchNorm fails on a last batch of one
+    )
+
+
 # -- small I/O ----------------------------------------------------------------------------
 
 

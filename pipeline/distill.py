@@ -20,6 +20,7 @@ from pipeline.common import (
     load_split,
     log,
     run,
+    train_config,
     write_json,
 )
 from pipeline.params import parse_student_id
@@ -72,7 +73,7 @@ def distill(model_id: str, params: dict, info) -> None:
     from kdiga.distributed import is_main
     from kdiga.losses import build_loss
     from kdiga.models import build_model, load_model, save_model
-    from kdiga.train import TrainConfig, evaluate, fit
+    from kdiga.train import evaluate, fit
     from kdiga.utils import sha256_file
 
     student, method = parse_student_id(params, model_id)
@@ -82,18 +83,7 @@ def distill(model_id: str, params: dict, info) -> None:
     teacher = None if method in dag.TEACHERLESS else load_model(dag.model_path("teacher"))[0]
     model = build_model(student, **data_info(manifest), **d["student_kwargs"])
     criterion = build_loss(method, **loss_settings(method, d))
-    cfg = TrainConfig(
-        epochs=d["epochs"],
-        batch_size=d["batch_size"],
-        lr=d["lr"],
-        momentum=d["momentum"],
-        weight_decay=d["weight_decay"],
-        milestones=tuple(d["milestones"]),
-        augment=d["augment"],
-        crop_padding=d["crop_padding"],
-        seed=params["seed"],
-        drop_last=True,
-    )
+    cfg = train_config(d, params["seed"])
     # Resumable state is keyed by everything that made it: never resume another run's.
     identity = [model_id, dag.params_view(params, dag.distill_param_keys(method)), params["shard"]]
     if teacher is not None:

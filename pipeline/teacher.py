@@ -18,6 +18,7 @@ from pipeline.common import (
     load_split,
     log,
     run,
+    train_config,
     write_json,
 )
 
@@ -25,7 +26,7 @@ from pipeline.common import (
 def _train(t: dict, params: dict, info: dict, dev: str):
     from kdiga.losses import build_loss
     from kdiga.models import build_model
-    from kdiga.train import TrainConfig, fit
+    from kdiga.train import fit
 
     tr = t["train"]
     model = build_model(t["arch"], mean=t["mean"], std=t["std"], **info, **t["arch_kwargs"])
@@ -33,18 +34,7 @@ def _train(t: dict, params: dict, info: dict, dev: str):
     if tr["method"] == "trades":
         loss_cfg["trades_beta"] = tr["trades_beta"]
     criterion = build_loss(tr["method"], **loss_cfg)
-    cfg = TrainConfig(
-        epochs=tr["epochs"],
-        batch_size=tr["batch_size"],
-        lr=tr["lr"],
-        momentum=tr["momentum"],
-        weight_decay=tr["weight_decay"],
-        milestones=tuple(tr["milestones"]),
-        augment=tr["augment"],
-        crop_padding=tr["crop_padding"],
-        seed=params["seed"],
-        drop_last=True,
-    )
+    cfg = train_config(tr, params["seed"])
     x, y, _ = load_split("train")
     val = load_split("val")[:2]
     ckpt = checkpoint_path("teacher", "teacher", t, params["seed"], params["shard"])
@@ -65,6 +55,7 @@ def _train(t: dict, params: dict, info: dict, dev: str):
 
 def body(args: argparse.Namespace, params: dict) -> None:
     from kdiga.models import save_model
+    from kdiga.models.io import model_spec
     from kdiga.teachers import load_teacher
     from kdiga.train import evaluate
     from kdiga.utils import sha256_file
@@ -92,12 +83,7 @@ def body(args: argparse.Namespace, params: dict) -> None:
     model.cpu()
     save_model(model, dag.model_path("teacher"), meta={"source": t["source"]})
     meta = {
-        "arch": model.arch,
-        "num_classes": model.num_classes,
-        "in_chans": model.in_chans,
-        "image_size": model.image_size,
-        "mean": model.mean.flatten().tolist(),
-        "std": model.std.flatten().tolist(),
+        **model_spec(model),
         "source": t["source"],
         "source_sha256": source_sha,
         "sha256": sha256_file(dag.model_path("teacher")),

@@ -15,7 +15,7 @@ import copy
 import time
 
 from pipeline import dag
-from pipeline.common import data_info, device, load_split, log, run
+from pipeline.common import data_info, device, load_split, log, run, train_config
 
 
 def body(args: argparse.Namespace, params: dict) -> None:
@@ -25,7 +25,7 @@ def body(args: argparse.Namespace, params: dict) -> None:
     from kdiga.data import to_float
     from kdiga.losses import build_loss
     from kdiga.models import build_model, load_model
-    from kdiga.train import TrainConfig, fit
+    from kdiga.train import fit
     from pipeline.distill import loss_settings
 
     if args.method not in dag.IGA:
@@ -42,12 +42,7 @@ def body(args: argparse.Namespace, params: dict) -> None:
             d["iga"]["weight"] = weight
             torch.manual_seed(params["seed"])
             model = build_model(student, **data_info(manifest), **d["student_kwargs"])
-            cfg = TrainConfig(
-                epochs=d["epochs"], batch_size=d["batch_size"], lr=d["lr"],
-                momentum=d["momentum"], weight_decay=d["weight_decay"],
-                milestones=tuple(d["milestones"]), augment=d["augment"],
-                crop_padding=d["crop_padding"], seed=params["seed"], drop_last=True,
-            )  # fmt: skip
+            cfg = train_config(d, params["seed"])
             start = time.perf_counter()
             fit(model, build_loss(args.method, **loss_settings(args.method, d)), x, y, cfg,
                 teacher=teacher, device=dev)  # fmt: skip

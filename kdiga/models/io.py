@@ -49,6 +49,18 @@ def _plain(value: Any, what: str) -> Any:
         ) from exc
 
 
+def model_spec(model: NormalizedModel) -> dict:
+    """What rebuilds ``model`` besides its weights: arch, classes, input shape, normalisation."""
+    return {
+        "arch": model.arch,
+        "num_classes": model.num_classes,
+        "in_chans": model.in_chans,
+        "image_size": model.image_size,
+        "mean": model.mean.flatten().tolist(),
+        "std": model.std.flatten().tolist(),
+    }
+
+
 def save_model(
     model: NormalizedModel, path: str | os.PathLike, *, meta: dict[str, Any] | None = None
 ) -> None:
@@ -59,12 +71,7 @@ def save_model(
         )
     record = {
         "format": FORMAT,
-        "arch": model.arch,
-        "num_classes": model.num_classes,
-        "in_chans": model.in_chans,
-        "image_size": model.image_size,
-        "mean": model.mean.flatten().tolist(),
-        "std": model.std.flatten().tolist(),
+        **model_spec(model),
         "kwargs": _plain(model.build_kwargs, "the model's build kwargs"),
         "state_dict": {k: v.detach().cpu() for k, v in model.net.state_dict().items()},
         "meta": _plain(meta or {}, "meta"),
