@@ -13,6 +13,7 @@ bit for bit on CPU, as one that was never interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -26,6 +27,20 @@ import torch
 from torch import Tensor, nn
 
 from kdiga.data import AUGMENTATIONS, augment, to_float
+from kdiga.distributed import (
+    DistInfo,
+    all_gather_object,
+    all_reduce_weighted_mean,
+    barrier,
+    broadcast_buffers,
+    check_run,
+    check_same_on_all_ranks,
+    current,
+    data_parallel,
+    rank_seed,
+    rank_slice,
+    shard_indices,
+)
 from kdiga.utils import atomic_torch_save, eval_mode
 
 logger = logging.getLogger(__name__)
@@ -58,7 +73,9 @@ class TrainConfig:
     ``amp`` (bf16 autocast of the forward) and ``channels_last`` apply on CUDA only.
     ``crop_padding`` is the padding of the "crop"/"crop_flip" augmentations (4 on CIFAR-10's
     32 px; less on 16 px digits). ``drop_last`` drops a final partial batch (train-mode
-    BatchNorm fails on a batch of one).
+    BatchNorm fails on a batch of one). Under DDP (see :mod:`kdiga.distributed`)
+    ``batch_size`` is the global batch, split over the ranks, and ``sync_bn`` synchronises
+    BatchNorm statistics across them (CUDA only; no effect on one process).
     """
 
     epochs: int
@@ -75,6 +92,7 @@ class TrainConfig:
     amp: bool = True
     channels_last: bool = True
     drop_last: bool = False
+    sync_bn: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
@@ -174,24 +192,35 @@ def _run_epoch(
     device: torch.device,
     teacher_cache: Callable[[Tensor], Any] | None,
     on_batch: Callable[[dict], None] | None,
+    batch_source: Callable[[Tensor, int], tuple[Tensor, Any]] | None = None,
 ) -> dict[str, float]:
-    """One pass over the data; returns the sample-weighted mean of each loss part."""
+    """One pass over the data; returns the sample-weighted mean of each loss part.
+
+    Under DDP this rank trains on its slice of each global batch and the returned means (and
+    ``on_batch`` records) are over the global batch, identical on all ranks.
+    """
     order_gen, aug_gen = _epoch_generators(cfg.seed, epoch)
-    n = labels.numel()
-    perm = torch.randperm(n, generator=order_gen)
-    starts = range(0, n - cfg.batch_size + 1 if cfg.drop_last else n, cfg.batch_size)
+    n, info = labels.numel(), current()
+    batches = shard_indices(n, 0, 1, order_gen, batch_size=cfg.batch_size, drop_last=cfg.drop_last)
     cuda = device.type == "cuda"
     sums: dict[str, float] = {}
     seen = 0
     student.train()
-    for b, start in enumerate(starts):
-        idx = perm[start : start + cfg.batch_size]
+    for b, whole in enumerate(batches):
+        part = rank_slice(whole.numel(), info.rank, info.world_size)
+        idx = whole[part]
         dev_idx = idx.to(device)
-        x = augment(to_float(images[dev_idx]), cfg.augment, aug_gen, padding=cfg.crop_padding)
+        if batch_source is None:  # augmented as a global batch (same draws on every rank)
+            aug_idx = dev_idx if cfg.augment == "none" else whole.to(device)
+            x = augment(to_float(images[aug_idx]), cfg.augment, aug_gen, padding=cfg.crop_padding)
+            x = x if cfg.augment == "none" else x[part]
+            kwargs = {} if teacher_cache is None else {"teacher_out": teacher_cache(idx)}
+        else:  # x and its teacher signals come together (e.g. cached augmented views)
+            x, teacher_out = batch_source(idx, epoch)
+            x, kwargs = x.to(device), {"teacher_out": teacher_out}
         y = labels[dev_idx]
         if cuda and cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        kwargs = {} if teacher_cache is None else {"teacher_out": teacher_cache(idx)}
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and cfg.amp):
             parts = criterion(student, teacher, x, y, **kwargs)
@@ -200,17 +229,22 @@ def _run_epoch(
         if not parts["loss"].requires_grad:
             raise ValueError("criterion's 'loss' has no gradient (computed under no_grad?)")
         names = list(parts)
-        values = torch.stack([parts[k].detach().float().reshape(()) for k in names]).tolist()
+        values = torch.stack([parts[k].detach().float().reshape(()) for k in names])
+        if info.is_distributed:  # global-batch means; a NaN on any rank stops every rank
+            values = all_reduce_weighted_mean(values, idx.numel())[0]
+        values = values.tolist()
         record = dict(zip(names, values, strict=True))
         if not all(math.isfinite(v) for v in values):
             raise NonFiniteLossError(epoch + 1, b, record)
-        parts["loss"].backward()
+        # DDP averages gradients over ranks: W·B_r/B keeps an uneven last batch exact
+        scale = idx.numel() * info.world_size / whole.numel()
+        (parts["loss"] if scale == 1 else parts["loss"] * scale).backward()
         optimizer.step()
         for k, v in record.items():
-            sums[k] = sums.get(k, 0.0) + v * idx.numel()
-        seen += idx.numel()
+            sums[k] = sums.get(k, 0.0) + v * whole.numel()
+        seen += whole.numel()
         if on_batch is not None:
-            on_batch({"epoch": epoch + 1, "batch": b, "num_batches": len(starts), **record})
+            on_batch({"epoch": epoch + 1, "batch": b, "num_batches": len(batches), **record})
     return {k: v / seen for k, v in sums.items()}
 
 
@@ -228,6 +262,7 @@ def fit(
     on_batch: Callable[[dict], None] | None = None,
     val: tuple[Tensor, Tensor] | None = None,
     teacher_cache: Callable[[Tensor], Any] | None = None,
+    batch_source: Callable[[Tensor, int], tuple[Tensor, Any]] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``student`` in place for ``cfg.epochs`` epochs; return the per-epoch history.
 
@@ -236,6 +271,14 @@ def fit(
     ``parts["loss"].backward()`` and an SGD step. After every epoch the model, optimiser,
     scheduler, RNG state, config and history are saved atomically to ``checkpoint_path``; if
     that file exists when ``fit`` starts, training resumes from it (``cfg.epochs`` may grow).
+
+    Under torchrun (a process group initialised by :func:`kdiga.distributed.init_from_env`
+    with world size W > 1) every rank calls ``fit`` alike: the student is wrapped in DDP, each
+    rank trains on its ``cfg.batch_size / W`` slice of every global batch, the history holds
+    global-batch means on every rank, and only rank 0 writes the checkpoint (the others wait);
+    resuming reads it on every rank (a filesystem shared by the nodes). ``on_epoch`` and
+    ``on_batch`` run on every rank. What is exactly the single-process run, and what is
+    refused, is in :mod:`kdiga.distributed`.
 
     Args:
         student: the model to train (moved to ``device``).
@@ -252,6 +295,9 @@ def fit(
         val: (images, labels) for a held-out validation accuracy after each epoch.
         teacher_cache: ``(indices [B] into images, on CPU) -> TeacherSignals`` passed to the
             criterion as ``teacher_out=`` (precomputed teacher signals; needs augment="none").
+        batch_source: ``(indices [B] on CPU, epoch 0-based) -> (x [B, C, H, W] in [0, 1],
+            teacher_out)``: replaces the loop's augmentation and ``teacher_cache`` (e.g. a
+            ``kdiga.signals.SignalCache`` of K augmented views; needs augment="none").
 
     Returns:
         one dict per epoch: epoch (1-based), lr, the mean of each loss part, time_s, and
@@ -260,6 +306,7 @@ def fit(
     Raises:
         NonFiniteLossError: a NaN or infinite loss part (epoch and batch named).
     """
+    info = current()
     images, labels = _check_data(images, labels, "train")
     if val is not None:
         val = _check_data(*val, "val")
@@ -272,7 +319,21 @@ def fit(
             f"teacher_cache holds signals of unaugmented images; augment={cfg.augment!r} "
             "needs augment='none' or no cache"
         )
+    if batch_source is not None and (teacher_cache is not None or cfg.augment != "none"):
+        raise ValueError(
+            "batch_source augments x itself and returns its teacher signals: it needs "
+            f"augment='none' (got {cfg.augment!r}) and no teacher_cache"
+        )
+    cached = teacher_cache is not None or batch_source is not None
+    if cached and getattr(criterion, "accepts_teacher_cache", True) is False:
+        raise ValueError(
+            f"criterion {getattr(criterion, 'method', criterion)!r} cannot use cached teacher "
+            "signals (accepts_teacher_cache is False, e.g. kdiga_arda needs the teacher at "
+            "x+delta): train it with teacher= and no teacher_cache/batch_source"
+        )
     device = torch.device(device)
+    check_run(labels.numel(), cfg.batch_size, cfg.drop_last, info.world_size, criterion,
+              sync_bn=cfg.sync_bn, device=device)  # fmt: skip
     cuda = device.type == "cuda"
     student.to(device)
     if cuda and cfg.channels_last:
@@ -298,40 +359,48 @@ def fit(
         cuda_index = torch.cuda.current_device() if device.index is None else device.index
     # The run's global RNG (dropout, PGD random starts in losses) is its own: seeded from
     # cfg.seed or restored from the checkpoint, and the caller's state is restored afterwards.
-    with torch.random.fork_rng(devices=[] if cuda_index is None else [cuda_index]):
+    resume = path is not None and path.exists()
+    check_same_on_all_ranks(resume, f"whether checkpoint {path} exists (shared filesystem?)")
+    with (
+        torch.random.fork_rng(devices=[] if cuda_index is None else [cuda_index]),
+        contextlib.ExitStack() as stack,
+    ):
         start, history = 0, []
-        if path is not None and path.exists():
+        if resume:
             ckpt = _load_checkpoint(path, cfg)
             student.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if cuda and ckpt["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], cuda_index)
             start, history = ckpt["epoch"], list(ckpt["history"])
+            _restore_rng(ckpt["rng"], info, cfg.seed + start, cuda_index)
             logger.info("resuming from %s at epoch %d of %d", path, start, cfg.epochs)
         else:
-            torch.default_generator.manual_seed(cfg.seed)
-            if cuda_index is not None:
-                torch.cuda.default_generators[cuda_index].manual_seed(cfg.seed)
+            _seed_rng(rank_seed(cfg.seed, info.rank), cuda_index)  # rank 0: cfg.seed
+        model = stack.enter_context(data_parallel(student, device, sync_bn=cfg.sync_bn))
         for epoch in range(start, cfg.epochs):
             lr = optimizer.param_groups[0]["lr"]
             t0 = time.perf_counter()
             means = _run_epoch(
-                student, criterion, teacher, images, labels, cfg, epoch, optimizer, device,
-                teacher_cache, on_batch,
+                model, criterion, teacher, images, labels, cfg, epoch, optimizer, device,
+                teacher_cache, on_batch, batch_source,
             )  # fmt: skip
             scheduler.step()
+            broadcast_buffers(student)  # DDP: rank 0's BatchNorm running stats everywhere
             record = {"epoch": epoch + 1, "lr": lr, **means}
             record["time_s"] = time.perf_counter() - t0
             if val is not None:
                 record["val_acc"] = evaluate(student, *val, device=device)
             history.append(record)
             if path is not None:
-                _save_checkpoint(
-                    path, student, optimizer, scheduler, cfg, epoch + 1, history, cuda_index
-                )
-            logger.info("epoch %d/%d %s", epoch + 1, cfg.epochs, _fmt(record))
+                rngs = all_gather_object(_rng_state(cuda_index)) if info.is_distributed else None
+                if info.rank == 0:
+                    _save_checkpoint(
+                        path, student, optimizer, scheduler, cfg, epoch + 1, history, cuda_index,
+                        rngs,
+                    )  # fmt: skip
+                barrier()
+            if info.rank == 0:
+                logger.info("epoch %d/%d %s", epoch + 1, cfg.epochs, _fmt(record))
             if on_epoch is not None:
                 on_epoch(dict(record))
     return history
@@ -350,9 +419,11 @@ def _save_checkpoint(
     epoch: int,
     history: list[dict[str, float]],
     cuda_index: int | None,
+    rank_rngs: list[dict[str, Any]] | None = None,
 ) -> None:
-    rng = {"torch": torch.get_rng_state()}
-    rng["cuda"] = None if cuda_index is None else torch.cuda.get_rng_state(cuda_index)
+    rng = _rng_state(cuda_index)
+    if rank_rngs is not None:  # DDP: every rank's stream, rank 0's also as the plain one
+        rng["ranks"] = rank_rngs
     state = {
         "format": CHECKPOINT_FORMAT,
         "epoch": epoch,
@@ -364,6 +435,42 @@ def _save_checkpoint(
         "history": history,
     }
     atomic_torch_save(state, path)
+
+
+def _rng_state(cuda_index: int | None) -> dict[str, Any]:
+    """This process's global RNG state (CPU, and the CUDA device's when training there)."""
+    cuda = None if cuda_index is None else torch.cuda.get_rng_state(cuda_index)
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def _seed_rng(seed: int, cuda_index: int | None) -> None:
+    torch.default_generator.manual_seed(seed)
+    if cuda_index is not None:
+        torch.cuda.default_generators[cuda_index].manual_seed(seed)
+
+
+def _restore_rng(
+    rng: Mapping[str, Any], info: DistInfo, fallback_seed: int, cuda_index: int | None
+) -> None:
+    """Restore this rank's RNG stream from a checkpoint's ``rng``.
+
+    A checkpoint of another world size holds no stream for ranks > 0: they are re-seeded
+    (``fallback_seed``) and the run is no longer bit-identical to an uninterrupted one.
+    """
+    ranks = rng.get("ranks") or [rng]
+    if len(ranks) != info.world_size:
+        if info.rank == 0:
+            logger.warning(
+                "checkpoint was written by %d process(es), resumed by %d: the RNG streams "
+                "of ranks > 0 are re-seeded", len(ranks), info.world_size,
+            )  # fmt: skip
+        if info.rank > 0:
+            _seed_rng(rank_seed(fallback_seed, info.rank), cuda_index)
+            return
+    own = ranks[info.rank] if len(ranks) == info.world_size else rng
+    torch.set_rng_state(own["torch"])
+    if cuda_index is not None and own.get("cuda") is not None:
+        torch.cuda.set_rng_state(own["cuda"], cuda_index)
 
 
 def _model_device(model: nn.Module) -> torch.device:
