@@ -236,7 +236,9 @@ def body(args: argparse.Namespace, params: dict) -> None:
         "",
         "## Training cost",
         "",
-        "Measured wall time per epoch of each student's training (same machine, same run).",
+        "Measured wall time per epoch of each student's training in this run. Jobs that ran "
+        "at the same time shared the machine, so these are rough; `python -m bench step_cost` "
+        "measures the step-time ratios side by side.",
         "",
         _markdown(cost_table(params, histories, teacher)),
         "",
