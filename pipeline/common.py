@@ -77,6 +77,9 @@ def run(
         path = args.params or params_file()
         params = load_params(path)
         check_paths(params, (stage,))
+        from kdiga.utils import seed_everything
+
+        seed_everything(params["seed"])  # model init and any other draw: same seed, same run
         stale = (
             dag.check_fresh(path) if path == "params.yaml" and Path("dvc.yaml").exists() else None
         )

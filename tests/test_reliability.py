@@ -3,7 +3,6 @@ nothing is lost or left half-written."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import signal
 import subprocess
@@ -100,18 +99,21 @@ def test_nan_loss_names_epoch_and_batch(sharded, tmp_path):
 
 @pytest.mark.slow
 def test_same_seed_same_params_same_results(sharded, tmp_path):
-    """Training and evaluation on CPU are deterministic: two fresh runs, identical outputs."""
-    digests = []
+    """Training and evaluation on CPU are deterministic: two fresh runs, identical outputs.
+    (Weights are compared, not file bytes: torch.save writes a per-save serialization id.)"""
+    from kdiga.models import load_model
+
+    runs = []
     for i in range(2):
         study = _copy_study(sharded, tmp_path / f"s{i}")
         ok(stage(study, "distill", "--model", "small_cnn--kdiga"))
         ok(stage(study, "attack", "--model", "small_cnn--kdiga", "--attack", "pgd"))
-        model = study / "data" / "models" / "small_cnn--kdiga.pt"
+        model, _ = load_model(study / "data" / "models" / "small_cnn--kdiga.pt")
         result = json.loads((study / "data" / "evals" / "small_cnn--kdiga--pgd.json").read_text())
-        digests.append(
-            (hashlib.sha256(model.read_bytes()).hexdigest(), result["clean"], result["robust"])
-        )
-    assert digests[0] == digests[1]
+        runs.append((model.state_dict(), result["clean"], result["robust"]))
+    (w0, *m0), (w1, *m1) = runs
+    assert m0 == m1
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
 
 
 _KILLED_AUTOATTACK = textwrap.dedent(
@@ -125,9 +127,11 @@ _KILLED_AUTOATTACK = textwrap.dedent(
     x, y = load_dataset("digits", "test", image_size=8, n=96, seed=0)
     calls = [0]
     def hook(module, args):
-        calls[0] += 1
-        if os.environ.get("KILL_AFTER") and calls[0] > int(os.environ["KILL_AFTER"]):
-            os.kill(os.getpid(), signal.SIGKILL)
+        # Once the first batch's progress is saved, die a few model calls into the next one.
+        if os.environ.get("KILL_AFTER") and os.path.exists(sys.argv[1]):
+            calls[0] += 1
+            if calls[0] > int(os.environ["KILL_AFTER"]):
+                os.kill(os.getpid(), signal.SIGKILL)
     model.register_forward_pre_hook(hook)
     result = robust_sweep(model, to_float(x), y, [0.05, 0.1], attack="autoattack",
                           batch_size=32, seed=0, state_path=sys.argv[1],
@@ -153,7 +157,7 @@ def test_autoattack_killed_half_way_resumes_to_the_same_result(tmp_path):
         )
 
     ok(go(tmp_path / "plain.state", tmp_path / "plain.pt"))
-    killed = go(tmp_path / "k.state", tmp_path / "k.pt", KILL_AFTER="40")
+    killed = go(tmp_path / "k.state", tmp_path / "k.pt", KILL_AFTER="5")
     assert killed.returncode == -signal.SIGKILL
     assert (tmp_path / "k.state").exists() and not (tmp_path / "k.pt").exists()
     ok(go(tmp_path / "k.state", tmp_path / "k.pt"))
