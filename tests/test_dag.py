@@ -127,3 +127,22 @@ def test_every_stage_has_its_script_and_section():
         assert (ROOT / "pipeline" / f"{stage}.py").exists()
         assert stage in params
     assert {j.stage for j in dag.jobs(params)} == set(dag.STAGES)
+
+
+@pytest.mark.slow
+def test_slurm_profile_dry_runs():
+    """The SLURM profile loads its executor plugin and plans every job (no cluster needed)."""
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
+    env.pop("KDIGA_PARAMS", None)
+    proc = subprocess.run(
+        [_tool("snakemake"), "--profile", "profiles/slurm", "-n", "--forceall", "--nolock"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "This was a dry-run" in proc.stdout + proc.stderr
+    jobs = len(dag.jobs(load_params(ROOT / "params.yaml")))
+    assert f"total         {jobs + 1}" in proc.stdout + proc.stderr  # + rule all
