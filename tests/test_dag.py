@@ -28,11 +28,11 @@ def _tool(name: str) -> str:
     return found
 
 
-def snakemake_jobs(params_file: str = "params.yaml") -> list[dict]:
-    """Parse `snakemake -n --forceall` into jobs: rule, inputs, outputs, shell command."""
+def dry_run(*args: str, params_file: str = "params.yaml") -> str:
+    """`snakemake -n --forceall` in the repository; its output (it must succeed)."""
     env = dict(os.environ, KDIGA_PARAMS=params_file, PATH=f"{BIN}:{os.environ['PATH']}")
     proc = subprocess.run(
-        [_tool("snakemake"), "-n", "--forceall", "--nolock", "--cores", "1"],
+        [_tool("snakemake"), "-n", "--forceall", "--nolock", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -40,8 +40,13 @@ def snakemake_jobs(params_file: str = "params.yaml") -> list[dict]:
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def snakemake_jobs(params_file: str = "params.yaml") -> list[dict]:
+    """Parse `snakemake -n --forceall` into jobs: rule, inputs, outputs, shell command."""
     jobs, job = [], None
-    for line in proc.stdout.splitlines():
+    for line in dry_run("--cores", "1", params_file=params_file).splitlines():
         if m := re.match(r"^(?:local)?rule (\w+):$", line):
             job = {"rule": m.group(1), "input": set(), "output": set(), "cmd": None}
             jobs.append(job)
@@ -132,17 +137,6 @@ def test_every_stage_has_its_script_and_section():
 @pytest.mark.slow
 def test_slurm_profile_dry_runs():
     """The SLURM profile loads its executor plugin and plans every job (no cluster needed)."""
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
-    env.pop("KDIGA_PARAMS", None)
-    proc = subprocess.run(
-        [_tool("snakemake"), "--profile", "profiles/slurm", "-n", "--forceall", "--nolock"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "This was a dry-run" in proc.stdout + proc.stderr
+    out = dry_run("--profile", "profiles/slurm")
     jobs = len(dag.jobs(load_params(ROOT / "params.yaml")))
-    assert f"total         {jobs + 1}" in proc.stdout + proc.stderr  # + rule all
+    assert f"total         {jobs + 1}" in out  # + rule all
