@@ -23,9 +23,9 @@ def _splits(s: dict, seed: int) -> dict:
     kw = {"root": s["root"], "image_size": s["image_size"]}
     if s["dataset"] == "imagenet":
         raise ValueError(
-            "shard.dataset imagenet: training shards are written with `python -m "
-            "pipeline.shard_imagenet`-style streaming, which this version does not have; "
-            "use the ImageNet preset for evaluation-only runs (test_samples) or cifar10"
+            "shard.dataset imagenet: this version shards a split by holding it in memory, "
+            "which ImageNet's training set does not fit; streaming shard writing and training "
+            "(kdiga.shards.shard_dataset) are not wired into the pipeline yet"
         )
     train_x, train_y = load_dataset(s["dataset"], "train", seed=seed, **kw)
     test_x, test_y = load_dataset(s["dataset"], "test", n=s["test_samples"], seed=seed, **kw)
