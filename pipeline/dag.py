@@ -17,7 +17,14 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.params import ParamError, load_params, model_ids, parse_student_id, student_ids
+from pipeline.params import (
+    TRAIN_KEYS,
+    ParamError,
+    load_params,
+    model_ids,
+    parse_student_id,
+    student_ids,
+)
 
 STAGES = ("shard", "teacher", "distill", "attack", "bounds", "report")
 GPU_STAGES = ("teacher", "distill", "attack", "bounds")
@@ -89,21 +96,9 @@ def _cmd(stage: str, key: str | None = None, **args: str) -> str:
     return " ".join(parts)
 
 
-_TRAIN = (
-    "epochs",
-    "batch_size",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "milestones",
-    "augment",
-    "crop_padding",
-)
-
-
 def distill_param_keys(method: str) -> list[str]:
     """The params a student's job reads, so that only a real change re-runs it."""
-    keys = ["seed", *(f"distill.{k}" for k in (*_TRAIN, "student_kwargs"))]
+    keys = ["seed", *(f"distill.{k}" for k in (*TRAIN_KEYS, "student_kwargs"))]
     if method not in TEACHERLESS:
         keys += ["distill.ce_weight", "distill.kl_weight", "distill.temperature"]
     if method in IGA:

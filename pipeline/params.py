@@ -155,7 +155,7 @@ def _path_exists(key: str, v: Any, what: str) -> str:
 
 # -- sections ----------------------------------------------------------------------------
 
-_TRAIN_KEYS = (
+TRAIN_KEYS = (
     "epochs",
     "batch_size",
     "lr",
@@ -229,7 +229,7 @@ def _teacher(s: Any) -> dict:
     t = _keys(
         "teacher.train",
         s["train"],
-        ("method", "eps", "steps", "step_size", "trades_beta", *_TRAIN_KEYS),
+        ("method", "eps", "steps", "step_size", "trades_beta", *TRAIN_KEYS),
     )
     out["train"] = {
         "method": _choice("teacher.train.method", t["method"], TEACHER_METHODS),
@@ -247,7 +247,7 @@ def _distill(s: Any) -> dict:
         "students",
         "methods",
         "student_kwargs",
-        *_TRAIN_KEYS,
+        *TRAIN_KEYS,
         "ce_weight",
         "kl_weight",
         "temperature",
