@@ -68,6 +68,7 @@ from torch import Tensor, nn
 
 from kdiga.data import AUGMENTATIONS, to_float
 from kdiga.losses import TeacherSignals, teacher_signals
+from kdiga.train import check_data
 from kdiga.utils import atomic_torch_save
 
 logger = logging.getLogger(__name__)
@@ -230,18 +231,10 @@ def _content_sha256(s: SignalSet) -> str:
 
 
 def _check_images(images: Tensor, labels: Tensor) -> Tensor:
-    if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
+    if not isinstance(images, Tensor) or images.dtype != torch.uint8:
         got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, Tensor) else images
         raise ValueError(f"images must be uint8 [N, C, H, W] (as the shards hold); got {got}")
-    labels = torch.as_tensor(labels)
-    if labels.ndim != 1 or labels.numel() != images.shape[0] or labels.is_floating_point():
-        raise ValueError(
-            f"labels must be int [N] with N={images.shape[0]}; got {labels.dtype} "
-            f"{tuple(labels.shape)}"
-        )
-    if labels.numel() == 0:
-        raise ValueError("no images (N = 0)")
-    return labels.long()
+    return check_data(images, labels, "signal")[1]
 
 
 def _quantize(grad: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:

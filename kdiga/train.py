@@ -127,7 +127,8 @@ def _epoch_generators(seed: int, epoch: int) -> tuple[torch.Generator, torch.Gen
     )
 
 
-def _check_data(images: Tensor, labels: Tensor, what: str) -> tuple[Tensor, Tensor]:
+def check_data(images: Tensor, labels: Tensor, what: str) -> tuple[Tensor, Tensor]:
+    """Images [N, C, H, W] (uint8 or float) and int labels [N], N > 0; labels as int64."""
     if images.ndim != 4:
         raise ValueError(f"{what} images must be [N, C, H, W]; got shape {tuple(images.shape)}")
     if images.dtype != torch.uint8 and not images.is_floating_point():
@@ -307,9 +308,9 @@ def fit(
         NonFiniteLossError: a NaN or infinite loss part (epoch and batch named).
     """
     info = current()
-    images, labels = _check_data(images, labels, "train")
+    images, labels = check_data(images, labels, "train")
     if val is not None:
-        val = _check_data(*val, "val")
+        val = check_data(*val, "val")
     if cfg.drop_last and labels.numel() < cfg.batch_size:
         raise ValueError(
             f"drop_last with N={labels.numel()} < batch_size={cfg.batch_size} leaves no batch"
@@ -515,6 +516,6 @@ def evaluate(
     device: str | torch.device | None = None,
 ) -> float:
     """Clean accuracy of ``model`` on (images ``[N, C, H, W]``, labels ``[N]``), in eval mode."""
-    images, labels = _check_data(images, labels, "evaluation")
+    images, labels = check_data(images, labels, "evaluation")
     logits = predict(model, images, batch_size=batch_size, device=device)
     return (logits.argmax(1) == labels.cpu()).float().mean().item()
