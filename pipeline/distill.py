@@ -95,7 +95,8 @@ def distill(model_id: str, params: dict, info) -> None:
                       device=dev, val=val,
                       on_epoch=lambda r: log.info("%s epoch %s", model_id, r))  # fmt: skip
         seconds = time.perf_counter() - start
-        val_acc = evaluate(model, *val, device=dev)
+        # fit measured it after the last epoch; a run of 0 epochs has no history
+        val_acc = history[-1]["val_acc"] if history else evaluate(model, *val, device=dev)
     if not is_main():
         return
     model.cpu()

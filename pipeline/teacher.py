@@ -23,7 +23,7 @@ from pipeline.common import (
 )
 
 
-def _train(t: dict, params: dict, info: dict, dev: str):
+def _train(t: dict, params: dict, info: dict, dev: str, val: tuple):
     from kdiga.losses import build_loss
     from kdiga.models import build_model
     from kdiga.train import fit
@@ -36,7 +36,6 @@ def _train(t: dict, params: dict, info: dict, dev: str):
     criterion = build_loss(tr["method"], **loss_cfg)
     cfg = train_config(tr, params["seed"])
     x, y, _ = load_split("train")
-    val = load_split("val")[:2]
     ckpt = checkpoint_path("teacher", "teacher", t, params["seed"], params["shard"])
     start = time.perf_counter()
     history = fit(
@@ -61,11 +60,12 @@ def body(args: argparse.Namespace, params: dict) -> None:
     from kdiga.utils import sha256_file
 
     t = params["teacher"]
-    _, _, manifest = load_split("test")
+    test_x, test_y, manifest = load_split("test")
+    val = load_split("val")[:2]
     info = data_info(manifest)
     with device() as dev:
         if t["source"] == "train":
-            model, extra = _train(t, params, info, dev)
+            model, extra = _train(t, params, info, dev, val)
             source_sha = None
         else:
             model, meta = load_teacher(
@@ -79,7 +79,10 @@ def body(args: argparse.Namespace, params: dict) -> None:
                 **info,
             )
             extra, source_sha = {}, meta.sha256
-        accs = {s: evaluate(model, *load_split(s)[:2], device=dev) for s in ("val", "test")}
+        accs = {
+            s: evaluate(model, *d, device=dev)
+            for s, d in (("val", val), ("test", (test_x, test_y)))
+        }
     model.cpu()
     save_model(model, dag.model_path("teacher"), meta={"source": t["source"]})
     meta = {
