@@ -7,7 +7,9 @@ plus ``"timm:<name>"`` and ``"torchvision:<name>"``. ``save_model``/``load_model
 read ``kdiga-model/1`` files.
 
 Double backward (the IGA term) works through every architecture here; models with attention
-(timm ViTs) need the student's forward under :func:`kdiga.utils.math_attention`.
+(timm ViTs) need the student's forward under :func:`kdiga.utils.math_attention`. Grouped
+convolutions are built as :class:`GroupedConv2d`, whose double backward makes one call per
+layer rather than one per group (:mod:`kdiga.models.layers`).
 """
 
 from kdiga.models import cifar_resnet, mobilenetv2, small_cnn, wideresnet  # noqa: F401 (register)
@@ -21,6 +23,7 @@ from kdiga.models.io import (
     read_checkpoint,
     save_model,
 )
+from kdiga.models.layers import GroupedConv2d, grouped_conv2d, use_grouped_double_backward
 from kdiga.models.normalized import NormalizedModel, resolve_stats
 from kdiga.models.registry import build_model, list_models, register_model
 
@@ -28,8 +31,10 @@ __all__ = [
     "FORMAT",
     "CheckpointError",
     "CheckpointNotFoundError",
+    "GroupedConv2d",
     "NormalizedModel",
     "build_model",
+    "grouped_conv2d",
     "is_model_record",
     "list_models",
     "load_model",
@@ -38,4 +43,5 @@ __all__ = [
     "register_model",
     "resolve_stats",
     "save_model",
+    "use_grouped_double_backward",
 ]

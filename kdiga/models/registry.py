@@ -7,6 +7,10 @@ wrapped in :class:`~kdiga.models.normalized.NormalizedModel`, inputs in [0, 1].
 Default normalisation: the identity (mean 0, std 1) unless ``mean``/``std`` are given, except
 for ``pretrained=True`` timm and torchvision models, which take the mean/std their weights
 were trained with (timm's ``pretrained_cfg``, torchvision's weights transforms).
+
+Grouped convolutions (MobileNetV2's depthwise layers, and those of timm/torchvision models)
+are built as :class:`~kdiga.models.layers.GroupedConv2d`: the same layer and weights, with a
+double backward that does not loop over the groups (see :mod:`kdiga.models.layers`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from kdiga.models.layers import use_grouped_double_backward
 from kdiga.models.normalized import NormalizedModel, resolve_stats
 
 logger = logging.getLogger(__name__)
@@ -111,6 +116,9 @@ def build_model(
             f"unknown model {name!r}; allowed: {', '.join(list_models())}, "
             "'timm:<timm model name>', 'torchvision:<torchvision model name>'"
         )
+    converted = use_grouped_double_backward(net)  # same weights; IGA's double backward
+    if converted:  # makes one call per grouped layer instead of one per group
+        logger.debug("%s: %d grouped convolutions use GroupedConv2d", name, converted)
     mean_l, std_l = resolve_stats(mean, std, in_chans, default_stats)
     stored = {k: v for k, v in kwargs.items() if k not in external_only_kwargs()}
     logger.debug("built %s (%d classes, %d chans, %dpx)", name, num_classes, in_chans, image_size)
