@@ -1,5 +1,6 @@
-# kdiga study: data -> shards -> teacher -> distill (student x method) -> attack (model x
-# attack, a sweep over radii) -> local-linearity bounds -> report.
+# kdiga study: data -> shards -> teacher -> [cached teacher signals, when signals.enabled]
+# -> distill (student x method) -> attack (model x attack, a sweep over radii)
+# -> local-linearity bounds -> report.
 #
 #   snakemake --cores all                      # the default study, on CPU
 #   snakemake --cores all --resources gpu=4    # four GPU jobs at a time, one GPU each
@@ -72,14 +73,30 @@ rule teacher:
         "python -m pipeline.teacher --log {log}"
 
 
+rule signals:
+    input:
+        dag.SHARDS,
+        dag.model_path("teacher"),
+    output:
+        dag.SIGNALS,
+    params:
+        values=dag.params_view(P, dag.signals_param_keys()),
+    log:
+        dag.log_path("signals"),
+    resources:
+        gpu=1,
+    shell:
+        "python -m pipeline.signals --log {log}"
+
+
 rule distill:
     input:
-        lambda w: [dag.SHARDS] + ([] if method(w.sid) in dag.TEACHERLESS else [dag.model_path("teacher")]),
+        lambda w: dag.distill_deps(P, method(w.sid)),
     output:
         model=dag.model_path("{sid}"),
         history=dag.history_path("{sid}"),
     params:
-        values=lambda w: dag.params_view(P, dag.distill_param_keys(method(w.sid))),
+        values=lambda w: dag.params_view(P, dag.distill_param_keys(method(w.sid), P)),
     log:
         dag.log_path("distill", "{sid}"),
     resources:

@@ -21,6 +21,9 @@ interleaved, :func:`bench.common.compare`); absolute times are printed for conte
    ε = 8/255, step 2/255, the paper's CIFAR setting) for two teacher -> student pairs: about
    4x the student's MACs (ResNet-50 -> ResNet-18 shape) and about 70x (WRN-34-10 ->
    MobileNetV2 shape). The MAC ratio actually used is counted and printed.
+2b. (with a student that has grouped convolutions, e.g. MobileNetV2) the same KDIGA step with
+   the student's :class:`~kdiga.models.GroupedConv2d` layers turned back into ``nn.Conv2d``:
+   what the per-group double backward of PyTorch costs.
 8. Peak memory of a KDIGA step against a KD step (CUDA: ``max_memory_allocated``; CPU: peak
    RSS of a fresh process per measurement, see :mod:`bench.common`).
 
@@ -44,7 +47,7 @@ from torch import Tensor, nn
 
 from bench import common
 from kdiga.losses import DistillLoss, build_loss, teacher_signals
-from kdiga.models import build_model
+from kdiga.models import GroupedConv2d, build_model
 
 NUM_CLASSES = 10
 SHAPE = (3, 32, 32)
@@ -272,6 +275,19 @@ def loss_agreement(
 # --- the benchmark --------------------------------------------------------------------------
 
 
+def plain_convs_setup(s: Setup) -> Setup | None:
+    """A copy of the student (same weights, own optimiser) whose GroupedConv2d layers are
+    plain ``nn.Conv2d`` again (PyTorch's per-group double backward); None when it has none."""
+    student = copy.deepcopy(s.student)
+    grouped = [m for m in student.modules() if type(m) is GroupedConv2d]
+    if not grouped:
+        return None
+    for m in grouped:
+        m.__class__ = nn.Conv2d
+    opt = torch.optim.SGD(student.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
+    return Setup(student, s.teacher, opt, s.x, s.y, s.mac_ratio)
+
+
 def _log(msg: str) -> None:
     print(f"[step_cost] {msg}", file=sys.stderr, flush=True)
 
@@ -284,6 +300,9 @@ def time_pair(pair: Pair, dev: torch.device, *, repeats: int, warmup: int) -> di
     fns["kdiga (authors)"] = authors_kdiga_step(s)
     fns["(a) teacher"] = teacher_part(s)
     fns["(b) student"] = student_part_step(s)
+    plain = plain_convs_setup(s)
+    if plain is not None:
+        fns["kdiga (plain convs)"] = ours_step(build_loss("kdiga", **METHOD_CFG["kdiga"]), plain)
     timings = common.compare(fns, repeats=repeats, warmup=warmup, dev=dev)
     return {"pair": pair, "macs": s.mac_ratio, "agree": agree, "t": timings}
 
@@ -406,6 +425,23 @@ def report(results: list[dict[str, Any]], mem: dict[str, Any], dev: torch.device
         common.fmt_table(rows, ["pair", "ours ms", "(a) ms", "(b) ms", "ours/(a+b)", "target"]),
         "",
     ]
+    rows = [
+        [
+            r["pair"].name,
+            f"{r['t']['kdiga (plain convs)'].median * ms:.1f}",
+            f"{r['t']['kdiga'].median * ms:.1f}",
+            r["t"]["kdiga (plain convs)"].median / r["t"]["kdiga"].median,
+        ]
+        for r in results
+        if "kdiga (plain convs)" in r["t"]
+    ]
+    if rows:
+        out += [
+            "2b. The same KDIGA step with the student's grouped convolutions as plain nn.Conv2d "
+            "(PyTorch's double backward, one call per group) against GroupedConv2d (ours)",
+            common.fmt_table(rows, ["pair", "nn.Conv2d ms", "GroupedConv2d ms", "nn/ours"]),
+            "",
+        ]
     rows = []
     for r in results:
         t = {k: v.median for k, v in r["t"].items()}

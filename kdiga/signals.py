@@ -6,9 +6,9 @@ gradient ``gt = ∇x CE(ft(x), y)``. :func:`compute_signals` pays that once per 
 of K fixed augmented views of every training image it stores the teacher's logits and input
 gradient, and every method and student of the grid reuses them through :class:`SignalCache`
 (``kdiga.train.fit(..., batch_source=cache)``). What is left per step is the student's
-own cost; for a MobileNetV2 student that is larger than its MACs suggest, since PyTorch's
-convolution double backward runs one convolution per group of a depthwise layer
-(``bench/teacher_cache.py`` measures it against a student without depthwise layers).
+own cost (``bench/teacher_cache.py`` measures a MobileNetV2 student and a ResNet-18-shaped
+control of the same MAC ratio). The pipeline's optional ``signals`` stage
+(``pipeline/signals.py``) computes the set once per teacher and data.
 
 Views
 -----

@@ -26,13 +26,17 @@ from pipeline.params import (
     student_ids,
 )
 
-STAGES = ("shard", "teacher", "distill", "attack", "bounds", "report")
-GPU_STAGES = ("teacher", "distill", "attack", "bounds")
+STAGES = ("shard", "teacher", "signals", "distill", "attack", "bounds", "report")
+GPU_STAGES = ("teacher", "signals", "distill", "attack", "bounds")
 ADVERSARIAL = ("ard", "kdiga_ardc", "kdiga_arda")
 IGA = ("kdiga", "kdiga_ardc", "kdiga_arda")
 TEACHERLESS = ("st",)
+#: methods whose teacher terms are at the clean (augmented) input, so cached signals serve
+#: them (kdiga.losses: ``accepts_teacher_cache``); kdiga_arda needs the teacher at x+delta
+CACHEABLE = ("kd", "ard", "kdiga", "kdiga_ardc")
 
 SHARDS = "data/shards"
+SIGNALS = "data/signals.pt"
 REPORT_MD = "reports/report.md"
 REPORT_PNG = "reports/figure1.png"
 METRICS = "reports/metrics.json"
@@ -96,9 +100,28 @@ def _cmd(stage: str, key: str | None = None, **args: str) -> str:
     return " ".join(parts)
 
 
-def distill_param_keys(method: str) -> list[str]:
+def uses_signals(params: dict, method: str) -> bool:
+    """Whether ``method``'s students train from the cached teacher signals."""
+    return params["signals"]["enabled"] and method in CACHEABLE
+
+
+def signals_param_keys() -> list[str]:
+    return ["seed", "signals", "distill.augment", "distill.crop_padding"]
+
+
+def distill_deps(params: dict, method: str) -> list[str]:
+    """The data a student's job reads: the shards, and the teacher or its cached signals."""
+    if method in TEACHERLESS:
+        return [SHARDS]
+    extra = [SIGNALS] if uses_signals(params, method) else []
+    return [SHARDS, model_path("teacher"), *extra]
+
+
+def distill_param_keys(method: str, params: dict) -> list[str]:
     """The params a student's job reads, so that only a real change re-runs it."""
     keys = ["seed", *(f"distill.{k}" for k in (*TRAIN_KEYS, "student_kwargs"))]
+    if uses_signals(params, method):
+        keys += ["signals"]
     if method not in TEACHERLESS:
         keys += ["distill.ce_weight", "distill.kl_weight", "distill.temperature"]
     if method in IGA:
@@ -137,17 +160,27 @@ def jobs(params: dict) -> list[Job]:
             ["seed", "teacher"],
         ),
     ]
+    if any(uses_signals(params, m) for m in params["distill"]["methods"]):
+        out.append(
+            Job(
+                "signals",
+                None,
+                _cmd("signals"),
+                [SHARDS, model_path("teacher")],
+                [SIGNALS],
+                signals_param_keys(),
+            )
+        )
     for sid in student_ids(params):
         _, method = parse_student_id(params, sid)
-        deps = [SHARDS] + ([] if method in TEACHERLESS else [model_path("teacher")])
         out.append(
             Job(
                 "distill",
                 sid,
                 _cmd("distill", sid, model=sid),
-                deps,
+                distill_deps(params, method),
                 [model_path(sid)],
-                distill_param_keys(method),
+                distill_param_keys(method, params),
                 plots=[history_path(sid)],
                 args={"model": sid},
             )
@@ -284,8 +317,8 @@ def check_fresh(params_path: str = "params.yaml", dvc_path: str = "dvc.yaml") ->
         return f"{dvc_path} is missing: run `python -m pipeline.dag`"
     if path.read_text() != dvc_yaml(load_params(params_path)):
         return (
-            f"{dvc_path} does not match {params_path} (a list of students, methods or attacks "
-            "changed): run `python -m pipeline.dag` to regenerate it"
+            f"{dvc_path} does not match {params_path} (a list of students, methods or attacks, "
+            "or signals.enabled, changed): run `python -m pipeline.dag` to regenerate it"
         )
     return None
 

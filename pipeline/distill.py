@@ -1,6 +1,10 @@
 """Stage distill: one student trained with one method (st, kd, ard, kdiga, kdiga_ardc,
 kdiga_arda) from the teacher; resumable from its last epoch; per-epoch metrics for plots.
 
+With ``signals.enabled``, kd, ard, kdiga and kdiga_ardc students train from the teacher's
+cached signals (stage signals): each epoch a sample gets one of its K stored views, and the
+teacher is never run.
+
 One run over several GPUs or nodes: ``torchrun --nproc_per_node=N -m pipeline.distill
 --model <id>``. ``distill.batch_size`` is then the global batch (divisible by N); every rank
 trains on its slice through DistributedDataParallel and rank 0 writes the outputs.
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import time
 
 from pipeline import dag
@@ -58,6 +63,32 @@ def _device(info) -> contextlib.AbstractContextManager[str]:
     return contextlib.nullcontext(dev)
 
 
+def _signal_cache(params: dict, x, y, teacher_sha: str, dev: str):
+    """The cached teacher signals as fit's batch_source, checked against this teacher and
+    these images (a file made for another teacher or other data is refused)."""
+    from kdiga.signals import SignalCache, load_signals
+
+    sig = params["signals"]
+    signal_set = load_signals(dag.SIGNALS, teacher_sha256=teacher_sha, n=y.numel())
+    meta = signal_set.meta
+    want = {
+        "views": sig["views"],
+        "grad_dtype": sig["grad_dtype"],
+        "augment": params["distill"]["augment"],
+        "crop_padding": params["distill"]["crop_padding"],
+        "seed": params["seed"],
+    }
+    differ = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+    if differ:
+        raise ValueError(
+            f"{dag.SIGNALS} was computed with other settings (file vs params: {differ}); "
+            "re-run the signals stage"
+        )
+    log.info("training from cached teacher signals: %d views (%s)", sig["views"], dag.SIGNALS)
+    return SignalCache(signal_set, x, y, seed=params["seed"], schedule=sig["schedule"],
+                       device=dev)  # fmt: skip
+
+
 def body(args: argparse.Namespace, params: dict) -> None:
     from kdiga.distributed import barrier, init_from_env, shutdown
 
@@ -80,20 +111,28 @@ def distill(model_id: str, params: dict, info) -> None:
     d = params["distill"]
     x, y, manifest = load_split("train")
     val = load_split("val")[:2]
-    teacher = None if method in dag.TEACHERLESS else load_model(dag.model_path("teacher"))[0]
     model = build_model(student, **data_info(manifest), **d["student_kwargs"])
     criterion = build_loss(method, **loss_settings(method, d))
     cfg = train_config(d, params["seed"])
     # Resumable state is keyed by everything that made it: never resume another run's.
-    identity = [model_id, dag.params_view(params, dag.distill_param_keys(method)), params["shard"]]
-    if teacher is not None:
-        identity.append(sha256_file(dag.model_path("teacher")))
+    keys = dag.distill_param_keys(method, params)
+    identity = [model_id, dag.params_view(params, keys), params["shard"]]
+    teacher, cached = None, dag.uses_signals(params, method)
+    if method not in dag.TEACHERLESS:
+        teacher_sha = sha256_file(dag.model_path("teacher"))
+        identity.append(teacher_sha)
+        if not cached:
+            teacher = load_model(dag.model_path("teacher"))[0]
     ckpt = checkpoint_path("distill", model_id, *identity)
     with _device(info) as dev:
+        extra = {}
+        if cached:
+            extra["batch_source"] = _signal_cache(params, x, y, teacher_sha, dev)
+            cfg = dataclasses.replace(cfg, augment="none")  # the cache holds the views
         start = time.perf_counter()
         history = fit(model, criterion, x, y, cfg, teacher=teacher, checkpoint_path=ckpt,
                       device=dev, val=val,
-                      on_epoch=lambda r: log.info("%s epoch %s", model_id, r))  # fmt: skip
+                      on_epoch=lambda r: log.info("%s epoch %s", model_id, r), **extra)  # fmt: skip
         seconds = time.perf_counter() - start
         # fit measured it after the last epoch; a run of 0 epochs has no history
         val_acc = history[-1]["val_acc"] if history else evaluate(model, *val, device=dev)
@@ -101,6 +140,8 @@ def distill(model_id: str, params: dict, info) -> None:
         return
     model.cpu()
     meta = {"student": student, "method": method, "val_acc": val_acc}
+    if cached:
+        meta["teacher_signals"] = {k: params["signals"][k] for k in ("views", "grad_dtype")}
     save_model(model, dag.model_path(model_id), meta=meta)
     write_json(history, dag.history_path(model_id))
     log.info("%s: val accuracy %.4f after %d epochs (%.1f s)", model_id, val_acc, cfg.epochs,

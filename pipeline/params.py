@@ -23,6 +23,8 @@ ATTACKS = ("pgd", "autoattack")
 NORMS = ("linf", "l2")
 AUGMENTS = ("none", "crop", "crop_flip")
 IGA_REDUCTIONS = ("per_sample_mean", "batch_frobenius")
+GRAD_DTYPES = ("float32", "float16", "bfloat16")
+SCHEDULES = ("cycle", "random")
 GRAD_MODES = ("train", "eval")
 AA_VERSIONS = ("standard", "plus", "rand", "custom")
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
@@ -325,6 +327,17 @@ def _bounds(s: Any) -> dict:
     }
 
 
+def _signals(s: Any) -> dict:
+    s = _keys("signals", s, ("enabled", "views", "grad_dtype", "schedule", "batch_size"))
+    return {
+        "enabled": _bool("signals.enabled", s["enabled"]),
+        "views": _int("signals.views", s["views"], 1),
+        "grad_dtype": _choice("signals.grad_dtype", s["grad_dtype"], GRAD_DTYPES),
+        "schedule": _choice("signals.schedule", s["schedule"], SCHEDULES),
+        "batch_size": _int("signals.batch_size", s["batch_size"], 1),
+    }
+
+
 def _report(s: Any) -> dict:
     s = _keys("report", s, ("figure_attack",))
     return {"figure_attack": _choice("report.figure_attack", s["figure_attack"], ATTACKS)}
@@ -334,6 +347,7 @@ SECTIONS: dict[str, Callable[[Any], dict]] = {
     "shard": _shard,
     "teacher": _teacher,
     "distill": _distill,
+    "signals": _signals,
     "attack": _attack,
     "bounds": _bounds,
     "report": _report,
@@ -352,6 +366,20 @@ def validate(raw: Any) -> dict:
             out["report"]["figure_attack"],
             f"must be one of attack.attacks: {', '.join(out['attack']['attacks'])}",
         )
+    sig, d = out["signals"], out["distill"]
+    if sig["enabled"] and sig["views"] > 1:
+        if d["augment"] == "none":
+            raise ParamError(
+                "signals.views",
+                sig["views"],
+                "distill.augment is none, so every view would be the same image: use views: 1",
+            )
+        if d["augment"] == "crop" and d["crop_padding"] == 0:
+            raise ParamError(
+                "signals.views",
+                sig["views"],
+                "distill.augment is crop with crop_padding 0 (no augmentation): use views: 1",
+            )
     return out
 
 

@@ -126,12 +126,66 @@ def test_distill_jobs_read_only_their_own_params():
     )
 
 
+def _with_signals(views: int = 4) -> dict:
+    params = load_params(ROOT / "params.yaml")
+    params["signals"] = {**params["signals"], "enabled": True, "views": views}
+    return params
+
+
 def test_every_stage_has_its_script_and_section():
     params = load_params(ROOT / "params.yaml")
     for stage in dag.STAGES:
         assert (ROOT / "pipeline" / f"{stage}.py").exists()
         assert stage in params
-    assert {j.stage for j in dag.jobs(params)} == set(dag.STAGES)
+    assert not params["signals"]["enabled"]
+    assert {j.stage for j in dag.jobs(params)} == set(dag.STAGES) - {"signals"}
+    assert {j.stage for j in dag.jobs(_with_signals())} == set(dag.STAGES)
+
+
+def test_cacheable_methods_are_those_the_losses_serve_from_a_cache():
+    from kdiga.losses import build_loss
+    from pipeline.distill import loss_settings
+
+    d = load_params(ROOT / "params.yaml")["distill"]
+    for method in d["methods"]:
+        loss = build_loss(method, **loss_settings(method, d))
+        assert getattr(loss, "accepts_teacher_cache", False) == (method in dag.CACHEABLE), method
+
+
+def test_signals_stage_feeds_only_the_methods_it_serves():
+    """With signals on: one signals job; kd/ard/kdiga/kdiga_ardc read its file and the
+    signals params; st and kdiga_arda (teacher at x+delta) do not, and keep their params."""
+    off = {j.name: j for j in dag.jobs(load_params(ROOT / "params.yaml"))}
+    on = {j.name: j for j in dag.jobs(_with_signals())}
+    assert [j.outs for j in on.values() if j.stage == "signals"] == [[dag.SIGNALS]]
+    for name, job in on.items():
+        if job.stage != "distill":
+            continue
+        method = job.key.split("--")[-1]
+        served = method in dag.CACHEABLE
+        assert (dag.SIGNALS in job.deps) == served, name
+        assert ("signals" in job.params) == served, name
+        if not served:
+            assert job.deps == off[name].deps and job.params == off[name].params
+    assert all(dag.SIGNALS not in j.deps for j in off.values())
+
+
+def test_signals_on_without_a_served_method_adds_no_stage():
+    params = _with_signals()
+    params["distill"]["methods"] = ["st", "kdiga_arda"]
+    assert "signals" not in {j.stage for j in dag.jobs(params)}
+
+
+@pytest.mark.slow
+def test_snakemake_runs_the_dag_jobs_with_signals(tmp_path):
+    """The optional stage as Snakemake plans it: the same jobs as the table."""
+    text = (ROOT / "params.yaml").read_text().replace("enabled: false", "enabled: true", 1)
+    assert text != (ROOT / "params.yaml").read_text()
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    sm = snakemake_jobs(str(path))
+    assert "signals" in {j["rule"] for j in sm}
+    assert _as_set(sm) == _dag_set(load_params(path))
 
 
 @pytest.mark.slow

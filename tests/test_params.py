@@ -67,6 +67,10 @@ def test_pipeline_methods_are_kdiga_methods():
         ("teacher.source", "hub:resnet", "train, file:, url:, timm:"),
         ("teacher.sha256", "abc", "64 lowercase hex"),
         ("distill.bogus", 1, "known keys"),
+        ("signals.views", 0, "integer >= 1"),
+        ("signals.grad_dtype", "int8", "float32, float16, bfloat16"),
+        ("signals.schedule", "shuffle", "cycle, random"),
+        ("signals.enabled", "yes", "true or false"),
     ],
 )
 def test_bad_value_names_key_value_and_allowed(key, value, expected):
@@ -74,6 +78,16 @@ def test_bad_value_names_key_value_and_allowed(key, value, expected):
         validate(_set(RAW, key, value))
     msg = str(info.value)
     assert key.split(".")[0] in msg and expected in msg
+
+
+@pytest.mark.parametrize(("augment", "padding"), [("none", 2), ("crop", 0)])
+def test_signal_views_need_an_augmentation(augment, padding):
+    raw = _set(_set(RAW, "signals.enabled", True), "signals.views", 4)
+    raw = _set(_set(raw, "distill.augment", augment), "distill.crop_padding", padding)
+    with pytest.raises(ParamError, match=r"signals\.views = 4 .*use views: 1"):
+        validate(raw)
+    validate(_set(raw, "signals.views", 1))  # one view, the image itself: fine
+    validate(_set(raw, "signals.enabled", False))  # off: the views setting is not used
 
 
 def test_url_teacher_needs_sha256():
@@ -144,8 +158,10 @@ def test_malformed_params_get_one_clear_error(key, value):
     """Any leaf set to a wrong-typed or out-of-range value: a ParamError naming that key."""
     if key.endswith("milestones") and value == []:
         return  # no milestones is valid: a constant learning rate
-    if value is None and key.startswith("attack.autoattack.n_"):
-        return  # null keeps AutoAttack's own setting
+    if value is None and (key.startswith("attack.autoattack.n_") or key == "shard.test_samples"):
+        return  # null keeps AutoAttack's own setting / evaluates every test image
+    if value is True and key == "signals.enabled":
+        return  # a boolean switch
     raw = _set(RAW, key, value)
     try:
         validate(raw)

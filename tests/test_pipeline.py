@@ -9,6 +9,7 @@ params file stops before any job with one clear message.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -97,6 +98,32 @@ def test_snakemake_after_dvc_has_nothing_to_do(study):
     assert before == after
     proc = run([str(BIN / "snakemake"), "-n", "--cores", "1"], study)
     assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]
+    assert "up to date" in run([str(BIN / "dvc"), "status"], study).stdout
+
+
+def test_teacher_signals_stage_serves_the_grid(study):
+    """signals.enabled: Snakemake adds the signals job and the served students retrain from
+    its file without running the teacher; st keeps its model; DVC sees it all as done."""
+    from kdiga.models import load_model
+
+    models = study / "data" / "models"
+    before = {p.name: p.read_bytes() for p in models.glob("*.pt")}
+    params = json.loads(json.dumps(TINY))
+    params["signals"]["enabled"] = True
+    write_params(study, params)
+    proc = run([str(BIN / "snakemake"), "--cores", "2"], study)
+    ran = re.findall(r"^(?:local)?rule (\w+):", proc.stdout + proc.stderr, re.M)
+    trained = set(re.findall(r"wildcards: sid=(\S+)", proc.stdout + proc.stderr))
+    assert "signals" in ran and "teacher" not in ran and "shard" not in ran, ran
+    assert trained == {"small_cnn--kd", "small_cnn--kdiga"}
+    assert (study / "data" / "signals.pt").stat().st_size > 0
+    after = {p.name: p.read_bytes() for p in models.glob("*.pt")}
+    for name in ("teacher.pt", "small_cnn--st.pt"):
+        assert after[name] == before[name], f"{name} changed"
+    for sid in sorted(trained):
+        meta = load_model(models / f"{sid}.pt")[1]
+        assert meta["teacher_signals"] == {"views": 1, "grad_dtype": "float16"}
+        assert "cached teacher signals" in (study / "logs" / "distill" / f"{sid}.log").read_text()
     assert "up to date" in run([str(BIN / "dvc"), "status"], study).stdout
 
 

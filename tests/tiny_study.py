@@ -76,6 +76,13 @@ TINY = {
         "iga": {"weight": 1.0, "reduction": "per_sample_mean", "grad_mode": "train"},
         "adversarial": {"eps": 0.1, "steps": 2, "step_size": None},
     },
+    "signals": {
+        "enabled": False,
+        "views": 1,
+        "grad_dtype": "float16",
+        "schedule": "cycle",
+        "batch_size": 256,
+    },
     "attack": {
         "split": "test",
         "attacks": ["pgd", "autoattack"],
