@@ -199,3 +199,10 @@ def test_plain_backward_is_nn_conv2d_backward():
     (g_new,) = torch.autograd.grad(fast(x).sum(), x)
     assert torch.equal(g_ref, g_new) and not g_new.requires_grad
     assert torch.equal(F.conv2d(x, fast.weight, fast.bias, 2, 1, 1, 3), fast(x))
+
+
+def test_meta_tensors_pass_through():
+    """Shape inference on the meta device (no autocast there) works as for nn.Conv2d."""
+    fast = GroupedConv2d(4, 8, 3, stride=2, padding=1, groups=4, device="meta")
+    out = fast(torch.empty(2, 4, 9, 9, device="meta"))
+    assert out.shape == (2, 8, 5, 5) and out.device.type == "meta"

@@ -119,11 +119,12 @@ def grouped_conv2d(
         raise ValueError(f"grouped_conv2d takes numeric padding, got {padding!r}")
     pair = torch.nn.modules.utils._pair
     geo: _Geometry = (list(pair(stride)), list(pair(padding)), list(pair(dilation)), groups)
-    if torch.is_autocast_enabled(x.device.type):  # cast as autocast would, then run plain
-        dtype = torch.get_autocast_dtype(x.device.type)
+    kind = x.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        dtype = torch.get_autocast_dtype(kind)  # cast as autocast would, then run plain
         x, weight = x.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(kind, enabled=False):
             return _GroupedConv.apply(x, weight, bias, geo)
     return _GroupedConv.apply(x, weight, bias, geo)
 
