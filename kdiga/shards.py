@@ -52,10 +52,55 @@ def _encode(image: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
+_NPY_HEADERS: dict[bytes, tuple[int, np.dtype, tuple[int, ...], bool]] = {}
+
+
+def _npy_header(data: bytes) -> tuple[int, np.dtype, tuple[int, ...], bool]:
+    """(data offset, dtype, shape, fortran_order) of a ``.npy`` member; cached by the header
+    bytes, which every sample of one shape and dtype shares (raises ValueError)."""
+    magic = np.lib.format.MAGIC_PREFIX
+    if data[: len(magic)] != magic or len(data) < 10:
+        raise ValueError("not an .npy array (bad magic)")
+    size_len = 2 if data[6] == 1 else 4
+    start = 8 + size_len
+    end = start + int.from_bytes(data[8:start], "little")
+    key = bytes(data[:end])
+    header = _NPY_HEADERS.get(key)
+    if header is None:
+        buf = io.BytesIO(key)
+        version = np.lib.format.read_magic(buf)
+        read = {(1, 0): np.lib.format.read_array_header_1_0}.get(
+            version, np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = read(buf)
+        if dtype.hasobject:
+            raise ValueError("object arrays are not allowed")
+        header = (end, dtype, tuple(shape), bool(fortran))
+        if len(_NPY_HEADERS) < 64:
+            _NPY_HEADERS[key] = header
+    return header
+
+
+def _decode_npy(data: bytes) -> np.ndarray:
+    """``np.load`` of one ``.npy`` member without its per-call parsing: the header is parsed
+    once per distinct header and the array is a copy of the bytes after it."""
+    if data[6:7] not in (b"\x01", b"\x02"):  # another .npy version: numpy's own reader
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    offset, dtype, shape, fortran = _npy_header(data)
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(data) - offset != count * dtype.itemsize:
+        raise ValueError(
+            f".npy payload has {len(data) - offset} bytes, its header says "
+            f"{count * dtype.itemsize} (truncated or corrupt)"
+        )
+    arr = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return arr.reshape(shape, order="F" if fortran else "C").copy()
+
+
 def _decode_image(data: bytes, ext: str) -> np.ndarray:
     """Bytes of one ``.npy`` / ``.png`` member -> uint8 ``[C, H, W]`` (raises ValueError)."""
     if ext == "npy":
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
+        arr = _decode_npy(data)
     else:
         from PIL import Image
 

@@ -420,3 +420,46 @@ def test_streaming_shuffle_is_seeded_by_seed_and_epoch(four_shards):
     c = _stream_labels(urls, 0, shuffle=8, seed=1, epoch=1)
     assert plain == list(range(20))
     assert a == b and sorted(a) == plain and a != plain and c != a
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.lists(st.integers(0, 5), min_size=0, max_size=4),
+    dtype=st.sampled_from(["uint8", "<i4", ">f8", "<f2", "bool"]),
+    fortran=st.booleans(),
+    version=st.sampled_from([(1, 0), (2, 0), (3, 0)]),
+)
+def test_npy_decode_equals_np_load(shape, dtype, fortran, version):
+    """The cached-header .npy reader returns what np.load returns, for any header."""
+    import io
+
+    from kdiga.shards import _decode_npy
+
+    rng = np.random.default_rng(len(shape))
+    arr = (rng.random(shape) * 200).astype(dtype)
+    arr = np.asfortranarray(arr) if fortran else arr
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, arr, version=version, allow_pickle=False)
+    data = buf.getvalue()
+    for _ in range(2):  # the second read hits the header cache
+        out = _decode_npy(data)
+        ref = np.load(io.BytesIO(data), allow_pickle=False)
+        assert out.dtype == ref.dtype and out.shape == ref.shape
+        assert np.array_equal(out, ref) and out.flags.writeable
+
+
+def test_npy_decode_refuses_short_long_and_object_payloads():
+    import io
+
+    from kdiga.shards import _decode_npy
+
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.zeros((3, 4, 4), np.uint8))
+    data = buf.getvalue()
+    for bad in (data[:-1], data + b"\0", b"\x93NUMPY"):
+        with pytest.raises(ValueError):
+            _decode_npy(bad)
+    obj = io.BytesIO()
+    np.lib.format.write_array(obj, np.array([None, 1], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError):
+        _decode_npy(obj.getvalue())
