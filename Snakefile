@@ -150,7 +150,7 @@ rule report:
         metrics=dag.METRICS,
         plot=dag.PLOT_CSV,
     params:
-        values=dag.params_view(P, ["report"]),
+        values=dag.params_view(P, dag.REPORT_PARAMS),
     log:
         dag.log_path("report"),
     shell:

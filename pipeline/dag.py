@@ -41,6 +41,7 @@ REPORT_MD = "reports/report.md"
 REPORT_PNG = "reports/figure1.png"
 METRICS = "reports/metrics.json"
 PLOT_CSV = "reports/robustness.csv"
+REPORT_PARAMS = ["report", "signals"]  # the report says which students used cached signals
 
 
 def model_path(model_id: str) -> str:
@@ -224,7 +225,7 @@ def jobs(params: dict) -> list[Job]:
             _cmd("report"),
             report_deps,
             [REPORT_MD, REPORT_PNG],
-            ["report"],
+            REPORT_PARAMS,
             metrics=[METRICS],
             plots=[PLOT_CSV],
         )

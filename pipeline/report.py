@@ -209,6 +209,15 @@ def body(args: argparse.Namespace, params: dict) -> None:
         f"clean accuracy {_pct(teacher['clean_acc'])}% (validation {_pct(teacher['val_acc'])}%). "
         f"Radii are {params['attack']['norm']} in [0, 1] pixel units.",
     ]
+    served = [m for m in params["distill"]["methods"] if dag.uses_signals(params, m)]
+    if served:
+        sig = params["signals"]
+        names = ", ".join(METHOD_NAMES.get(m, m) for m in served)
+        parts[-1] += (
+            f" The {names} students trained from the teacher's cached signals "
+            f"({sig['views']} fixed augmented view(s) per image, gradients in "
+            f"{sig['grad_dtype']}), not from a live teacher."
+        )
     for attack in attacks:
         if attack == "pgd":
             p = params["attack"]["pgd"]

@@ -124,6 +124,8 @@ def test_teacher_signals_stage_serves_the_grid(study):
         meta = load_model(models / f"{sid}.pt")[1]
         assert meta["teacher_signals"] == {"views": 1, "grad_dtype": "float16"}
         assert "cached teacher signals" in (study / "logs" / "distill" / f"{sid}.log").read_text()
+    report = (study / "reports" / "report.md").read_text()
+    assert "The KD, KDIGA students trained from the teacher's cached signals (1 fixed" in report
     assert "up to date" in run([str(BIN / "dvc"), "status"], study).stdout
 
 
