@@ -206,3 +206,28 @@ def test_meta_tensors_pass_through():
     fast = GroupedConv2d(4, 8, 3, stride=2, padding=1, groups=4, device="meta")
     out = fast(torch.empty(2, 4, 9, 9, device="meta"))
     assert out.shape == (2, 8, 5, 5) and out.device.type == "meta"
+
+
+@pytest.mark.gpu
+def test_cuda_channels_last_and_bf16_autocast_match_nn_conv2d():
+    """On CUDA (cuDNN), channels_last and under bf16 autocast: the IGA-like double backward
+    through a MobileNetV2 student agrees with plain nn.Conv2d layers."""
+    torch.manual_seed(0)
+    fast = build_model("mobilenet_v2", 10, width_mult=0.5).cuda()
+    plain = build_model("mobilenet_v2", 10, width_mult=0.5).cuda()
+    plain.load_state_dict(fast.state_dict())
+    for m in plain.modules():
+        if type(m) is GroupedConv2d:
+            m.__class__ = nn.Conv2d
+    x = torch.rand(8, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    for amp in (False, True):
+        out = {}
+        for name, model in (("fast", fast), ("plain", plain)):
+            model.to(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                loss, grads = _iga_like(model, x)
+            out[name] = (loss.float(), [g.float() for g in grads])
+        tol = 5e-2 if amp else 1e-3
+        torch.testing.assert_close(out["fast"][0], out["plain"][0], rtol=tol, atol=tol)
+        for a, b in zip(out["fast"][1], out["plain"][1], strict=True):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
