@@ -153,16 +153,23 @@ def test_built_mobilenet_uses_it_and_round_trips(tmp_path):
     assert torch.equal(model(x), again(x))
 
 
-def test_kdiga_loss_through_mobilenet_matches_plain_convs():
-    """The KDIGA loss and its parameter gradients through a MobileNetV2 student (train mode,
-    BatchNorm) equal those of the same student with plain nn.Conv2d layers."""
+def _mobilenets(width_mult: float) -> tuple[nn.Module, nn.Module]:
+    """A MobileNetV2 (GroupedConv2d layers) and the same one with plain nn.Conv2d layers."""
     torch.manual_seed(0)
-    fast = build_model("mobilenet_v2", 10, width_mult=0.25).double()
-    plain = build_model("mobilenet_v2", 10, width_mult=0.25).double()
+    fast = build_model("mobilenet_v2", 10, width_mult=width_mult)
+    plain = build_model("mobilenet_v2", 10, width_mult=width_mult)
     plain.load_state_dict(fast.state_dict())
     for m in plain.modules():
         if type(m) is GroupedConv2d:
             m.__class__ = nn.Conv2d
+    return fast, plain
+
+
+def test_kdiga_loss_through_mobilenet_matches_plain_convs():
+    """The KDIGA loss and its parameter gradients through a MobileNetV2 student (train mode,
+    BatchNorm) equal those of the same student with plain nn.Conv2d layers."""
+    fast, plain = _mobilenets(0.25)
+    fast, plain = fast.double(), plain.double()
     teacher = build_model("small_cnn", 10, width=8).double().eval()
     loss = build_loss("kdiga", iga_weight=10.0)
     x, y = torch.rand(4, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (4,))
@@ -212,13 +219,7 @@ def test_meta_tensors_pass_through():
 def test_cuda_channels_last_and_bf16_autocast_match_nn_conv2d():
     """On CUDA (cuDNN), channels_last and under bf16 autocast: the IGA-like double backward
     through a MobileNetV2 student agrees with plain nn.Conv2d layers."""
-    torch.manual_seed(0)
-    fast = build_model("mobilenet_v2", 10, width_mult=0.5).cuda()
-    plain = build_model("mobilenet_v2", 10, width_mult=0.5).cuda()
-    plain.load_state_dict(fast.state_dict())
-    for m in plain.modules():
-        if type(m) is GroupedConv2d:
-            m.__class__ = nn.Conv2d
+    fast, plain = (m.cuda() for m in _mobilenets(0.5))
     x = torch.rand(8, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
     for amp in (False, True):
         out = {}
