@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ from kdiga.signals import (
 from kdiga.train import TrainConfig, fit
 
 N, CLASSES, SIZE = 40, 5, 8
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_teacher() -> nn.Module:
@@ -273,3 +275,34 @@ def test_fit_refuses_cache_where_unusable(data, teacher, sigset):
             batch_source=cache)  # fmt: skip
     student = copy.deepcopy(_student())
     fit(student, arda, x, y, cfg, teacher=teacher)  # without the cache arda trains as usual
+
+
+def test_distill_stage_refuses_a_signal_file_made_otherwise(tmp_path, monkeypatch, data, sigset):
+    """The distill stage's check: a file for another teacher, or with other views, augment,
+    padding, dtype or seed than params.yaml asks for, stops with a message to re-run it."""
+    from pipeline import dag
+    from pipeline.distill import _signal_cache
+    from pipeline.params import load_params
+
+    x, y = data
+    monkeypatch.chdir(tmp_path)
+    save_signals(sigset, dag.SIGNALS)
+    params = load_params(ROOT / "params.yaml")
+    params["seed"] = 7
+    params["signals"] |= {"enabled": True, "views": 4, "grad_dtype": "float32"}
+    params["distill"] |= {"augment": "crop_flip", "crop_padding": 2}
+    sha = sigset.meta["teacher_sha256"]
+    cache = _signal_cache(params, x, y, sha, "cpu")  # made as asked: accepted
+    assert isinstance(cache, SignalCache) and cache.signal_set.views == 4
+    with pytest.raises(SignalMismatchError, match="recompute the signals for this teacher"):
+        _signal_cache(params, x, y, "0" * 64, "cpu")
+    for section, key, value in [
+        ("signals", "views", 8),
+        ("signals", "grad_dtype", "float16"),
+        ("distill", "augment", "crop"),
+        ("distill", "crop_padding", 4),
+    ]:
+        other = copy.deepcopy(params)
+        other[section][key] = value
+        with pytest.raises(ValueError, match=f"other settings .*'{key}'.*re-run the signals"):
+            _signal_cache(other, x, y, sha, "cpu")
