@@ -91,7 +91,9 @@ class _GroupedConv(torch.autograd.Function):
         if not torch.is_grad_enabled():  # a plain backward: the native kernels, one call
             return (*_conv_backward(gy, x, w, ctx.geo, need), None)
         # create_graph=True: gx must be differentiable in (gy, w); the first-order weight
-        # and bias gradients keep ATen's own derivatives
+        # and bias gradients keep ATen's own derivatives. needs_input_grad cannot tell that
+        # autograd.grad(..., inputs=x) will drop gw, so an IGA step computes (and discards)
+        # one grouped weight gradient per layer that the native backward would skip.
         gx = _InputGrad.apply(gy, w, x, ctx.geo) if need[0] else None
         _, gw, gb = _conv_backward(gy, x, w, ctx.geo, (False, need[1], need[2]))
         return gx, gw, gb, None
@@ -148,8 +150,13 @@ class GroupedConv2d(nn.Conv2d):
         )
 
 
+def _convertible(conv: nn.Conv2d) -> bool:
+    """Numeric zero padding: what :func:`grouped_conv2d` computes."""
+    return conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
+
 def _check_convertible(conv: nn.Conv2d) -> None:
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+    if not _convertible(conv):
         raise ValueError(
             "GroupedConv2d supports numeric zero padding only, got "
             f"padding={conv.padding!r}, padding_mode={conv.padding_mode!r}"
@@ -167,12 +174,7 @@ def use_grouped_double_backward(model: nn.Module) -> int:
     """
     count = 0
     for module in model.modules():
-        if (
-            type(module) is nn.Conv2d
-            and module.groups > 1
-            and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str)
-        ):
+        if type(module) is nn.Conv2d and module.groups > 1 and _convertible(module):
             module.__class__ = GroupedConv2d
             count += 1
     return count
