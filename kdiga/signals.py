@@ -41,11 +41,11 @@ float16 and 1.5e-3 in bfloat16 (digits teacher, 600 gradients). Size of the grad
 ``K * N * C * H * W * bytes``; CIFAR-10 with 16 views in float16 is 16 * 50,000 * 3,072 * 2
 bytes = 4.9 GB (9.8 GB in float32). :func:`compute_signals` holds the set in memory once
 (compute it where that fits); :func:`load_signals` memory-maps the file by default
-(``torch.load(mmap=True)``), so the set need not fit in a training job's memory: pages are
+(a private mapping of the file), so the set need not fit in a training job's memory: pages are
 read on demand and shared through the OS page cache by the jobs of a node (``verify=True``
 reads the whole file once to check its sha256).
 
-The file (:func:`save_signals`, one ``torch.save`` zip written atomically) carries its
+The file (:func:`save_signals`, a safetensors file written atomically) carries its
 metadata: format, views, augment, crop_padding, seed, grad_dtype, N, image shape, number of
 classes, the teacher's sha256 (of its state_dict by default, see :func:`module_sha256`, or the
 checkpoint file's, given by the caller), the sha256 of the images and labels, and a sha256 of
@@ -66,14 +66,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdiga.artifacts import is_safetensors, load_tensors, save_tensors
 from kdiga.data import AUGMENTATIONS, to_float
 from kdiga.losses import TeacherSignals, teacher_signals
 from kdiga.train import check_data
-from kdiga.utils import atomic_torch_save
 
 logger = logging.getLogger(__name__)
 
-SIGNALS_FORMAT = "kdiga.signals/1"
+SIGNALS_FORMAT = "kdiga.signals/2"
 GRAD_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -340,12 +340,11 @@ def compute_signals(
 
 
 def save_signals(signal_set: SignalSet, path: str | os.PathLike) -> None:
-    """Write ``signal_set`` to ``path`` atomically (one ``torch.save`` zip, memory-mappable),
-    with its metadata and a sha256 of the stored tensors."""
+    """Write ``signal_set`` to ``path`` atomically (a byte-stable, memory-mappable safetensors
+    file, :mod:`kdiga.artifacts`), with its metadata and a sha256 of the stored tensors."""
     meta = dict(signal_set.meta, content_sha256=_content_sha256(signal_set))
-    payload = {k: getattr(signal_set, k) for k in _TENSORS}
-    payload["meta"] = meta
-    atomic_torch_save(payload, path)
+    tensors = {k: getattr(signal_set, k) for k in _TENSORS if getattr(signal_set, k) is not None}
+    save_tensors(tensors, path, meta=meta)
     logger.info("saved teacher signals (%d views x %d) to %s", signal_set.views, signal_set.n, path)
 
 
@@ -405,9 +404,14 @@ def load_signals(
     path = Path(path)
     if not path.is_file():
         raise SignalError(f"{path}: no teacher-signal file there (compute_signals + save_signals)")
+    if not is_safetensors(path):
+        raise SignalError(
+            f"{path}: not a kdiga signal file ({SIGNALS_FORMAT}, a safetensors file); recompute it"
+        )
     try:
-        obj = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
-    except Exception as err:  # torch raises many types on a bad file
+        tensors, meta = load_tensors(path, mmap=mmap)
+        obj = {"grad_scale": None, **tensors, "meta": meta}
+    except Exception as err:  # a bad file raises many types
         raise SignalError(
             f"{path}: teacher-signal file does not load ({err}); recompute it"
         ) from err

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file
 
+from kdiga.artifacts import read_meta, save_tensors
 from kdiga.models import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -18,9 +20,11 @@ from kdiga.models import (
     build_model,
     list_models,
     load_model,
+    read_model_record,
     save_model,
 )
-from kdiga.utils import math_attention
+from kdiga.models.io import model_spec
+from kdiga.utils import math_attention, sha256_file
 
 BUILTIN = ["mobilenet_v2", "resnet18", "resnet34", "resnet50", "small_cnn", "wrn_34_10"]
 
@@ -336,9 +340,40 @@ def test_save_load_round_trip(tmp_path, name, kwargs):
     assert torch.equal(loaded.mean, model.mean) and torch.equal(loaded.std, model.std)
     x = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(loaded.eval()(x), model(x), rtol=0, atol=0)
-    record = torch.load(path, weights_only=True)  # plain data only
-    assert record["format"] == "kdiga-model/1"
+    record = read_meta(path)  # the safetensors header: plain JSON, no pickle
+    assert record["format"] == "kdiga-model/2"
     assert {"arch", "num_classes", "in_chans", "image_size", "mean", "std", "kwargs"} <= set(record)
+    assert set(load_file(path)) == set(model.net.state_dict())  # plain safetensors too
+
+
+def test_saving_is_byte_stable(tmp_path):
+    """The same weights give the same bytes, whatever the file is called (torch.save named
+    its zip's folder after the temporary file and added a per-save id)."""
+    model = build_model("small_cnn", 10, width=4)
+    for name in ("a.safetensors", "b.safetensors", "c.safetensors"):
+        save_model(model, tmp_path / name, meta={"x": [1.5, 2]})
+    again = load_model(tmp_path / "a.safetensors")[0]
+    save_model(again, tmp_path / "d.safetensors", meta={"x": [1.5, 2]})
+    digests = {sha256_file(p) for p in tmp_path.iterdir()}
+    assert len(digests) == 1
+
+
+def test_legacy_torch_save_model_files_still_load(tmp_path):
+    """kdiga-model/1 files (one torch.save'd dict) load with weights_only=True."""
+    model = build_model("small_cnn", 10, width=4).eval()
+    _randomise(model.net)
+    record = {"format": "kdiga-model/1", **model_spec(model), "kwargs": {"width": 4},
+              "state_dict": model.net.state_dict(), "meta": {"a": 1}}  # fmt: skip
+    torch.save(record, tmp_path / "old.pt")
+    loaded, meta = load_model(tmp_path / "old.pt")
+    x = torch.rand(2, 3, 32, 32)
+    assert meta == {"a": 1} and torch.equal(loaded.eval()(x), model(x))
+
+
+def test_a_file_of_another_architecture_is_refused(tmp_path):
+    save_model(build_model("resnet18", 10), tmp_path / "small_cnn--kd.safetensors")
+    with pytest.raises(CheckpointError, match=r"holds a 'resnet18' model, but 'small_cnn' is"):
+        load_model(tmp_path / "small_cnn--kd.safetensors", arch="small_cnn")
 
 
 def test_save_rejects_non_json_meta(tmp_path):
@@ -398,8 +433,9 @@ def test_raw_state_dict_is_not_a_model_file(tmp_path):
     ],
 )
 def test_mismatched_record(saved, edit):
-    record = torch.load(saved, weights_only=True)
+    record = read_model_record(saved)
     edit(record)
-    torch.save(record, saved)
+    tensors = record.pop("state_dict")
+    save_tensors(tensors, saved, meta=record)
     with pytest.raises(CheckpointError, match=r"model\.pt"):
         load_model(saved)

@@ -4,7 +4,7 @@
 [0, 1], shape [B, C, H, W], and returning logits [B, N]. Built-in names (``list_models()``):
 ``small_cnn``, ``resnet18``, ``resnet34``, ``resnet50``, ``mobilenet_v2``, ``wrn_34_10``;
 plus ``"timm:<name>"`` and ``"torchvision:<name>"``. ``save_model``/``load_model`` write and
-read ``kdiga-model/1`` files.
+read kdiga model files (``kdiga-model/2``: safetensors with a JSON record).
 
 Double backward (the IGA term) works through every architecture here; models with attention
 (timm ViTs) need the student's forward under :func:`kdiga.utils.math_attention`. Grouped
@@ -21,6 +21,7 @@ from kdiga.models.io import (
     load_model,
     model_from_record,
     read_checkpoint,
+    read_model_record,
     save_model,
 )
 from kdiga.models.layers import GroupedConv2d, grouped_conv2d, use_grouped_double_backward
@@ -40,6 +41,7 @@ __all__ = [
     "load_model",
     "model_from_record",
     "read_checkpoint",
+    "read_model_record",
     "register_model",
     "resolve_stats",
     "save_model",

@@ -1,0 +1,164 @@
+"""Byte-stable tensor files: safetensors with JSON metadata.
+
+``torch.save`` is not byte-stable: its zip names the inner folder after the file it writes
+(a random temporary name under an atomic write) and every save carries an id, so identical
+weights hash differently and everything keyed by a hash re-runs. It also pickles, and
+reading a pickle can run code. A safetensors file is a JSON header and the raw tensor bytes:
+the same tensors and metadata always give the same bytes, and reading one runs nothing.
+
+:func:`save_tensors` writes named tensors plus a JSON-able ``meta`` dict (stored, with sorted
+keys, under the header's ``__metadata__["kdiga"]``) atomically; :func:`load_tensors` reads
+them back, optionally memory-mapped; :func:`read_meta` reads only the header. Files written
+here are ordinary safetensors files: ``safetensors.torch.load_file`` reads them too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kdiga.utils import atomic_path
+
+META_KEY = "kdiga"
+_HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class ArtifactError(ValueError):
+    """A tensor file that is missing, truncated, corrupt or not what was expected."""
+
+
+def is_safetensors(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts like a safetensors file (an 8-byte length, then ``{``)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def save_tensors(
+    tensors: Mapping[str, Tensor], path: str | os.PathLike, *, meta: Mapping[str, Any]
+) -> None:
+    """Write ``tensors`` and ``meta`` (plain JSON values) to ``path``, atomically.
+
+    The bytes depend only on the tensors' names, dtypes, shapes and values and on ``meta``.
+    Tensors are copied to contiguous CPU memory first (views of one storage are stored as
+    separate tensors).
+    """
+    from safetensors.torch import save
+
+    bad = sorted(k for k, v in tensors.items() if not isinstance(v, Tensor))
+    if bad:
+        raise ValueError(f"save_tensors stores tensors only; not tensors: {bad}")
+    data = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    try:
+        text = json.dumps(dict(meta), sort_keys=True, separators=(",", ":"))
+    except TypeError as exc:
+        raise ValueError(f"meta must hold plain JSON values: {exc}") from exc
+    blob = save(data, metadata={META_KEY: text})
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(blob)
+
+
+def _header(path: Path) -> tuple[dict, int, int]:
+    """The parsed JSON header, where the data starts and the file's size."""
+    if not path.is_file():
+        raise ArtifactError(f"{path} does not exist (or is not a file)")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ArtifactError(f"{path}: truncated ({size} bytes): not a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(_HEADER_LIMIT, size - 8):
+            raise ArtifactError(f"{path}: not a safetensors file, or truncated (header of {n} B)")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{path}: corrupt safetensors header (not a JSON object)")
+    return header, 8 + n, size
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``meta`` dict of a :func:`save_tensors` file, reading only its header."""
+    path = Path(path)
+    header, _, _ = _header(path)
+    text = (header.get("__metadata__") or {}).get(META_KEY)
+    if text is None:
+        raise ArtifactError(f"{path}: a safetensors file without kdiga metadata")
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}: corrupt kdiga metadata ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{path}: corrupt kdiga metadata (not a JSON object)")
+    return meta
+
+
+def load_tensors(
+    path: str | os.PathLike, *, mmap: bool = False
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The tensors and ``meta`` of a :func:`save_tensors` file.
+
+    With ``mmap=True`` the tensors are views of a private, read-on-demand mapping of the
+    file (pages come from the OS page cache, writes never reach the file).
+
+    Raises:
+        ArtifactError: the file is missing, truncated, or its header is corrupt.
+    """
+    path = Path(path)
+    header, start, size = _header(path)
+    meta = read_meta(path)
+    if mmap:
+        buf = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+    else:
+        buf = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+    if buf.numel() != size:
+        raise ArtifactError(f"{path} changed while it was read")
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            lo, hi = (start + int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{path}: corrupt entry for {name!r} ({exc!r})") from None
+        if not start <= lo <= hi <= size:
+            raise ArtifactError(f"{path}: truncated ({size} bytes; {name!r} ends at {hi})")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if (hi - lo) != itemsize * _numel(shape):
+            raise ArtifactError(f"{path}: corrupt entry for {name!r} (size vs shape)")
+        out[name] = buf[lo:hi].view(dtype).reshape(shape)
+    return out, meta
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
