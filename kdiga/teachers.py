@@ -10,7 +10,8 @@ A teacher is named by a source string:
   normalisation in ``module.normalizer.new_mean``/``new_std``). ``sha256`` is verified when
   given.
 - ``url:<https://...>``: downloaded once into ``cache_dir`` (atomically), verified against
-  the required ``sha256`` and reused from the cache afterwards without network.
+  the required ``sha256`` and reused from the cache afterwards without network. Only
+  ``https://`` (and ``file://``, for local mirrors and tests); ``http://`` is refused.
 - ``timm:<name>``: a timm model with its pretrained weights (downloaded by timm), or with
   ``weights=<local file>`` offline.
 - ``train:...`` teachers are trained by the pipeline (``teacher`` stage), not here.
@@ -18,10 +19,18 @@ A teacher is named by a source string:
 Every teacher comes back frozen (``requires_grad_(False)``) and in eval mode, with a
 :class:`TeacherMeta` (architecture, normalisation, source, sha256; ``clean_acc`` and
 ``robust_acc`` are filled by the evaluation and stored with the teacher artifact).
+
+No code is ever run from a checkpoint: every file is read with
+``torch.load(weights_only=True)`` (or safetensors), which unpickles only tensors, plain
+containers and the few inert types in :data:`SAFE_CHECKPOINT_GLOBALS`. Anything else is
+refused with a :class:`~kdiga.models.CheckpointError` naming the offending globals and how to
+convert the file, with or without ``sha256`` (a digest proves which file it is, not that it
+is harmless).
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import pickle
@@ -35,8 +44,11 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+import torch
 from torch import Tensor, nn
 
+from kdiga.artifacts import ArtifactError, is_safetensors, read_meta
 from kdiga.models import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -45,6 +57,7 @@ from kdiga.models import (
     is_model_record,
     model_from_record,
     read_checkpoint,
+    read_model_record,
 )
 from kdiga.utils import atomic_path, sha256_file
 
@@ -52,10 +65,41 @@ logger = logging.getLogger(__name__)
 
 SCHEMES = ("file", "url", "timm")
 CHECKPOINT_FORMATS = ("auto", "kdiga", "state_dict")
-URL_SCHEMES = ("https", "http", "file")
+URL_SCHEMES = ("https", "file")  # file:// is for local mirrors and tests
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
 _NORMALIZER_PREFIXES = ("normalizer.", "normalize.")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+# The only globals a checkpoint may name beyond tensors and plain containers (applied with
+# torch.serialization.safe_globals around each load). Each builds inert data, and runs no
+# code of the file's choosing:
+SAFE_CHECKPOINT_GLOBALS: tuple[Any, ...] = (
+    # The training ``args`` that the robustness library and many research checkpoints store:
+    # a bare attribute bag; unpickling it only fills its __dict__.
+    argparse.Namespace,
+    # NumPy scalars (e.g. ``best_acc = np.float64(...)``), pickled as
+    # ``numpy._core.multiarray.scalar(dtype, raw bytes)``: it copies the bytes into a number.
+    np.float64(0).__reduce__()[0],
+    # ... and their dtype, ``np.dtype("f8", ...)`` plus the per-type class it is built as
+    # (numpy.dtypes.Float64DType, ...): descriptions of numeric types, no behaviour. Numeric
+    # types only; object arrays and ndarrays are not allowed.
+    np.dtype,
+    *(
+        type(np.dtype(t))
+        for t in (
+            *(np.bool_, np.int8, np.int16, np.int32, np.int64),
+            *(np.uint8, np.uint16, np.uint32, np.uint64),
+            *(np.float16, np.float32, np.float64, np.complex64, np.complex128),
+        )
+    ),
+)
+_CONVERT = (
+    "kdiga never unpickles code from a checkpoint, sha256 or not. To convert it, load it once "
+    "in a Python session you trust (torch.load with weights_only set to False) and save only "
+    'the weights: torch.save(obj["state_dict"], "clean.pt") or '
+    'safetensors.torch.save_file(state_dict, "clean.safetensors"); then point file: at the '
+    "new file"
+)
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -238,7 +282,7 @@ def _from_file(
             "'file:<path>' (with arch= for a raw state_dict, and its sha256=)"
         )
     digest = _verify(path, expected)
-    obj = _read_weights(path, trusted=expected is not None)
+    obj = _read_weights(path)
     if is_model_record(obj) and checkpoint_format != "state_dict":
         model = model_from_record(obj, path)
         if arch is not None and arch != model.arch:
@@ -266,27 +310,55 @@ def _from_file(
     return model, _meta(model, source, digest, {})
 
 
-def _read_weights(path: Path, *, trusted: bool) -> Any:
-    """Tensors of a checkpoint file; full unpickling only for sha256-verified files."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
+def _read_weights(path: Path) -> Any:
+    """Tensors of a checkpoint file (plain containers and SAFE_CHECKPOINT_GLOBALS allowed);
+    a kdiga model file (either format) comes back as its record."""
+    if is_safetensors(path):
         try:
-            return load_file(path)
-        except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
+            read_meta(path)
+        except ArtifactError:  # a plain safetensors file: its tensors
+            from safetensors.torch import load_file
+
+            try:
+                return load_file(path)
+            except Exception as exc:  # safetensors raises its own error types
+                raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
+        return read_model_record(path)
     try:
-        return read_checkpoint(path)
+        with torch.serialization.safe_globals(list(SAFE_CHECKPOINT_GLOBALS)):
+            return read_checkpoint(path)
     except CheckpointError as exc:
         if not isinstance(exc.__cause__, pickle.UnpicklingError):
             raise
-        if not trusted:
-            raise CheckpointError(
-                f"{path} holds pickled objects beyond tensors; give its sha256= to trust and "
-                "fully unpickle it"
-            ) from exc
-        logger.warning("%s: fully unpickling a sha256-verified checkpoint", path)
-        return read_checkpoint(path, weights_only=False)
+        raise CheckpointError(
+            f"{path}: refused to load: {_unsafe_content(path, exc.__cause__)}; {_CONVERT}"
+        ) from exc
+
+
+def _unsafe_content(path: Path, error: Exception) -> str:
+    """What in ``path`` is beyond the allowlist, read without unpickling anything."""
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if head.startswith(b"PK"):  # torch.save's zip format: list every global it names
+        try:
+            with torch.serialization.safe_globals(list(SAFE_CHECKPOINT_GLOBALS)):
+                names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # unreadable zip: fall back to torch's error below
+            names = []
+        if names:
+            return f"it needs globals that are not allowlisted: {', '.join(names)}"
+    magic = torch.serialization.MAGIC_NUMBER
+    legacy = magic.to_bytes(10, "little") in head or str(magic).encode() in head
+    if not legacy and head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "it is a plain pickle, not a torch.save file, so it cannot be loaded safely"
+    # legacy torch format (or an unreadable zip): torch names the first offending global
+    found = dict.fromkeys(re.findall(r"GLOBAL ([\w.]+)", str(error)))
+    if found:
+        return f"it needs a global that is not allowlisted: {', '.join(found)}"
+    detail = str(error).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
+    return (
+        f"it holds pickled objects beyond tensors and plain containers ({' '.join(detail.split())})"
+    )
 
 
 def _is_tensor_dict(obj: Any) -> bool:
@@ -359,11 +431,18 @@ def fetch_url(
 ) -> Path:
     """Download ``url`` once into ``cache_dir`` (atomically), verify ``sha256``, return the path.
 
+    Only ``https://`` and ``file://`` (local mirrors, tests) URLs; ``http://`` is refused.
+
     A cached file with the right digest is reused without network. Unreachable -> a
     ``RuntimeError`` saying where to put the file by hand.
     """
     sha256 = _check_sha256(sha256) or ""
     scheme = urllib.parse.urlparse(url).scheme
+    if scheme == "http":
+        raise ValueError(
+            f"url {url!r}: plain http is refused; use its https:// address (or download the "
+            "file yourself and load it with 'file:<path>')"
+        )
     if scheme not in URL_SCHEMES:
         raise ValueError(f"url {url!r}: scheme {scheme!r} not in {URL_SCHEMES}")
     dest = cache_path(url, sha256, cache_dir)

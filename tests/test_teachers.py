@@ -3,9 +3,14 @@ RobustBench-style checkpoint layouts, the url cache, clear errors offline, Teach
 
 from __future__ import annotations
 
+import argparse
 import fractions
+import os
+import pickle
+import shlex
 import socket
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -200,16 +205,93 @@ def test_robustbench_normalize_layout():
     assert (mean, std) == ([0.5] * 3, [1.0] * 3)
 
 
-def test_pickled_objects_need_a_verified_sha256(tmp_path):
+def test_pickled_objects_are_refused_even_with_sha256(tmp_path):
     model = wrn()
     path = tmp_path / "pickled.pt"
     torch.save({"state_dict": model.net.state_dict(), "lr": fractions.Fraction(1, 3)}, path)
     with pytest.raises(CheckpointError, match=r"pickled\.pt.*sha256"):
         load_teacher(f"file:{path}", arch="wrn_34_10", model_kwargs=WRN)
-    teacher, _ = load_teacher(
-        f"file:{path}", arch="wrn_34_10", model_kwargs=WRN, sha256=sha256_file(path)
-    )
-    assert_same_function(teacher, model)
+    with pytest.raises(CheckpointError, match=r"pickled\.pt.*fractions\.Fraction.*clean\.pt"):
+        load_teacher(f"file:{path}", arch="wrn_34_10", model_kwargs=WRN, sha256=sha256_file(path))
+
+
+# ----------------------------------------------------------------------------- no code runs
+
+CNN = dict(arch="small_cnn", num_classes=10, in_chans=1, image_size=8)
+
+
+class _Payload:
+    """Unpickling this runs ``touch marker``: harmless, but it shows that code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(self.marker)}",))
+
+
+def _write_plain_pickle(obj, path):
+    with open(path, "wb") as fh:
+        pickle.dump(obj, fh)
+
+
+WRITERS = {
+    "torch_zip": torch.save,
+    "torch_legacy": lambda obj, path: torch.save(obj, path, _use_new_zipfile_serialization=False),
+    "plain_pickle": _write_plain_pickle,
+}
+
+
+@pytest.mark.parametrize("via", ["file", "url"])
+@pytest.mark.parametrize("pinned", [False, True], ids=["no_sha256", "sha256"])
+@pytest.mark.parametrize("fmt", list(WRITERS))
+def test_malicious_checkpoint_runs_no_code(tmp_path, fmt, pinned, via):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    sd = build_model("small_cnn", 10, in_chans=1, image_size=8).net.state_dict()
+    WRITERS[fmt]({"state_dict": sd, "args": _Payload(marker)}, path)
+    digest = sha256_file(path) if pinned else None
+    cache = tmp_path / "cache"
+    source = f"file:{path}" if via == "file" else f"url:{path.as_uri()}"
+    if via == "url" and not pinned:
+        with pytest.raises(ValueError, match="url sources need sha256"):
+            load_teacher(source, sha256=digest, cache_dir=cache, **CNN)
+        assert not marker.exists()
+        return
+    with pytest.raises(CheckpointError) as info:
+        load_teacher(source, sha256=digest, cache_dir=cache, **CNN)
+    assert not marker.exists(), "the checkpoint's pickled code ran"
+    message = str(info.value)
+    loaded = path if via == "file" else cache_path(path.as_uri(), digest, cache)
+    assert "\n" not in message and message.startswith(f"{loaded}: refused to load")
+    offending = "plain pickle" if fmt == "plain_pickle" else f"{os.system.__module__}.system"
+    assert offending in message
+    assert "kdiga never unpickles code" in message
+    assert 'torch.save(obj["state_dict"], "clean.pt")' in message
+    assert "safetensors.torch.save_file(state_dict, " in message and "file:" in message
+
+
+@pytest.mark.parametrize("pinned", [False, True], ids=["no_sha256", "sha256"])
+@pytest.mark.parametrize("fmt", ["torch_zip", "torch_legacy"])
+def test_checkpoint_with_args_namespace_and_numpy_scalars_loads(tmp_path, fmt, pinned):
+    """Research checkpoints store their ``args`` and numpy metrics next to the weights."""
+    model = build_model("small_cnn", 10, in_chans=1, image_size=8).eval()
+    path = tmp_path / "research.pt"
+    obj = {
+        "state_dict": model.net.state_dict(),
+        "args": argparse.Namespace(lr=0.1, arch="small_cnn", milestones=[75, 90]),
+        "best_acc": np.float64(0.5),
+        "epoch": np.int64(3),
+        "loss": np.float32(1.25),
+        "ema": np.bool_(True),
+    }
+    WRITERS[fmt](obj, path)
+    digest = sha256_file(path) if pinned else None
+    teacher, meta = load_teacher(f"file:{path}", sha256=digest, **CNN)
+    assert meta.sha256 == sha256_file(path)
+    x = torch.rand(2, 1, 8, 8)
+    torch.testing.assert_close(teacher(x), model(x), rtol=0, atol=0)
+    assert argparse.Namespace not in torch.serialization.get_safe_globals()  # not global
 
 
 def test_raw_checkpoint_errors(tmp_path):
@@ -270,7 +352,7 @@ def test_url_needs_sha256(tmp_path):
 
 
 def test_unreachable_url_says_where_to_put_the_file(tmp_path):
-    url, digest = "http://127.0.0.1:9/model_cifar_wrn.pt", "a" * 64
+    url, digest = "https://127.0.0.1:9/model_cifar_wrn.pt", "a" * 64
     expected_path = cache_path(url, digest, tmp_path)
     with pytest.raises(RuntimeError, match="could not reach") as info:
         load_teacher(f"url:{url}", arch="wrn_34_10", sha256=digest, cache_dir=tmp_path, timeout=5)
@@ -312,6 +394,7 @@ def test_timm_with_local_weights(tmp_path, no_network):
         ("file:x.pt", {"checkpoint_format": "onnx"}, "checkpoint_format"),
         ("file:x.pt", {"sha256": "abc"}, "64 hex digits"),
         ("url:ftp://host/w.pt", {"sha256": "b" * 64}, "scheme 'ftp'"),
+        ("url:http://host/w.pt", {"sha256": "b" * 64}, r"plain http is refused; use .*https://"),
         ("timm:no_such_model_xyz", {}, "unknown timm model"),
         ("file:x.pt", {"weights": "w.pt"}, "weights= is for 'timm:'"),
         ("timm:vit_tiny_patch16_224", {"arch": "resnet18"}, "not arch='resnet18'"),
