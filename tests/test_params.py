@@ -187,3 +187,246 @@ def test_cli_bad_params_exit_2_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "did you mean 8/255?" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# -- the hostile pass: each case stops at validation with one line a user can act on ------
+
+
+def _message(raw) -> str:
+    with pytest.raises(ParamError) as info:
+        validate(raw)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+def _file_message(tmp_path, data: bytes, name: str = "params.yaml") -> str:
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(ParamError) as info:
+        read_yaml(path)
+    msg = str(info.value)
+    assert "\n" not in msg and str(path) in msg
+    return msg
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "seed: 0\ndistill:\n  epochs: 3\n  lr: 0.1\n  epochs: 40\n",
+            "key 'epochs' is given twice (lines 3 and 5) in distill",
+        ),
+        (
+            "seed: 0\nshard: {}\nseed: 1\n",
+            "key 'seed' is given twice (lines 1 and 3) at the top level",
+        ),
+        (
+            "distill:\n  iga: {weight: 1, weight: 2}\n",
+            "key 'weight' is given twice (line 2) in distill.iga",
+        ),
+        ("a:\n  - {x: 1}\n  - x: 1\n    x: 2\n", "key 'x' is given twice (lines 3 and 4) in a[1]"),
+    ],
+)
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path, text, expected):
+    assert expected in _file_message(tmp_path, text.encode())
+
+
+def test_the_default_params_file_gives_no_key_twice_and_merge_keys_still_work(tmp_path):
+    read_yaml(ROOT / "params.yaml")
+    path = tmp_path / "merge.yaml"
+    path.write_text("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  x: 3\n")
+    assert read_yaml(path) == {"base": {"x": 1, "y": 2}, "other": {"x": 3, "y": 2}}
+    path.write_text("a: &x\n  p: 1\n  <<: {p: 5, q: 2}\n<<: *x\nb: 1\n")  # merged merges
+    assert read_yaml(path) == yaml.safe_load(path.read_text())
+
+
+def test_bytes_that_are_not_utf8_name_the_file_and_the_offset(tmp_path):
+    msg = _file_message(tmp_path, b"seed: 0\n# caf" + b"\xe9\n")
+    assert "byte 13 (line 2, 0xe9) is not UTF-8: the file must be UTF-8 text" in msg
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a: [1,\nb: 2\n", "it is not valid YAML (while parsing a flow sequence at line 1"),
+        ("a: b: c\n", "it is not valid YAML (mapping values are not allowed here at line 1"),
+        ("a: 1\nb: \x01\n", "it is not valid YAML (character #x0001 on line 2"),
+    ],
+)
+def test_invalid_yaml_is_one_line_naming_the_file(tmp_path, text, expected):
+    assert expected in _file_message(tmp_path, text.encode())
+
+
+@pytest.mark.parametrize("text", ["1e12", "1.0e12", "1000000000000", "1.0e+12"])
+def test_a_huge_epoch_count_is_refused_however_yaml_reads_it(text):
+    value = yaml.safe_load(f"v: {text}")["v"]  # a str, a str, an int, a float
+    for key in ("distill.epochs", "teacher.train.epochs"):
+        msg = _message(_set(RAW, key, value))
+        assert f"params: {key} = " in msg and "expected an integer >= 0 and <= 10000" in msg
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("seed", 2**63, "expected an integer >= 0 and <= 2**63 - 1"),
+        ("seed", -1, "expected an integer >= 0 and <= 2**63 - 1"),
+        ("distill.epochs", "1e12", "(YAML reads 1e12 as text, not a number: write the digits)"),
+        ("distill.epochs", 20.0, "(20.0 is a float, not an integer)"),
+        ("teacher.train.steps", 10**6, "expected an integer >= 1 and <= 100000"),
+        ("distill.adversarial.steps", 10**6, "expected an integer >= 1 and <= 100000"),
+        ("attack.pgd.steps", 10**6, "expected an integer >= 1 and <= 100000"),
+        ("attack.pgd.restarts", 10**4, "expected an integer >= 1 and <= 1000"),
+        ("attack.autoattack.n_iter", 10**6, "expected an integer >= 1 and <= 100000"),
+        ("attack.autoattack.n_restarts", 10**4, "expected an integer >= 1 and <= 1000"),
+        ("attack.autoattack.n_target_classes", 10, "at most 9: digits has 10 classes"),
+        ("bounds.steps", 10**6, "expected an integer >= 0 and <= 100000"),
+        ("bounds.restarts", 10**4, "expected an integer >= 1 and <= 1000"),
+        ("distill.batch_size", 2**20 + 1, "expected an integer >= 1 and <= 1048576"),
+        ("teacher.train.batch_size", 2**30, "expected an integer >= 1 and <= 1048576"),
+        ("attack.batch_size", 2**30, "expected an integer >= 1 and <= 1048576"),
+        ("bounds.batch_size", 2**30, "expected an integer >= 1 and <= 1048576"),
+        ("signals.batch_size", 2**30, "expected an integer >= 1 and <= 1048576"),
+        ("signals.views", 1025, "expected an integer >= 1 and <= 1024"),
+        ("distill.momentum", 1.5, "momentum must be in [0, 1)"),
+        ("teacher.train.momentum", 1, "momentum must be in [0, 1)"),
+        (
+            "shard.val_fraction",
+            0.0,
+            "expected a fraction in (0, 1), e.g. 0.1: the validation split",
+        ),
+        ("shard.val_fraction", 1.0, "attack.split: val, python -m pipeline.tune"),
+        (
+            "distill.crop_padding",
+            16,
+            "with distill.augment crop the padding must be less than shard.image_size (16)",
+        ),
+        ("teacher.train.crop_padding", 99, "padding must be less than shard.image_size (16)"),
+    ],
+)
+def test_out_of_range_values_name_key_and_range(key, value, expected):
+    msg = _message(_set(RAW, key, value))
+    assert msg.startswith(f"params: {key} = {value!r} is not allowed; ") and expected in msg
+
+
+def test_range_edges_are_accepted():
+    for key, value in [
+        ("seed", 2**63 - 1),
+        ("distill.epochs", 10_000),
+        ("distill.momentum", 0.0),
+        ("shard.val_fraction", 0.5),
+        ("distill.crop_padding", 15),
+        ("attack.autoattack.n_target_classes", 9),
+    ]:
+        validate(_set(RAW, key, value))
+    # padding is only cut when the section crops
+    validate(_set(_set(RAW, "distill.augment", "none"), "distill.crop_padding", 64))
+
+
+@pytest.mark.parametrize(
+    ("dataset", "mean", "std", "key", "expected"),
+    [
+        ("digits", [0.5], [0.0], "teacher.std[0] = 0.0", "std entries must be finite numbers > 0"),
+        (
+            "digits",
+            [0.5],
+            [-0.2],
+            "teacher.std[0] = -0.2",
+            "std entries must be finite numbers > 0",
+        ),
+        ("digits", [0.5], None, "teacher.std = None", "teacher.mean is given, so std must be too"),
+        ("digits", None, [0.5], "teacher.mean = None", "teacher.std is given, so mean must be too"),
+        ("digits", [0.5] * 3, [0.2] * 3, "teacher.mean", "expected 1 value: digits images have 1"),
+        ("cifar10", [0.5] * 2, [0.2] * 2, "teacher.mean", "expected 1 or 3 values: cifar10 images"),
+        ("synthetic", [0.5] * 4, [0.2] * 4, "teacher.mean", "expected 1 or 3 values: synthetic"),
+        ("cifar10", [0.5] * 3, [0.2], "teacher.std = [0.2]", "teacher.mean has 3"),
+    ],
+)
+def test_normalisation_stats_fit_the_dataset(dataset, mean, std, key, expected):
+    raw = _set(_set(RAW, "shard.dataset", dataset), "shard.root", "/nowhere")
+    raw = _set(_set(raw, "teacher.mean", mean), "teacher.std", std)
+    msg = _message(raw)
+    assert f"params: {key}" in msg and expected in msg
+
+
+def test_normalisation_stats_of_one_or_all_channels_are_accepted():
+    raw = _set(_set(RAW, "shard.dataset", "cifar10"), "shard.root", "/nowhere")
+    validate(_set(_set(raw, "teacher.mean", [0.5] * 3), "teacher.std", [0.25] * 3))
+    validate(_set(_set(raw, "teacher.mean", [0.5]), "teacher.std", [0.25]))
+
+
+@pytest.mark.parametrize(
+    ("key", "kwargs", "expected"),
+    [
+        ("distill.student_kwargs", {"depth": 3}, "unexpected keyword argument 'depth'"),
+        ("distill.student_kwargs", {"width": "wide"}, "building small_cnn for digits fails: "),
+        ("distill.student_kwargs", {"width": -3}, "width must be >= 1, got -3"),
+        ("distill.student_kwargs", {"in_chans": 3}, "multiple values for keyword argument"),
+        ("teacher.arch_kwargs", {"width": 0}, "width must be >= 1, got 0"),
+        ("teacher.arch_kwargs", {"bogus": 1}, "unexpected keyword argument 'bogus'"),
+    ],
+)
+def test_bad_model_kwargs_are_refused_at_validation(key, kwargs, expected):
+    msg = _message(_set(RAW, key, kwargs))
+    assert msg.startswith(f"params: {key} = {kwargs!r} is not allowed; ") and expected in msg
+
+
+@pytest.mark.parametrize("key", ["distill.student_kwargs", "teacher.arch_kwargs"])
+@pytest.mark.parametrize("bad", ["pretrained", "weights"])
+def test_pretrained_weights_are_no_build_kwarg(key, bad):
+    msg = _message(_set(RAW, key, {bad: True}))
+    assert (
+        f"params: {key}.{bad} = True" in msg and "pretrained weights are not a build option" in msg
+    )
+
+
+def test_an_architecture_that_cannot_take_the_data_is_named():
+    msg = _message(_set(RAW, "distill.students", ["small_cnn", "torchvision:resnet18"]))
+    assert "params: distill.students[1] = 'torchvision:resnet18'" in msg
+    assert "torchvision models take 3 input channels" in msg
+
+
+def test_the_teacher_arch_is_only_built_when_given():
+    raw = _set(_set(RAW, "teacher.source", "timm:resnet18"), "teacher.arch", None)
+    validate(_set(raw, "teacher.arch_kwargs", {"drop_rate": 0.1}))  # timm's, not checked here
+
+
+def test_model_checks_use_no_network_and_no_memory(monkeypatch):
+    import socket
+    import time
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("validation opened a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    raw = _set(_set(RAW, "shard.dataset", "cifar10"), "shard.root", "/nowhere")
+    raw = _set(raw, "shard.image_size", 32)
+    raw = _set(_set(raw, "teacher.arch", "wrn_34_10"), "distill.students", ["mobilenet_v2"])
+    validate(raw)  # warm: the imports
+    start = time.perf_counter()
+    validate(raw)
+    assert time.perf_counter() - start < 1.0  # a 46M-parameter teacher, built on "meta"
+    pytest.importorskip("timm")
+    validate(_set(raw, "distill.students", ["timm:resnet18"]))
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        (
+            "url:http://example.org/w.pt",
+            "plain http is not allowed: use url:https://..., or "
+            "download the file and use file:<path>",
+        ),
+        ("url:ftp://example.org/w.pt", "allowed: url:https://<host>/<file> or url:file://<path>"),
+        ("url:https://", "allowed: url:https://<host>/<file> or url:file://<path>"),
+    ],
+)
+def test_url_teachers_are_https_or_file_urls(source, expected):
+    raw = _set(_set(RAW, "teacher.source", source), "teacher.sha256", "0" * 64)
+    msg = _message(raw)
+    assert (
+        msg.startswith(f"params: teacher.source = {source!r} is not allowed; ") and expected in msg
+    )
+    for ok in ("url:https://example.org/w.pt", "url:file:///mirror/w.pt"):
+        validate(_set(raw, "teacher.source", ok))
