@@ -28,7 +28,9 @@ Which devices make up the pool, first match wins:
 2. ``n_slots`` argument: devices ``"0" .. str(n_slots - 1)``.
 3. ``KDIGA_GPU_SLOTS``: a comma-separated list of device ids (``"4,5"`` hands out ``"4"`` and
    ``"5"``; use a trailing comma, ``"4,"``, for a single id) or a bare count (``"4"`` means
-   ``"0,1,2,3"``; ``"0"`` means none).
+   ``"0,1,2,3"``; ``"0"`` means none). An id is a CUDA ordinal (below 1024) or a GPU/MIG UUID
+   (``GPU-...``, ``MIG-...``); a count is at most 1024. Anything else is refused with a
+   :class:`GpuSlotsError` (a ``ValueError``) naming the value and the allowed forms.
 4. ``CUDA_VISIBLE_DEVICES`` already set (by SLURM, for instance): one device is this job's own
    and is yielded without locking; several are shared as a pool; none (``""``) means CPU.
 5. ``torch.cuda.device_count()`` devices (counted through NVML, which does not initialise
@@ -68,6 +70,16 @@ VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
 HELD_ENV = "KDIGA_GPU_HELD"  # "<pid>:<device>" of the process holding the lock, for children
 
 _DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
+# What KDIGA_GPU_SLOTS may list: CUDA ordinals, or GPU/MIG UUIDs as CUDA_VISIBLE_DEVICES takes.
+_ORDINAL = re.compile(r"[0-9]+")
+_UUID = re.compile(r"(?:GPU|MIG)-[A-Za-z0-9][A-Za-z0-9._:/-]*")
+MAX_SLOTS = 1024  # more devices than any one machine has: a larger count or ordinal is a typo
+_SLOTS_FORMS = (
+    f"expected a device count from 0 to {MAX_SLOTS} ('4' means devices 0,1,2,3; '0' means "
+    f"none) or a comma-separated list of distinct device ids, each a CUDA ordinal below "
+    f"{MAX_SLOTS} or a GPU/MIG UUID ('0,1,2,3', 'GPU-8a1f...,MIG-...'; a single id with a "
+    f"trailing comma: '4,')"
+)
 # CUDA_VISIBLE_DEVICES as it was before each slot this process holds now, outermost first.
 _HELD_HERE: list[str | None] = []
 
@@ -89,18 +101,53 @@ def default_lock_dir() -> Path:
     return tmp / f"kdiga-gpu-locks-{os.getuid()}"
 
 
+class GpuSlotsError(ValueError):
+    """A ``KDIGA_GPU_SLOTS`` value (or ``n_slots``) that is not a valid pool."""
+
+
+def _slots_error(spec: str, problem: str) -> GpuSlotsError:
+    shown = spec if len(spec) <= 80 else f"{spec[:60]}... ({len(spec)} characters)"
+    return GpuSlotsError(f"{SLOTS_ENV}={shown!r}: {problem}; {_SLOTS_FORMS}")
+
+
+def _ordinal(tok: str) -> int | None:
+    """``tok`` as a CUDA ordinal below MAX_SLOTS; None if it is too large (never a huge int)."""
+    digits = tok.lstrip("0") or "0"
+    if len(digits) > len(str(MAX_SLOTS)) or int(digits) >= MAX_SLOTS:
+        return None
+    return int(digits)
+
+
 def parse_slots(spec: str) -> list[str]:
-    """Device ids from a ``KDIGA_GPU_SLOTS`` value: ``"0,1,2,3"``, ``"4,"`` or a count ``"4"``."""
+    """Device ids from a ``KDIGA_GPU_SLOTS`` value: ``"0,1,2,3"``, ``"4,"`` or a count ``"4"``.
+
+    Raises:
+        GpuSlotsError: (a ValueError) naming the variable, the value and the allowed forms.
+    """
     spec = spec.strip()
-    if "," not in spec and spec.isdigit():
-        return [str(i) for i in range(int(spec))]
-    ids = [tok.strip() for tok in spec.split(",") if tok.strip()]
-    bad = [tok for tok in ids if not _DEVICE_ID.fullmatch(tok)]
-    if bad or len(set(ids)) != len(ids):
-        raise ValueError(
-            f"{SLOTS_ENV}={spec!r}: expected a device count (e.g. '4') or a comma-separated list "
-            f"of distinct device ids such as '0,1,2,3' or '4,' (got invalid/duplicate {bad or ids})"
-        )
+    if "," not in spec and _ORDINAL.fullmatch(spec):
+        digits = spec.lstrip("0") or "0"
+        if len(digits) > len(str(MAX_SLOTS)) or int(digits) > MAX_SLOTS:  # checked before range()
+            raise _slots_error(spec, f"a count of more than {MAX_SLOTS} devices")
+        return [str(i) for i in range(int(digits))]
+    ids: list[str] = []
+    seen: set[str] = set()
+    for tok in (t.strip() for t in spec.split(",")):
+        if not tok:
+            continue
+        if _ORDINAL.fullmatch(tok):
+            n = _ordinal(tok)
+            if n is None:
+                raise _slots_error(spec, f"device {tok!r} is not a CUDA ordinal below {MAX_SLOTS}")
+            tok = str(n)  # "07" and "7" are one device, with one lock file
+        elif not _UUID.fullmatch(tok):
+            raise _slots_error(spec, f"{tok!r} is not a device id")
+        if tok in seen:
+            raise _slots_error(spec, f"device {tok!r} is listed twice")
+        ids.append(tok)
+        seen.add(tok)
+    if not ids:
+        raise _slots_error(spec, "no device id in it")
     return ids
 
 
@@ -138,8 +185,14 @@ def _resolve_pool(n_slots: int | None) -> tuple[list[str], bool]:
     if device is not None:
         return [device], False
     if n_slots is not None:
-        if isinstance(n_slots, bool) or not isinstance(n_slots, int) or n_slots < 0:
-            raise ValueError(f"n_slots must be an int >= 0 (or None for auto), got {n_slots!r}")
+        if (
+            isinstance(n_slots, bool)
+            or not isinstance(n_slots, int)
+            or not 0 <= n_slots <= MAX_SLOTS
+        ):
+            raise GpuSlotsError(
+                f"n_slots must be an int from 0 to {MAX_SLOTS} (or None for auto), got {n_slots!r}"
+            )
         return [str(i) for i in range(n_slots)], True
     spec = os.environ.get(SLOTS_ENV, "").strip()
     if spec:

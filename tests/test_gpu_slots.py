@@ -67,9 +67,65 @@ def test_parse_slots_count_list_and_errors():
     assert parse_slots("4,") == ["4"]
     assert parse_slots(" 4, 5 ") == ["4", "5"]
     assert parse_slots("GPU-ab12") == ["GPU-ab12"]
-    for bad in ("0,0", "1,-1", "a b,1"):
+    for bad in ("0,0", "1,-1", "a b,1", "a,b", "1.5", "99999999999"):
         with pytest.raises(ValueError, match="KDIGA_GPU_SLOTS"):
             parse_slots(bad)
+
+
+FORMS = "expected a device count from 0 to 1024"
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("a,b", "'a' is not a device id"),
+        ("1.5", "'1.5' is not a device id"),
+        ("0x1,", "'0x1' is not a device id"),
+        ("gpu-ab12,", "'gpu-ab12' is not a device id"),
+        ("99999999999", "a count of more than 1024 devices"),
+        ("1025", "a count of more than 1024 devices"),
+        ("3,99999999999", "device '99999999999' is not a CUDA ordinal below 1024"),
+        ("7,07", "device '7' is listed twice"),
+        (",", "no device id in it"),
+    ],
+)
+def test_parse_slots_refuses_with_the_variable_the_value_and_the_forms(value, problem):
+    with pytest.raises(gpu.GpuSlotsError) as info:
+        parse_slots(value)
+    assert isinstance(info.value, ValueError)
+    assert str(info.value).startswith(f"KDIGA_GPU_SLOTS={value!r}: {problem}; {FORMS}")
+    assert "CUDA ordinal below 1024 or a GPU/MIG UUID" in str(info.value)
+
+
+def test_huge_count_is_refused_at_once_without_building_a_list(monkeypatch):
+    def no_range(*args):
+        raise AssertionError(f"range{args} built before validating")
+
+    monkeypatch.setattr(gpu, "range", no_range, raising=False)
+    for value in ("99999999999", "9" * 100_000):
+        start = time.monotonic()
+        with pytest.raises(gpu.GpuSlotsError, match="more than 1024 devices") as info:
+            parse_slots(value)
+        assert time.monotonic() - start < 0.5
+        assert len(str(info.value)) < 600  # a huge value is shown shortened
+    with pytest.raises(gpu.GpuSlotsError, match="n_slots must be an int from 0 to 1024"):
+        gpu._resolve_pool(10**11)
+
+
+def test_parse_slots_accepts_uuids_and_normalises_ordinals():
+    assert parse_slots("GPU-8a1f2b3c-aaaa-bbbb-cccc-0123456789ab,MIG-GPU-8a1f/1/0") == [
+        "GPU-8a1f2b3c-aaaa-bbbb-cccc-0123456789ab",
+        "MIG-GPU-8a1f/1/0",
+    ]
+    assert parse_slots("07,1023,") == ["7", "1023"]  # one lock file per device
+    assert parse_slots("1024") == [str(i) for i in range(1024)]
+
+
+def test_cli_refuses_a_bad_slots_value_with_one_line():
+    res = _cli("--", sys.executable, "-c", "pass", KDIGA_GPU_SLOTS="a,b")
+    assert res.returncode == 75
+    assert res.stderr.startswith("pipeline.gpu: KDIGA_GPU_SLOTS='a,b': 'a' is not a device id; ")
+    assert "Traceback" not in res.stderr
 
 
 @given(st.lists(st.integers(0, 64), min_size=2, max_size=8, unique=True))
