@@ -41,6 +41,7 @@ from kdiga.distributed import (
     rank_slice,
     shard_indices,
 )
+from kdiga.models import CheckpointError
 from kdiga.utils import atomic_torch_save, eval_mode
 
 logger = logging.getLogger(__name__)
@@ -154,13 +155,33 @@ def _prepare_teacher(teacher: nn.Module | None, device: torch.device, cl: bool) 
     teacher.requires_grad_(False)
 
 
+_START_OVER = "delete it to start this run over"
+_CKPT_FIELDS = ("model", "optimizer", "scheduler", "epoch", "history", "rng", "config")
+
+
+def _short(text: object, limit: int = 200) -> str:
+    """``text`` on one line, at most ``limit`` characters."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def _load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types on a bad file
-        raise ValueError(f"{path}: training checkpoint does not load ({err})") from err
+        raise CheckpointError(
+            f"{path}: resume checkpoint is corrupt or truncated and does not load "
+            f"({type(err).__name__}: {_short(err)}); {_START_OVER}"
+        ) from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a kdiga training checkpoint ({CHECKPOINT_FORMAT})")
+        raise CheckpointError(
+            f"{path}: not a kdiga training checkpoint ({CHECKPOINT_FORMAT}); {_START_OVER}"
+        )
+    missing = [k for k in _CKPT_FIELDS if k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"{path}: resume checkpoint is incomplete (no {', '.join(missing)}); {_START_OVER}"
+        )
     mine = dataclasses.asdict(cfg)
     diff = {
         k: (v, mine.get(k))
@@ -179,6 +200,64 @@ def _load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
             f"epochs={cfg.epochs}; it cannot be rewound"
         )
     return ckpt
+
+
+def _keys(keys: list[str], limit: int = 3) -> str:
+    more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def _state_mismatch(model: nn.Module, state: Any) -> str | None:
+    """Why ``state`` cannot load into ``model`` (keys, shapes), or None if it looks like it can."""
+    if not isinstance(state, Mapping):
+        return f"its weights are a {type(state).__name__}, not a state_dict"
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_keys(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_keys(unexpected)}")
+    for key, mine in own.items():
+        theirs = state.get(key)
+        if isinstance(theirs, Tensor) and isinstance(mine, Tensor) and theirs.shape != mine.shape:
+            problems.append(
+                f"size mismatch for {key}: {list(theirs.shape)} in the checkpoint, "
+                f"{list(mine.shape)} in the model"
+            )
+            break
+    return "; ".join(problems) or None
+
+
+def _restore_states(
+    path: Path,
+    ckpt: Mapping[str, Any],
+    student: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> None:
+    """Load the checkpoint's model, optimizer and scheduler states, or raise CheckpointError
+    (checked before loading, so a checkpoint of another model leaves ``student`` untouched)."""
+    reason = _state_mismatch(student, ckpt["model"])
+    if reason is not None:
+        raise CheckpointError(_misfit(path, "model", reason))
+    what = "model"
+    try:
+        student.load_state_dict(ckpt["model"])
+        what = "optimizer"
+        optimizer.load_state_dict(ckpt["optimizer"])
+        what = "LR scheduler"
+        scheduler.load_state_dict(ckpt["scheduler"])
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as err:
+        raise CheckpointError(_misfit(path, what, _short(err))) from err
+
+
+def _misfit(path: Path, what: str, reason: str) -> str:
+    return (
+        f"{path}: resume checkpoint does not fit this {what}, it was left by another "
+        f"architecture or run ({_short(reason, 300)}); {_START_OVER}"
+    )
 
 
 def _run_epoch(
@@ -369,9 +448,7 @@ def fit(
         start, history = 0, []
         if resume:
             ckpt = _load_checkpoint(path, cfg)
-            student.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
+            _restore_states(path, ckpt, student, optimizer, scheduler)
             start, history = ckpt["epoch"], list(ckpt["history"])
             _restore_rng(ckpt["rng"], info, cfg.seed + start, cuda_index)
             logger.info("resuming from %s at epoch %d of %d", path, start, cfg.epochs)

@@ -3,8 +3,11 @@ nothing is lost or left half-written."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -15,7 +18,8 @@ import torch
 import yaml
 from tiny_study import TINY, env
 
-from kdiga.utils import atomic_path, atomic_torch_save
+from kdiga import utils
+from kdiga.utils import ArtifactWriteError, atomic_path, atomic_torch_save, atomic_write_text
 
 
 def stage(study: Path, name: str, *args: str, params: dict | None = None):
@@ -66,6 +70,118 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
         raise RuntimeError("killed half-way")
     assert torch.load(target) == {"a": 1}  # the complete old file, not the partial one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.pt"]
+
+
+def _only(directory: Path, *names: str) -> None:
+    """Nothing but ``names`` in ``directory``: no temporary file was left behind."""
+    assert sorted(p.name for p in directory.iterdir()) == sorted(names)
+
+
+def test_disk_full_while_writing_names_the_file_and_keeps_the_old_one(tmp_path):
+    target = tmp_path / "models" / "x.safetensors"
+    atomic_write_text("complete", target)
+    with pytest.raises(ArtifactWriteError) as info, atomic_path(target) as tmp:
+        tmp.write_bytes(b"part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(info.value) == (
+        f"cannot write {target}: No space left on device (errno 28, while writing); "
+        "any earlier file there is unchanged"
+    )
+    assert info.value.errno == errno.ENOSPC and info.value.path == target
+    assert isinstance(info.value.__cause__, OSError)
+    assert target.read_text() == "complete"
+    _only(target.parent, "x.safetensors")
+
+
+def test_torch_save_on_a_full_disk_gives_the_errno_not_inline_container(tmp_path, monkeypatch):
+    """torch.save really writes into /dev/full (every write fails with ENOSPC)."""
+    target = tmp_path / "m.pt"
+    atomic_torch_save({"a": 1}, target)
+    real_open = open
+
+    def full_disk_open(file, mode="r", *args, **kwargs):
+        return real_open("/dev/full" if "w" in mode else file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(utils, "open", full_disk_open, raising=False)
+    with pytest.raises(ArtifactWriteError) as info:
+        atomic_torch_save({"w": torch.zeros(100_000)}, target)
+    message = str(info.value)
+    assert message.startswith(f"cannot write {target}: No space left on device (errno 28")
+    assert "inline_container" not in message and "\n" not in message
+    monkeypatch.undo()
+    assert torch.load(target) == {"a": 1}
+    _only(tmp_path, "m.pt")
+
+
+def test_torch_save_write_failure_runtime_error_becomes_artifact_write_error(tmp_path, monkeypatch):
+    """Where torch's C++ writer fails on its own, it raises RuntimeError without an errno."""
+    target = tmp_path / "m.pt"
+
+    def failing_save(obj, f):
+        f.write(b"PK partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(ArtifactWriteError) as info:
+        atomic_torch_save({"a": 1}, target)
+    assert str(info.value) == (
+        f"cannot write {target}: torch.save could not write the file (is the disk full or over "
+        "quota?) (while writing); any earlier file there is unchanged"
+    )
+    assert isinstance(info.value.__cause__, RuntimeError)
+    _only(tmp_path)
+
+    def buggy_save(obj, f):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(torch, "save", buggy_save)
+    with pytest.raises(RuntimeError, match=r"^a bug$"):  # other errors pass through unchanged
+        atomic_torch_save({"a": 1}, target)
+    _only(tmp_path)
+
+
+def test_read_only_directory_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    out = tmp_path / "evals"
+    target = out / "r.json"
+    atomic_write_text("old", target)
+    out.chmod(0o555)
+    try:
+        probe = out / "probe"
+        try:  # root ignores directory permissions: then refuse the temp file by monkeypatch
+            probe.touch()
+            probe.unlink()
+        except PermissionError:
+            pass
+        else:
+
+            def refuse(*_args, dir=None, prefix="", suffix="", **_kwargs):
+                name = os.path.join(dir, f"{prefix}abc123{suffix}")
+                raise PermissionError(errno.EACCES, "Permission denied", name)
+
+            monkeypatch.setattr(utils.tempfile, "mkstemp", refuse)
+        with pytest.raises(ArtifactWriteError) as info:
+            atomic_write_text("new", target)
+    finally:
+        out.chmod(0o755)
+    assert str(info.value) == (
+        f"cannot write {target}: Permission denied (errno 13, while creating a temporary file "
+        "beside it); any earlier file there is unchanged"
+    )
+    assert isinstance(info.value.__cause__, PermissionError)
+    assert target.read_text() == "old"
+    _only(out, "r.json")
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_honour_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        atomic_write_text("x", tmp_path / "a.txt")
+        atomic_torch_save({"a": 1}, tmp_path / "b.pt")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == mode
+    assert stat.S_IMODE((tmp_path / "b.pt").stat().st_mode) == mode
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdiga.data import load_dataset
+from kdiga.models import CheckpointError
 from kdiga.train import NonFiniteLossError, TrainConfig, evaluate, fit, predict
 from kdiga.utils import sha256_file
 
@@ -172,6 +173,64 @@ def test_resume_refuses_another_config_or_a_later_checkpoint(tiny, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"junk\.pt"):
         fit(mlp(16), CE(), x, y, cfg, checkpoint_path=tmp_path / "junk.pt")
+
+
+def test_resume_checkpoint_of_another_architecture_names_it_and_says_delete_it(tiny, tmp_path):
+    x, y = tiny
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=0.05)
+    ckpt = tmp_path / "d.pt"
+    fit(mlp(16), CE(), x, y, dataclasses.replace(cfg, epochs=1), checkpoint_path=ckpt)
+    wider = nn.Sequential(nn.Flatten(), nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 10))
+    before = copy.deepcopy(wider.state_dict())
+    with pytest.raises(CheckpointError) as info:
+        fit(wider, CE(), x, y, cfg, checkpoint_path=ckpt)
+    message = str(info.value)
+    assert message == (
+        f"{ckpt}: resume checkpoint does not fit this model, it was left by another "
+        "architecture or run (missing keys 3.weight, 3.bias; unexpected keys 4.weight, 4.bias; "
+        "size mismatch for 1.weight: [32, 16] in the checkpoint, [64, 16] in the model); "
+        "delete it to start this run over"
+    )
+    assert "Error(s) in loading state_dict" not in message
+    assert _state_equal_dicts(wider.state_dict(), before)  # refused before loading anything
+    ckpt.unlink()  # as the message says: the run then starts over
+    assert len(fit(wider, CE(), x, y, cfg, checkpoint_path=ckpt)) == 2
+
+
+def test_resume_checkpoint_whose_optimizer_does_not_fit_says_so(tiny, tmp_path):
+    x, y = tiny
+    ckpt = tmp_path / "o.pt"
+    cfg = TrainConfig(epochs=2, batch_size=32)
+    fit(mlp(16), CE(), x, y, dataclasses.replace(cfg, epochs=1), checkpoint_path=ckpt)
+    state = torch.load(ckpt, weights_only=True)
+    state["optimizer"]["param_groups"].append(dict(state["optimizer"]["param_groups"][0]))
+    torch.save(state, ckpt)
+    with pytest.raises(CheckpointError, match=r"does not fit this optimizer, .*delete it") as info:
+        fit(mlp(16), CE(), x, y, cfg, checkpoint_path=ckpt)
+    assert str(info.value).startswith(f"{ckpt}: resume checkpoint does not fit this optimizer")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_resume_checkpoint_names_it_and_says_delete_it(tiny, tmp_path, damage):
+    x, y = tiny
+    ckpt = tmp_path / "t.pt"
+    cfg = TrainConfig(epochs=2, batch_size=32)
+    fit(mlp(16), CE(), x, y, dataclasses.replace(cfg, epochs=1), checkpoint_path=ckpt)
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" * 50)
+    with pytest.raises(CheckpointError) as info:
+        fit(mlp(16), CE(), x, y, cfg, checkpoint_path=ckpt)
+    message = str(info.value)
+    assert message.startswith(
+        f"{ckpt}: resume checkpoint is corrupt or truncated and does not load ("
+    )
+    assert message.endswith("); delete it to start this run over")
+    assert "\n" not in message and len(message) < 400
+
+
+def _state_equal_dicts(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 class NaNAt(CE):
