@@ -59,6 +59,7 @@ from kdiga.models import (
     read_checkpoint,
     read_model_record,
 )
+from kdiga.models.io import WeightsUnavailableError
 from kdiga.utils import atomic_path, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -166,7 +167,10 @@ def _check_sha256(sha256: str | None) -> str | None:
 def _verify(path: Path, expected: str | None) -> str:
     actual = sha256_file(path)
     if expected is not None and actual != expected:
-        raise ValueError(f"sha256 mismatch for {path}: expected {expected}, actual {actual}")
+        raise CheckpointError(
+            f"sha256 mismatch for {path}: expected {expected}, actual {actual} (another file "
+            "than the one named: check teacher.sha256 and the file)"
+        )
     return actual
 
 
@@ -286,15 +290,17 @@ def _from_file(
     if is_model_record(obj) and checkpoint_format != "state_dict":
         model = model_from_record(obj, path)
         if arch is not None and arch != model.arch:
-            raise ValueError(f"{path} holds a {model.arch!r} model, not arch={arch!r}")
+            raise CheckpointError(f"{path} holds a {model.arch!r} model, not arch={arch!r}")
         for given, stored, what in ((mean, model.mean, "mean"), (std, model.std, "std")):
             if given is not None and [float(v) for v in given] != stored.flatten().tolist():
-                raise ValueError(f"{path} stores {what} {stored.flatten().tolist()}, not {given}")
+                raise CheckpointError(
+                    f"{path} stores {what} {stored.flatten().tolist()}, not {given}"
+                )
         return model, _meta(model, source, digest, obj.get("meta") or {})
     if checkpoint_format == "kdiga":
         raise CheckpointError(f"{path} is not a kdiga model file (checkpoint_format='kdiga')")
     if arch is None:
-        raise ValueError(f"{path} is a raw checkpoint: give its architecture with arch=")
+        raise CheckpointError(f"{path} is a raw checkpoint: give its architecture with arch=")
     state, ckpt_mean, ckpt_std = split_checkpoint(obj, path)
     stats = default_stats or (None, None)
     model = build_model(
@@ -458,7 +464,7 @@ def fetch_url(
             with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as fh:
                 shutil.copyfileobj(response, fh)
         except (OSError, urllib.error.URLError) as exc:
-            raise RuntimeError(
+            raise WeightsUnavailableError(
                 f"could not reach {url} ({type(exc).__name__}: {exc}). Offline? Download the "
                 f"file elsewhere and place it at {dest}, or load it with 'file:<path>'"
             ) from exc

@@ -42,7 +42,9 @@ def build_external(
 
 
 def _offline_error(arch: str, exc: BaseException) -> RuntimeError:
-    return RuntimeError(
+    from kdiga.models.io import WeightsUnavailableError
+
+    return WeightsUnavailableError(
         f"pretrained weights for {arch!r} could not be downloaded ({type(exc).__name__}: "
         f"{exc}). Offline? Download the weights file elsewhere, copy it here and load it with "
         f"kdiga.teachers.load_teacher('file:<path>', arch={arch!r}) (or, for timm, "

@@ -42,6 +42,11 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """The model file does not exist."""
 
 
+class WeightsUnavailableError(CheckpointError, RuntimeError):
+    """Weights to download (a ``url:`` teacher, timm or torchvision pretrained weights) could
+    not be had: offline, or the server refused."""
+
+
 def _plain(value: Any, what: str) -> Any:
     """``value`` as plain JSON types (tuples become lists); ValueError if it has none."""
     try:
@@ -87,7 +92,7 @@ def read_model_record(path: str | os.PathLike) -> Any:
     """What a model file holds: for a kdiga model file (either format) its record with the
     ``state_dict``; for any other checkpoint what :func:`read_checkpoint` returns."""
     path = Path(path)
-    if not is_safetensors(path):
+    if not (path.is_file() and (path.suffix == ".safetensors" or is_safetensors(path))):
         return read_checkpoint(path)
     try:
         tensors, record = load_tensors(path)
