@@ -14,9 +14,12 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from pipeline import dag
-from pipeline.params import check_paths, model_ids, params_file, read_yaml, student_ids, validate
+from pipeline.params import check_paths, load_params, model_ids, params_file, read_yaml, student_ids
 
 PARAMS = params_file()  # params.yaml, or a preset: KDIGA_PARAMS=configs/cifar10.yaml snakemake
+# The one schema, before Snakemake parses the file itself: a key given twice, bytes that are
+# not UTF-8 or a bad value stop here with one line, before any job runs.
+P = load_params(PARAMS)
 configfile: PARAMS
 
 if config != read_yaml(PARAMS):
@@ -24,7 +27,6 @@ if config != read_yaml(PARAMS):
         f"the stages read {PARAMS}, but --config/--configfile changed Snakemake's copy: "
         f"put the change in {PARAMS} (or a copy named by KDIGA_PARAMS) instead"
     )
-P = validate(config)  # the one schema: a bad value stops here, before any job runs
 STUDENTS = student_ids(P)
 MODELS = model_ids(P)
 ATTACKS = P["attack"]["attacks"]
@@ -147,6 +149,7 @@ rule report:
     output:
         md=dag.REPORT_MD,
         png=dag.REPORT_PNG,
+        record=dag.REPORT_RECORD,
         metrics=dag.METRICS,
         plot=dag.PLOT_CSV,
     params:
@@ -162,6 +165,8 @@ onstart:
 
 
 onsuccess:
-    # Record what Snakemake built in dvc.lock, so `dvc status` / `dvc repro` see it as done.
+    # Record in dvc.lock the jobs whose outputs are current (params, inputs and code, checked
+    # against each artifact's provenance), so `dvc status` / `dvc repro` see them as done; a
+    # stale output left by a targeted run is never recorded.
     if shutil.which("dvc") and Path(".dvc").is_dir() and Path("dvc.yaml").is_file():
-        shell("dvc commit --force --quiet || echo 'dvc commit failed: run dvc commit -f by hand'")
+        shell("python -m pipeline.sync --dvc --quiet || echo 'pipeline.sync failed: run it by hand'")

@@ -11,8 +11,18 @@ import argparse
 import time
 
 from pipeline import dag
-from pipeline.common import checkpoint_path, device, load_split, log, run, write_json
-from pipeline.params import model_ids, radius_label
+from pipeline.common import (
+    begin,
+    checkpoint_path,
+    device,
+    load_split,
+    load_stage_model,
+    log,
+    run,
+    write_json,
+    write_timing,
+)
+from pipeline.params import ParamError, model_ids, radius_label
 
 
 def autoattack_settings(aa: dict) -> dict:
@@ -28,15 +38,15 @@ def autoattack_settings(aa: dict) -> dict:
 def body(args: argparse.Namespace, params: dict) -> None:
     from kdiga.attacks import check_gradients, check_sweep, robust_sweep
     from kdiga.data import to_float
-    from kdiga.models import load_model
     from kdiga.utils import sha256_file
 
     if args.model not in model_ids(params):
-        raise ValueError(f"--model {args.model!r} unknown; known: {', '.join(model_ids(params))}")
+        raise ParamError("--model", args.model, f"known: {', '.join(model_ids(params))}")
     a = params["attack"]
     if args.attack not in a["attacks"]:
-        raise ValueError(f"--attack {args.attack!r} not in attack.attacks {a['attacks']}")
-    model, _ = load_model(dag.model_path(args.model))
+        raise ParamError("--attack", args.attack, f"attack.attacks lists {a['attacks']}")
+    provenance = begin(params, "attack", f"{args.model}--{args.attack}")
+    model, _ = load_stage_model(params, args.model)
     images, labels, _ = load_split(a["split"])
     x = to_float(images)
     kw: dict = {"norm": a["norm"], "batch_size": a["batch_size"], "seed": params["seed"]}
@@ -62,11 +72,12 @@ def body(args: argparse.Namespace, params: dict) -> None:
         "model": args.model,
         "radius_labels": [radius_label(r) for r in result.radii],
         "settings": kw,
-        "seconds": seconds,
         "problems": problems,
         "suspect": bool(problems or result.flags),
         "model_sha256": model_sha,
+        "provenance": provenance,
     }
+    write_timing("attack", f"{args.model}--{args.attack}", seconds=seconds)
     write_json(out, dag.eval_path(args.model, args.attack))
     state.unlink(missing_ok=True)
     robust = ", ".join(

@@ -7,7 +7,16 @@ import argparse
 import time
 
 from pipeline import dag
-from pipeline.common import device, load_split, log, run, write_json
+from pipeline.common import (
+    begin,
+    device,
+    load_split,
+    load_stage_model,
+    log,
+    run,
+    write_json,
+    write_timing,
+)
 from pipeline.params import parse_student_id, radius_label
 
 
@@ -16,12 +25,12 @@ def body(args: argparse.Namespace, params: dict) -> None:
 
     from kdiga.bounds import llm_key, sample_indices, table4
     from kdiga.data import to_float
-    from kdiga.models import load_model
 
     parse_student_id(params, args.model)
+    provenance = begin(params, "bounds", args.model)
     b = params["bounds"]
-    student, _ = load_model(dag.model_path(args.model))
-    teacher, _ = load_model(dag.model_path("teacher"))
+    student, _ = load_stage_model(params, args.model)
+    teacher, _ = load_stage_model(params, "teacher")
     images, labels, _ = load_split("test")
     n = min(b["samples"], len(labels))
     if n < b["samples"]:
@@ -55,10 +64,15 @@ def body(args: argparse.Namespace, params: dict) -> None:
         "llm": [row[llm_key(r)] for r in b["radii"]],
         "ce": row["ce"],
         "grad_gap_l2": row["grad_gap_l2"],
-        "seconds": seconds,
+        "provenance": provenance,
     }
+    write_timing("bounds", args.model, seconds=seconds)
     write_json(out, dag.bounds_path(args.model))
-    log.info("%s bounds: %s", args.model, out)
+    llm = ", ".join(
+        f"{lb}: {v:.3f}" for lb, v in zip(out["radius_labels"], out["llm"], strict=True)
+    )
+    log.info("%s bounds on %d images: LLM %s; CE %.3f; ||g_s - g_t||_2 %.3f (%.1f s)", args.model,
+             n, llm, out["ce"], out["grad_gap_l2"], seconds)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

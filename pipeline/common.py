@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import dag
-from pipeline.params import ParamError, check_paths, load_params, params_file
+from pipeline.params import ParamError, check_paths, load_params, params_file, parse_student_id
 
 log = logging.getLogger("kdiga.pipeline")
 
@@ -43,19 +43,33 @@ def _setup_logging(log_file: str | None) -> None:
     )
 
 
+class MissingInputError(FileNotFoundError):
+    """A file a stage reads is not there (its stage has not run)."""
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """The project's own error types: a bad input or a stale, missing or corrupt file. Each
+    gets one line; anything else is a bug and keeps its traceback."""
+    from kdiga.artifacts import ArtifactError
     from kdiga.models import CheckpointError
     from kdiga.shards import ShardError
+    from kdiga.signals import SignalError
     from kdiga.train import NonFiniteLossError
+    from kdiga.utils import ArtifactWriteError
+    from pipeline.gpu import GpuSlotsError
+    from pipeline.provenance import ProvenanceError
 
     return (
         ParamError,
+        ProvenanceError,
+        MissingInputError,
         ShardError,
         CheckpointError,
+        SignalError,
+        ArtifactError,
+        ArtifactWriteError,
+        GpuSlotsError,
         NonFiniteLossError,
-        FileNotFoundError,
-        ValueError,
-        RuntimeError,
     )
 
 
@@ -66,8 +80,9 @@ def run(
     argv: list[str] | None = None,
     add_args: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> int:
-    """Parse the CLI, validate params, run ``body(args, params)``; a bad input exits 2 with
-    one line naming what is wrong, never a traceback (set KDIGA_DEBUG=1 for one)."""
+    """Parse the CLI, validate params, run ``body(args, params)``. A bad input, or a missing,
+    stale or corrupt file, exits 2 with one logged line naming what is wrong (set
+    KDIGA_DEBUG=1 for its traceback); any other error keeps its traceback."""
     ap = parser(stage, description)
     if add_args:
         add_args(ap)
@@ -90,7 +105,6 @@ def run(
         if os.environ.get("KDIGA_DEBUG"):
             raise
         log.error("%s failed: %s", stage, err)
-        print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
 
@@ -122,7 +136,7 @@ def load_split(split: str) -> tuple[Any, Any, dict]:
 
     path = manifest_path(split)
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run the shard stage first")
+        raise MissingInputError(f"{path} is missing: run the shard stage first")
     return load_sharded(path)
 
 
@@ -160,11 +174,50 @@ def write_json(obj: Any, path: str | Path) -> None:
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run the stage that writes it first")
+        raise MissingInputError(f"{path} is missing: run the stage that writes it first")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); delete it and re-run") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MissingInputError(
+            f"{path} is not valid JSON ({err}); delete it and re-run the stage that writes it"
+        ) from None
+
+
+def write_timing(stage: str, key: str | None, **figures: Any) -> None:
+    """Wall-clock figures of this job, beside its log: never in an output DVC hashes."""
+    write_json(figures, dag.timing_path(stage, key))
+
+
+def begin(params: dict, stage: str, key: str | None = None) -> dict:
+    """Check that every artifact this job reads is current (else raise ProvenanceError
+    naming both hashes), and return the provenance record its outputs will carry."""
+    from pipeline.provenance import current_job, make_record, require_current_inputs
+
+    job = current_job(params, stage, key)
+    require_current_inputs(params, job)
+    return make_record(params, job)
+
+
+def load_stage_model(params: dict, model_id: str):
+    """A model of the study (``teacher`` or a student id), refused if the file holds another
+    architecture or was written for another model id."""
+    from kdiga.models import CheckpointError, load_model
+
+    path = dag.model_path(model_id)
+    if model_id == "teacher":
+        arch = params["teacher"]["arch"]
+    else:
+        arch = parse_student_id(params, model_id)[0]
+    if not Path(path).exists():
+        raise MissingInputError(f"{path} is missing: run the job that writes it first")
+    model, meta = load_model(path, arch=arch)
+    made_for = meta.get("model_id")
+    if made_for is not None and made_for != model_id:
+        raise CheckpointError(
+            f"{path} was written for model {made_for!r}, not {model_id!r}: delete it and "
+            "re-run the job that writes it"
+        )
+    return model, meta
 
 
 def config_hash(*objs: Any) -> str:

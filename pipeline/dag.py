@@ -36,16 +36,22 @@ TEACHERLESS = ("st",)
 CACHEABLE = ("kd", "ard", "kdiga", "kdiga_ardc")
 
 SHARDS = "data/shards"
-SIGNALS = "data/signals.pt"
+SIGNALS = "data/signals.safetensors"
+SHARDS_RECORD = f"{SHARDS}/provenance.json"
+# The report and its metrics live in git (not gitignored, not in the DVC cache), so that
+# `dvc exp show` and `dvc plots diff` read them for every commit and experiment.
 REPORT_MD = "reports/report.md"
 REPORT_PNG = "reports/figure1.png"
+REPORT_RECORD = "reports/provenance.json"
 METRICS = "reports/metrics.json"
 PLOT_CSV = "reports/robustness.csv"
+#: wall-clock figures: written beside the logs, never into an output DVC hashes
+COST_MD = "logs/cost.md"
 REPORT_PARAMS = ["report", "signals"]  # the report says which students used cached signals
 
 
 def model_path(model_id: str) -> str:
-    return f"data/models/{model_id}.pt"
+    return f"data/models/{model_id}.safetensors"
 
 
 def history_path(model_id: str) -> str:
@@ -68,6 +74,11 @@ def log_path(stage: str, key: str | None = None) -> str:
     return f"logs/{stage}.log" if key is None else f"logs/{stage}/{key}.log"
 
 
+def timing_path(stage: str, key: str | None = None) -> str:
+    """Wall-clock figures of one job (seconds per epoch, ...): beside its log, not hashed."""
+    return log_path(stage, key).removesuffix(".log") + ".timing.json"
+
+
 def checkpoint_dir() -> Path:
     """Resumable state (training checkpoints, attack progress): never a declared output."""
     return Path("data/checkpoints")
@@ -84,6 +95,7 @@ class Job:
     metrics: list[str] = field(default_factory=list)
     plots: list[str] = field(default_factory=list)
     args: dict[str, str] = field(default_factory=dict)  # the CLI arguments in cmd
+    record: str = ""  # the output holding the job's provenance record (pipeline.provenance)
 
     @property
     def name(self) -> str:
@@ -151,7 +163,7 @@ def params_view(params: dict, keys: list[str]) -> str:
 def jobs(params: dict) -> list[Job]:
     """Every job of the study described by validated ``params``, in dependency order."""
     out = [
-        Job("shard", None, _cmd("shard"), [], [SHARDS], ["seed", "shard"]),
+        Job("shard", None, _cmd("shard"), [], [SHARDS], ["seed", "shard"], record=SHARDS_RECORD),
         Job(
             "teacher",
             None,
@@ -159,6 +171,7 @@ def jobs(params: dict) -> list[Job]:
             [SHARDS],
             [model_path("teacher"), teacher_meta_path()],
             ["seed", "teacher"],
+            record=teacher_meta_path(),
         ),
     ]
     if any(uses_signals(params, m) for m in params["distill"]["methods"]):
@@ -170,6 +183,7 @@ def jobs(params: dict) -> list[Job]:
                 [SHARDS, model_path("teacher")],
                 [SIGNALS],
                 signals_param_keys(),
+                record=SIGNALS,
             )
         )
     for sid in student_ids(params):
@@ -184,6 +198,7 @@ def jobs(params: dict) -> list[Job]:
                 distill_param_keys(method, params),
                 plots=[history_path(sid)],
                 args={"model": sid},
+                record=model_path(sid),
             )
         )
     attack = params["attack"]
@@ -200,6 +215,7 @@ def jobs(params: dict) -> list[Job]:
                     [eval_path(mid, name)],
                     keys,
                     args={"model": mid, "attack": name},
+                    record=eval_path(mid, name),
                 )
             )
     for sid in student_ids(params):
@@ -212,6 +228,7 @@ def jobs(params: dict) -> list[Job]:
                 [bounds_path(sid)],
                 ["seed", "bounds"],
                 args={"model": sid},
+                record=bounds_path(sid),
             )
         )
     report_deps = [teacher_meta_path()]
@@ -224,10 +241,11 @@ def jobs(params: dict) -> list[Job]:
             None,
             _cmd("report"),
             report_deps,
-            [REPORT_MD, REPORT_PNG],
+            [REPORT_MD, REPORT_PNG, REPORT_RECORD],
             REPORT_PARAMS,
             metrics=[METRICS],
             plots=[PLOT_CSV],
+            record=REPORT_RECORD,
         )
     )
     return out
@@ -239,6 +257,12 @@ def _pad(values: list[str], size: int) -> list[str]:
     return values + [values[0]] * (size - len(values))
 
 
+def _out(path: str) -> str | dict:
+    """A dvc.yaml output entry: files under reports/ are kept in git (``cache: false``), so
+    every commit and experiment carries its own; the rest go to the DVC cache."""
+    return {path: {"cache": False}} if path.startswith("reports/") else path
+
+
 def _dvc_stage(jobs: list[Job]) -> dict:
     """One dvc.yaml stage for the jobs of one pipeline stage: plain for a single job, else
     ``foreach`` over the job keys (stage names ``distill@small_cnn--kd`` etc.)."""
@@ -246,15 +270,15 @@ def _dvc_stage(jobs: list[Job]) -> dict:
     code = [f"pipeline/{first.stage}.py", "kdiga"]
     extras = {}
     if first.metrics:
-        extras["metrics"] = [{m: {"cache": False}} for m in first.metrics]
+        extras["metrics"] = [_out(m) for m in first.metrics]
     if first.plots:
-        extras["plots"] = [{p: {"cache": False}} for p in first.plots]
+        extras["plots"] = [_out(p) for p in first.plots]
     if first.key is None:
         return {
             "cmd": first.cmd,
             "deps": [*first.deps, *code],
             "params": list(first.params),
-            "outs": list(first.outs),
+            "outs": [_out(o) for o in first.outs],
             **extras,
         }
     n_deps = max(len(j.deps) for j in jobs)
@@ -277,12 +301,12 @@ def _dvc_stage(jobs: list[Job]) -> dict:
             "cmd": _cmd(first.stage, "${key}", **{k: f"${{item.{k}}}" for k in first.args}),
             "deps": [f"${{item.deps[{i}]}}" for i in range(n_deps)] + code,
             "params": [f"${{item.params[{i}]}}" for i in range(n_params)],
-            "outs": [sub(o) for o in first.outs],
+            "outs": [_out(sub(o)) for o in first.outs],
         },
     }
     for kind in ("metrics", "plots"):
         if kind in extras:
-            stage["do"][kind] = [{sub(next(iter(d))): {"cache": False}} for d in extras[kind]]
+            stage["do"][kind] = [_out(sub(p)) for p in getattr(first, kind)]
     return stage
 
 

@@ -19,14 +19,17 @@ import time
 
 from pipeline import dag
 from pipeline.common import (
+    begin,
     checkpoint_path,
     data_info,
     device,
     load_split,
+    load_stage_model,
     log,
     run,
     train_config,
     write_json,
+    write_timing,
 )
 from pipeline.params import parse_student_id
 
@@ -103,11 +106,12 @@ def body(args: argparse.Namespace, params: dict) -> None:
 def distill(model_id: str, params: dict, info) -> None:
     from kdiga.distributed import is_main
     from kdiga.losses import build_loss
-    from kdiga.models import build_model, load_model, save_model
+    from kdiga.models import build_model, save_model
     from kdiga.train import evaluate, fit
     from kdiga.utils import sha256_file
 
     student, method = parse_student_id(params, model_id)
+    provenance = begin(params, "distill", model_id)
     d = params["distill"]
     x, y, manifest = load_split("train")
     val = load_split("val")[:2]
@@ -122,7 +126,7 @@ def distill(model_id: str, params: dict, info) -> None:
         teacher_sha = sha256_file(dag.model_path("teacher"))
         identity.append(teacher_sha)
         if not cached:
-            teacher = load_model(dag.model_path("teacher"))[0]
+            teacher = load_stage_model(params, "teacher")[0]
     ckpt = checkpoint_path("distill", model_id, *identity)
     with _device(info) as dev:
         extra = {}
@@ -131,19 +135,21 @@ def distill(model_id: str, params: dict, info) -> None:
             cfg = dataclasses.replace(cfg, augment="none")  # the cache holds the views
         start = time.perf_counter()
         history = fit(model, criterion, x, y, cfg, teacher=teacher, checkpoint_path=ckpt,
-                      device=dev, val=val,
-                      on_epoch=lambda r: log.info("%s epoch %s", model_id, r), **extra)  # fmt: skip
+                      device=dev, val=val, **extra)  # fmt: skip
         seconds = time.perf_counter() - start
         # fit measured it after the last epoch; a run of 0 epochs has no history
         val_acc = history[-1]["val_acc"] if history else evaluate(model, *val, device=dev)
     if not is_main():
         return
     model.cpu()
-    meta = {"student": student, "method": method, "val_acc": val_acc}
+    epoch_s = [r.pop("time_s", None) for r in history]  # wall clock: not in hashed outputs
+    write_timing("distill", model_id, seconds=seconds, epoch_s=epoch_s)
+    meta = {"model_id": model_id, "student": student, "method": method, "val_acc": val_acc}
     if cached:
         meta["teacher_signals"] = {k: params["signals"][k] for k in ("views", "grad_dtype")}
-    save_model(model, dag.model_path(model_id), meta=meta)
+    meta["provenance"] = provenance
     write_json(history, dag.history_path(model_id))
+    save_model(model, dag.model_path(model_id), meta=meta)  # last: its record marks the job done
     log.info("%s: val accuracy %.4f after %d epochs (%.1f s)", model_id, val_acc, cfg.epochs,
              seconds)  # fmt: skip
 

@@ -1,17 +1,17 @@
-"""Copy the study's report into README.md (between the report markers) and its figure into
-docs/, so the README shows what the pipeline measured, never numbers typed by hand."""
+"""Copy the study's report into README.md (between the report markers), so the README shows
+what the pipeline measured, never numbers typed by hand. The figure stays where the report
+stage wrote it (reports/, kept in git)."""
 
 from __future__ import annotations
 
 import re
-import shutil
 import sys
 from pathlib import Path
 
 from pipeline import dag
 
 BEGIN, END = "<!-- report:begin -->", "<!-- report:end -->"
-FIGURE = Path("docs/figure1.png")
+FIGURE = Path(dag.REPORT_PNG)
 
 
 def embed(readme: str, report: str) -> str:
@@ -33,8 +33,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     readme = Path("README.md")
     readme.write_text(embed(readme.read_text(), report.read_text()))
-    FIGURE.parent.mkdir(exist_ok=True)
-    shutil.copyfile(dag.REPORT_PNG, FIGURE)
     return 0
 
 

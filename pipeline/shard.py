@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline import dag
-from pipeline.common import log, run
+from pipeline.common import begin, log, run, write_json
 
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "imagenet": 1000, "synthetic": 10}
 
@@ -39,11 +39,14 @@ def _splits(s: dict, seed: int) -> dict:
 
 def body(args: argparse.Namespace, params: dict) -> None:
     from kdiga.shards import write_manifest, write_shards
+    from kdiga.utils import current_umask
 
     s = params["shard"]
+    provenance = begin(params, "shard")
     out = Path(dag.SHARDS)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".shards-"))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; results are shared
     try:
         for split, (x, y) in _splits(s, params["seed"]).items():
             entries = write_shards(x, y, tmp, prefix=split, max_per_shard=s["max_per_shard"])
@@ -58,6 +61,7 @@ def body(args: argparse.Namespace, params: dict) -> None:
                 class_counts=[int((y == c).sum()) for c in range(NUM_CLASSES[s["dataset"]])],
             )
             log.info("%s: %d images in %d shard(s)", split, len(y), len(entries))
+        write_json(provenance, tmp / Path(dag.SHARDS_RECORD).name)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

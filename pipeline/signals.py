@@ -1,8 +1,8 @@
 """Stage signals (optional, ``signals.enabled``): the teacher's signals, paid once per grid.
 
 Stores the teacher's logits and input gradients (paper eq. 5, gt) for ``signals.views`` fixed
-augmented views of every training image in ``data/signals.pt`` (``kdiga.signals``). The views
-are drawn with the students' augmentation (``distill.augment``, ``distill.crop_padding``);
+augmented views of every training image in ``data/signals.safetensors`` (``kdiga.signals``).
+The views are drawn with the students' augmentation (``distill.augment``, ``distill.crop_padding``);
 every kd, ard, kdiga and kdiga_ardc student of the grid then trains from the file instead of
 running the teacher at each step. The file records the teacher checkpoint's sha256 and the
 training images' hash: a student job refuses a file made for another teacher or other data.
@@ -14,18 +14,18 @@ import argparse
 import time
 
 from pipeline import dag
-from pipeline.common import device, load_split, log, run
+from pipeline.common import begin, device, load_split, load_stage_model, log, run, write_timing
 
 
 def body(args: argparse.Namespace, params: dict) -> None:
-    from kdiga.models import load_model
     from kdiga.signals import compute_signals, save_signals
     from kdiga.utils import sha256_file
 
     sig, d = params["signals"], params["distill"]
+    provenance = begin(params, "signals")
     images, labels, _ = load_split("train")
     teacher_file = dag.model_path("teacher")
-    teacher, _ = load_model(teacher_file)
+    teacher, _ = load_stage_model(params, "teacher")
     views = sig["views"]
     size = views * images.numel() * {"float32": 4}.get(sig["grad_dtype"], 2)
     log.info(
@@ -48,6 +48,8 @@ def body(args: argparse.Namespace, params: dict) -> None:
             teacher_sha256=sha256_file(teacher_file),
         )
         seconds = time.perf_counter() - start
+    signal_set.meta["provenance"] = provenance
+    write_timing("signals", None, seconds=seconds)
     save_signals(signal_set, dag.SIGNALS)
     log.info("teacher signals: %d views computed in %.1f s", views, seconds)
 

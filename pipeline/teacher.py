@@ -12,6 +12,7 @@ import time
 
 from pipeline import dag
 from pipeline.common import (
+    begin,
     checkpoint_path,
     data_info,
     device,
@@ -20,6 +21,7 @@ from pipeline.common import (
     run,
     train_config,
     write_json,
+    write_timing,
 )
 
 
@@ -38,18 +40,10 @@ def _train(t: dict, params: dict, info: dict, dev: str, val: tuple):
     x, y, _ = load_split("train")
     ckpt = checkpoint_path("teacher", "teacher", t, params["seed"], params["shard"])
     start = time.perf_counter()
-    history = fit(
-        model,
-        criterion,
-        x,
-        y,
-        cfg,
-        checkpoint_path=ckpt,
-        device=dev,
-        val=val,
-        on_epoch=lambda r: log.info("teacher epoch %s", r),
-    )
-    return model, {"train_seconds": time.perf_counter() - start, "history": history}
+    history = fit(model, criterion, x, y, cfg, checkpoint_path=ckpt, device=dev, val=val)
+    seconds = time.perf_counter() - start
+    write_timing("teacher", None, seconds=seconds, epoch_s=[r.pop("time_s", None) for r in history])
+    return model, {"history": history}
 
 
 def body(args: argparse.Namespace, params: dict) -> None:
@@ -60,6 +54,7 @@ def body(args: argparse.Namespace, params: dict) -> None:
     from kdiga.utils import sha256_file
 
     t = params["teacher"]
+    provenance = begin(params, "teacher")
     test_x, test_y, manifest = load_split("test")
     val = load_split("val")[:2]
     info = data_info(manifest)
@@ -84,7 +79,11 @@ def body(args: argparse.Namespace, params: dict) -> None:
             for s, d in (("val", val), ("test", (test_x, test_y)))
         }
     model.cpu()
-    save_model(model, dag.model_path("teacher"), meta={"source": t["source"]})
+    save_model(
+        model,
+        dag.model_path("teacher"),
+        meta={"model_id": "teacher", "source": t["source"], "provenance": provenance},
+    )
     meta = {
         **model_spec(model),
         "source": t["source"],
@@ -94,6 +93,7 @@ def body(args: argparse.Namespace, params: dict) -> None:
         "val_acc": accs["val"],
         "clean_acc": accs["test"],
         **extra,
+        "provenance": provenance,
     }
     write_json(meta, dag.teacher_meta_path())
     log.info("teacher: clean accuracy %.4f (val %.4f)", accs["test"], accs["val"])

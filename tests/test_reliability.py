@@ -40,10 +40,13 @@ def ok(proc: subprocess.CompletedProcess) -> None:
 
 
 def failed_cleanly(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit 2 with one error line (printed once) holding every needle, and no traceback."""
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, proc.stderr[-3000:]
     for needle in needles:
-        assert needle in proc.stderr, proc.stderr[-3000:]
+        assert needle in errors[0], proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -191,15 +194,15 @@ def test_truncated_shard_names_the_file(sharded, tmp_path):
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     proc = stage(study, "distill", "--model", "small_cnn--st")
     failed_cleanly(proc, "train-000000.tar")
-    assert not (study / "data" / "models" / "small_cnn--st.pt").exists()
+    assert not (study / "data" / "models" / "small_cnn--st.safetensors").exists()
 
 
 @pytest.mark.slow
 def test_unloadable_checkpoint_names_the_file(sharded, tmp_path):
     study = _copy_study(sharded, tmp_path / "s")
-    (study / "data" / "models" / "teacher.pt").write_bytes(b"not a checkpoint")
+    (study / "data" / "models" / "teacher.safetensors").write_bytes(b"not a checkpoint")
     proc = stage(study, "attack", "--model", "teacher", "--attack", "pgd")
-    failed_cleanly(proc, "teacher.pt")
+    failed_cleanly(proc, "teacher.safetensors")
     assert not (study / "data" / "evals").exists()
 
 
@@ -210,26 +213,86 @@ def test_nan_loss_names_epoch_and_batch(sharded, tmp_path):
     params["distill"]["lr"] = 1e30
     proc = stage(study, "distill", "--model", "small_cnn--st", params=params)
     failed_cleanly(proc, "non-finite loss at epoch 1, batch")
-    assert not (study / "data" / "models" / "small_cnn--st.pt").exists()
+    assert not (study / "data" / "models" / "small_cnn--st.safetensors").exists()
 
 
 @pytest.mark.slow
-def test_same_seed_same_params_same_results(sharded, tmp_path):
-    """Training and evaluation on CPU are deterministic: two fresh runs, identical outputs.
-    (Weights are compared, not file bytes: torch.save writes a per-save serialization id.)"""
-    from kdiga.models import load_model
+def test_same_seed_same_params_same_bytes(sharded, tmp_path):
+    """Training and evaluation on CPU are deterministic to the byte: two fresh runs write
+    identical model and evaluation files (no wall clock, no per-save id in them)."""
+    from kdiga.utils import sha256_file
 
     runs = []
     for i in range(2):
         study = _copy_study(sharded, tmp_path / f"s{i}")
         ok(stage(study, "distill", "--model", "small_cnn--kdiga"))
         ok(stage(study, "attack", "--model", "small_cnn--kdiga", "--attack", "pgd"))
-        model, _ = load_model(study / "data" / "models" / "small_cnn--kdiga.pt")
-        result = json.loads((study / "data" / "evals" / "small_cnn--kdiga--pgd.json").read_text())
-        runs.append((model.state_dict(), result["clean"], result["robust"]))
-    (w0, *m0), (w1, *m1) = runs
-    assert m0 == m1
-    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+        files = ("models/small_cnn--kdiga.safetensors", "models/small_cnn--kdiga.history.json",
+                 "evals/small_cnn--kdiga--pgd.json")  # fmt: skip
+        runs.append({f: sha256_file(study / "data" / f) for f in files})
+        timing = json.loads(
+            (study / "logs" / "distill" / "small_cnn--kdiga.timing.json").read_text()
+        )
+        assert timing["seconds"] > 0  # wall clock lives beside the logs
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.slow
+def test_a_model_file_written_for_another_model_is_refused(sharded, tmp_path):
+    """The teacher's file copied to a student's path: refused, not evaluated as the student."""
+    study = _copy_study(sharded, tmp_path / "s")
+    models = study / "data" / "models"
+    (models / "small_cnn--kd.safetensors").write_bytes(
+        (models / "teacher.safetensors").read_bytes()
+    )
+    proc = stage(study, "attack", "--model", "small_cnn--kd", "--attack", "pgd")
+    failed_cleanly(proc, "small_cnn--kd.safetensors was made by job 'teacher', not 'distill@small")
+    assert not (study / "data" / "evals").exists()
+
+
+def test_a_model_of_another_architecture_is_refused_at_load(tmp_path, monkeypatch):
+    """Provenance aside, the stage's loader checks the architecture and model id it expects."""
+    from kdiga.models import CheckpointError, build_model, save_model
+    from pipeline import dag
+    from pipeline.common import load_stage_model
+    from pipeline.params import validate
+
+    monkeypatch.chdir(tmp_path)
+    params = validate(json.loads(json.dumps(TINY)))
+    path = Path(dag.model_path("small_cnn--kd"))
+    path.parent.mkdir(parents=True)
+    save_model(build_model("resnet18", 10, in_chans=1, image_size=8), path)
+    with pytest.raises(CheckpointError, match="holds a 'resnet18' model, but 'small_cnn' is exp"):
+        load_stage_model(params, "small_cnn--kd")
+    save_model(build_model("small_cnn", 10, in_chans=1, image_size=8), path, meta={"model_id": "x"})
+    with pytest.raises(CheckpointError, match="written for model 'x', not 'small_cnn--kd'"):
+        load_stage_model(params, "small_cnn--kd")
+
+
+@pytest.mark.slow
+def test_a_stale_input_stops_the_stage_naming_both_hashes(sharded, tmp_path):
+    """A model re-trained with other params after its evaluation: bounds and the report would
+    mix generations; the stage reading them stops and names the two hashes."""
+    from kdiga.utils import sha256_file
+
+    study = _copy_study(sharded, tmp_path / "s")
+    ok(stage(study, "distill", "--model", "small_cnn--st"))
+    ok(stage(study, "attack", "--model", "small_cnn--st", "--attack", "pgd"))
+    model = study / "data" / "models" / "small_cnn--st.safetensors"
+    old = sha256_file(model)
+    params = json.loads(json.dumps(TINY))
+    params["distill"]["lr"] = 0.01
+    ok(stage(study, "distill", "--model", "small_cnn--st", params=params))
+    new = sha256_file(model)
+    assert old != new
+    proc = stage(study, "report")
+    failed_cleanly(proc, "small_cnn--st--pgd.json was made from", old[:16], new[:16],
+                   "dvc repro attack@small_cnn--st--pgd")  # fmt: skip
+    params["distill"]["lr"] = 0.05  # back: now the model itself is not what params make
+    proc = stage(study, "attack", "--model", "small_cnn--st", "--attack", "pgd", params=params)
+    failed_cleanly(
+        proc, "small_cnn--st.safetensors was made with params distill.lr = 0.01, now 0.05"
+    )
 
 
 _KILLED_AUTOATTACK = textwrap.dedent(

@@ -1,0 +1,210 @@
+"""Provenance: every artifact records what it was made from; consumers check it.
+
+A job's record (:func:`make_record`) holds the params it read (its ``dag.Job.params`` view),
+the sha256 of every data input it read (a directory of shards: of its JSON manifests, which
+hold each shard's sha256) and a digest of its code (``pipeline/<stage>.py`` and ``kdiga/``,
+the code DVC tracks for the stage). It is stored in the job's ``record`` output: a model's or
+signal file's safetensors header, an evaluation's or the teacher's JSON, or a
+``provenance.json`` (shards, report).
+
+Two users:
+
+- every stage, before it reads anything, checks that each upstream artifact is current
+  (:func:`require_current_inputs`): made with today's params from the inputs that are on disk
+  now. An evaluation of another model file, bounds of an older model, a report over mixed
+  generations stop with a message naming both hashes and the job to re-run;
+- the Snakemake-to-DVC hand-off (``python -m pipeline.sync``) records in ``dvc.lock`` only the
+  jobs that are current, their code included, and whose upstream jobs are too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from pipeline import dag
+
+RECORD_KEY = "provenance"
+_SHORT = 16  # hex digits of a sha256 shown in messages
+
+
+class ProvenanceError(RuntimeError):
+    """An input was made from other data or params than those on disk now."""
+
+
+def _file_sha256(path: Path) -> str:
+    st = path.stat()
+    return _cached_sha256(str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+@cache
+def _cached_sha256(path: str, mtime_ns: int, size: int) -> str:
+    from kdiga.utils import sha256_file
+
+    return sha256_file(path)
+
+
+def digest(path: str | Path) -> str | None:
+    """sha256 of a file; of a directory, over its JSON manifests (names and bytes); None if
+    it does not exist."""
+    path = Path(path)
+    if path.is_file():
+        return _file_sha256(path)
+    if not path.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.json")):
+        if f.name != "provenance.json":
+            h.update(f"{f.name}\0{_file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def code_digest(stage: str, root: str | Path = ".") -> str:
+    """sha256 over ``pipeline/<stage>.py`` and every file under ``kdiga/`` (bytecode caches
+    left out): the code DVC lists as the stage's dependencies."""
+    root = Path(root)
+    files = [root / "pipeline" / f"{stage}.py"]
+    files += [
+        f
+        for f in (root / "kdiga").rglob("*")
+        if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".pyc"
+    ]
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f.relative_to(root).as_posix()):
+        if f.is_file():
+            h.update(f"{f.relative_to(root).as_posix()}\0{_file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def make_record(params: dict, job: dag.Job) -> dict[str, Any]:
+    """What ``job`` is made from right now: its params view, input hashes and code."""
+    return {
+        "job": job.name,
+        "params": json.loads(dag.params_view(params, job.params)),
+        "inputs": {dep: digest(dep) for dep in job.deps},
+        "code": code_digest(job.stage),
+    }
+
+
+def read_record(job: dag.Job) -> dict[str, Any] | None:
+    """The record stored in ``job.record``; None if the file has none (or is unreadable)."""
+    path = Path(job.record)
+    try:
+        if path.name == "provenance.json":
+            return json.loads(path.read_text())
+        if path.suffix == ".json":
+            return json.loads(path.read_text()).get(RECORD_KEY)
+        from kdiga.artifacts import read_meta
+
+        meta = read_meta(path)
+        return meta.get(RECORD_KEY) or (meta.get("meta") or {}).get(RECORD_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _short(sha: str | None) -> str:
+    return "nothing (missing)" if sha is None else sha[:_SHORT]
+
+
+def problems(params: dict, job: dag.Job, *, code: bool = True) -> list[str]:
+    """Why ``job``'s outputs are not what its current params, inputs (and code) make: empty
+    when they are current."""
+    if not Path(job.record).exists():
+        return [f"{job.record} is missing"]
+    rec = read_record(job)
+    if not rec:
+        return [f"{job.record} records no provenance (made by an older kdiga, or corrupt)"]
+    if rec.get("job") != job.name:
+        return [f"{job.record} was made by job {rec.get('job')!r}, not {job.name!r}"]
+    missing = [o for o in (*job.outs, *job.metrics, *job.plots) if not Path(o).exists()]
+    if missing:
+        return [f"{missing[0]} is missing"]
+    out = []
+    now = json.loads(dag.params_view(params, job.params))
+    then = rec.get("params") or {}
+    for key in sorted(set(now) | set(then)):
+        if now.get(key) != then.get(key):
+            out.append(
+                f"{job.record} was made with params {key} = {json.dumps(then.get(key))}, "
+                f"now {json.dumps(now.get(key))}"
+            )
+    inputs = rec.get("inputs") or {}
+    for dep in sorted(set(job.deps) | set(inputs)):
+        old, new = inputs.get(dep), digest(dep) if dep in job.deps else None
+        if old != new:
+            out.append(
+                f"{job.record} was made from {dep} with sha256 {_short(old)}, but {dep} now "
+                f"has {_short(new)}"
+            )
+    if code and rec.get("code") != code_digest(job.stage):
+        out.append(f"{job.record} was made by other code (kdiga/ or pipeline/{job.stage}.py)")
+    return out
+
+
+def producers(jobs: Iterable[dag.Job]) -> dict[str, dag.Job]:
+    """Output path -> the job that writes it."""
+    return {o: j for j in jobs for o in (*j.outs, *j.metrics, *j.plots)}
+
+
+def ancestors(job: dag.Job, jobs: list[dag.Job]) -> list[dag.Job]:
+    """The jobs ``job`` depends on, directly or not, nearest first."""
+    made_by = producers(jobs)
+    seen: dict[str, dag.Job] = {}
+    frontier = [job]
+    while frontier:
+        nxt = []
+        for j in frontier:
+            for dep in j.deps:
+                up = made_by.get(dep)
+                if up is not None and up.name not in seen:
+                    seen[up.name] = up
+                    nxt.append(up)
+        frontier = nxt
+    return list(seen.values())
+
+
+def how_to_rerun(job: dag.Job) -> str:
+    return f"re-run it (`snakemake {job.outs[0]}` or `dvc repro {job.name}`)"
+
+
+def require_current_inputs(params: dict, job: dag.Job) -> None:
+    """Raise :class:`ProvenanceError` if an artifact ``job`` reads, directly or through the
+    artifacts it was made from, is not what the current params and files make.
+
+    Code changes are not checked here (``pipeline.sync`` does, before DVC records a job):
+    editing kdiga/ does not stop a Snakemake run, as Snakemake does not track it either.
+    """
+    for up in ancestors(job, dag.jobs(params)):
+        if not all(Path(o).exists() for o in up.outs):
+            continue  # the stage itself names the missing input
+        found = problems(params, up, code=False)
+        if found:
+            raise ProvenanceError(f"{job.name}: stale input: {found[0]}; {how_to_rerun(up)}")
+
+
+def current_job(params: dict, stage: str, key: str | None = None) -> dag.Job:
+    """The DAG's job for ``stage`` (and ``key``) under ``params``."""
+    for job in dag.jobs(params):
+        if job.stage == stage and job.key == key:
+            return job
+    raise ProvenanceError(f"no {stage} job {key!r} in the DAG of the current params")
+
+
+def freshness(params: dict, *, code: bool = True) -> dict[str, list[str]]:
+    """Job name -> why it is not current (empty list: current, and so is every job it
+    depends on). In dependency order."""
+    jobs = dag.jobs(params)
+    made_by = producers(jobs)
+    out: dict[str, list[str]] = {}
+    for job in jobs:
+        reasons = problems(params, job, code=code)
+        ups = {made_by[d].name for d in job.deps if d in made_by}
+        stale_up = sorted(name for name in ups if out.get(name))
+        if stale_up and not reasons:
+            reasons = [f"an input is not current: {', '.join(stale_up)}"]
+        out[job.name] = reasons
+    return out

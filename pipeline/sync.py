@@ -1,0 +1,105 @@
+"""Hand-offs between Snakemake and DVC that never bless stale work.
+
+    python -m pipeline.sync              # which jobs are current, and why the others are not
+    python -m pipeline.sync --dvc        # record the current jobs in dvc.lock (dvc commit)
+    python -m pipeline.sync --snakemake  # adopt the current jobs in Snakemake (--touch)
+
+A job is current when its outputs exist and its provenance record (``pipeline.provenance``)
+matches the current params, the current input files and the current code, and every job it
+depends on is current too. Only those are handed over: after a targeted run
+(``snakemake <one model>``, ``dvc repro <one stage>``) the evaluations and the report made
+from the older model stay stale for both tools, and the next run redoes them.
+
+The Snakefile's ``onsuccess`` runs ``--dvc``. ``dvc commit`` rewrites the outputs it records,
+which moves their modification times; this command puts the times back, so that Snakemake's
+view of what is newer than what does not change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline import dag
+from pipeline.params import ParamError, load_params, params_file
+from pipeline.provenance import freshness
+
+
+def _outputs(job: dag.Job) -> list[str]:
+    return [*job.outs, *job.metrics, *job.plots]
+
+
+def _mtimes(paths: list[str]) -> dict[Path, tuple[int, int]]:
+    """(atime, mtime) in ns of every file under ``paths``."""
+    out = {}
+    for p in map(Path, paths):
+        for f in [p, *p.rglob("*")] if p.is_dir() else [p]:
+            if f.exists():
+                st = f.stat()
+                out[f] = (st.st_atime_ns, st.st_mtime_ns)
+    return out
+
+
+def commit_to_dvc(names: list[str], jobs: dict[str, dag.Job]) -> int:
+    """``dvc commit --force`` of the named stages, keeping their outputs' mtimes."""
+    dvc = shutil.which("dvc")
+    if dvc is None or not Path(".dvc").is_dir() or not names:
+        return 0
+    times = _mtimes([o for n in names for o in _outputs(jobs[n])])
+    proc = subprocess.run([dvc, "commit", "--force", "--quiet", *names], check=False)
+    for f, (atime, mtime) in times.items():
+        if f.exists():
+            os.utime(f, ns=(atime, mtime))
+    return proc.returncode
+
+
+def touch_in_snakemake(names: list[str], jobs: dict[str, dag.Job]) -> int:
+    """``snakemake --touch`` for the outputs of the named (current) jobs."""
+    snakemake = shutil.which("snakemake")
+    if snakemake is None or not names:
+        return 0
+    targets = [o for n in names for o in _outputs(jobs[n])]
+    cmd = [snakemake, "--touch", "--cores", "1", *targets]
+    return subprocess.run(cmd, check=False).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.sync", description=__doc__.split("\n")[0])
+    ap.add_argument("--params", default=None, help="default: $KDIGA_PARAMS or params.yaml")
+    ap.add_argument("--dvc", action="store_true", help="record the current jobs in dvc.lock")
+    ap.add_argument("--snakemake", action="store_true", help="adopt the current jobs in Snakemake")
+    ap.add_argument("--quiet", action="store_true", help="list only the jobs that are not current")
+    args = ap.parse_args(argv)
+    try:
+        params = load_params(args.params or params_file())
+    except ParamError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    jobs = {j.name: j for j in dag.jobs(params)}
+    state = freshness(params)
+    current = [n for n, why in state.items() if not why]
+    for name, why in state.items():
+        if why:
+            print(f"not current: {name}: {why[0]}", file=sys.stderr)
+        elif not args.quiet:
+            print(f"current: {name}")
+    rc = 0
+    if args.dvc:
+        rc |= commit_to_dvc(current, jobs)
+        if len(current) < len(state):
+            print(
+                f"recorded {len(current)} of {len(state)} jobs in dvc.lock; the others are not "
+                "current (above): `dvc repro` or `snakemake` redoes them",
+                file=sys.stderr,
+            )
+    if args.snakemake:
+        rc |= touch_in_snakemake(current, jobs)
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
