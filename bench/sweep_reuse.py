@@ -43,8 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RADII = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2)
 STEPS = 20
 PIPELINE_MODELS = {
-    "robust (pipeline teacher, PGD-AT)": "data/models/teacher.pt",
-    "non-robust (pipeline small_cnn--st)": "data/models/small_cnn--st.pt",
+    "robust (pipeline teacher, PGD-AT)": "data/models/teacher.safetensors",
+    "non-robust (pipeline small_cnn--st)": "data/models/small_cnn--st.safetensors",
 }
 
 
@@ -280,7 +280,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--from-pipeline",
         action="store_true",
-        help="use data/models/teacher.pt and data/models/small_cnn--st.pt of a finished study",
+        help="use data/models/teacher.safetensors and data/models/small_cnn--st.safetensors "
+        "of a finished study",
     )
     parser.add_argument(
         "--random-start",

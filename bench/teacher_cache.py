@@ -11,8 +11,8 @@ of computing the views, per view, and from it the break-even number of training 
 CIFAR-10 schedule); the cost per view is extrapolated linearly in K from the views timed.
 
 (b) Accuracy. The embedded digits study: a small_cnn student distilled with kdiga from the
-pipeline's teacher (``data/models/teacher.pt``; else one trained here by PGD-AT) with cached
-signals for K = 1, 4, 16 views (one set of 16 computed, its first K views taken: views do not
+pipeline's teacher (``data/models/teacher.safetensors``; else one trained here by PGD-AT) with
+cached signals for K = 1, 4, 16 views (one set of 16 computed, its first K views taken: views do not
 depend on K) and with live signals (fresh random crops each epoch), same epochs, seed and
 schedule. Clean and PGD-20 (L∞, radius 0.1, random start) accuracy on the digits test split.
 K = 1 is view 0 only, i.e. no augmentation at all.
@@ -49,7 +49,7 @@ from kdiga.train import TrainConfig, evaluate, fit, predict
 from kdiga.utils import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
-TEACHER_PATH = ROOT / "data" / "models" / "teacher.pt"
+TEACHER_PATH = ROOT / "data" / "models" / "teacher.safetensors"
 PAPER_EPOCHS = 200
 RADIUS, PGD_STEPS = 0.1, 20
 

@@ -51,6 +51,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """The project's own error types: a bad input or a stale, missing or corrupt file. Each
     gets one line; anything else is a bug and keeps its traceback."""
     from kdiga.artifacts import ArtifactError
+    from kdiga.data import DatasetNotFoundError
     from kdiga.models import CheckpointError
     from kdiga.shards import ShardError
     from kdiga.signals import SignalError
@@ -63,6 +64,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ParamError,
         ProvenanceError,
         MissingInputError,
+        DatasetNotFoundError,
         ShardError,
         CheckpointError,
         SignalError,

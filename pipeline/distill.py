@@ -69,7 +69,7 @@ def _device(info) -> contextlib.AbstractContextManager[str]:
 def _signal_cache(params: dict, x, y, teacher_sha: str, dev: str):
     """The cached teacher signals as fit's batch_source, checked against this teacher and
     these images (a file made for another teacher or other data is refused)."""
-    from kdiga.signals import SignalCache, load_signals
+    from kdiga.signals import SignalCache, SignalMismatchError, load_signals
 
     sig = params["signals"]
     signal_set = load_signals(dag.SIGNALS, teacher_sha256=teacher_sha, n=y.numel())
@@ -83,7 +83,7 @@ def _signal_cache(params: dict, x, y, teacher_sha: str, dev: str):
     }
     differ = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
     if differ:
-        raise ValueError(
+        raise SignalMismatchError(
             f"{dag.SIGNALS} was computed with other settings (file vs params: {differ}); "
             "re-run the signals stage"
         )

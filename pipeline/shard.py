@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pipeline import dag
 from pipeline.common import begin, log, run, write_json
+from pipeline.params import ParamError
 
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "imagenet": 1000, "synthetic": 10}
 
@@ -22,10 +23,12 @@ def _splits(s: dict, seed: int) -> dict:
 
     kw = {"root": s["root"], "image_size": s["image_size"]}
     if s["dataset"] == "imagenet":
-        raise ValueError(
-            "shard.dataset imagenet: this version shards a split by holding it in memory, "
+        raise ParamError(
+            "shard.dataset",
+            "imagenet",
+            "this version shards a split by holding it in memory, "
             "which ImageNet's training set does not fit; streaming shard writing and training "
-            "(kdiga.shards.shard_dataset) are not wired into the pipeline yet"
+            "(kdiga.shards.shard_dataset) are not wired into the pipeline yet",
         )
     train_x, train_y = load_dataset(s["dataset"], "train", seed=seed, **kw)
     test_x, test_y = load_dataset(s["dataset"], "test", n=s["test_samples"], seed=seed, **kw)

@@ -15,7 +15,8 @@ import copy
 import time
 
 from pipeline import dag
-from pipeline.common import data_info, device, load_split, log, run, train_config
+from pipeline.common import data_info, device, load_split, load_stage_model, log, run, train_config
+from pipeline.params import ParamError
 
 
 def body(args: argparse.Namespace, params: dict) -> None:
@@ -24,16 +25,16 @@ def body(args: argparse.Namespace, params: dict) -> None:
     from kdiga.attacks import robust_sweep
     from kdiga.data import to_float
     from kdiga.losses import build_loss
-    from kdiga.models import build_model, load_model
+    from kdiga.models import build_model
     from kdiga.train import fit
     from pipeline.distill import loss_settings
 
     if args.method not in dag.IGA:
-        raise ValueError(f"--method {args.method!r}: tuning the IGA weight needs one of {dag.IGA}")
+        raise ParamError("--method", args.method, f"tuning the IGA weight needs one of {dag.IGA}")
     student = args.student or params["distill"]["students"][0]
     x, y, manifest = load_split("train")
     vx, vy, _ = load_split("val")
-    teacher = load_model(dag.model_path("teacher"))[0]
+    teacher = load_stage_model(params, "teacher")[0]
     a = params["attack"]
     rows = []
     with device() as dev:

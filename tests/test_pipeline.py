@@ -1,9 +1,11 @@
 """End to end, as a user runs it: Snakemake, then DVC, on a tiny study in a fresh git repo.
 
 One module-scoped study (digits at 8x8, one epoch, three methods, two radii) is built once
-by Snakemake; the tests then check the outputs, that DVC sees Snakemake's work as done,
-that changing an attack radius re-runs only the attack stages and after, and that a bad
-params file stops before any job with one clear message.
+by Snakemake; the tests then check, in order: the outputs; that DVC sees Snakemake's work as
+done; that a second study from clean writes the same bytes; that targeted runs of either
+tool never leave a stale result called current; that changing an attack radius re-runs only
+the attack stages and after; that `dvc exp show` and `dvc plots diff` compare committed
+experiments by their own numbers; and that a bad params file stops before any job.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,10 @@ import yaml
 from tiny_study import BIN, ROOT, TINY, env
 
 pytestmark = pytest.mark.slow
+
+FIRST_RUN: dict[str, bytes] = {}  # files of the study as its first Snakemake run left them
+COMPARED = ("dvc.lock", "reports/report.md", "reports/metrics.json", "reports/figure1.png",
+            "reports/robustness.csv", "reports/provenance.json")  # fmt: skip
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -38,23 +45,70 @@ def write_params(study: Path, params: dict) -> None:
     run([sys.executable, "-m", "pipeline.dag"], study)
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory) -> Path:
-    """A fresh git + DVC repo holding the tiny study, built once by Snakemake."""
-    path = tmp_path_factory.mktemp("study")
-    shutil.copy(ROOT / "Snakefile", path / "Snakefile")
+def new_study(path: Path, source: Path = ROOT) -> Path:
+    """A fresh git + DVC repo holding the tiny study and the code of ``source``, built by
+    Snakemake."""
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source / "Snakefile", path / "Snakefile")
     for code in ("pipeline", "kdiga"):  # a clone: DVC tracks the code as dependencies
-        shutil.copytree(ROOT / code, path / code, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(source / code, path / code, ignore=shutil.ignore_patterns("__pycache__"))
     run(["git", "init", "-q"], path)
     run(["git", "config", "user.email", "ci@example.invalid"], path)
     run(["git", "config", "user.name", "ci"], path)
     run([str(BIN / "dvc"), "init", "-q"], path)
-    (path / ".gitignore").write_text("/data/\n/logs/\n/reports/\n.snakemake/\n__pycache__/\n")
+    shutil.copy(ROOT / ".dvcignore", path / ".dvcignore")
+    (path / ".gitignore").write_text("/data/\n/logs/\n.snakemake/\n__pycache__/\n")
     write_params(path, TINY)
     run(["git", "add", "-A"], path)
     run(["git", "commit", "-qm", "tiny study"], path)
     run([str(BIN / "snakemake"), "--cores", "2"], path)
     return path
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory) -> Path:
+    path = new_study(tmp_path_factory.mktemp("study"))
+    FIRST_RUN.update({f: (path / f).read_bytes() for f in COMPARED})
+    return path
+
+
+def dvc(*args: str, cwd: Path) -> str:
+    return run([str(BIN / "dvc"), *args], cwd).stdout
+
+
+def planned(study: Path) -> list[str]:
+    """The jobs `snakemake -n` would run, as 'rule' or 'rule:wildcards'."""
+    out = run([str(BIN / "snakemake"), "-n", "--cores", "1"], study)
+    text = out.stdout + out.stderr
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", text):
+        if m := re.match(r"(?:local)?rule (\w+):", block.strip()):
+            wc = re.search(r"wildcards: (.*)", block)
+            jobs.append(m.group(1) + (":" + wc.group(1).strip() if wc else ""))
+    return sorted(j for j in jobs if j != "all")
+
+
+def changed_stages(study: Path) -> set[str]:
+    """The stages `dvc status` lists as changed (empty when it says up to date)."""
+    out = dvc("status", cwd=study)
+    return {line[:-1] for line in out.splitlines() if line.endswith(":") and line[0] != "\t"}
+
+
+def set_param(study: Path, key: str, value) -> None:
+    """Set one dotted params key in the study's params.yaml (as a user edits it)."""
+    params = yaml.safe_load((study / "params.yaml").read_text())
+    *path, leaf = key.split(".")
+    section = params
+    for part in path:
+        section = section[part]
+    section[leaf] = value
+    (study / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def sha(path: Path) -> str:
+    from kdiga.utils import sha256_file
+
+    return sha256_file(path)
 
 
 def test_snakemake_builds_the_report(study):
@@ -67,38 +121,89 @@ def test_snakemake_builds_the_report(study):
     for mid in ("teacher", "small_cnn--st", "small_cnn--kd", "small_cnn--kdiga"):
         assert 0 <= metrics[mid]["pgd"]["0.1"] <= metrics[mid]["clean"] <= 1
     assert "bounds" in metrics["small_cnn--kdiga"]
+    cost = (study / "logs" / "cost.md").read_text()  # wall clock: beside the logs
+    assert re.search(r"\| small_cnn \(ST\) \| \d+\.\d\d \|", cost), cost
+    assert "s / epoch" not in report
 
 
 def test_dvc_sees_snakemake_work_as_done(study):
-    status = run([str(BIN / "dvc"), "status"], study).stdout
-    assert "up to date" in status, status
+    assert "up to date" in dvc("status", cwd=study)
+    assert planned(study) == []  # and recording it in dvc.lock changed nothing for Snakemake
+
+
+def test_a_second_study_from_clean_writes_the_same_bytes(study, tmp_path):
+    """Same inputs and params, same bytes: dvc.lock's hashes and every report file."""
+    again = new_study(tmp_path / "again", source=study)
+    differ = [f for f in COMPARED if (again / f).read_bytes() != FIRST_RUN[f]]
+    assert differ == []
+
+
+def test_a_targeted_snakemake_run_blesses_nothing_stale(study):
+    """Change the IGA weight and rebuild only the KDIGA model: its evaluations, bounds and the
+    report are stale, and neither tool may call them current; a stage reading them stops."""
+    model = study / "data" / "models" / "small_cnn--kdiga.safetensors"
+    set_param(study, "distill.iga.weight", 3.0)
+    run([str(BIN / "snakemake"), "--cores", "2", str(model.relative_to(study))], study)
+    stale = {"attack@small_cnn--kdiga--pgd", "attack@small_cnn--kdiga--autoattack",
+             "bounds@small_cnn--kdiga", "report"}  # fmt: skip
+    assert changed_stages(study) == stale
+    assert planned(study) == sorted(["attack:model=small_cnn--kdiga, attack=pgd",
+                                     "attack:model=small_cnn--kdiga, attack=autoattack",
+                                     "bounds:sid=small_cnn--kdiga", "report"])  # fmt: skip
+    report = run([sys.executable, "-m", "pipeline.report"], study, check=False)
+    old = json.loads((study / "data/evals/small_cnn--kdiga--pgd.json").read_text())
+    assert report.returncode == 2
+    assert old["model_sha256"][:16] in report.stderr and sha(model)[:16] in report.stderr
+    run([str(BIN / "snakemake"), "--cores", "2"], study)
+    assert changed_stages(study) == set()
+    new = json.loads((study / "data/evals/small_cnn--kdiga--pgd.json").read_text())
+    assert new["model_sha256"] == sha(model)
+    metrics = json.loads((study / "reports" / "metrics.json").read_text())
+    robust = dict(zip(new["radius_labels"], new["robust"], strict=True))
+    assert metrics["small_cnn--kdiga"]["pgd"] == robust
+
+
+def test_a_targeted_dvc_repro_then_snakemake(study):
+    """The other way round: DVC rebuilds one model; the hand-off adopts only what is current
+    and Snakemake redoes exactly the evaluations, bounds and report made from the old one."""
+    set_param(study, "distill.iga.weight", 0.3)
+    dvc("repro", "distill@small_cnn--kdiga", cwd=study)
+    run([sys.executable, "-m", "pipeline.sync", "--snakemake", "--quiet"], study)
+    assert planned(study) == sorted(["attack:model=small_cnn--kdiga, attack=pgd",
+                                     "attack:model=small_cnn--kdiga, attack=autoattack",
+                                     "bounds:sid=small_cnn--kdiga", "report"])  # fmt: skip
+    run([str(BIN / "snakemake"), "--cores", "2"], study)
+    assert changed_stages(study) == set() and planned(study) == []
+    bounds = json.loads((study / "data/bounds/small_cnn--kdiga.json").read_text())
+    model = study / "data" / "models" / "small_cnn--kdiga.safetensors"
+    assert bounds["provenance"]["inputs"]["data/models/small_cnn--kdiga.safetensors"] == sha(model)
 
 
 def test_changing_a_radius_reruns_only_attacks_and_after(study):
-    before = {p.name: p.stat().st_mtime_ns for p in (study / "data" / "models").glob("*.pt")}
-    params = json.loads(json.dumps(TINY))
-    params["attack"]["radii"] = [0.05, 0.15]
-    write_params(study, params)
-    out = run([str(BIN / "dvc"), "repro"], study).stdout
-    after = {p.name: p.stat().st_mtime_ns for p in (study / "data" / "models").glob("*.pt")}
+    models = study / "data" / "models"
+    before = {p.name: p.stat().st_mtime_ns for p in models.glob("*.safetensors")}
+    set_param(study, "attack.radii", [0.05, 0.15])
+    run([sys.executable, "-m", "pipeline.dag"], study)
+    out = dvc("repro", cwd=study)
+    after = {p.name: p.stat().st_mtime_ns for p in models.glob("*.safetensors")}
     assert before == after, "distillation or teacher re-ran"
     assert "Running stage 'attack@small_cnn--kd--pgd'" in out
     assert "Running stage 'distill" not in out and "Running stage 'teacher'" not in out
     metrics = json.loads((study / "reports" / "metrics.json").read_text())
     assert "0.15" in metrics["small_cnn--kd"]["pgd"]
-    assert "up to date" in run([str(BIN / "dvc"), "status"], study).stdout
+    assert "up to date" in dvc("status", cwd=study)
 
 
 def test_snakemake_after_dvc_has_nothing_to_do(study):
     """Snakemake re-runs a job whose params changed since *it* last ran it; after DVC ran
-    them, `snakemake --touch` (the README's hand-off) adopts DVC's outputs, running nothing."""
+    them, `python -m pipeline.sync --snakemake` (the README's hand-off) adopts DVC's current
+    outputs, running nothing."""
     before = {p.name: p.read_bytes() for p in (study / "data" / "evals").glob("*.json")}
-    run([str(BIN / "snakemake"), "--touch", "--cores", "1"], study)
+    run([sys.executable, "-m", "pipeline.sync", "--snakemake", "--quiet"], study)
     after = {p.name: p.read_bytes() for p in (study / "data" / "evals").glob("*.json")}
     assert before == after
-    proc = run([str(BIN / "snakemake"), "-n", "--cores", "1"], study)
-    assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]
-    assert "up to date" in run([str(BIN / "dvc"), "status"], study).stdout
+    assert planned(study) == []
+    assert "up to date" in dvc("status", cwd=study)
 
 
 def test_teacher_signals_stage_serves_the_grid(study):
@@ -107,35 +212,96 @@ def test_teacher_signals_stage_serves_the_grid(study):
     from kdiga.models import load_model
 
     models = study / "data" / "models"
-    before = {p.name: p.read_bytes() for p in models.glob("*.pt")}
-    params = json.loads(json.dumps(TINY))
-    params["signals"]["enabled"] = True
-    write_params(study, params)
+    before = {p.name: p.read_bytes() for p in models.glob("*.safetensors")}
+    set_param(study, "signals.enabled", True)
+    run([sys.executable, "-m", "pipeline.dag"], study)
     proc = run([str(BIN / "snakemake"), "--cores", "2"], study)
     ran = re.findall(r"^(?:local)?rule (\w+):", proc.stdout + proc.stderr, re.M)
     trained = set(re.findall(r"wildcards: sid=(\S+)", proc.stdout + proc.stderr))
     assert "signals" in ran and "teacher" not in ran and "shard" not in ran, ran
     assert trained == {"small_cnn--kd", "small_cnn--kdiga"}
-    assert (study / "data" / "signals.pt").stat().st_size > 0
-    after = {p.name: p.read_bytes() for p in models.glob("*.pt")}
-    for name in ("teacher.pt", "small_cnn--st.pt"):
+    assert (study / "data" / "signals.safetensors").stat().st_size > 0
+    after = {p.name: p.read_bytes() for p in models.glob("*.safetensors")}
+    for name in ("teacher.safetensors", "small_cnn--st.safetensors"):
         assert after[name] == before[name], f"{name} changed"
     for sid in sorted(trained):
-        meta = load_model(models / f"{sid}.pt")[1]
+        meta = load_model(models / f"{sid}.safetensors")[1]
         assert meta["teacher_signals"] == {"views": 1, "grad_dtype": "float16"}
         assert "cached teacher signals" in (study / "logs" / "distill" / f"{sid}.log").read_text()
     report = (study / "reports" / "report.md").read_text()
     assert "The KD, KDIGA students trained from the teacher's cached signals (1 fixed" in report
-    assert "up to date" in run([str(BIN / "dvc"), "status"], study).stdout
+    assert "up to date" in dvc("status", cwd=study)
 
 
-def test_dvc_exp_run_and_show(study):
+def _experiments(show: list) -> dict[str, dict]:
+    """`dvc exp show --json` as name (baseline: its commit) -> (params, metrics)."""
+    out = {}
+    for row in show:
+        if row["rev"] != "workspace":
+            out["baseline"] = row
+        for exp in row.get("experiments") or []:
+            for rev in exp["revs"]:
+                out[rev["name"]] = rev
+    return {
+        name: {
+            "rev": r["rev"],
+            "params": r["data"]["params"]["params.yaml"]["data"],
+            "metrics": r["data"]["metrics"]["reports/metrics.json"]["data"],
+        }
+        for name, r in out.items()
+    }
+
+
+def test_dvc_exp_show_compares_committed_experiments(study):
+    """Two experiments and the baseline commit, each with its own numbers: the KDIGA student's
+    differ with the IGA weight, the models the weight does not touch are the same bytes."""
     run(["git", "add", "-A"], study)
-    run(["git", "commit", "-qm", "radius change", "--allow-empty"], study)
-    run([str(BIN / "dvc"), "exp", "run", "-S", "distill.iga.weight=3.0"], study)
-    show = run([str(BIN / "dvc"), "exp", "show", "--json"], study).stdout
-    assert "distill.iga.weight" in show or '"weight": 3.0' in show
-    assert "small_cnn--kdiga" in show
+    run(["git", "commit", "-qm", "baseline"], study)
+    baseline = json.loads((study / "reports" / "metrics.json").read_text())
+    for name, weight in (("w0", 0.0), ("w3", 3.0)):
+        dvc("exp", "run", "-n", name, "-S", f"distill.iga.weight={weight}", cwd=study)
+    exps = _experiments(json.loads(dvc("exp", "show", "--json", cwd=study)))
+    assert exps["baseline"]["metrics"] == baseline
+    for name, weight in (("w0", 0.0), ("w3", 3.0)):
+        assert exps[name]["params"]["distill"]["iga"]["weight"] == weight
+        committed = run(["git", "show", f"{exps[name]['rev']}:reports/metrics.json"], study)
+        assert exps[name]["metrics"] == json.loads(committed.stdout)
+    m0, m3, mb = (exps[n]["metrics"] for n in ("w0", "w3", "baseline"))
+    for mid in ("teacher", "small_cnn--st", "small_cnn--kd"):
+        assert m0[mid] == m3[mid] == mb[mid], mid
+    assert m0["small_cnn--kdiga"]["bounds"] != m3["small_cnn--kdiga"]["bounds"]
+    plots = json.loads(dvc("plots", "diff", "w0", "w3", "--json", cwd=study))["data"]
+    (plot,) = plots["dvc.yaml::reports/robustness.csv"]
+    assert plot["revisions"] == ["w0", "w3"]
+    drawn = {
+        (v["rev"], v["field"], v["radius"]): v[v["field"]]
+        for v in plot["content"]["data"]["values"]
+    }
+    for name in ("w0", "w3"):  # every point of each experiment's own CSV, and nothing else
+        csv = run(["git", "show", f"{exps[name]['rev']}:reports/robustness.csv"], study).stdout
+        head, *rows = [line.split(",") for line in csv.split()]
+        want = {
+            (name, f, row[0]): v for row in rows for f, v in zip(head[1:], row[1:], strict=True)
+        }
+        assert {k: v for k, v in drawn.items() if k[0] == name} == want
+
+
+def test_a_queued_sweep_runs_in_parallel(study):
+    """`dvc exp run --queue` + `dvc queue start -j 2`: whole experiments side by side."""
+    for weight in (0.5, 2.0):
+        dvc("exp", "run", "--queue", "-n", f"q{weight:g}", "-S", f"distill.iga.weight={weight}",
+            cwd=study)  # fmt: skip
+    dvc("queue", "start", "-j", "2", cwd=study)
+    deadline = time.monotonic() + 600
+    while re.search(r"Queued|Running", dvc("queue", "status", cwd=study)):
+        assert time.monotonic() < deadline, dvc("queue", "status", cwd=study)
+        time.sleep(2)
+    assert "Failed" not in dvc("queue", "status", cwd=study)
+    exps = _experiments(json.loads(dvc("exp", "show", "--json", cwd=study)))
+    for weight in (0.5, 2.0):
+        e = exps[f"q{weight:g}"]
+        assert e["params"]["distill"]["iga"]["weight"] == weight
+        assert 0 <= e["metrics"]["small_cnn--kdiga"]["pgd"]["0.1"] <= 1
 
 
 def test_bad_params_stop_before_any_job(study, tmp_path):
@@ -154,3 +320,26 @@ def test_bad_params_stop_before_any_job(study, tmp_path):
     )
     assert proc.returncode != 0
     assert "distill.methods[1] = 'kdgia' is not allowed" in proc.stdout + proc.stderr
+
+
+def test_duplicate_key_and_bad_bytes_stop_snakemake_with_one_line(study, tmp_path):
+    """Through Snakemake too, before its own YAML parser sees the file."""
+    text = (study / "params.yaml").read_text()
+    cases = {
+        "dup.yaml": (text.replace("seed: 0\n", "seed: 0\nseed: 1\n", 1).encode(),
+                     "key 'seed' is given twice (lines 1 and 2)"),
+        "latin1.yaml": (b"# caf\xe9\n" + text.encode(), "byte 5 (line 1, 0xe9) is not UTF-8"),
+    }  # fmt: skip
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        proc = subprocess.run(
+            [str(BIN / "snakemake"), "-n", "--cores", "1"],
+            cwd=study,
+            env=env(PYTHONPATH=str(study), KDIGA_PARAMS=str(tmp_path / name)),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode != 0
+        assert message in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-2000:]
+        assert str(tmp_path / name) in proc.stdout + proc.stderr
