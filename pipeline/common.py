@@ -96,6 +96,7 @@ def run(
         check_paths(params, (stage,))
         from kdiga.utils import seed_everything
 
+        set_cpu_threads()  # the same bytes whichever tool runs the job
         seed_everything(params["seed"])  # model init and any other draw: same seed, same run
         stale = (
             dag.check_fresh(path) if path == "params.yaml" and Path("dvc.yaml").exists() else None
@@ -109,6 +110,24 @@ def run(
         log.error("%s failed: %s", stage, err)
         return 2
     return 0
+
+
+THREADS_ENV = "KDIGA_THREADS"
+
+
+def set_cpu_threads() -> int:
+    """Run torch's CPU kernels on ``$KDIGA_THREADS`` threads (default 1), whoever starts the
+    job. CPU results depend on the thread count (a reduction split over two threads adds in
+    another order), and Snakemake sets OMP_NUM_THREADS to a job's ``threads`` while DVC
+    leaves it alone: pinning it here makes the two tools write the same bytes. Snakemake
+    still fills every core, with jobs side by side."""
+    import torch
+
+    raw = os.environ.get(THREADS_ENV, "1")
+    if not raw.isdigit() or not 1 <= int(raw) <= 1024:
+        raise ParamError(THREADS_ENV, raw, "expected a number of CPU threads from 1 to 1024")
+    torch.set_num_threads(int(raw))
+    return int(raw)
 
 
 @contextlib.contextmanager

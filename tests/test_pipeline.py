@@ -131,6 +131,21 @@ def test_dvc_sees_snakemake_work_as_done(study):
     assert planned(study) == []  # and recording it in dvc.lock changed nothing for Snakemake
 
 
+def test_dvc_repro_forced_rewrites_snakemakes_bytes(study):
+    """DVC re-running the teacher and a student over Snakemake's outputs (a job Snakemake ran
+    single-threaded, DVC with every core, were they not pinned) writes the same bytes, so
+    nothing downstream goes stale."""
+    models = study / "data" / "models"
+    before = {p.name: sha(p) for p in models.glob("*.safetensors")}
+    for stage in ("teacher", "distill@small_cnn--kdiga"):
+        out = dvc("repro", "--force", "--single-item", stage, cwd=study)
+        assert f"Running stage '{stage}'" in out
+    assert {p.name: sha(p) for p in models.glob("*.safetensors")} == before
+    assert "up to date" in dvc("status", cwd=study)
+    run([sys.executable, "-m", "pipeline.sync", "--snakemake", "--quiet"], study)
+    assert planned(study) == []  # the hand-off: Snakemake adopts DVC's (identical) outputs
+
+
 def test_a_second_study_from_clean_writes_the_same_bytes(study, tmp_path):
     """Same inputs and params, same bytes: dvc.lock's hashes and every report file."""
     again = new_study(tmp_path / "again", source=study)
@@ -301,7 +316,7 @@ def test_a_queued_sweep_runs_in_parallel(study):
     for weight in (0.5, 2.0):
         e = exps[f"q{weight:g}"]
         assert e["params"]["distill"]["iga"]["weight"] == weight
-        assert 0 <= e["metrics"]["small_cnn--kdiga"]["pgd"]["0.1"] <= 1
+        assert 0 <= e["metrics"]["small_cnn--kdiga"]["pgd"]["0.15"] <= 1
 
 
 def test_bad_params_stop_before_any_job(study, tmp_path):
