@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -225,7 +226,10 @@ def test_same_seed_same_params_same_bytes(sharded, tmp_path):
     runs = []
     for i in range(2):
         study = _copy_study(sharded, tmp_path / f"s{i}")
-        ok(stage(study, "distill", "--model", "small_cnn--kdiga"))
+        proc = stage(study, "distill", "--model", "small_cnn--kdiga")
+        ok(proc)
+        assert len(re.findall(r"epoch 1/1 ", proc.stderr)) == 1  # one line per epoch, for people
+        assert "{'epoch'" not in proc.stderr
         ok(stage(study, "attack", "--model", "small_cnn--kdiga", "--attack", "pgd"))
         files = ("models/small_cnn--kdiga.safetensors", "models/small_cnn--kdiga.history.json",
                  "evals/small_cnn--kdiga--pgd.json")  # fmt: skip
@@ -360,3 +364,43 @@ def test_report_marks_a_suspect_result():
     assert [m for m in models if "(suspect)" in m] == [
         "small_cnn (PGD-AT) -KD-> small_cnn (suspect)"
     ]
+
+
+def _run_stage(tmp_path, monkeypatch, error: BaseException) -> int:
+    """common.run with a body that raises ``error``, in a directory holding the tiny params."""
+    from pipeline import common
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
+
+    def body(args, params):
+        raise error
+
+    threads = torch.get_num_threads()
+    try:
+        return common.run("report", "test", body, [])
+    finally:
+        torch.set_num_threads(threads)  # run() pins them; leave the test process as it was
+
+
+def test_a_project_error_is_one_logged_line(tmp_path, monkeypatch, capsys):
+    from kdiga.models import CheckpointError
+
+    assert _run_stage(tmp_path, monkeypatch, CheckpointError("x.safetensors: bad")) == 2
+    err = capsys.readouterr().err
+    assert err.count("x.safetensors: bad") == 1  # once, not logged and printed again
+    assert "ERROR kdiga.pipeline: report failed: x.safetensors: bad" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("error", [KeyError("epoch"), ValueError("bug"), RuntimeError("OOM")])
+def test_an_unexpected_error_keeps_its_traceback(tmp_path, monkeypatch, error):
+    """A bug (or CUDA running out of memory) is not a bad input: it propagates."""
+    with pytest.raises(type(error)):
+        _run_stage(tmp_path, monkeypatch, error)
+
+
+def test_a_bad_thread_count_names_the_variable(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KDIGA_THREADS", "two")
+    assert _run_stage(tmp_path, monkeypatch, AssertionError("not reached")) == 2
+    assert "KDIGA_THREADS = 'two' is not allowed" in capsys.readouterr().err
