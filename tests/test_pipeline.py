@@ -301,6 +301,28 @@ def test_dvc_exp_show_compares_committed_experiments(study):
         assert {k: v for k, v in drawn.items() if k[0] == name} == want
 
 
+def test_a_fresh_clone_runs_the_whole_study(study, tmp_path):
+    """The report is in git, its models and evaluations are not: in a clone, Snakemake plans
+    every job rather than taking the committed report as done."""
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(study), str(clone)], tmp_path)
+    assert (clone / "reports" / "report.md").exists()
+    jobs = planned(clone)
+    assert [j for j in jobs if j.startswith(("shard", "teacher", "report"))] == [
+        "report",
+        "shard",
+        "teacher",
+    ]
+    assert len(jobs) == len(_dag_jobs(clone))
+
+
+def _dag_jobs(study: Path) -> list:
+    from pipeline import dag
+    from pipeline.params import load_params
+
+    return dag.jobs(load_params(study / "params.yaml"))
+
+
 def test_a_queued_sweep_runs_in_parallel(study):
     """`dvc exp run --queue` + `dvc queue start -j 2`: whole experiments side by side."""
     for weight in (0.5, 2.0):
