@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true", help="list only the jobs that are not current")
     args = ap.parse_args(argv)
     try:
-        params = load_params(args.params or params_file())
+        path = args.params or params_file()
+        params = load_params(path)
     except ParamError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -88,7 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         elif not args.quiet:
             print(f"current: {name}")
     rc = 0
-    if args.dvc:
+    if args.dvc and Path(path).resolve() != Path("params.yaml").resolve():
+        print(
+            f"not recorded in dvc.lock: the jobs ran with {path}, and DVC's stages read "
+            "params.yaml (copy it over params.yaml and run `python -m pipeline.dag` to use DVC)",
+            file=sys.stderr,
+        )
+    elif args.dvc:
         rc |= commit_to_dvc(current, jobs)
         if len(current) < len(state):
             print(
