@@ -31,4 +31,4 @@ bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench
 
 clean-study:
-	rm -rf data/shards data/teacher data/students data/evals data/bounds data/checkpoints reports .snakemake
+	rm -rf data/shards data/models data/signals.safetensors data/evals data/bounds data/checkpoints logs .snakemake

@@ -65,19 +65,24 @@ def save_tensors(
     Tensors are copied to contiguous CPU memory first (views of one storage are stored as
     separate tensors).
     """
-    from safetensors.torch import save
+    from safetensors.torch import save_file
 
     bad = sorted(k for k, v in tensors.items() if not isinstance(v, Tensor))
     if bad:
         raise ValueError(f"save_tensors stores tensors only; not tensors: {bad}")
-    data = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    data, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().cpu().contiguous()
+        if v.numel() and v.untyped_storage().data_ptr() in seen:
+            v = v.clone()  # safetensors refuses tensors sharing memory (tied weights)
+        seen.add(v.untyped_storage().data_ptr())
+        data[k] = v
     try:
         text = json.dumps(dict(meta), sort_keys=True, separators=(",", ":"))
     except TypeError as exc:
         raise ValueError(f"meta must hold plain JSON values: {exc}") from exc
-    blob = save(data, metadata={META_KEY: text})
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(blob)
+    with atomic_path(path) as tmp:  # streamed to disk, not built in memory first
+        save_file(data, tmp, metadata={META_KEY: text})
 
 
 def _header(path: Path) -> tuple[dict, int, int]:
@@ -153,7 +158,10 @@ def load_tensors(
         itemsize = torch.empty((), dtype=dtype).element_size()
         if (hi - lo) != itemsize * _numel(shape):
             raise ArtifactError(f"{path}: corrupt entry for {name!r} (size vs shape)")
-        out[name] = buf[lo:hi].view(dtype).reshape(shape)
+        try:
+            out[name] = buf[lo:hi].view(dtype).reshape(shape)
+        except RuntimeError as exc:  # misaligned offsets, negative dimensions
+            raise ArtifactError(f"{path}: corrupt entry for {name!r} ({exc})") from None
     return out, meta
 
 

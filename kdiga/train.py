@@ -190,14 +190,14 @@ def _load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
     }
     if diff:
         shown = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: checkpoint was made with another config ({shown}); only "
             f"{sorted(_RESUMABLE_CHANGES)} may change on resume: delete it to start over"
         )
     if ckpt["epoch"] > cfg.epochs:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: checkpoint is at epoch {ckpt['epoch']}, past the requested "
-            f"epochs={cfg.epochs}; it cannot be rewound"
+            f"epochs={cfg.epochs}; it cannot be rewound: {_START_OVER}"
         )
     return ckpt
 

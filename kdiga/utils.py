@@ -143,7 +143,7 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
         ArtifactWriteError: the file could not be written (see :func:`atomic_path`).
     """
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -55,7 +55,7 @@ def body(args: argparse.Namespace, params: dict) -> None:
     else:
         kw["autoattack_kwargs"] = autoattack_settings(a["autoattack"])
     model_sha = sha256_file(dag.model_path(args.model))
-    state = checkpoint_path("attack", f"{args.model}--{args.attack}", model_sha, a, params["seed"])
+    state = checkpoint_path("attack", f"{args.model}--{args.attack}", provenance)
     with device() as dev:
         model.to(dev).eval()
         start = time.perf_counter()

@@ -197,7 +197,7 @@ def read_json(path: str | Path) -> Any:
     if not path.exists():
         raise MissingInputError(f"{path} is missing: run the stage that writes it first")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MissingInputError(
             f"{path} is not valid JSON ({err}); delete it and re-run the stage that writes it"

@@ -79,6 +79,18 @@ def timing_path(stage: str, key: str | None = None) -> str:
     return log_path(stage, key).removesuffix(".log") + ".timing.json"
 
 
+def code_deps(stage: str) -> list[str]:
+    """The code a stage's results depend on: DVC's code dependencies and the code digest in
+    every artifact's provenance (pipeline.provenance)."""
+    return [f"pipeline/{stage}.py", "pipeline/common.py", "pipeline/params.py", "kdiga"]
+
+
+def teacher_deps(params: dict) -> list[str]:
+    """The teacher job's data: the shards, and a ``file:`` teacher's checkpoint."""
+    source = params["teacher"]["source"]
+    return [SHARDS, source.removeprefix("file:")] if source.startswith("file:") else [SHARDS]
+
+
 def checkpoint_dir() -> Path:
     """Resumable state (training checkpoints, attack progress): never a declared output."""
     return Path("data/checkpoints")
@@ -168,7 +180,7 @@ def jobs(params: dict) -> list[Job]:
             "teacher",
             None,
             _cmd("teacher"),
-            [SHARDS],
+            teacher_deps(params),
             [model_path("teacher"), teacher_meta_path()],
             ["seed", "teacher"],
             record=teacher_meta_path(),
@@ -267,7 +279,7 @@ def _dvc_stage(jobs: list[Job]) -> dict:
     """One dvc.yaml stage for the jobs of one pipeline stage: plain for a single job, else
     ``foreach`` over the job keys (stage names ``distill@small_cnn--kd`` etc.)."""
     first = jobs[0]
-    code = [f"pipeline/{first.stage}.py", "kdiga"]
+    code = code_deps(first.stage)
     extras = {}
     if first.metrics:
         extras["metrics"] = [_out(m) for m in first.metrics]

@@ -32,6 +32,7 @@ from pipeline.common import (
     write_timing,
 )
 from pipeline.params import parse_student_id
+from pipeline.provenance import seal
 
 
 def loss_settings(method: str, d: dict) -> dict:
@@ -118,16 +119,14 @@ def distill(model_id: str, params: dict, info) -> None:
     model = build_model(student, **data_info(manifest), **d["student_kwargs"])
     criterion = build_loss(method, **loss_settings(method, d))
     cfg = train_config(d, params["seed"])
-    # Resumable state is keyed by everything that made it: never resume another run's.
-    keys = dag.distill_param_keys(method, params)
-    identity = [model_id, dag.params_view(params, keys), params["shard"]]
     teacher, cached = None, dag.uses_signals(params, method)
     if method not in dag.TEACHERLESS:
         teacher_sha = sha256_file(dag.model_path("teacher"))
-        identity.append(teacher_sha)
         if not cached:
             teacher = load_stage_model(params, "teacher")[0]
-    ckpt = checkpoint_path("distill", model_id, *identity)
+    # Resumable state is keyed by everything that makes the model (params, input hashes,
+    # code): never resume another run's, and deleted once the model is written.
+    ckpt = checkpoint_path("distill", model_id, provenance)
     with _device(info) as dev:
         extra = {}
         if cached:
@@ -147,9 +146,10 @@ def distill(model_id: str, params: dict, info) -> None:
     meta = {"model_id": model_id, "student": student, "method": method, "val_acc": val_acc}
     if cached:
         meta["teacher_signals"] = {k: params["signals"][k] for k in ("views", "grad_dtype")}
-    meta["provenance"] = provenance
     write_json(history, dag.history_path(model_id))
+    meta["provenance"] = seal(provenance, [dag.history_path(model_id)])
     save_model(model, dag.model_path(model_id), meta=meta)  # last: its record marks the job done
+    ckpt.unlink(missing_ok=True)
     log.info("%s: val accuracy %.4f after %d epochs (%.1f s)", model_id, val_acc, cfg.epochs,
              seconds)  # fmt: skip
 

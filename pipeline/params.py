@@ -670,7 +670,10 @@ def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     if not path.exists():
         raise ParamError("params file", str(path), "the file does not exist")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ParamError("params file", str(path), f"it cannot be read ({err.strerror})") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:

@@ -64,15 +64,14 @@ def digest(path: str | Path) -> str | None:
 
 
 def code_digest(stage: str, root: str | Path = ".") -> str:
-    """sha256 over ``pipeline/<stage>.py`` and every file under ``kdiga/`` (bytecode caches
-    left out): the code DVC lists as the stage's dependencies."""
+    """sha256 over the stage's code (``dag.code_deps``: its script, the shared pipeline
+    modules and every file under ``kdiga/``, bytecode caches left out): the code DVC lists
+    as the stage's dependencies."""
     root = Path(root)
-    files = [root / "pipeline" / f"{stage}.py"]
-    files += [
-        f
-        for f in (root / "kdiga").rglob("*")
-        if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".pyc"
-    ]
+    files = []
+    for dep in map(Path, dag.code_deps(stage)):
+        tree = [root / dep] if not (root / dep).is_dir() else (root / dep).rglob("*")
+        files += [f for f in tree if "__pycache__" not in f.parts and f.suffix != ".pyc"]
     h = hashlib.sha256()
     for f in sorted(files, key=lambda f: f.relative_to(root).as_posix()):
         if f.is_file():
@@ -88,6 +87,12 @@ def make_record(params: dict, job: dag.Job) -> dict[str, Any]:
         "inputs": {dep: digest(dep) for dep in job.deps},
         "code": code_digest(job.stage),
     }
+
+
+def seal(record: dict[str, Any], outputs: Iterable[str]) -> dict[str, Any]:
+    """``record`` with the hashes of the job's other outputs, written before the record:
+    a file replaced afterwards (or left over from an interrupted run) no longer passes."""
+    return {**record, "outputs": {out: digest(out) for out in outputs}}
 
 
 def read_record(job: dag.Job) -> dict[str, Any] | None:
@@ -132,6 +137,13 @@ def problems(params: dict, job: dag.Job, *, code: bool = True) -> list[str]:
                 f"{job.record} was made with params {key} = {json.dumps(then.get(key))}, "
                 f"now {json.dumps(now.get(key))}"
             )
+    for path, old in (rec.get("outputs") or {}).items():
+        new = digest(path)
+        if old != new:
+            return [
+                f"{path} has sha256 {_short(new)}, not the {_short(old)} {job.record} "
+                "records: it was replaced after the job ran"
+            ]
     inputs = rec.get("inputs") or {}
     for dep in sorted(set(job.deps) | set(inputs)):
         old, new = inputs.get(dep), digest(dep) if dep in job.deps else None

@@ -18,6 +18,7 @@ from pathlib import Path
 from pipeline import dag
 from pipeline.common import begin, log, read_json, run, write_json
 from pipeline.params import model_ids, parse_student_id, student_ids
+from pipeline.provenance import seal
 
 METHOD_NAMES = {
     "st": "ST",
@@ -313,7 +314,8 @@ def body(args: argparse.Namespace, params: dict) -> None:
     table = figure(params, params["report"]["figure_attack"], evals, dag.REPORT_PNG)
     _write_csv(table, dag.PLOT_CSV)
     write_json(metrics(params, evals, bounds, teacher), dag.METRICS)
-    write_json(provenance, dag.REPORT_RECORD)
+    write_json(seal(provenance, [dag.REPORT_MD, dag.REPORT_PNG, dag.METRICS, dag.PLOT_CSV]),
+               dag.REPORT_RECORD)  # fmt: skip
     write_cost(params, teacher)
     log.info("wrote %s, %s, %s (wall-clock cost: %s)", dag.REPORT_MD, dag.REPORT_PNG,
              dag.METRICS, dag.COST_MD)  # fmt: skip

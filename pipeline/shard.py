@@ -14,6 +14,7 @@ from pathlib import Path
 from pipeline import dag
 from pipeline.common import begin, log, run, write_json
 from pipeline.params import ParamError
+from pipeline.provenance import digest
 
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "imagenet": 1000, "synthetic": 10}
 
@@ -64,7 +65,8 @@ def body(args: argparse.Namespace, params: dict) -> None:
                 class_counts=[int((y == c).sum()) for c in range(NUM_CLASSES[s["dataset"]])],
             )
             log.info("%s: %d images in %d shard(s)", split, len(y), len(entries))
-        write_json(provenance, tmp / Path(dag.SHARDS_RECORD).name)
+        # the manifests' hash, as it will be once the directory is in place
+        write_json(provenance | {"outputs": {dag.SHARDS: digest(tmp)}}, tmp / "provenance.json")
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

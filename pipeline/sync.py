@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             "params.yaml (copy it over params.yaml and run `python -m pipeline.dag` to use DVC)",
             file=sys.stderr,
         )
+    elif args.dvc and (stale := dag.check_fresh(path)):
+        print(f"not recorded in dvc.lock: {stale}", file=sys.stderr)
+        rc |= 1
     elif args.dvc:
         rc |= commit_to_dvc(current, jobs)
         if len(current) < len(state):

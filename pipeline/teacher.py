@@ -23,9 +23,10 @@ from pipeline.common import (
     write_json,
     write_timing,
 )
+from pipeline.provenance import seal
 
 
-def _train(t: dict, params: dict, info: dict, dev: str, val: tuple):
+def _train(t: dict, params: dict, info: dict, dev: str, val: tuple, provenance: dict):
     from kdiga.losses import build_loss
     from kdiga.models import build_model
     from kdiga.train import fit
@@ -38,12 +39,12 @@ def _train(t: dict, params: dict, info: dict, dev: str, val: tuple):
     criterion = build_loss(tr["method"], **loss_cfg)
     cfg = train_config(tr, params["seed"])
     x, y, _ = load_split("train")
-    ckpt = checkpoint_path("teacher", "teacher", t, params["seed"], params["shard"])
+    ckpt = checkpoint_path("teacher", "teacher", provenance)  # what makes it; deleted at the end
     start = time.perf_counter()
     history = fit(model, criterion, x, y, cfg, checkpoint_path=ckpt, device=dev, val=val)
     seconds = time.perf_counter() - start
     write_timing("teacher", None, seconds=seconds, epoch_s=[r.pop("time_s", None) for r in history])
-    return model, {"history": history}
+    return model, {"history": history}, ckpt
 
 
 def body(args: argparse.Namespace, params: dict) -> None:
@@ -60,7 +61,7 @@ def body(args: argparse.Namespace, params: dict) -> None:
     info = data_info(manifest)
     with device() as dev:
         if t["source"] == "train":
-            model, extra = _train(t, params, info, dev, val)
+            model, extra, ckpt = _train(t, params, info, dev, val, provenance)
             source_sha = None
         else:
             model, meta = load_teacher(
@@ -73,7 +74,7 @@ def body(args: argparse.Namespace, params: dict) -> None:
                 model_kwargs=t["arch_kwargs"] or None,
                 **info,
             )
-            extra, source_sha = {}, meta.sha256
+            extra, source_sha, ckpt = {}, meta.sha256, None
         accs = {
             s: evaluate(model, *d, device=dev)
             for s, d in (("val", val), ("test", (test_x, test_y)))
@@ -93,9 +94,11 @@ def body(args: argparse.Namespace, params: dict) -> None:
         "val_acc": accs["val"],
         "clean_acc": accs["test"],
         **extra,
-        "provenance": provenance,
+        "provenance": seal(provenance, [dag.model_path("teacher")]),
     }
     write_json(meta, dag.teacher_meta_path())
+    if ckpt is not None:
+        ckpt.unlink(missing_ok=True)
     log.info("teacher: clean accuracy %.4f (val %.4f)", accs["test"], accs["val"])
 
 

@@ -254,6 +254,22 @@ def test_a_model_file_written_for_another_model_is_refused(sharded, tmp_path):
     assert not (study / "data" / "evals").exists()
 
 
+@pytest.mark.slow
+def test_a_finished_run_leaves_no_checkpoint_and_a_replaced_output_is_caught(sharded, tmp_path):
+    """The resume checkpoint goes once the model is written (a later run with other code or
+    data can never resume it); an output replaced after its job ran no longer passes."""
+    from kdiga.utils import sha256_file
+
+    study = _copy_study(sharded, tmp_path / "s")
+    ok(stage(study, "distill", "--model", "small_cnn--st"))
+    assert not list((study / "data" / "checkpoints").rglob("small_cnn--st-*"))
+    history = study / "data" / "models" / "small_cnn--st.history.json"
+    old = sha256_file(history)
+    history.write_text("[]\n")
+    proc = stage(study, "attack", "--model", "small_cnn--st", "--attack", "pgd")
+    failed_cleanly(proc, "small_cnn--st.history.json has sha256", old[:16], "it was replaced")
+
+
 def test_a_model_of_another_architecture_is_refused_at_load(tmp_path, monkeypatch):
     """Provenance aside, the stage's loader checks the architecture and model id it expects."""
     from kdiga.models import CheckpointError, build_model, save_model

@@ -124,12 +124,12 @@ def build_torchvision(
     if not pretrained:
         return net, None
     weights = torchvision.models.get_model_weights(model_name).DEFAULT
-    try:
-        ref = _torchvision_create(model_name, image_size, weights=weights, **kwargs)
+    try:  # weights_only: torch.hub's own default would unpickle whatever the file holds
+        state = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
     except OSError as exc:
         raise _offline_error(f"torchvision:{model_name}", exc) from exc
     own = net.state_dict()
-    matching = {k: v for k, v in ref.state_dict().items() if k in own and own[k].shape == v.shape}
+    matching = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     skipped = sorted(set(own) - set(matching))
     if skipped:
         logger.info("torchvision:%s: kept fresh (shape differs): %s", model_name, skipped)
