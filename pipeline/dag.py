@@ -117,6 +117,11 @@ class Job:
     def log(self) -> str:
         return log_path(self.stage, self.key)
 
+    @property
+    def outputs(self) -> list[str]:
+        """Every file the job writes: outs, metrics and plots."""
+        return [*self.outs, *self.metrics, *self.plots]
+
 
 def _cmd(stage: str, key: str | None = None, **args: str) -> str:
     parts = [f"python -m pipeline.{stage}"]

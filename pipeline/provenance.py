@@ -125,7 +125,7 @@ def problems(params: dict, job: dag.Job, *, code: bool = True) -> list[str]:
         return [f"{job.record} records no provenance (made by an older kdiga, or corrupt)"]
     if rec.get("job") != job.name:
         return [f"{job.record} was made by job {rec.get('job')!r}, not {job.name!r}"]
-    missing = [o for o in (*job.outs, *job.metrics, *job.plots) if not Path(o).exists()]
+    missing = [o for o in job.outputs if not Path(o).exists()]
     if missing:
         return [f"{missing[0]} is missing"]
     out = []
@@ -153,13 +153,14 @@ def problems(params: dict, job: dag.Job, *, code: bool = True) -> list[str]:
                 f"has {_short(new)}"
             )
     if code and rec.get("code") != code_digest(job.stage):
-        out.append(f"{job.record} was made by other code (kdiga/ or pipeline/{job.stage}.py)")
+        deps = ", ".join(dag.code_deps(job.stage))
+        out.append(f"{job.record} was made by other code (changed since: one of {deps})")
     return out
 
 
 def producers(jobs: Iterable[dag.Job]) -> dict[str, dag.Job]:
     """Output path -> the job that writes it."""
-    return {o: j for j in jobs for o in (*j.outs, *j.metrics, *j.plots)}
+    return {o: j for j in jobs for o in j.outputs}
 
 
 def ancestors(job: dag.Job, jobs: list[dag.Job]) -> list[dag.Job]:

@@ -29,10 +29,6 @@ from pipeline.params import ParamError, load_params, params_file
 from pipeline.provenance import freshness
 
 
-def _outputs(job: dag.Job) -> list[str]:
-    return [*job.outs, *job.metrics, *job.plots]
-
-
 def _mtimes(paths: list[str]) -> dict[Path, tuple[int, int]]:
     """(atime, mtime) in ns of every file under ``paths``."""
     out = {}
@@ -49,7 +45,7 @@ def commit_to_dvc(names: list[str], jobs: dict[str, dag.Job]) -> int:
     dvc = shutil.which("dvc")
     if dvc is None or not Path(".dvc").is_dir() or not names:
         return 0
-    times = _mtimes([o for n in names for o in _outputs(jobs[n])])
+    times = _mtimes([o for n in names for o in jobs[n].outputs])
     proc = subprocess.run([dvc, "commit", "--force", "--quiet", *names], check=False)
     for f, (atime, mtime) in times.items():
         if f.exists():
@@ -62,7 +58,7 @@ def touch_in_snakemake(names: list[str], jobs: dict[str, dag.Job]) -> int:
     snakemake = shutil.which("snakemake")
     if snakemake is None or not names:
         return 0
-    targets = [o for n in names for o in _outputs(jobs[n])]
+    targets = [o for n in names for o in jobs[n].outputs]
     cmd = [snakemake, "--touch", "--cores", "1", *targets]
     return subprocess.run(cmd, check=False).returncode
 

@@ -65,13 +65,13 @@ def _dag_set(params: dict) -> set:
     """The table's jobs as Snakemake plans them: an input file that neither exists nor is
     made by a job (a preset's teacher checkpoint on this machine) is left out of its plan."""
     jobs = dag.jobs(params)
-    made = {o for j in jobs for o in j.outs + j.metrics + j.plots}
+    made = {o for j in jobs for o in j.outputs}
     return {
         (
             j.stage,
             j.cmd,
             frozenset(d for d in j.deps if d in made or (ROOT / d).exists()),
-            frozenset(j.outs + j.metrics + j.plots),
+            frozenset(j.outputs),
         )
         for j in jobs
     }
@@ -111,7 +111,7 @@ def test_dvc_reads_the_same_jobs():
         assert stage.cmd == job.cmd
         deps = {d.def_path for d in stage.deps if not str(d.def_path).endswith("params.yaml")}
         assert deps == {*job.deps, *dag.code_deps(job.stage)}
-        assert {o.def_path for o in stage.outs} == {*job.outs, *job.metrics, *job.plots}
+        assert {o.def_path for o in stage.outs} == set(job.outputs)
 
 
 def test_stale_dvc_yaml_is_reported(tmp_path):
