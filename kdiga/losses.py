@@ -1,11 +1,13 @@
-"""Distillation losses: ST, PGD-AT, TRADES, KD, ARD and KDIGA (paper eq. 1, 2, 3, 5, 6, 7).
+"""Distillation losses: ST, PGD-AT, TRADES, KD, ARD, KDIGA (paper eq. 1, 2, 3, 5, 6, 7), RSLAD.
 
 ``build_loss(method, **cfg)`` returns a :class:`DistillLoss`, a small ``nn.Module`` whose
 ``forward(student, teacher, x, y, teacher_out=None)`` returns a dict: ``"loss"`` (scalar with
 grad) and the detached parts (``"ce"``, ``"kl"``, ``"iga"``, ``"adv_ce"``, ``"robust_kl"``).
 Inputs ``x`` are images [B, C, H, W] in [0, 1]; labels ``y`` are [B]; logits are [B, N].
 
-Methods (``METHODS``):
+Methods (``METHODS``): the distillation methods of :mod:`kdiga.methods`, whose table says
+what each needs (teacher, inner attack, IGA term) and which settings it takes, and the two
+teacher-training losses ``at`` and ``trades`` (:data:`TEACHER_LOSSES`).
 
 - ``st``: CE(f(x), y).
 - ``at``: Madry PGD-AT, CE(f(x+δ), y), δ = PGD on the model's CE.
@@ -17,6 +19,10 @@ Methods (``METHODS``):
 - ``kdiga`` (eq. 5, Algorithm 1): KD + λIGA·IGA(gs, gt), gs = ∇x CE(fs(x), y), gt = ∇x CE(ft(x), y).
 - ``kdiga_ardc`` (eq. 6): ARD's KL at x+δ, IGA at the clean x.
 - ``kdiga_arda`` (eq. 7): KL(fs(x+δ)/T, ft(x+δ)/T) and IGA at x+δ.
+- ``rslad`` (Zi et al. 2021, "Revisiting Adversarial Robustness Distillation: Robust Soft
+  Labels Make Student Better"): α·T²·KL(ft(x)/T ‖ fs(x+δ)/T) + (1−α)·T²·KL(ft(x)/T ‖ fs(x)/T),
+  no CE; δ = PGD maximising KL(ft(x)/T ‖ fs(x+δ)/T), the teacher's clean soft labels being
+  the only target (the paper: α = 5/6, T = 1). The teacher is needed at x only.
 
 Every KL is ``F.kl_div(..., reduction="batchmean")`` (a true KL per sample, averaged over the
 batch), computed from log-probabilities for numerical stability.
@@ -78,24 +84,14 @@ from kdiga.utils import eval_mode, math_attention
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("st", "at", "trades", "kd", "ard", "kdiga", "kdiga_ardc", "kdiga_arda")
 IGA_REDUCTIONS = ("per_sample_mean", "batch_frobenius")
 STUDENT_GRAD_MODES = ("train", "eval")
 ATTACK_NORMS = ("linf", "l2")
 
-_KD_KEYS = ("ce_weight", "kl_weight", "temperature")
-_IGA_KEYS = ("iga_weight", "iga_reduction", "student_grad_mode")
 _ADV_KEYS = ("eps", "steps", "step_size", "norm")
-ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
-    "st": (),
-    "at": _ADV_KEYS,
-    "trades": (*_ADV_KEYS, "trades_beta"),
-    "kd": _KD_KEYS,
-    "ard": (*_KD_KEYS, *_ADV_KEYS),
-    "kdiga": (*_KD_KEYS, *_IGA_KEYS),
-    "kdiga_ardc": (*_KD_KEYS, *_IGA_KEYS, *_ADV_KEYS),
-    "kdiga_arda": (*_KD_KEYS, *_IGA_KEYS, *_ADV_KEYS),
-}
+#: The keys the teacher-training losses accept; a distillation method's are its table
+#: entry's ``loss_keys`` (kdiga.methods).
+_TEACHER_KEYS: dict[str, tuple[str, ...]] = {"at": _ADV_KEYS, "trades": (*_ADV_KEYS, "trades_beta")}
 
 
 @dataclass(frozen=True)
@@ -103,7 +99,8 @@ class LossConfig:
     """Every weight and setting of the losses, with defaults; validated on construction.
 
     Which keys a method accepts is ``ALLOWED_KEYS[method]``; the others keep their defaults
-    and are unused. ``step_size=None`` means PGD's rule 2.5·eps/steps.
+    and are unused. ``step_size=None`` means PGD's rule 2.5·eps/steps. ``adv_weight`` is
+    RSLAD's α in [0, 1], the weight of its KL at x+δ.
     """
 
     ce_weight: float = 0.5
@@ -117,10 +114,13 @@ class LossConfig:
     step_size: float | None = None
     norm: str = "linf"
     trades_beta: float = 6.0
+    adv_weight: float = 5 / 6
 
     def __post_init__(self) -> None:
-        for name in ("ce_weight", "kl_weight", "iga_weight", "trades_beta"):
+        for name in ("ce_weight", "kl_weight", "iga_weight", "trades_beta", "adv_weight"):
             _check_number(name, getattr(self, name), allow_zero=True)
+        if self.adv_weight > 1:
+            raise ValueError(f"adv_weight must be in [0, 1], got {self.adv_weight!r}")
         for name in ("temperature", "eps"):
             _check_number(name, getattr(self, name), allow_zero=False)
         if self.step_size is not None:
@@ -223,11 +223,14 @@ def kd_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) ->
     return temperature**2 * kl
 
 
-def _per_sample_kl(ref_log_probs: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
-    """loss_fn(logits, y) -> [B] KL(p_ref ‖ softmax(logits)), for TRADES' inner maximisation."""
+def _per_sample_kl(
+    ref_log_probs: Tensor, temperature: float = 1.0
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """loss_fn(logits, y) -> [B] KL(p_ref ‖ softmax(logits/T)), for the inner maximisation of
+    TRADES (p_ref the model's clean prediction) and RSLAD (the teacher's soft labels at x)."""
 
     def loss_fn(logits: Tensor, _y: Tensor) -> Tensor:
-        log_p = F.log_softmax(logits, dim=1)
+        log_p = F.log_softmax(logits / temperature, dim=1)
         return (ref_log_probs.exp() * (ref_log_probs - log_p)).sum(dim=1)
 
     return loss_fn
@@ -262,7 +265,7 @@ class DistillLoss(nn.Module):
 
     def config_dict(self) -> dict[str, Any]:
         """The settings this method uses, e.g. for run metadata."""
-        return {k: getattr(self.config, k) for k in ALLOWED_KEYS[self.method]}
+        return {k: getattr(self.config, k) for k in allowed_keys(self.method)}
 
     def extra_repr(self) -> str:
         items = [f"{k}={v!r}" for k, v in self.config_dict().items()]
@@ -471,27 +474,74 @@ class KDIGALoss(DistillLoss):
         return {"loss": loss, "ce": ce.detach(), "kl": kl.detach(), "iga": iga.detach()}
 
 
-_CLASSES: dict[str, type[DistillLoss]] = {
-    "st": STLoss,
-    "at": ATLoss,
-    "trades": TRADESLoss,
-    "kd": KDLoss,
-    "ard": ARDLoss,
-    "kdiga": KDIGALoss,
-    "kdiga_ardc": KDIGALoss,
-    "kdiga_arda": KDIGALoss,
-}
+class RSLADLoss(DistillLoss):
+    """RSLAD (Zi et al. 2021): α·T²·KL(ft(x)/T ‖ fs(x+δ)/T) + (1−α)·T²·KL(ft(x)/T ‖ fs(x)/T).
+
+    The teacher's soft labels at the clean x are the only target (no CE term), so cached
+    signals at x serve it. δ maximises the per-sample KL(ft(x)/T ‖ fs(x+δ)/T) by PGD on the
+    student in eval mode, run before the train-mode forwards; it starts, as ARD's does, from
+    :func:`kdiga.attacks.pgd`'s random point in the ball (the authors' code starts at
+    x + 0.001·N(0, I)). Parts: ``kl`` (at x), ``robust_kl`` (at x+δ).
+    """
+
+    requires_teacher = True
+    accepts_teacher_cache = True
+
+    def _compute(self, student, teacher, x, y, teacher_out):
+        c = self.config
+        t_logits = self._teacher_logits(teacher, x, teacher_out)
+        soft = F.log_softmax(t_logits / c.temperature, dim=1)
+        x_adv = self._attack(student, x, y, loss_fn=_per_sample_kl(soft, c.temperature))
+        kl = kd_kl(student(x), t_logits, c.temperature)
+        robust_kl = kd_kl(student(x_adv), t_logits, c.temperature)
+        loss = c.adv_weight * robust_kl + (1 - c.adv_weight) * kl
+        return {"loss": loss, "kl": kl.detach(), "robust_kl": robust_kl.detach()}
+
+
+#: The teacher-training losses: not distillation methods, so not in kdiga.methods' table.
+TEACHER_LOSSES: dict[str, type[DistillLoss]] = {"at": ATLoss, "trades": TRADESLoss}
+
+
+def loss_names() -> tuple[str, ...]:
+    """Every name ``build_loss`` accepts: the registered methods, then ``at`` and ``trades``."""
+    from kdiga.methods import method_names
+
+    return (*method_names(), *TEACHER_LOSSES)
+
+
+def allowed_keys(method: str) -> tuple[str, ...]:
+    """The settings ``build_loss(method, ...)`` accepts; ``ValueError`` for an unknown method."""
+    return _lookup(method)[1]
+
+
+def _lookup(method: str) -> tuple[type[DistillLoss], tuple[str, ...]]:
+    from kdiga.methods import METHODS as table
+
+    if isinstance(method, str) and method in TEACHER_LOSSES:
+        return TEACHER_LOSSES[method], _TEACHER_KEYS[method]
+    if isinstance(method, str) and method in table:
+        return table[method].loss, table[method].loss_keys
+    raise ValueError(f"unknown loss method {method!r}; allowed: {', '.join(loss_names())}")
+
+
+def __getattr__(name: str) -> Any:
+    """``METHODS`` (a tuple) and ``ALLOWED_KEYS`` (method -> keys), derived from the table in
+    :mod:`kdiga.methods` at each access, so they cannot disagree with it."""
+    if name == "METHODS":
+        return loss_names()
+    if name == "ALLOWED_KEYS":
+        return {m: allowed_keys(m) for m in loss_names()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_loss(method: str, **cfg: Any) -> DistillLoss:
-    """The loss for ``method`` (one of ``METHODS``) with settings ``cfg``.
+    """The loss for ``method`` (a registered method of :mod:`kdiga.methods`, or ``at`` or
+    ``trades``) with settings ``cfg``.
 
     Allowed keys per method: ``ALLOWED_KEYS[method]`` (defaults in :class:`LossConfig`).
     Unknown method or key, negative weight, temperature <= 0 etc. raise ``ValueError``.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown loss method {method!r}; allowed: {', '.join(METHODS)}")
-    allowed = ALLOWED_KEYS[method]
+    cls, allowed = _lookup(method)
     for key in cfg:
         if key not in allowed:
             raise ValueError(
@@ -499,6 +549,6 @@ def build_loss(method: str, **cfg: Any) -> DistillLoss:
                 f"{', '.join(allowed) if allowed else '(none)'}"
             )
     config = LossConfig(**cfg)
-    loss = _CLASSES[method](method, config)
+    loss = cls(method, config)
     logger.debug("built loss %r", loss)
     return loss

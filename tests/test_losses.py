@@ -640,3 +640,127 @@ def test_kdiga_student_aligns_gradients_better_than_kd_on_digits():
         gap[method] = iga_term(gs, gt).item()
         assert (student(xte).argmax(1) == yte).float().mean() > 0.8
     assert gap["kdiga"] < 0.6 * gap["kd"], gap  # observed ratio 0.3-0.4 over seeds
+
+
+# ----------------------------------------------------------------------------- rslad
+
+
+def hand_kl_per_sample(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """[B] Σ_j pt_ij (log pt_ij − log ps_ij) at temperature 1, written out."""
+    log_ps = s - torch.logsumexp(s, 1, keepdim=True)
+    log_pt = t - torch.logsumexp(t, 1, keepdim=True)
+    return (log_pt.exp() * (log_pt - log_ps)).sum(1)
+
+
+def test_rslad_defaults_are_the_papers():
+    loss = build_loss("rslad")
+    assert loss.config_dict() == {
+        "temperature": 1.0,
+        "eps": pytest.approx(8 / 255),
+        "steps": 10,
+        "step_size": None,  # pgd's 2.5·eps/steps = 2/255
+        "adv_weight": pytest.approx(5 / 6),
+        "norm": "linf",
+    }
+    assert loss.requires_teacher and loss.accepts_teacher_cache
+
+
+def test_rslad_matches_formula_with_fixed_delta(monkeypatch):
+    """α·T²·KL(ft(x)/T ‖ fs(x+δ)/T) + (1−α)·T²·KL(ft(x)/T ‖ fs(x)/T), no CE."""
+    fake = FakePGD(0.05)
+    monkeypatch.setattr(losses, "pgd", fake)
+    student, teacher = Counted(mlp(0)), mlp(1)
+    x, y = batch()
+    loss = build_loss("rslad", adv_weight=0.7, temperature=2.0, eps=0.1, steps=3, step_size=0.04)
+    parts = loss(student, teacher, x, y)
+    t = teacher(x).detach()
+    s_clean, s_adv = student.net(x), student.net((x + 0.05).clamp(0, 1))
+    robust_kl, kl = hand_kl(s_adv, t, 2.0), hand_kl(s_clean, t, 2.0)
+    ref = 0.7 * robust_kl + 0.3 * kl
+    torch.testing.assert_close(parts["loss"], ref)
+    torch.testing.assert_close(parts["robust_kl"], robust_kl.detach())
+    torch.testing.assert_close(parts["kl"], kl.detach())
+    assert set(parts) == {"loss", "kl", "robust_kl"}
+    assert_grads_close(student, parts["loss"], ref)
+    assert all(p.grad is None for p in teacher.parameters())
+    (call,) = fake.calls
+    assert call["train_calls_before"] == 0  # the attack runs before the train-mode forwards
+    assert (call["eps"], call["steps"], call["step_size"], call["norm"]) == (0.1, 3, 0.04, "linf")
+    # The inner loss is the per-sample KL against the teacher's soft labels at the clean x.
+    per_sample = call["loss_fn"](s_adv, y)
+    assert per_sample.shape == (B,)
+    torch.testing.assert_close(per_sample.mean() * 2.0**2, robust_kl, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rslad_inner_attack_raises_the_kl_and_stays_in_the_ball(seed, monkeypatch):
+    from kdiga.attacks import pgd
+
+    seen: list[torch.Tensor] = []
+
+    def spy(*args, **kwargs):
+        seen.append(pgd(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(losses, "pgd", spy)
+    student, teacher = Counted(mlp(seed)), mlp(seed + 10)
+    x, y = batch(seed=seed)
+    x[0, 0, 0, :3] = torch.tensor([0.0, 1.0, 0.99])  # pixels at and near the box's edges
+    torch.manual_seed(seed)
+    eps = 0.1
+    build_loss("rslad", eps=eps, steps=10, step_size=0.025)(student, teacher, x, y)
+    assert (student.train_calls, student.training) == (2, True)
+    (x_adv,) = seen
+    assert (x_adv - x).abs().max() <= eps + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    with torch.no_grad():
+        t = teacher(x)
+        at_zero = hand_kl_per_sample(student.net(x), t)
+        at_adv = hand_kl_per_sample(student.net(x_adv), t)
+    assert (at_adv > at_zero).all(), (at_adv, at_zero)
+
+
+def test_rslad_cached_teacher_out_replaces_teacher():
+    student, teacher = mlp(0), mlp(1)
+    x, y = batch()
+    loss = build_loss("rslad", steps=3)
+    sig = teacher_signals(teacher, x, y)
+    torch.manual_seed(0)
+    direct = loss(student, teacher, x, y)
+    for cached in (sig, TeacherSignals(sig.logits, None)):  # RSLAD reads only the logits
+        torch.manual_seed(0)  # the same random start, so the same δ
+        got = loss(student, Forbidden(), x, y, teacher_out=cached)
+        for key in direct:
+            torch.testing.assert_close(got[key], direct[key])
+
+
+def test_rslad_needs_teacher_and_checks_adv_weight():
+    x, y = batch()
+    with pytest.raises(ValueError, match="needs a teacher"):
+        build_loss("rslad")(mlp(0), None, x, y)
+    with pytest.raises(ValueError, match=r"adv_weight must be in \[0, 1\]"):
+        build_loss("rslad", adv_weight=1.5)
+    with pytest.raises(ValueError, match=r"adv_weight.*>= 0"):
+        build_loss("rslad", adv_weight=-0.1)
+    with pytest.raises(ValueError, match=r"ce_weight.*temperature, eps"):
+        build_loss("rslad", ce_weight=0.5)
+
+
+def test_rslad_training_reduces_the_loss():
+    student, teacher = mlp(0), mlp(1)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(32, 1, 6, 6, generator=g), torch.randint(0, N, (32,), generator=g)
+    loss = build_loss("rslad", eps=0.05, steps=3)
+
+    def value() -> float:
+        torch.manual_seed(0)
+        return loss(student, teacher, x, y)["loss"].item()
+
+    before = value()
+    opt = torch.optim.Adam(student.parameters(), lr=1e-2)
+    for _ in range(40):
+        opt.zero_grad()
+        loss(student, teacher, x, y)["loss"].backward()
+        opt.step()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert value() < 0.5 * before, (before, value())
