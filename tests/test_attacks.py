@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from kdiga.attacks import (
     robust_sweep,
     step_delta,
 )
+from kdiga.attacks.sweep import per_sample_correct
 
 
 def tiny_cnn(in_chans: int = 1, num_classes: int = 10, seed: int = 0) -> nn.Module:
@@ -376,6 +378,46 @@ def test_sweep_resumes_after_interruption_with_identical_results(sweep_data, tmp
 
     with pytest.raises(ValueError, match="other arguments"):
         robust_sweep(model, x, y, [0.1, 0.2], state_path=state, **kw)
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_sweep_dict_per_sample_outcome_reproduces_the_accuracies(sweep_data, reuse):
+    model, x, y = sweep_data
+    res = robust_sweep(model, x, y, [0.0, *RADII], steps=3, batch_size=16, reuse=reuse)
+    d = json.loads(json.dumps(res.to_dict()))
+    clean, robust = per_sample_correct(d)
+    assert torch.equal(clean, res.clean_correct) and torch.equal(robust, res.robust)
+    assert clean.shape == (40,) and robust.shape == (5, 40)
+    assert d["clean_correct"] == "".join("1" if v else "0" for v in res.clean_correct.tolist())
+    assert clean.sum().item() / d["n"] == d["clean"]
+    assert [row.sum().item() / d["n"] for row in robust] == d["robust"]
+    assert 0 < d["robust"][-1] < d["clean"] < 1  # neither all-0 nor all-1: the test bites
+
+
+def test_sweep_dict_keeps_rows_that_are_not_nested():
+    res = _fake_sweep([[1, 0, 0], [1, 1, 0]], [1, 1, 0])  # a point revived at the larger radius
+    d = res.to_dict()
+    assert d["robust_correct"] == ["100", "110"] and d["clean_correct"] == "110"
+    clean, robust = per_sample_correct(d)
+    assert torch.equal(robust, res.robust) and torch.equal(clean, res.clean_correct)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda d: d.pop("robust_correct"), "re-run the attack stage"),
+        (lambda d: d.update(clean_correct="11"), "n=3"),
+        (lambda d: d.update(clean_correct="1x0"), "'0'/'1'"),
+        (lambda d: d.update(clean_correct=[1, 1, 0]), "string"),
+        (lambda d: d.update(robust_correct=["100"]), "one string per radius"),
+        (lambda d: d["robust_correct"].__setitem__(1, "1100"), r"robust_correct\[1\]"),
+    ],
+)
+def test_per_sample_correct_rejects_malformed_dicts(edit, match):
+    d = _fake_sweep([[1, 0, 0], [1, 0, 0]], [1, 1, 0]).to_dict()
+    edit(d)
+    with pytest.raises(ValueError, match=match):
+        per_sample_correct(d)
 
 
 @pytest.mark.parametrize(

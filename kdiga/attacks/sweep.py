@@ -76,7 +76,15 @@ class SweepResult:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-friendly summary: accuracies, costs, checks (no per-sample tensors)."""
+        """A JSON-friendly summary: accuracies, costs, checks and the per-sample outcome.
+
+        The per-sample outcome is written as strings of "0"/"1", one character per sample in
+        the order of the evaluated split (the same images for every model of a study), so
+        models can be bootstrapped and paired image by image: ``"clean_correct"`` (N chars)
+        and ``"robust_correct"`` (one string of N chars per radius, in the order of
+        ``"radii"``). Every radius has its own row: with ``reuse=False`` the rows need not
+        be nested. :func:`per_sample_correct` decodes them.
+        """
         acc = self.accuracy()
         return {
             "attack": self.attack,
@@ -86,12 +94,52 @@ class SweepResult:
             "radii": list(self.radii),
             "clean": acc["clean"],
             "robust": [acc["robust"][r] for r in self.radii],
+            "clean_correct": _encode_bits(self.clean_correct),
+            "robust_correct": [_encode_bits(row) for row in self.robust],
             "grad_evals": self.grad_evals,
             "grad_evals_per_radius": list(self.grad_evals_per_radius),
             "max_perturbation": list(self.max_perturbation),
             "in_range": list(self.in_range),
             "flags": list(self.flags),
         }
+
+
+def _encode_bits(mask: Tensor) -> str:
+    """A bool vector [N] as a string of N "0"/"1" characters."""
+    return "".join("1" if v else "0" for v in mask.bool().tolist())
+
+
+def _decode_bits(text: Any, n: int, name: str) -> Tensor:
+    if not isinstance(text, str) or len(text) != n or set(text) - {"0", "1"}:
+        shown = text if not isinstance(text, str) or len(text) <= 20 else f"{text[:20]}..."
+        raise ValueError(f"{name} must be a string of n={n} '0'/'1' characters, got {shown!r}")
+    return torch.tensor(list(text.encode()), dtype=torch.uint8).reshape(n) == ord("1")
+
+
+def per_sample_correct(d: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """The per-sample outcome of a ``SweepResult.to_dict()``: (clean [N] bool, robust [R, N]
+    bool), samples in the order of the evaluated split, rows in the order of ``d["radii"]``.
+
+    Their means reproduce ``d["clean"]`` and ``d["robust"]`` exactly. ValueError if the
+    dict has no per-sample outcome (written before it was recorded) or it is malformed.
+    """
+    missing = [k for k in ("n", "radii", "clean_correct", "robust_correct") if k not in d]
+    if missing:
+        raise ValueError(
+            f"sweep result lacks {missing}: it was written without the per-sample outcome; "
+            "re-run the attack stage"
+        )
+    n, rows = d["n"], d["robust_correct"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    if not isinstance(rows, list) or len(rows) != len(d["radii"]):
+        raise ValueError(
+            f"robust_correct must be a list of one string per radius ({len(d['radii'])}), "
+            f"got {type(rows).__name__} of length {len(rows) if isinstance(rows, list) else '-'}"
+        )
+    clean = _decode_bits(d["clean_correct"], n, "clean_correct")
+    robust = [_decode_bits(r, n, f"robust_correct[{k}]") for k, r in enumerate(rows)]
+    return clean, torch.stack(robust) if robust else torch.zeros(0, n, dtype=torch.bool)
 
 
 def _check_radii(radii: Sequence[float]) -> list[float]:
