@@ -1,5 +1,5 @@
-# kdiga study: data -> shards -> teacher -> [cached teacher signals, when signals.enabled]
-# -> distill (student x method) -> attack (model x attack, a sweep over radii)
+# kdiga study: data -> shards -> teachers -> [cached teacher signals, when signals.enabled]
+# -> distill (teacher x method x student x seed) -> attack (model x attack, a sweep over radii)
 # -> local-linearity bounds -> report.
 #
 #   snakemake --cores all                      # the default study, on CPU
@@ -8,13 +8,22 @@
 # Every job is one command shared with dvc.yaml (generated from the same table in
 # pipeline/dag.py); tests/test_dag.py checks that both describe the same jobs.
 
+import re
 import shutil
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
 from pipeline import dag
-from pipeline.params import check_paths, load_params, model_ids, params_file, read_yaml, student_ids
+from pipeline.params import (
+    check_paths,
+    load_params,
+    model_ids,
+    params_file,
+    read_yaml,
+    student_ids,
+    teacher_ids,
+)
 
 PARAMS = params_file()  # params.yaml, or a preset: KDIGA_PARAMS=configs/cifar10.yaml snakemake
 # The one schema, before Snakemake parses the file itself: a key given twice, bytes that are
@@ -27,32 +36,56 @@ if config != read_yaml(PARAMS):
         f"the stages read {PARAMS}, but --config/--configfile changed Snakemake's copy: "
         f"put the change in {PARAMS} (or a copy named by KDIGA_PARAMS) instead"
     )
+JOBS = {(job.stage, job.key): job for job in dag.jobs(P)}
+TEACHERS = teacher_ids(P)
 STUDENTS = student_ids(P)
 MODELS = model_ids(P)
-ATTACKS = P["attack"]["attacks"]
+ATTACKS = P.attack.attacks
+
+
+def _one_of(names):
+    return "|".join(re.escape(n) for n in names) or "(?!)"
+
 
 wildcard_constraints:
-    sid="[A-Za-z0-9_.+]+--[a-z_]+",
-    model="teacher|[A-Za-z0-9_.+]+--[a-z_]+",
-    attack="|".join(ATTACKS),
+    teacher=_one_of(TEACHERS),
+    sid=_one_of(STUDENTS),
+    bkey=_one_of([dag.bounds_key(s, t) for s, t in dag.bounds_pairs(P)]),
+    model=_one_of(MODELS),
+    attack=_one_of(ATTACKS),
 
 
-def method(sid):
-    return sid.split("--")[-1]
+def job(stage, key):
+    return JOBS[stage, key]
+
+
+PRODUCED = {out for j in JOBS.values() for out in j.outputs}
+
+
+def made_or_present(deps):
+    """A job's inputs: those the DAG makes, and user files (a file: teacher or student init)
+    once they are there; a missing one stops a real run in onstart (check_paths, naming
+    it) and leaves `snakemake -n` usable."""
+    return [d for d in deps if d in PRODUCED or Path(d).exists()]
+
+
+def values(stage, key=None):
+    """The params a job reads, as canonical JSON: a change re-runs exactly that job."""
+    return dag.params_view(P, job(stage, key).params)
 
 
 rule all:
     input:
         # Every job's outputs, not just the report: the report is kept in git, so in a fresh
         # clone it exists while the models and evaluations it was made from do not.
-        [out for job in dag.jobs(P) for out in job.outputs],
+        [out for j in JOBS.values() for out in j.outputs],
 
 
 rule shard:
     output:
         directory(dag.SHARDS),
     params:
-        values=dag.params_view(P, ["seed", "shard"]),
+        values=values("shard"),
     log:
         dag.log_path("shard"),
     shell:
@@ -61,46 +94,43 @@ rule shard:
 
 rule teacher:
     input:
-        # a file: teacher's checkpoint once it is there; a missing one stops a real run in
-        # onstart (check_paths, naming it) and leaves `snakemake -n` usable
-        [d for d in dag.teacher_deps(P) if d == dag.SHARDS or Path(d).exists()],
+        lambda w: made_or_present(job("teacher", w.teacher).deps),
     output:
-        model=dag.model_path("teacher"),
-        meta=dag.teacher_meta_path(),
+        model=dag.model_path("{teacher}"),
+        meta=dag.teacher_meta_path("{teacher}"),
     params:
-        values=dag.params_view(P, ["seed", "teacher"]),
+        values=lambda w: values("teacher", w.teacher),
     log:
-        dag.log_path("teacher"),
+        dag.log_path("teacher", "{teacher}"),
     resources:
         gpu=1,
     shell:
-        "python -m pipeline.teacher --log {log}"
+        "python -m pipeline.teacher --teacher {wildcards.teacher} --log {log}"
 
 
 rule signals:
     input:
-        dag.SHARDS,
-        dag.model_path("teacher"),
+        lambda w: job("signals", w.teacher).deps,
     output:
-        dag.SIGNALS,
+        dag.signals_path("{teacher}"),
     params:
-        values=dag.params_view(P, dag.signals_param_keys()),
+        values=lambda w: values("signals", w.teacher),
     log:
-        dag.log_path("signals"),
+        dag.log_path("signals", "{teacher}"),
     resources:
         gpu=1,
     shell:
-        "python -m pipeline.signals --log {log}"
+        "python -m pipeline.signals --teacher {wildcards.teacher} --log {log}"
 
 
 rule distill:
     input:
-        lambda w: dag.distill_deps(P, method(w.sid)),
+        lambda w: made_or_present(job("distill", w.sid).deps),
     output:
         model=dag.model_path("{sid}"),
         history=dag.history_path("{sid}"),
     params:
-        values=lambda w: dag.params_view(P, dag.distill_param_keys(method(w.sid), P)),
+        values=lambda w: values("distill", w.sid),
     log:
         dag.log_path("distill", "{sid}"),
     resources:
@@ -116,7 +146,7 @@ rule attack:
     output:
         dag.eval_path("{model}", "{attack}"),
     params:
-        values=lambda w: dag.params_view(P, dag.attack_param_keys(w.attack)),
+        values=lambda w: values("attack", f"{w.model}--{w.attack}"),
     log:
         dag.log_path("attack", "{model}--{attack}"),
     resources:
@@ -127,27 +157,24 @@ rule attack:
 
 rule bounds:
     input:
-        dag.SHARDS,
-        dag.model_path("{sid}"),
-        dag.model_path("teacher"),
+        lambda w: job("bounds", w.bkey).deps,
     output:
-        dag.bounds_path("{sid}"),
+        dag.bounds_path("{bkey}"),
     params:
-        values=dag.params_view(P, ["seed", "bounds"]),
+        values=lambda w: values("bounds", w.bkey),
+        # --model <id>, and --teacher <name> for a student trained without a teacher
+        args=lambda w: " ".join(f"--{k} {v}" for k, v in job("bounds", w.bkey).args.items()),
     log:
-        dag.log_path("bounds", "{sid}"),
+        dag.log_path("bounds", "{bkey}"),
     resources:
         gpu=1,
     shell:
-        "python -m pipeline.bounds --model {wildcards.sid} --log {log}"
+        "python -m pipeline.bounds {params.args} --log {log}"
 
 
 rule report:
     input:
-        dag.teacher_meta_path(),
-        [dag.eval_path(m, a) for m in MODELS for a in ATTACKS],
-        [dag.bounds_path(s) for s in STUDENTS],
-        [dag.history_path(s) for s in STUDENTS],
+        job("report", None).deps,
     output:
         md=dag.REPORT_MD,
         png=dag.REPORT_PNG,
@@ -155,7 +182,7 @@ rule report:
         metrics=dag.METRICS,
         plot=dag.PLOT_CSV,
     params:
-        values=dag.params_view(P, dag.REPORT_PARAMS),
+        values=values("report"),
     log:
         dag.log_path("report"),
     shell:
@@ -163,7 +190,7 @@ rule report:
 
 
 onstart:
-    check_paths(P)  # a missing dataset root or teacher file stops the run before any job
+    check_paths(P)  # a missing dataset root, teacher or student file stops the run before any job
 
 
 onsuccess:

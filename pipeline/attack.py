@@ -22,16 +22,18 @@ from pipeline.common import (
     write_json,
     write_timing,
 )
-from pipeline.params import ParamError, model_ids, radius_label
+from pipeline.params import AutoAttackSettings, ParamError, model_ids, radius_label
 
 
-def autoattack_settings(aa: dict) -> dict:
+def autoattack_settings(aa: AutoAttackSettings) -> dict:
     """kdiga.attacks.autoattack arguments: the attack list only for the custom version,
     and only the overrides that are set (null keeps AutoAttack's own value)."""
-    out = {"version": aa["version"]}
-    if aa["version"] == "custom":
-        out["attacks"] = list(aa["attacks"])
-    out |= {k: aa[k] for k in ("n_restarts", "n_iter", "n_target_classes") if aa[k] is not None}
+    out: dict = {"version": aa.version}
+    if aa.version == "custom":
+        out["attacks"] = list(aa.attacks)
+    for k in ("n_restarts", "n_iter", "n_target_classes"):
+        if getattr(aa, k) is not None:
+            out[k] = getattr(aa, k)
     return out
 
 
@@ -42,28 +44,28 @@ def body(args: argparse.Namespace, params: dict) -> None:
 
     if args.model not in model_ids(params):
         raise ParamError("--model", args.model, f"known: {', '.join(model_ids(params))}")
-    a = params["attack"]
-    if args.attack not in a["attacks"]:
-        raise ParamError("--attack", args.attack, f"attack.attacks lists {a['attacks']}")
+    a = params.attack
+    if args.attack not in a.attacks:
+        raise ParamError("--attack", args.attack, f"attack.attacks lists {a.attacks}")
     provenance = begin(params, "attack", f"{args.model}--{args.attack}")
     model, _ = load_stage_model(params, args.model)
-    images, labels, _ = load_split(a["split"])
+    images, labels, _ = load_split(a.split)
     x = to_float(images)
-    kw: dict = {"norm": a["norm"], "batch_size": a["batch_size"], "seed": params["seed"]}
+    kw: dict = {"norm": a.norm, "batch_size": a.batch_size, "seed": params.shard.seed}
     if args.attack == "pgd":
-        kw |= {k: a["pgd"][k] for k in ("steps", "restarts", "step_size")}
+        kw |= {k: getattr(a.pgd, k) for k in ("steps", "restarts", "step_size")}
     else:
-        kw["autoattack_kwargs"] = autoattack_settings(a["autoattack"])
+        kw["autoattack_kwargs"] = autoattack_settings(a.autoattack)
     model_sha = sha256_file(dag.model_path(args.model))
     state = checkpoint_path("attack", f"{args.model}--{args.attack}", provenance)
     with device() as dev:
         model.to(dev).eval()
         start = time.perf_counter()
         result = robust_sweep(
-            model, x, labels, a["radii"], attack=args.attack, device=dev, state_path=state, **kw
+            model, x, labels, a.radii, attack=args.attack, device=dev, state_path=state, **kw
         )
         seconds = time.perf_counter() - start
-        probe = x[: min(len(x), a["batch_size"])].to(dev), labels[: min(len(x), a["batch_size"])]
+        probe = x[: min(len(x), a.batch_size)].to(dev), labels[: min(len(x), a.batch_size)]
         gradient_problems = check_gradients(model, probe[0], probe[1].to(dev))
     problems = check_sweep(result) + gradient_problems
     if model.training:
@@ -90,7 +92,7 @@ def body(args: argparse.Namespace, params: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     def add(ap: argparse.ArgumentParser) -> None:
-        ap.add_argument("--model", required=True, help="teacher or <student>--<method>")
+        ap.add_argument("--model", required=True, help="a teacher's name or a student id")
         ap.add_argument("--attack", required=True, help="pgd or autoattack")
 
     return run("attack", "Evaluate one model under one attack over every radius.", body, argv, add)

@@ -1,5 +1,7 @@
-"""Stage bounds: Table 4's local-linearity bound terms of one student against the teacher
-(LLM at each radius, clean CE, ||g_s - g_t||_2) on random test samples (paper section 4.4)."""
+"""Stage bounds: Table 4's local-linearity bound terms of one student (LLM at each radius, clean
+CE) and its input-gradient gap ||g_s - g_t||_2 to its teacher (``--teacher <name>`` for a
+student trained without one), on random test samples (paper section 4.4): the same samples for every
+model of the study."""
 
 from __future__ import annotations
 
@@ -17,67 +19,77 @@ from pipeline.common import (
     write_json,
     write_timing,
 )
-from pipeline.params import parse_student_id, radius_label
+from pipeline.params import Study, check_teacher, parse_student_id, radius_label
 
 
-def body(args: argparse.Namespace, params: dict) -> None:
+def body(args: argparse.Namespace, params: Study) -> None:
     import torch
 
     from kdiga.bounds import llm_key, sample_indices, table4
     from kdiga.data import to_float
 
     parse_student_id(params, args.model)
-    provenance = begin(params, "bounds", args.model)
-    b = params["bounds"]
+    name = dag.bounds_teacher(params, args.model, args.teacher)
+    if args.teacher is not None:
+        check_teacher(params, args.teacher)
+    key = dag.bounds_key(args.model, args.teacher)
+    provenance = begin(params, "bounds", key)
+    b = params.bounds
     student, _ = load_stage_model(params, args.model)
-    teacher, _ = load_stage_model(params, "teacher")
+    teachers = {name: load_stage_model(params, name)[0]}
     images, labels, _ = load_split("test")
-    n = min(b["samples"], len(labels))
-    if n < b["samples"]:
-        log.warning(
-            "bounds.samples=%d but the test split has %d images: using all", b["samples"], n
-        )
-    idx = sample_indices(len(labels), n, params["seed"])
+    n = min(b.samples, len(labels))
+    if n < b.samples:
+        log.warning("bounds.samples=%d but the test split has %d images: using all", b.samples, n)
+    idx = sample_indices(len(labels), n, params.shard.seed)  # the same images for every model
     x, y = to_float(images[idx]), labels[idx]
+    rows = {}
     with device() as dev:
         student.to(dev).eval()
-        teacher.to(dev).eval()
         start = time.perf_counter()
-        row = table4(
-            student,
-            teacher,
-            x,
-            y,
-            radii=b["radii"],
-            steps=b["steps"],
-            restarts=b["restarts"],
-            batch_size=b["batch_size"],
-            device=dev,
-            generator=torch.Generator().manual_seed(params["seed"]),
-        )
+        for name, teacher in teachers.items():
+            teacher.to(dev).eval()
+            rows[name] = table4(
+                student,
+                teacher,
+                x,
+                y,
+                radii=b.radii,
+                steps=b.steps,
+                restarts=b.restarts,
+                batch_size=b.batch_size,
+                device=dev,
+                generator=torch.Generator().manual_seed(params.shard.seed),
+            )
+            teacher.cpu()
         seconds = time.perf_counter() - start
+    row = rows[name]
     out = {
         "model": args.model,
+        "teacher": name,
         "n": n,
-        "radii": b["radii"],
-        "radius_labels": [radius_label(r) for r in b["radii"]],
-        "llm": [row[llm_key(r)] for r in b["radii"]],
+        "radii": b.radii,
+        "radius_labels": [radius_label(r) for r in b.radii],
+        "llm": [row[llm_key(r)] for r in b.radii],
         "ce": row["ce"],
         "grad_gap_l2": row["grad_gap_l2"],
         "provenance": provenance,
     }
-    write_timing("bounds", args.model, seconds=seconds)
-    write_json(out, dag.bounds_path(args.model))
+    write_timing("bounds", key, seconds=seconds)
+    write_json(out, dag.bounds_path(args.model, args.teacher))
     llm = ", ".join(
         f"{lb}: {v:.3f}" for lb, v in zip(out["radius_labels"], out["llm"], strict=True)
     )
-    log.info("%s bounds on %d images: LLM %s; CE %.3f; ||g_s - g_t||_2 %.3f (%.1f s)", args.model,
-             n, llm, out["ce"], out["grad_gap_l2"], seconds)  # fmt: skip
+    log.info("%s bounds on %d images: LLM %s; CE %.3f; ||g_s - g_t||_2 to %s %.3f (%.1f s)",
+             args.model, n, llm, out["ce"], name, out["grad_gap_l2"], seconds)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     def add(ap: argparse.ArgumentParser) -> None:
-        ap.add_argument("--model", required=True, help="student id <student>--<method>")
+        ap.add_argument("--model", required=True, help="a student id")
+        ap.add_argument(
+            "--teacher", default=None, help="for a student trained without a teacher: which one"
+        )
 
     return run("bounds", "Local-linearity bound terms of one student.", body, argv, add)
 

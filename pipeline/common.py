@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import dag
-from pipeline.params import ParamError, check_paths, load_params, params_file, parse_student_id
+from pipeline.params import (
+    ParamError,
+    Study,
+    check_paths,
+    load_params,
+    params_file,
+    parse_student_id,
+)
 
 log = logging.getLogger("kdiga.pipeline")
 
@@ -78,7 +85,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def run(
     stage: str,
     description: str,
-    body: Callable[[argparse.Namespace, dict], None],
+    body: Callable[[argparse.Namespace, Study], None],
     argv: list[str] | None = None,
     add_args: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> int:
@@ -97,7 +104,7 @@ def run(
         from kdiga.utils import seed_everything
 
         set_cpu_threads()  # the same bytes whichever tool runs the job
-        seed_everything(params["seed"])  # model init and any other draw: same seed, same run
+        seed_everything(params.shard.seed)  # any draw a stage makes: same seed, same run
         stale = (
             dag.check_fresh(path) if path == "params.yaml" and Path("dvc.yaml").exists() else None
         )
@@ -170,14 +177,16 @@ def data_info(manifest: dict) -> dict:
     }
 
 
-def train_config(section: dict, seed: int):
-    """kdiga.train.TrainConfig from a validated training section (teacher.train, distill)."""
+def train_config(section: Any, seed: int):
+    """kdiga.train.TrainConfig from training settings: a teacher's ``train`` section, or a
+    student's (:meth:`pipeline.params.Study.train_settings`, a mapping)."""
     from kdiga.train import TrainConfig
 
+    get = section.get if isinstance(section, dict) else lambda k: getattr(section, k)
     keys = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "augment", "crop_padding")
     return TrainConfig(
-        **{k: section[k] for k in keys},
-        milestones=tuple(section["milestones"]),
+        **{k: get(k) for k in keys},
+        milestones=tuple(get("milestones")),
         seed=seed,
         drop_last=True,  # train-mode BatchNorm fails on a last batch of one
     )
@@ -209,7 +218,7 @@ def write_timing(stage: str, key: str | None, **figures: Any) -> None:
     write_json(figures, dag.timing_path(stage, key))
 
 
-def begin(params: dict, stage: str, key: str | None = None) -> dict:
+def begin(params: Study, stage: str, key: str | None = None) -> dict:
     """Check that every artifact this job reads is current (else raise ProvenanceError
     naming both hashes), and return the provenance record its outputs will carry."""
     from pipeline.provenance import current_job, make_record, require_current_inputs
@@ -219,16 +228,16 @@ def begin(params: dict, stage: str, key: str | None = None) -> dict:
     return make_record(params, job)
 
 
-def load_stage_model(params: dict, model_id: str):
-    """A model of the study (``teacher`` or a student id), refused if the file holds another
-    architecture or was written for another model id."""
+def load_stage_model(params: Study, model_id: str):
+    """A model of the study (a teacher's name or a student id), refused if the file holds
+    another architecture or was written for another model id."""
     from kdiga.models import CheckpointError, load_model
 
     path = dag.model_path(model_id)
-    if model_id == "teacher":
-        arch = params["teacher"]["arch"]
+    if model_id in params.teachers:
+        arch = params.teachers[model_id].arch
     else:
-        arch = parse_student_id(params, model_id)[0]
+        arch = params.students[parse_student_id(params, model_id).student].arch
     if not Path(path).exists():
         raise MissingInputError(f"{path} is missing: run the job that writes it first")
     model, meta = load_model(path, arch=arch)

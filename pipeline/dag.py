@@ -20,23 +20,18 @@ import yaml
 from pipeline.params import (
     TRAIN_KEYS,
     ParamError,
+    Study,
     load_params,
     model_ids,
     parse_student_id,
-    student_ids,
+    student_jobs,
+    teacher_ids,
 )
 
 STAGES = ("shard", "teacher", "signals", "distill", "attack", "bounds", "report")
 GPU_STAGES = ("teacher", "signals", "distill", "attack", "bounds")
-ADVERSARIAL = ("ard", "kdiga_ardc", "kdiga_arda")
-IGA = ("kdiga", "kdiga_ardc", "kdiga_arda")
-TEACHERLESS = ("st",)
-#: methods whose teacher terms are at the clean (augmented) input, so cached signals serve
-#: them (kdiga.losses: ``accepts_teacher_cache``); kdiga_arda needs the teacher at x+delta
-CACHEABLE = ("kd", "ard", "kdiga", "kdiga_ardc")
 
 SHARDS = "data/shards"
-SIGNALS = "data/signals.safetensors"
 SHARDS_RECORD = f"{SHARDS}/provenance.json"
 # The report and its metrics live in git (not gitignored, not in the DVC cache), so that
 # `dvc exp show` and `dvc plots diff` read them for every commit and experiment.
@@ -51,6 +46,7 @@ REPORT_PARAMS = ["report", "signals"]  # the report says which students used cac
 
 
 def model_path(model_id: str) -> str:
+    """A teacher's (its name) or a student's model file."""
     return f"data/models/{model_id}.safetensors"
 
 
@@ -58,16 +54,26 @@ def history_path(model_id: str) -> str:
     return f"data/models/{model_id}.history.json"
 
 
-def teacher_meta_path() -> str:
-    return "data/models/teacher.json"
+def teacher_meta_path(teacher: str) -> str:
+    return f"data/models/{teacher}.json"
+
+
+def signals_path(teacher: str) -> str:
+    return f"data/signals/{teacher}.safetensors"
 
 
 def eval_path(model_id: str, attack: str) -> str:
     return f"data/evals/{model_id}--{attack}.json"
 
 
-def bounds_path(model_id: str) -> str:
-    return f"data/bounds/{model_id}.json"
+def bounds_key(model_id: str, teacher: str | None = None) -> str:
+    """The bounds job of a student against a teacher: its id for a distilled student (its own
+    teacher), ``<id>--vs--<teacher>`` for a student trained without one."""
+    return model_id if teacher is None else f"{model_id}--vs--{teacher}"
+
+
+def bounds_path(model_id: str, teacher: str | None = None) -> str:
+    return f"data/bounds/{bounds_key(model_id, teacher)}.json"
 
 
 def log_path(stage: str, key: str | None = None) -> str:
@@ -85,9 +91,9 @@ def code_deps(stage: str) -> list[str]:
     return [f"pipeline/{stage}.py", "pipeline/common.py", "pipeline/params.py", "kdiga"]
 
 
-def teacher_deps(params: dict) -> list[str]:
-    """The teacher job's data: the shards, and a ``file:`` teacher's checkpoint."""
-    source = params["teacher"]["source"]
+def teacher_deps(params: Study, teacher: str) -> list[str]:
+    """A teacher job's data: the shards, and a ``file:`` teacher's checkpoint."""
+    source = params.teachers[teacher].source
     return [SHARDS, source.removeprefix("file:")] if source.startswith("file:") else [SHARDS]
 
 
@@ -99,7 +105,7 @@ def checkpoint_dir() -> Path:
 @dataclass
 class Job:
     stage: str
-    key: str | None  # None for single-job stages; else the wildcard value
+    key: str | None  # None for single-job stages; else the job's own key (a model id, ...)
     cmd: str
     deps: list[str]
     outs: list[str]
@@ -111,7 +117,9 @@ class Job:
 
     @property
     def name(self) -> str:
-        return self.stage if self.key is None else f"{self.stage}@{self.key}"
+        """The DVC stage name: ``distill-pgdat--kd--small_cnn--s0`` (letters, digits, '_'
+        and '-' only, as ``dvc stage add`` requires)."""
+        return self.stage if self.key is None else f"{self.stage}-{self.key}"
 
     @property
     def log(self) -> str:
@@ -130,99 +138,125 @@ def _cmd(stage: str, key: str | None = None, **args: str) -> str:
     return " ".join(parts)
 
 
-def uses_signals(params: dict, method: str) -> bool:
-    """Whether ``method``'s students train from the cached teacher signals."""
-    return params["signals"]["enabled"] and method in CACHEABLE
+def method_of(name: str):
+    from kdiga.methods import get_method
+
+    return get_method(name)
+
+
+def uses_signals(params: Study, method: str) -> bool:
+    """Whether ``method``'s students train from their teacher's cached signals."""
+    return params.signals.enabled and method_of(method).cacheable
 
 
 def signals_param_keys() -> list[str]:
-    return ["seed", "signals", "distill.augment", "distill.crop_padding"]
+    return ["shard.seed", "signals", "distill.augment", "distill.crop_padding"]
 
 
-def distill_deps(params: dict, method: str) -> list[str]:
-    """The data a student's job reads: the shards, and the teacher or its cached signals."""
-    if method in TEACHERLESS:
-        return [SHARDS]
-    extra = [SIGNALS] if uses_signals(params, method) else []
-    return [SHARDS, model_path("teacher"), *extra]
+def distill_deps(params: Study, model_id: str) -> list[str]:
+    """The data a student's job reads: the shards, its teacher (and the teacher's cached
+    signals when they serve it), and a ``file:`` init checkpoint."""
+    job = parse_student_id(params, model_id)
+    deps = [SHARDS]
+    if job.teacher is not None:
+        deps.append(model_path(job.teacher))
+        if uses_signals(params, job.method):
+            deps.append(signals_path(job.teacher))
+    init = params.students[job.student].init
+    if init.startswith("file:"):
+        deps.append(init.removeprefix("file:"))
+    return deps
 
 
-def distill_param_keys(method: str, params: dict) -> list[str]:
+def distill_param_keys(params: Study, model_id: str) -> list[str]:
     """The params a student's job reads, so that only a real change re-runs it."""
-    keys = ["seed", *(f"distill.{k}" for k in (*TRAIN_KEYS, "student_kwargs"))]
-    if uses_signals(params, method):
+    job = parse_student_id(params, model_id)
+    keys = [*(f"distill.{k}" for k in TRAIN_KEYS), f"students.{job.student}"]
+    keys += [f"distill.{k}" for k in method_of(job.method).param_keys]
+    if uses_signals(params, job.method):
         keys += ["signals"]
-    if method not in TEACHERLESS:
-        keys += ["distill.ce_weight", "distill.kl_weight", "distill.temperature"]
-    if method in IGA:
-        keys += ["distill.iga"]
-    if method in ADVERSARIAL:
-        keys += ["distill.adversarial"]
     return keys
 
 
 def attack_param_keys(attack: str) -> list[str]:
-    common = ["seed", "attack.split", "attack.radii", "attack.norm", "attack.batch_size"]
+    common = ["shard.seed", "attack.split", "attack.radii", "attack.norm", "attack.batch_size"]
     return [*common, f"attack.{attack}"]
 
 
-def params_view(params: dict, keys: list[str]) -> str:
+def bounds_pairs(params: Study) -> list[tuple[str, str | None]]:
+    """(student id, teacher) of every bounds job: a distilled student against its own
+    teacher (None: implied by the id), a student trained without one against each teacher
+    (paper Table 4 compares MobileNetV2 (ST) with the TRADES teacher). One job per pair, so
+    adding a teacher adds jobs and changes none."""
+    out: list[tuple[str, str | None]] = []
+    for job in student_jobs(params):
+        if job.teacher is None:
+            out += [(job.id, t) for t in teacher_ids(params)]
+        else:
+            out.append((job.id, None))
+    return out
+
+
+def bounds_teacher(params: Study, model_id: str, teacher: str | None) -> str:
+    """The teacher a bounds job compares with."""
+    return teacher or parse_student_id(params, model_id).teacher
+
+
+def params_view(params: Study, keys: list[str]) -> str:
     """The values of dotted ``keys`` as canonical JSON (Snakemake re-runs a job when it changes)."""
-    view = {}
-    for key in keys:
-        value = params
-        for part in key.split("."):
-            value = value[part]
-        view[key] = value
-    return json.dumps(view, sort_keys=True)
+    return json.dumps({k: params.value(k) for k in keys}, sort_keys=True)
 
 
-def jobs(params: dict) -> list[Job]:
+def jobs(params: Study) -> list[Job]:
     """Every job of the study described by validated ``params``, in dependency order."""
-    out = [
-        Job("shard", None, _cmd("shard"), [], [SHARDS], ["seed", "shard"], record=SHARDS_RECORD),
-        Job(
-            "teacher",
-            None,
-            _cmd("teacher"),
-            teacher_deps(params),
-            [model_path("teacher"), teacher_meta_path()],
-            ["seed", "teacher"],
-            record=teacher_meta_path(),
-        ),
-    ]
-    if any(uses_signals(params, m) for m in params["distill"]["methods"]):
+    out = [Job("shard", None, _cmd("shard"), [], [SHARDS], ["shard"], record=SHARDS_RECORD)]
+    for t in teacher_ids(params):
         out.append(
             Job(
-                "signals",
-                None,
-                _cmd("signals"),
-                [SHARDS, model_path("teacher")],
-                [SIGNALS],
-                signals_param_keys(),
-                record=SIGNALS,
+                "teacher",
+                t,
+                _cmd("teacher", t, teacher=t),
+                teacher_deps(params, t),
+                [model_path(t), teacher_meta_path(t)],
+                [f"teachers.{t}"],
+                args={"teacher": t},
+                record=teacher_meta_path(t),
             )
         )
-    for sid in student_ids(params):
-        _, method = parse_student_id(params, sid)
+    served = {j.teacher for j in student_jobs(params) if uses_signals(params, j.method)}
+    for t in teacher_ids(params):
+        if t in served:
+            out.append(
+                Job(
+                    "signals",
+                    t,
+                    _cmd("signals", t, teacher=t),
+                    [SHARDS, model_path(t)],
+                    [signals_path(t)],
+                    signals_param_keys(),
+                    args={"teacher": t},
+                    record=signals_path(t),
+                )
+            )
+    students = [j.id for j in student_jobs(params)]
+    for sid in students:
         out.append(
             Job(
                 "distill",
                 sid,
                 _cmd("distill", sid, model=sid),
-                distill_deps(params, method),
+                distill_deps(params, sid),
                 [model_path(sid)],
-                distill_param_keys(method, params),
+                distill_param_keys(params, sid),
                 plots=[history_path(sid)],
                 args={"model": sid},
                 record=model_path(sid),
             )
         )
-    attack = params["attack"]
+    attacks = params.attack.attacks
     for mid in model_ids(params):
-        for name in attack["attacks"]:
+        for name in attacks:
             key = f"{mid}--{name}"
-            keys = attack_param_keys(name)
             out.append(
                 Job(
                     "attack",
@@ -230,28 +264,30 @@ def jobs(params: dict) -> list[Job]:
                     _cmd("attack", key, model=mid, attack=name),
                     [SHARDS, model_path(mid)],
                     [eval_path(mid, name)],
-                    keys,
+                    attack_param_keys(name),
                     args={"model": mid, "attack": name},
                     record=eval_path(mid, name),
                 )
             )
-    for sid in student_ids(params):
+    for sid, t in bounds_pairs(params):
+        key = bounds_key(sid, t)
+        args = {"model": sid} | ({"teacher": t} if t else {})
         out.append(
             Job(
                 "bounds",
-                sid,
-                _cmd("bounds", sid, model=sid),
-                [SHARDS, model_path(sid), model_path("teacher")],
-                [bounds_path(sid)],
-                ["seed", "bounds"],
-                args={"model": sid},
-                record=bounds_path(sid),
+                key,
+                _cmd("bounds", key, **args),
+                [SHARDS, model_path(sid), model_path(bounds_teacher(params, sid, t))],
+                [bounds_path(sid, t)],
+                ["shard.seed", "bounds"],
+                args=args,
+                record=bounds_path(sid, t),
             )
         )
-    report_deps = [teacher_meta_path()]
-    report_deps += [eval_path(m, a) for m in model_ids(params) for a in attack["attacks"]]
-    report_deps += [bounds_path(s) for s in student_ids(params)]
-    report_deps += [history_path(s) for s in student_ids(params)]
+    report_deps = [teacher_meta_path(t) for t in teacher_ids(params)]
+    report_deps += [eval_path(m, a) for m in model_ids(params) for a in attacks]
+    report_deps += [bounds_path(s, t) for s, t in bounds_pairs(params)]
+    report_deps += [history_path(s) for s in students]
     out.append(
         Job(
             "report",
@@ -268,79 +304,55 @@ def jobs(params: dict) -> list[Job]:
     return out
 
 
-def _pad(values: list[str], size: int) -> list[str]:
-    """Fixed-length lists for a foreach template (DVC cannot interpolate a whole list);
-    a repeated entry is harmless: DVC reads each dependency and param once."""
-    return values + [values[0]] * (size - len(values))
-
-
 def _out(path: str) -> str | dict:
     """A dvc.yaml output entry: files under reports/ are kept in git (``cache: false``), so
     every commit and experiment carries its own; the rest go to the DVC cache."""
     return {path: {"cache": False}} if path.startswith("reports/") else path
 
 
-def _dvc_stage(jobs: list[Job]) -> dict:
-    """One dvc.yaml stage for the jobs of one pipeline stage: plain for a single job, else
-    ``foreach`` over the job keys (stage names ``distill@small_cnn--kd`` etc.)."""
-    first = jobs[0]
-    code = code_deps(first.stage)
-    extras = {}
-    if first.metrics:
-        extras["metrics"] = [_out(m) for m in first.metrics]
-    if first.plots:
-        extras["plots"] = [_out(p) for p in first.plots]
-    if first.key is None:
-        return {
-            "cmd": first.cmd,
-            "deps": [*first.deps, *code],
-            "params": list(first.params),
-            "outs": [_out(o) for o in first.outs],
-            **extras,
-        }
-    n_deps = max(len(j.deps) for j in jobs)
-    n_params = max(len(j.params) for j in jobs)
-    items = {
-        j.key: {
-            **j.args,
-            "deps": _pad(list(j.deps), n_deps),
-            "params": _pad(list(j.params), n_params),
-        }
-        for j in jobs
-    }
+def dvc_params(params: Study, keys: list[str]) -> list[str]:
+    """The keys DVC tracks for a stage: those written in the params file. A key left to its
+    default is not in the file (DVC would call it missing); its value lives in the code
+    (pipeline/params.py), which every stage depends on."""
+    out = []
+    for dotted in keys:
+        node: object = params.raw
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                break
+        if node is not None:
+            out.append(dotted)
+    return out
 
-    def sub(text: str) -> str:
-        return text.replace(first.key, "${key}")
 
-    stage = {
-        "foreach": items,
-        "do": {
-            "cmd": _cmd(first.stage, "${key}", **{k: f"${{item.{k}}}" for k in first.args}),
-            "deps": [f"${{item.deps[{i}]}}" for i in range(n_deps)] + code,
-            "params": [f"${{item.params[{i}]}}" for i in range(n_params)],
-            "outs": [_out(sub(o)) for o in first.outs],
-        },
-    }
-    for kind in ("metrics", "plots"):
-        if kind in extras:
-            stage["do"][kind] = [_out(sub(p)) for p in getattr(first, kind)]
+def _dvc_stage(params: Study, job: Job) -> dict:
+    """One explicit dvc.yaml stage: what a DVC user would write by hand for the job."""
+    stage: dict = {"cmd": job.cmd}
+    deps = [*job.deps, *code_deps(job.stage)]
+    stage["deps"] = list(dict.fromkeys(deps))
+    keys = dvc_params(params, job.params)
+    if keys:
+        stage["params"] = keys
+    stage["outs"] = [_out(o) for o in job.outs]
+    if job.metrics:
+        stage["metrics"] = [_out(m) for m in job.metrics]
+    if job.plots:
+        stage["plots"] = [_out(p) for p in job.plots]
     return stage
 
 
 def dvc_yaml(params: dict) -> str:
-    """The text of dvc.yaml for ``params``: one DVC stage per pipeline stage (``foreach`` over
-    the jobs of a fanned-out stage), so ``dvc repro distill`` runs every student."""
-    by_stage: dict[str, list[Job]] = {}
-    for job in jobs(params):
-        by_stage.setdefault(job.stage, []).append(job)
-    stages = {name: _dvc_stage(js) for name, js in by_stage.items()}
+    """The text of dvc.yaml for ``params``: one explicit stage per job (``dvc repro --glob
+    'distill-*'`` runs every student)."""
+    stages = {job.name: _dvc_stage(params, job) for job in jobs(params)}
     plots = [
         {
             PLOT_CSV: {
                 "x": "radius",
                 "y": model_ids(params),
                 "template": "linear",
-                "title": f"Accuracy against {params['report']['figure_attack']} radius",
+                "title": f"Accuracy against {params.report.figure_attack} radius",
             }
         }
     ]
@@ -359,8 +371,9 @@ def check_fresh(params_path: str = "params.yaml", dvc_path: str = "dvc.yaml") ->
         return f"{dvc_path} is missing: run `python -m pipeline.dag`"
     if path.read_text() != dvc_yaml(load_params(params_path)):
         return (
-            f"{dvc_path} does not match {params_path} (a list of students, methods or attacks, "
-            "or signals.enabled, changed): run `python -m pipeline.dag` to regenerate it"
+            f"{dvc_path} does not match {params_path} (teachers, students, methods, seeds or "
+            "attacks, signals.enabled, or which keys the file sets, changed): run "
+            "`python -m pipeline.dag` to regenerate it"
         )
     return None
 

@@ -1,13 +1,15 @@
-"""Stage distill: one student trained with one method (st, kd, ard, kdiga, kdiga_ardc,
-kdiga_arda) from the teacher; resumable from its last epoch; per-epoch metrics for plots.
+"""Stage distill: one student of the grid, (teacher, method, student, seed), trained from its
+init (scratch, pretrained weights or a checkpoint); resumable from its last epoch; per-epoch
+metrics for plots. ``python -m pipeline.distill --model <teacher>--<method>--<student>--s<seed>``.
 
-With ``signals.enabled``, kd, ard, kdiga and kdiga_ardc students train from the teacher's
-cached signals (stage signals): each epoch a sample gets one of its K stored views, and the
-teacher is never run.
+The method's loss, its settings and whether it needs the teacher come from the method table
+(``kdiga.methods``). With ``signals.enabled``, students of methods that take the teacher only
+at the clean input train from that teacher's cached signals (stage signals): each epoch a
+sample gets one of its K stored views, and the teacher is never run.
 
 One run over several GPUs or nodes: ``torchrun --nproc_per_node=N -m pipeline.distill
---model <id>``. ``distill.batch_size`` is then the global batch (divisible by N); every rank
-trains on its slice through DistributedDataParallel and rank 0 writes the outputs.
+--model <id>``. The batch size is then the global batch (divisible by N); every rank trains
+on its slice through DistributedDataParallel and rank 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -31,30 +33,8 @@ from pipeline.common import (
     write_json,
     write_timing,
 )
-from pipeline.params import parse_student_id
+from pipeline.params import StudentJob, Study, parse_student_id
 from pipeline.provenance import seal
-
-
-def loss_settings(method: str, d: dict) -> dict:
-    """The kdiga.losses settings of ``method`` from the distill section."""
-    cfg: dict = {}
-    if method != "st":
-        cfg |= {
-            "ce_weight": d["ce_weight"],
-            "kl_weight": d["kl_weight"],
-            "temperature": d["temperature"],
-        }
-    if method in dag.IGA:
-        iga = d["iga"]
-        cfg |= {
-            "iga_weight": iga["weight"],
-            "iga_reduction": iga["reduction"],
-            "student_grad_mode": iga["grad_mode"],
-        }
-    if method in dag.ADVERSARIAL:
-        adv = d["adversarial"]
-        cfg |= {"eps": adv["eps"], "steps": adv["steps"], "step_size": adv["step_size"]}
-    return cfg
 
 
 def _device(info) -> contextlib.AbstractContextManager[str]:
@@ -67,30 +47,52 @@ def _device(info) -> contextlib.AbstractContextManager[str]:
     return contextlib.nullcontext(dev)
 
 
-def _signal_cache(params: dict, x, y, teacher_sha: str, dev: str):
-    """The cached teacher signals as fit's batch_source, checked against this teacher and
+def _signal_cache(params: Study, job: StudentJob, x, y, teacher_sha: str, dev: str):
+    """The teacher's cached signals as fit's batch_source, checked against this teacher and
     these images (a file made for another teacher or other data is refused)."""
     from kdiga.signals import SignalCache, SignalMismatchError, load_signals
 
-    sig = params["signals"]
-    signal_set = load_signals(dag.SIGNALS, teacher_sha256=teacher_sha, n=y.numel())
+    sig, path = params.signals, dag.signals_path(job.teacher)
+    signal_set = load_signals(path, teacher_sha256=teacher_sha, n=y.numel())
     meta = signal_set.meta
     want = {
-        "views": sig["views"],
-        "grad_dtype": sig["grad_dtype"],
-        "augment": params["distill"]["augment"],
-        "crop_padding": params["distill"]["crop_padding"],
-        "seed": params["seed"],
+        "views": sig.views,
+        "grad_dtype": sig.grad_dtype,
+        "augment": params.distill.augment,
+        "crop_padding": params.distill.crop_padding,
+        "seed": params.shard.seed,
     }
     differ = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
     if differ:
         raise SignalMismatchError(
-            f"{dag.SIGNALS} was computed with other settings (file vs params: {differ}); "
-            "re-run the signals stage"
+            f"{path} was computed with other settings (file vs params: {differ}); "
+            "re-run its signals stage"
         )
-    log.info("training from cached teacher signals: %d views (%s)", sig["views"], dag.SIGNALS)
-    return SignalCache(signal_set, x, y, seed=params["seed"], schedule=sig["schedule"],
-                       device=dev)  # fmt: skip
+    log.info("training from cached teacher signals: %d views (%s)", sig.views, path)
+    return SignalCache(signal_set, x, y, seed=job.seed, schedule=sig.schedule, device=dev)
+
+
+def build_student(params: Study, job: StudentJob, info: dict):
+    """The student before training: built from scratch, with pretrained timm/torchvision
+    weights (offline: a clear error naming the model), or from a checkpoint file."""
+    from kdiga.models import CheckpointError, build_model
+
+    s = params.students[job.student]
+    if s.init == "scratch":
+        return build_model(s.arch, **info, **s.kwargs)
+    if s.init == "pretrained":
+        try:
+            return build_model(s.arch, pretrained=True, **info, **s.kwargs)
+        except RuntimeError as err:  # no network, or no such weights
+            raise CheckpointError(
+                f"students.{job.student}: pretrained weights for {s.arch} are not available "
+                f"({' '.join(str(err).split())})"
+            ) from None
+    from kdiga.teachers import load_teacher
+
+    model, _ = load_teacher(s.init, arch=s.arch, sha256=s.sha256,
+                            model_kwargs=s.kwargs or None, **info)  # fmt: skip
+    return model.requires_grad_(True)  # loaded frozen, as a teacher: train it
 
 
 def body(args: argparse.Namespace, params: dict) -> None:
@@ -104,33 +106,35 @@ def body(args: argparse.Namespace, params: dict) -> None:
         shutdown()
 
 
-def distill(model_id: str, params: dict, info) -> None:
+def distill(model_id: str, params: Study, info) -> None:
     from kdiga.distributed import is_main
     from kdiga.losses import build_loss
-    from kdiga.models import build_model, save_model
+    from kdiga.methods import get_method
+    from kdiga.models import save_model
     from kdiga.train import evaluate, fit
-    from kdiga.utils import sha256_file
+    from kdiga.utils import seed_everything, sha256_file
 
-    student, method = parse_student_id(params, model_id)
+    job = parse_student_id(params, model_id)
+    method = get_method(job.method)
     provenance = begin(params, "distill", model_id)
-    d = params["distill"]
     x, y, manifest = load_split("train")
     val = load_split("val")[:2]
-    model = build_model(student, **data_info(manifest), **d["student_kwargs"])
-    criterion = build_loss(method, **loss_settings(method, d))
-    cfg = train_config(d, params["seed"])
-    teacher, cached = None, dag.uses_signals(params, method)
-    if method not in dag.TEACHERLESS:
-        teacher_sha = sha256_file(dag.model_path("teacher"))
+    seed_everything(job.seed)  # the student's seed: its init and every draw of its training
+    model = build_student(params, job, data_info(manifest))
+    criterion = build_loss(method.name, **method.settings(params.value("distill")))
+    cfg = train_config(params.train_settings(job.student), job.seed)
+    teacher, cached = None, dag.uses_signals(params, job.method)
+    if job.teacher is not None:
+        teacher_sha = sha256_file(dag.model_path(job.teacher))
         if not cached:
-            teacher = load_stage_model(params, "teacher")[0]
+            teacher = load_stage_model(params, job.teacher)[0]
     # Resumable state is keyed by everything that makes the model (params, input hashes,
     # code): never resume another run's, and deleted once the model is written.
     ckpt = checkpoint_path("distill", model_id, provenance)
     with _device(info) as dev:
         extra = {}
         if cached:
-            extra["batch_source"] = _signal_cache(params, x, y, teacher_sha, dev)
+            extra["batch_source"] = _signal_cache(params, job, x, y, teacher_sha, dev)
             cfg = dataclasses.replace(cfg, augment="none")  # the cache holds the views
         start = time.perf_counter()
         history = fit(model, criterion, x, y, cfg, teacher=teacher, checkpoint_path=ckpt,
@@ -143,9 +147,17 @@ def distill(model_id: str, params: dict, info) -> None:
     model.cpu()
     epoch_s = [r.pop("time_s", None) for r in history]  # wall clock: not in hashed outputs
     write_timing("distill", model_id, seconds=seconds, epoch_s=epoch_s)
-    meta = {"model_id": model_id, "student": student, "method": method, "val_acc": val_acc}
+    meta = {
+        "model_id": model_id,
+        "teacher": job.teacher,
+        "method": job.method,
+        "student": job.student,
+        "seed": job.seed,
+        "val_acc": val_acc,
+    }
     if cached:
-        meta["teacher_signals"] = {k: params["signals"][k] for k in ("views", "grad_dtype")}
+        meta["teacher_signals"] = {"views": params.signals.views,
+                                   "grad_dtype": params.signals.grad_dtype}  # fmt: skip
     write_json(history, dag.history_path(model_id))
     meta["provenance"] = seal(provenance, [dag.history_path(model_id)])
     save_model(model, dag.model_path(model_id), meta=meta)  # last: its record marks the job done
@@ -156,7 +168,9 @@ def distill(model_id: str, params: dict, info) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     def add(ap: argparse.ArgumentParser) -> None:
-        ap.add_argument("--model", required=True, help="student id <student>--<method>")
+        ap.add_argument(
+            "--model", required=True, help="student id <teacher>--<method>--<student>--s<seed>"
+        )
 
     return run("distill", "Distill one student with one method.", body, argv, add)
 

@@ -1,15 +1,27 @@
 """The one schema for ``params.yaml``: every Snakemake and DVC run validates through it.
 
-``load_params()`` reads the file, checks every key before any work starts, and returns the
-validated sections with radii parsed to floats. A bad value raises :class:`ParamError`
-naming the key, the value and what is allowed.
+Each key is declared once, as a field of a frozen dataclass, with its check, its default and a
+one-line description (:func:`key`). ``load_params()`` reads the file, checks every key before
+any work starts and returns a :class:`Study`: typed settings with radii parsed to floats and
+every omitted key at its default. A bad value raises :class:`ParamError` naming the key, the
+value and what is allowed. ``python -m pipeline.params --describe`` prints every key.
+
+A study is a grid: named ``teachers``, named ``students``, ``distill.methods`` and ``seeds``.
+Each (teacher, method, student, seed) is one distillation job, id
+``<teacher>--<method>--<student>--s<seed>``; a method without a teacher (``st``) gives
+``st--<student>--s<seed>``. Teachers are models of the study too: their id is their name.
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
+import dataclasses
 import math
 import re
+import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -17,7 +29,6 @@ from typing import Any
 import yaml
 
 DATASETS = ("digits", "cifar10", "imagenet", "synthetic")
-METHODS = ("st", "kd", "ard", "kdiga", "kdiga_ardc", "kdiga_arda")
 TEACHER_METHODS = ("at", "trades")
 ATTACKS = ("pgd", "autoattack")
 NORMS = ("linf", "l2")
@@ -29,7 +40,9 @@ GRAD_MODES = ("train", "eval")
 AA_VERSIONS = ("standard", "plus", "rand", "custom")
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 TEACHER_SCHEMES = ("train", "file:", "url:", "timm:")
+STUDENT_INITS = ("scratch", "pretrained", "file:")
 ID_SEP = "--"
+NAME_RE = r"[A-Za-z0-9]([A-Za-z0-9_-]*[A-Za-z0-9_])?"
 
 # What the shard stage writes for each dataset (kdiga.data's defaults): the models are built for it.
 DATASET_CHANNELS = {"digits": 1, "cifar10": 3, "imagenet": 3, "synthetic": 3}
@@ -138,27 +151,12 @@ def _mapping(key: str, v: Any) -> dict:
     return dict(v)
 
 
-def _keys(key: str, section: Any, allowed: tuple[str, ...]) -> dict:
-    section = _mapping(key, section)
-    unknown = sorted(set(section) - set(allowed))
-    if unknown:
-        raise ParamError(
-            f"{key}.{unknown[0]}", section[unknown[0]], f"known keys: {', '.join(allowed)}"
-        )
-    missing = [k for k in allowed if k not in section]
-    if missing:
-        raise ParamError(f"{key}.{missing[0]}", None, "this key is required")
-    return section
-
-
-def _student(key: str, v: Any) -> str:
+def _arch(key: str, v: Any) -> str:
     from kdiga.models import list_models
 
     names = tuple(list_models())
     if not isinstance(v, str) or not (v in names or v.startswith(("timm:", "torchvision:"))):
         raise ParamError(key, v, f"allowed: {', '.join(names)}, timm:<name>, torchvision:<name>")
-    if ID_SEP in v or "/" in v:
-        raise ParamError(key, v, f"a student name must not contain '{ID_SEP}' or '/'")
     return v
 
 
@@ -190,75 +188,192 @@ def _model_kwargs(key: str, v: Any) -> dict:
     return kwargs
 
 
-def _teacher_source(src: Any) -> str:
-    if not isinstance(src, str) or not (src == "train" or src.startswith(TEACHER_SCHEMES[1:])):
-        raise ParamError("teacher.source", src, f"allowed: {', '.join(TEACHER_SCHEMES)}<...>")
-    if src.startswith("url:"):
-        url = src[4:]
-        if url.lower().startswith("http://"):
-            raise ParamError(
-                "teacher.source",
-                src,
-                "plain http is not allowed: use url:https://..., or download the file and "
-                "use file:<path>",
-            )
-        if not re.fullmatch(r"(?i:https://|file://)\S+", url):
-            raise ParamError(
-                "teacher.source", src, "allowed: url:https://<host>/<file> or url:file://<path>"
-            )
-    return src
-
-
 def _path_exists(key: str, v: Any, what: str) -> str:
     if not isinstance(v, str) or not Path(v).exists():
         raise ParamError(key, v, f"{what} does not exist; give the path to an existing {what}")
     return v
 
 
-# -- sections ----------------------------------------------------------------------------
+# -- the declarative schema ----------------------------------------------------------------
 
-TRAIN_KEYS = (
-    "epochs",
-    "batch_size",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "milestones",
-    "augment",
-    "crop_padding",
-)
+_REQUIRED = dataclasses.MISSING
+Check = Callable[[str, Any], Any]
 
 
-def _train_common(key: str, s: dict) -> dict:
-    out = {
-        "epochs": _int(f"{key}.epochs", s["epochs"], 0, MAX_EPOCHS),
-        "batch_size": _int(f"{key}.batch_size", s["batch_size"], 1, MAX_BATCH),
-        "lr": _float(f"{key}.lr", s["lr"], strict=True),
-        "momentum": _float(f"{key}.momentum", s["momentum"]),
-        "weight_decay": _float(f"{key}.weight_decay", s["weight_decay"]),
-        "augment": _choice(f"{key}.augment", s["augment"], AUGMENTS),
-        "crop_padding": _int(f"{key}.crop_padding", s["crop_padding"], 0),
-    }
-    ms = s["milestones"]
-    if not isinstance(ms, list) or any(isinstance(m, bool) or not isinstance(m, int) for m in ms):
-        raise ParamError(f"{key}.milestones", ms, "expected a list of epoch numbers")
-    if ms != sorted(set(ms)) or any(m < 1 for m in ms):
-        raise ParamError(f"{key}.milestones", ms, "milestones must be increasing epochs >= 1")
-    out["milestones"] = ms
-    if out["momentum"] >= 1:
+def key(default: Any = _REQUIRED, check: Check | None = None, doc: str = "") -> Any:
+    """One params key: its default (omit it for a required key), its check ``(key, value) ->
+    parsed value`` raising :class:`ParamError`, and a one-line description."""
+    meta = {"check": check, "doc": doc}
+    if default is _REQUIRED:
+        return field(metadata=meta)
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def section(cls: type, doc: str = "") -> Any:
+    """A nested mapping of keys declared by the dataclass ``cls`` (every key may default)."""
+    return field(default_factory=lambda: _parse(cls, "", {}), metadata={"section": cls, "doc": doc})
+
+
+def entries(cls: type, doc: str = "", *, default: dict | None = None) -> Any:
+    """A mapping of user-chosen names to entries declared by ``cls`` (teachers, students)."""
+    meta = {"entries": cls, "doc": doc}
+    if default is None:
+        return field(metadata=meta)
+    return field(default_factory=lambda: dict(default), metadata=meta)
+
+
+def _name(key: str, v: Any) -> str:
+    if not isinstance(v, str) or not re.fullmatch(NAME_RE, v) or ID_SEP in v:
         raise ParamError(
-            f"{key}.momentum",
-            s["momentum"],
-            "momentum must be in [0, 1), e.g. 0.9 (1 or more diverges)",
+            key,
+            v,
+            "a name is letters, digits, '_' and single '-' (starting with a letter or digit): "
+            "it is part of file names, model ids and DVC stage names",
         )
+    return v
+
+
+def _parse(cls: type, prefix: str, raw: Any) -> Any:
+    """``raw`` checked against the keys ``cls`` declares: unknown keys refused, omitted keys
+    at their defaults, then the section's own cross-key check (``cls.check``)."""
+    where = prefix or "params"
+    raw = _mapping(where, raw)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(raw) - set(fields), key=str)
+    if unknown:
+        raise ParamError(
+            f"{prefix}.{unknown[0]}" if prefix else str(unknown[0]),
+            raw[unknown[0]],
+            f"known keys: {', '.join(fields)}",
+        )
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        dotted = f"{prefix}.{name}" if prefix else name
+        if name not in raw:
+            if "section" in f.metadata:  # every key at its default, errors named in full
+                values[name] = _parse(f.metadata["section"], dotted, {})
+                continue
+            if f.default is _REQUIRED and f.default_factory is _REQUIRED:
+                raise ParamError(dotted, None, f"this key is required ({f.metadata['doc']})")
+            continue
+        v = raw[name]
+        if "section" in f.metadata:
+            values[name] = _parse(f.metadata["section"], dotted, v)
+        elif "entries" in f.metadata:
+            named = _mapping(dotted, v)
+            values[name] = {
+                _name(f"{dotted}.{n}", n): _parse(f.metadata["entries"], f"{dotted}.{n}", e)
+                for n, e in named.items()
+            }
+        else:
+            check = f.metadata.get("check")
+            values[name] = check(dotted, v) if check else v
+    out = cls(**values)
+    if hasattr(out, "check"):
+        out.check(prefix)
     return out
 
 
-def _val_fraction(v: Any) -> float:
+def describe(cls: type | None = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, description) of every key, in declaration order: the reference of
+    ``params.yaml`` (``python -m pipeline.params --describe``)."""
+    cls = cls or Study
+    rows = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        dotted = f"{prefix}.{f.name}" if prefix else f.name
+        doc = f.metadata.get("doc", "")
+        if "section" in f.metadata:
+            rows.append((dotted, "", doc))
+            rows += describe(f.metadata["section"], dotted)
+        elif "entries" in f.metadata:
+            rows.append((f"{dotted}.<name>", "", doc))
+            rows += describe(f.metadata["entries"], f"{dotted}.<name>")
+        else:
+            if f.default is not _REQUIRED:
+                default = f.default
+            elif f.default_factory is not _REQUIRED:
+                default = f.default_factory()
+            else:
+                default = "(required)"
+            rows.append((dotted, json_text(default), doc))
+    return rows
+
+
+def json_text(v: Any) -> str:
+    import json
+
+    return v if v == "(required)" else json.dumps(v)
+
+
+# -- check factories -------------------------------------------------------------------------
+
+
+def integer(lo: int = 0, hi: int | None = None) -> Check:
+    return lambda k, v: _int(k, v, lo, hi)
+
+
+def number(lo: float = 0.0, *, strict: bool = False) -> Check:
+    return lambda k, v: _float(k, v, lo, strict=strict)
+
+
+def choice(*allowed: str) -> Check:
+    return lambda k, v: _choice(k, v, allowed)
+
+
+def flag(k: str, v: Any) -> bool:
+    return _bool(k, v)
+
+
+def optional(check: Check) -> Check:
+    return lambda k, v: None if v is None else check(k, v)
+
+
+def listing(item: Check, *, unique: bool = True) -> Check:
+    return lambda k, v: _list(k, v, item, unique=unique)
+
+
+def _milestones(k: str, ms: Any) -> list[int]:
+    if not isinstance(ms, list) or any(isinstance(m, bool) or not isinstance(m, int) for m in ms):
+        raise ParamError(k, ms, "expected a list of epoch numbers")
+    if ms != sorted(set(ms)) or any(m < 1 for m in ms):
+        raise ParamError(k, ms, "milestones must be increasing epochs >= 1")
+    return ms
+
+
+def _momentum(k: str, v: Any) -> float:
+    if _float(k, v) >= 1:
+        raise ParamError(k, v, "momentum must be in [0, 1), e.g. 0.9 (1 or more diverges)")
+    return float(v)
+
+
+def _radii(k: str, v: Any) -> list[float]:
+    radii = _list(k, v, parse_radius)
+    if radii != sorted(radii):
+        raise ParamError(k, v, "radii must be listed in increasing order")
+    return radii
+
+
+def _fraction(k: str, v: Any) -> float:
+    if _float(k, v) > 1:
+        raise ParamError(k, v, "expected a weight in [0, 1]")
+    return float(v)
+
+
+def _sha256(k: str, v: Any) -> str | None:
+    if v is not None and not (isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v)):
+        raise ParamError(k, v, "expected 64 lowercase hex digits or null")
+    return v
+
+
+def _val_fraction(k: str, v: Any) -> float:
     ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
     if not ok or not 0 < v < 1:
         raise ParamError(
-            "shard.val_fraction",
+            k,
             v,
             "expected a fraction in (0, 1), e.g. 0.1: the validation split cut from train is "
             "needed (each epoch's and the teacher's validation accuracy, attack.split: val, "
@@ -267,241 +382,407 @@ def _val_fraction(v: Any) -> float:
     return float(v)
 
 
-def _shard(s: Any) -> dict:
-    keys = ("dataset", "root", "image_size", "val_fraction", "test_samples", "max_per_shard")
-    s = _keys("shard", s, keys)
-    out = {
-        "dataset": _choice("shard.dataset", s["dataset"], DATASETS),
-        "root": s["root"],
-        "image_size": _int("shard.image_size", s["image_size"], 4, MAX_IMAGE_SIZE),
-        "val_fraction": _val_fraction(s["val_fraction"]),
-        "test_samples": _optional(_int)("shard.test_samples", s["test_samples"], 1),
-        "max_per_shard": _int("shard.max_per_shard", s["max_per_shard"], 1),
-    }
-    if out["dataset"] in ("cifar10", "imagenet") and out["root"] is None:
+def _teacher_source(k: str, src: Any) -> str:
+    if not isinstance(src, str) or not (src == "train" or src.startswith(TEACHER_SCHEMES[1:])):
+        raise ParamError(k, src, f"allowed: {', '.join(TEACHER_SCHEMES)}<...>")
+    if src.startswith("url:"):
+        url = src[4:]
+        if url.lower().startswith("http://"):
+            raise ParamError(
+                k,
+                src,
+                "plain http is not allowed: use url:https://..., or download the file and "
+                "use file:<path>",
+            )
+        if not re.fullmatch(r"(?i:https://|file://)\S+", url):
+            raise ParamError(k, src, "allowed: url:https://<host>/<file> or url:file://<path>")
+    return src
+
+
+def _student_init(k: str, v: Any) -> str:
+    if not isinstance(v, str) or not (v in ("scratch", "pretrained") or v.startswith("file:")):
+        raise ParamError(k, v, "allowed: scratch, pretrained (timm or torchvision weights), "
+                         "file:<checkpoint>")  # fmt: skip
+    if v == "file:":
+        raise ParamError(k, v, "give the checkpoint's path: file:<path>")
+    return v
+
+
+def _methods(k: str, v: Any) -> list[str]:
+    from kdiga.methods import method_names
+
+    names = method_names()
+    return _list(k, v, lambda kk, x: _choice(kk, x, names))
+
+
+def _seeds(k: str, v: Any) -> list[int]:
+    return _list(k, v, lambda kk, x: _int(kk, x, 0, SEED_MAX))
+
+
+# -- sections --------------------------------------------------------------------------------
+
+#: the optimiser settings a student may override (the paper fine-tunes ViT-S at lr 1e-5)
+OPTIMISER_KEYS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "milestones")
+#: every training setting shared by a teacher's training and the students'
+TRAIN_KEYS = (*OPTIMISER_KEYS, "augment", "crop_padding")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Shard:
+    dataset: str = key("digits", choice(*DATASETS), "the dataset: digits, cifar10, imagenet, "
+                       "synthetic")  # fmt: skip
+    root: str | None = key(None, None, "dataset root (cifar10: torchvision layout; imagenet: "
+                           "ImageFolder)")  # fmt: skip
+    image_size: int = key(16, integer(4, MAX_IMAGE_SIZE), "images are resized to this side")
+    val_fraction: float = key(0.2, _val_fraction, "held out of train for tuning; the test split "
+                              "is never used to tune")  # fmt: skip
+    test_samples: int | None = key(300, optional(integer(1)), "evaluate on this many random "
+                                   "test images (null: all)")  # fmt: skip
+    max_per_shard: int = key(10000, integer(1), "images per WebDataset shard")
+    seed: int = key(
+        0,
+        integer(0, SEED_MAX),
+        "draws the validation split, the test subset, the "
+        "attacks' random starts and the bounds' samples (the same for every model)",
+    )
+
+    def check(self, prefix: str) -> None:
+        if self.dataset in ("cifar10", "imagenet") and self.root is None:
+            raise ParamError(
+                f"{prefix}.root", None, f"dataset {self.dataset} needs the path to its local root"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherTrain:
+    method: str = key("at", choice(*TEACHER_METHODS), "at (PGD-AT) or trades")
+    seed: int = key(0, integer(0, SEED_MAX), "the teacher's training seed")
+    eps: float = key(0.1, parse_radius, "the training attack's radius ([0, 1] pixels)")
+    steps: int = key(3, integer(1, MAX_STEPS), "PGD steps of the training attack")
+    step_size: float | None = key(None, optional(parse_radius), "null: 2.5 * eps / steps")
+    trades_beta: float = key(6.0, number(), "TRADES' beta")
+    epochs: int = key(15, integer(0, MAX_EPOCHS), "training epochs")
+    batch_size: int = key(64, integer(1, MAX_BATCH), "training batch size")
+    lr: float = key(0.05, number(strict=True), "SGD learning rate")
+    momentum: float = key(0.9, _momentum, "SGD momentum, in [0, 1)")
+    weight_decay: float = key(5.0e-4, number(), "SGD weight decay")
+    milestones: list = key([10], _milestones, "epochs at which the lr is divided by 10")
+    augment: str = key("crop", choice(*AUGMENTS), "none, crop or crop_flip")
+    crop_padding: int = key(2, integer(0), "pixels of padding of the random crop")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Teacher:
+    source: str = key("train", _teacher_source, "train | file:<path> | url:<https://...> | "
+                      "timm:<name>")  # fmt: skip
+    arch: str | None = key(None, optional(_arch), "architecture (required unless timm:)")
+    arch_kwargs: dict = key({}, lambda k, v: _model_kwargs(k, v), "architecture options")
+    sha256: str | None = key(None, _sha256, "required for url:, checked for file:")
+    mean: list | None = key(None, lambda k, v: _norm_stats(k, v), "input normalisation inside "
+                            "the model (null: identity or the checkpoint's own)")  # fmt: skip
+    std: list | None = key(None, lambda k, v: _norm_stats(k, v, positive=True), "see mean")
+    train: TeacherTrain = section(TeacherTrain, "how a `train` teacher is trained")
+
+    def check(self, prefix: str) -> None:
+        if self.source.startswith("url:") and self.sha256 is None:
+            raise ParamError(f"{prefix}.sha256", None, "a url: teacher needs its expected sha256")
+        if (self.source == "train" or self.source.startswith(("file:", "url:"))) and (
+            self.arch is None
+        ):
+            raise ParamError(
+                f"{prefix}.arch", None, f"a {self.source.split(':')[0]} teacher needs its arch"
+            )
+
+    @property
+    def kind(self) -> str:
+        """How the report names it: PGD-AT, TRADES, or the source's scheme."""
+        if self.source == "train":
+            return {"at": "PGD-AT", "trades": "TRADES"}[self.train.method]
+        return self.source.split(":", 1)[0]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Student:
+    arch: str = key(check=_arch, doc="architecture: a kdiga model, timm:<name> or "
+                    "torchvision:<name>")  # fmt: skip
+    init: str = key("scratch", _student_init, "scratch | pretrained (timm or torchvision "
+                    "weights) | file:<checkpoint>")  # fmt: skip
+    sha256: str | None = key(None, _sha256, "checked for a file: init")
+    kwargs: dict = key({}, lambda k, v: _model_kwargs(k, v), "architecture options")
+    epochs: int | None = key(None, optional(integer(0, MAX_EPOCHS)), "null: distill.epochs")
+    batch_size: int | None = key(None, optional(integer(1, MAX_BATCH)), "null: distill's")
+    lr: float | None = key(None, optional(number(strict=True)), "null: distill.lr (the paper "
+                           "fine-tunes ViT-S/16 at 1e-5)")  # fmt: skip
+    momentum: float | None = key(None, optional(_momentum), "null: distill.momentum")
+    weight_decay: float | None = key(None, optional(number()), "null: distill.weight_decay")
+    milestones: list | None = key(None, optional(_milestones), "null: distill.milestones")
+
+    def check(self, prefix: str) -> None:
+        if self.init == "pretrained" and not self.arch.startswith(("timm:", "torchvision:")):
+            raise ParamError(
+                f"{prefix}.init",
+                self.init,
+                f"pretrained weights come from timm or torchvision: arch {self.arch!r} has "
+                "none; use a timm:<name> or torchvision:<name> arch, or init file:<checkpoint>",
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Iga:
+    weight: float = key(1.0, number(), "lambda_IGA")
+    reduction: str = key("per_sample_mean", choice(*IGA_REDUCTIONS), "per_sample_mean | "
+                         "batch_frobenius (the authors' code)")  # fmt: skip
+    grad_mode: str = key("train", choice(*GRAD_MODES), "the student's BatchNorm mode for its "
+                         "input gradient: train (the authors' code) | eval")  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class Adversarial:
+    eps: float = key(0.1, parse_radius, "radius of the inner maximisation (ard, kdiga_ardc, "
+                     "kdiga_arda, rslad)")  # fmt: skip
+    steps: int = key(3, integer(1, MAX_STEPS), "its PGD steps")
+    step_size: float | None = key(None, optional(parse_radius), "null: 2.5 * eps / steps")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rslad:
+    adv_weight: float = key(
+        5 / 6,
+        _fraction,
+        "alpha: the weight of KL(T(x) || S(x+delta)); "
+        "1 - alpha weighs KL(T(x) || S(x)) (Zi et al. 2021: 5/6)",
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Distill:
+    methods: list = key(check=_methods, doc="distillation methods (kdiga.methods.METHODS)")
+    epochs: int = key(15, integer(0, MAX_EPOCHS), "training epochs")
+    batch_size: int = key(64, integer(1, MAX_BATCH), "training batch size")
+    lr: float = key(0.05, number(strict=True), "SGD learning rate")
+    momentum: float = key(0.9, _momentum, "SGD momentum, in [0, 1)")
+    weight_decay: float = key(5.0e-4, number(), "SGD weight decay")
+    milestones: list = key([10], _milestones, "epochs at which the lr is divided by 10")
+    augment: str = key("crop", choice(*AUGMENTS), "none, crop or crop_flip")
+    crop_padding: int = key(2, integer(0), "pixels of padding of the random crop")
+    ce_weight: float = key(0.5, number(), "lambda_CE of KD's loss")
+    kl_weight: float = key(0.5, number(), "lambda_KL of KD's loss")
+    temperature: float = key(1.0, number(strict=True), "KD temperature")
+    iga: Iga = section(Iga, "the input gradient alignment term (kdiga, kdiga_ardc, kdiga_arda)")
+    adversarial: Adversarial = section(Adversarial, "the inner maximisation")
+    rslad: Rslad = section(Rslad, "RSLAD's loss weights")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Signals:
+    enabled: bool = key(False, flag, "true: students of cacheable methods train from the "
+                        "teacher's cached logits and input gradients")  # fmt: skip
+    views: int = key(16, integer(1, MAX_VIEWS), "K augmented views per image (view 0 is the "
+                     "image itself)")  # fmt: skip
+    grad_dtype: str = key("float16", choice(*GRAD_DTYPES), "storage of the input gradients")
+    schedule: str = key("cycle", choice(*SCHEDULES), "cycle: each view once per K epochs | "
+                        "random")  # fmt: skip
+    batch_size: int = key(256, integer(1, MAX_BATCH), "images per teacher call")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pgd:
+    steps: int = key(20, integer(1, MAX_STEPS), "PGD steps")
+    restarts: int = key(1, integer(1, MAX_RESTARTS), "random restarts")
+    step_size: float | None = key(None, optional(parse_radius), "null: 2.5 * radius / steps")
+
+
+def _aa_targets(k: str, v: Any) -> int | None:
+    return optional(integer(1, max(DATASET_CLASSES.values()) - 1))(k, v)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AutoAttackSettings:
+    version: str = key("custom", choice(*AA_VERSIONS), "standard | plus | rand | custom")
+    attacks: list = key(["apgd-ce", "apgd-dlr"], listing(lambda k, v: _choice(k, v, AA_ATTACKS)),
+                        "the attacks of the custom version")  # fmt: skip
+    n_restarts: int | None = key(1, optional(integer(1, MAX_RESTARTS)), "APGD-CE / FAB "
+                                 "restarts (null: AutoAttack's default)")  # fmt: skip
+    n_iter: int | None = key(25, optional(integer(1, MAX_STEPS)), "APGD / FAB iterations "
+                             "(null: 100)")  # fmt: skip
+    n_target_classes: int | None = key(None, _aa_targets, "APGD-T / FAB-T targets (null: 9, or "
+                                       "classes - 1)")  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class Attack:
+    split: str = key("test", choice("test", "val"), "test | val (tune on val)")
+    attacks: list = key(["pgd", "autoattack"], listing(lambda k, v: _choice(k, v, ATTACKS)),
+                        "pgd, autoattack")  # fmt: skip
+    radii: list = key([0.02, 0.05, 0.1, 0.15, 0.2], _radii, "increasing radii in [0, 1] pixel "
+                      "units (write 8/255 as \"8/255\")")  # fmt: skip
+    norm: str = key("linf", choice(*NORMS), "linf | l2")
+    batch_size: int = key(500, integer(1, MAX_BATCH), "images per attack batch")
+    pgd: Pgd = section(Pgd, "PGD-k")
+    autoattack: AutoAttackSettings = section(AutoAttackSettings, "AutoAttack")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Bounds:
+    radii: list = key([0.05, 0.1], listing(parse_radius), "radii of the LLM (Table 4)")
+    samples: int = key(1000, integer(1), "random test samples (the paper: 1000)")
+    steps: int = key(10, integer(0, MAX_STEPS), "ascent steps of the LLM maximisation")
+    restarts: int = key(1, integer(1, MAX_RESTARTS), "its restarts")
+    batch_size: int = key(500, integer(1, MAX_BATCH), "images per batch")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Report:
+    figure_attack: str = key("pgd", choice(*ATTACKS), "the attack drawn in the figure")
+    claim_radius: float | None = key(None, optional(parse_radius), "the radius at which the "
+                                     "claims table compares robust accuracy (null: the attack "
+                                     "radius nearest distill.adversarial.eps)")  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class Study:
+    seeds: list = key([0], _seeds, "each (teacher, method, student) is trained once per seed")
+    shard: Shard = section(Shard, "data -> WebDataset shards")
+    teachers: dict = entries(Teacher, "named teachers")
+    students: dict = entries(Student, "named students")
+    distill: Distill = section(Distill, "distillation: methods and training settings")
+    signals: Signals = section(Signals, "teacher signals paid once per teacher (optional)")
+    attack: Attack = section(Attack, "attack evaluation of every model")
+    bounds: Bounds = section(Bounds, "local-linearity bound terms of every student (Table 4)")
+    report: Report = section(Report, "the report")
+    raw: dict = field(default_factory=dict, repr=False, compare=False, init=False)
+
+    def check(self, prefix: str) -> None:
+        _check_study(self)
+
+    # -- typed access ----------------------------------------------------------------------
+
+    def value(self, dotted: str) -> Any:
+        """The validated value at a dotted key (``distill.iga``, ``teachers.pgdat``), as
+        plain JSON-able data."""
+        node: Any = self
+        for part in dotted.split("."):
+            node = node[part] if isinstance(node, dict) else getattr(node, part)
+        return _plain(node)
+
+    def train_settings(self, student: str) -> dict:
+        """The training settings of ``student``: distill's, with the student's overrides."""
+        s, d = self.students[student], self.distill
+        out = {k: getattr(d, k) for k in TRAIN_KEYS}
+        out |= {k: getattr(s, k) for k in OPTIMISER_KEYS if getattr(s, k) is not None}
+        return out
+
+    @property
+    def data(self) -> dict:
+        """num_classes, in_chans and image_size the models are built for."""
+        ds = self.shard.dataset
+        return {
+            "num_classes": DATASET_CLASSES[ds],
+            "in_chans": DATASET_CHANNELS[ds],
+            "image_size": self.shard.image_size,
+        }
+
+
+def _plain(v: Any) -> Any:
+    if dataclasses.is_dataclass(v):
+        return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
+    return v
+
+
+def validate(raw: Any) -> Study:
+    """Check a whole params mapping; the :class:`Study` it describes (defaults filled in)."""
+    study = _parse(Study, "", raw)
+    object.__setattr__(study, "raw", copy.deepcopy(dict(raw)))
+    return study
+
+
+def _check_study(p: Study) -> None:
+    """Checks across sections: the grid, the data fit, the figure's attack, the models."""
+    from kdiga.methods import get_method
+
+    methods = [get_method(m) for m in p.distill.methods]
+    needy = [m.name for m in methods if m.needs_teacher]
+    if needy and not p.teachers:
         raise ParamError(
-            "shard.root", None, f"dataset {out['dataset']} needs the path to its local root"
-        )
-    return out
-
-
-def _teacher(s: Any) -> dict:
-    s = _keys("teacher", s, ("source", "arch", "arch_kwargs", "sha256", "mean", "std", "train"))
-    src = _teacher_source(s["source"])
-    sha = s["sha256"]
-    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
-        raise ParamError("teacher.sha256", sha, "expected 64 lowercase hex digits or null")
-    if src.startswith("url:") and sha is None:
-        raise ParamError("teacher.sha256", sha, "a url: teacher needs its expected sha256")
-    out = {
-        "source": src,
-        "arch": _student("teacher.arch", s["arch"]) if s["arch"] is not None else None,
-        "arch_kwargs": _model_kwargs("teacher.arch_kwargs", s["arch_kwargs"]),
-        "sha256": sha,
-        "mean": _norm_stats("teacher.mean", s["mean"]),
-        "std": _norm_stats("teacher.std", s["std"], positive=True),
-    }
-    if (src == "train" or src.startswith(("file:", "url:"))) and out["arch"] is None:
-        raise ParamError("teacher.arch", None, f"a {src.split(':')[0]} teacher needs its arch")
-    t = _keys(
-        "teacher.train",
-        s["train"],
-        ("method", "eps", "steps", "step_size", "trades_beta", *TRAIN_KEYS),
-    )
-    out["train"] = {
-        "method": _choice("teacher.train.method", t["method"], TEACHER_METHODS),
-        "eps": parse_radius("teacher.train.eps", t["eps"]),
-        "steps": _int("teacher.train.steps", t["steps"], 1, MAX_STEPS),
-        "step_size": _optional(parse_radius)("teacher.train.step_size", t["step_size"]),
-        "trades_beta": _float("teacher.train.trades_beta", t["trades_beta"]),
-        **_train_common("teacher.train", t),
-    }
-    return out
-
-
-def _distill(s: Any) -> dict:
-    keys = (
-        "students",
-        "methods",
-        "student_kwargs",
-        *TRAIN_KEYS,
-        "ce_weight",
-        "kl_weight",
-        "temperature",
-        "iga",
-        "adversarial",
-    )
-    s = _keys("distill", s, keys)
-    iga = _keys("distill.iga", s["iga"], ("weight", "reduction", "grad_mode"))
-    adv = _keys("distill.adversarial", s["adversarial"], ("eps", "steps", "step_size"))
-    return {
-        "students": _list("distill.students", s["students"], _student),
-        "methods": _list("distill.methods", s["methods"], lambda k, v: _choice(k, v, METHODS)),
-        "student_kwargs": _model_kwargs("distill.student_kwargs", s["student_kwargs"]),
-        **_train_common("distill", s),
-        "ce_weight": _float("distill.ce_weight", s["ce_weight"]),
-        "kl_weight": _float("distill.kl_weight", s["kl_weight"]),
-        "temperature": _float("distill.temperature", s["temperature"], strict=True),
-        "iga": {
-            "weight": _float("distill.iga.weight", iga["weight"]),
-            "reduction": _choice("distill.iga.reduction", iga["reduction"], IGA_REDUCTIONS),
-            "grad_mode": _choice("distill.iga.grad_mode", iga["grad_mode"], GRAD_MODES),
-        },
-        "adversarial": {
-            "eps": parse_radius("distill.adversarial.eps", adv["eps"]),
-            "steps": _int("distill.adversarial.steps", adv["steps"], 1, MAX_STEPS),
-            "step_size": _optional(parse_radius)("distill.adversarial.step_size", adv["step_size"]),
-        },
-    }
-
-
-def _attack(s: Any) -> dict:
-    s = _keys("attack", s, ("split", "attacks", "radii", "norm", "batch_size", "pgd", "autoattack"))
-    pgd = _keys("attack.pgd", s["pgd"], ("steps", "restarts", "step_size"))
-    aa = _keys(
-        "attack.autoattack",
-        s["autoattack"],
-        ("version", "attacks", "n_restarts", "n_iter", "n_target_classes"),
-    )
-    radii = _list("attack.radii", s["radii"], parse_radius)
-    if radii != sorted(radii):
-        raise ParamError("attack.radii", s["radii"], "radii must be listed in increasing order")
-    version = _choice("attack.autoattack.version", aa["version"], AA_VERSIONS)
-    return {
-        "split": _choice("attack.split", s["split"], ("test", "val")),
-        "attacks": _list("attack.attacks", s["attacks"], lambda k, v: _choice(k, v, ATTACKS)),
-        "radii": radii,
-        "norm": _choice("attack.norm", s["norm"], NORMS),
-        "batch_size": _int("attack.batch_size", s["batch_size"], 1, MAX_BATCH),
-        "pgd": {
-            "steps": _int("attack.pgd.steps", pgd["steps"], 1, MAX_STEPS),
-            "restarts": _int("attack.pgd.restarts", pgd["restarts"], 1, MAX_RESTARTS),
-            "step_size": _optional(parse_radius)("attack.pgd.step_size", pgd["step_size"]),
-        },
-        "autoattack": {
-            "version": version,
-            "attacks": _list(
-                "attack.autoattack.attacks", aa["attacks"], lambda k, v: _choice(k, v, AA_ATTACKS)
-            ),
-            **{
-                k: _optional(_int)(f"attack.autoattack.{k}", aa[k], 1, hi)
-                for k, hi in (
-                    ("n_restarts", MAX_RESTARTS),
-                    ("n_iter", MAX_STEPS),
-                    ("n_target_classes", max(DATASET_CLASSES.values()) - 1),
-                )
-            },
-        },
-    }
-
-
-def _bounds(s: Any) -> dict:
-    s = _keys("bounds", s, ("radii", "samples", "steps", "restarts", "batch_size"))
-    return {
-        "radii": _list("bounds.radii", s["radii"], parse_radius),
-        "samples": _int("bounds.samples", s["samples"], 1),
-        "steps": _int("bounds.steps", s["steps"], 0, MAX_STEPS),
-        "restarts": _int("bounds.restarts", s["restarts"], 1, MAX_RESTARTS),
-        "batch_size": _int("bounds.batch_size", s["batch_size"], 1, MAX_BATCH),
-    }
-
-
-def _signals(s: Any) -> dict:
-    s = _keys("signals", s, ("enabled", "views", "grad_dtype", "schedule", "batch_size"))
-    return {
-        "enabled": _bool("signals.enabled", s["enabled"]),
-        "views": _int("signals.views", s["views"], 1, MAX_VIEWS),
-        "grad_dtype": _choice("signals.grad_dtype", s["grad_dtype"], GRAD_DTYPES),
-        "schedule": _choice("signals.schedule", s["schedule"], SCHEDULES),
-        "batch_size": _int("signals.batch_size", s["batch_size"], 1, MAX_BATCH),
-    }
-
-
-def _report(s: Any) -> dict:
-    s = _keys("report", s, ("figure_attack",))
-    return {"figure_attack": _choice("report.figure_attack", s["figure_attack"], ATTACKS)}
-
-
-SECTIONS: dict[str, Callable[[Any], dict]] = {
-    "shard": _shard,
-    "teacher": _teacher,
-    "distill": _distill,
-    "signals": _signals,
-    "attack": _attack,
-    "bounds": _bounds,
-    "report": _report,
-}
-
-
-def validate(raw: Any) -> dict:
-    """Check a whole params mapping; return it with radii parsed and defaults made explicit."""
-    raw = _keys("params", raw, ("seed", *SECTIONS))
-    out: dict[str, Any] = {"seed": _int("seed", raw["seed"], 0, SEED_MAX)}
-    for name, check in SECTIONS.items():
-        out[name] = check(raw[name])
-    if out["report"]["figure_attack"] not in out["attack"]["attacks"]:
+            "teachers", {},
+            f"methods {', '.join(needy)} need a teacher: name at least one under teachers",
+        )  # fmt: skip
+    if not p.students:
+        raise ParamError("students", {}, "name at least one student under students")
+    if p.report.figure_attack not in p.attack.attacks:
         raise ParamError(
             "report.figure_attack",
-            out["report"]["figure_attack"],
-            f"must be one of attack.attacks: {', '.join(out['attack']['attacks'])}",
+            p.report.figure_attack,
+            f"must be one of attack.attacks: {', '.join(p.attack.attacks)}",
         )
-    _check_data_fit(out)
-    sig, d = out["signals"], out["distill"]
-    if sig["enabled"] and sig["views"] > 1:
-        if d["augment"] == "none":
+    if p.report.claim_radius is not None and p.report.claim_radius not in p.attack.radii:
+        raise ParamError(
+            "report.claim_radius",
+            p.report.claim_radius,
+            f"must be one of attack.radii: {', '.join(map(radius_label, p.attack.radii))}",
+        )
+    _check_data_fit(p)
+    sig, d = p.signals, p.distill
+    if sig.enabled and sig.views > 1:
+        if d.augment == "none":
             raise ParamError(
                 "signals.views",
-                sig["views"],
+                sig.views,
                 "distill.augment is none, so every view would be the same image: use views: 1",
             )
-        if d["augment"] == "crop" and d["crop_padding"] == 0:
+        if d.augment == "crop" and d.crop_padding == 0:
             raise ParamError(
                 "signals.views",
-                sig["views"],
+                sig.views,
                 "distill.augment is crop with crop_padding 0 (no augmentation): use views: 1",
             )
-    _check_models(out)
-    return out
+    _check_models(p)
 
 
-def _check_data_fit(p: dict) -> None:
+def _check_data_fit(p: Study) -> None:
     """Checks that need the dataset: crop padding vs image size, normalisation lengths, classes."""
-    dataset, size = p["shard"]["dataset"], p["shard"]["image_size"]
+    dataset, size = p.shard.dataset, p.shard.image_size
     chans, classes = DATASET_CHANNELS[dataset], DATASET_CLASSES[dataset]
-    for key, sec in (("teacher.train", p["teacher"]["train"]), ("distill", p["distill"])):
-        if sec["augment"] in ("crop", "crop_flip") and sec["crop_padding"] >= size:
+    sections = [(f"teachers.{n}.train", t.train) for n, t in p.teachers.items()]
+    for k, sec in [*sections, ("distill", p.distill)]:
+        if sec.augment in ("crop", "crop_flip") and sec.crop_padding >= size:
             raise ParamError(
-                f"{key}.crop_padding",
-                sec["crop_padding"],
-                f"with {key}.augment {sec['augment']} the padding must be less than "
+                f"{k}.crop_padding",
+                sec.crop_padding,
+                f"with {k}.augment {sec.augment} the padding must be less than "
                 f"shard.image_size ({size})",
             )
-    t = p["teacher"]
     lengths = sorted({1, chans})
     allowed = " or ".join(map(str, lengths)) + (" values" if chans > 1 else " value")
-    for key, given, other in (("mean", t["mean"], t["std"]), ("std", t["std"], t["mean"])):
-        if given is None and other is not None:
-            raise ParamError(
-                f"teacher.{key}",
-                None,
-                f"teacher.{'std' if key == 'mean' else 'mean'} is given, so {key} must be too: "
-                f"give both ({allowed} each) or neither",
-            )
-    if t["mean"] is not None:
-        for key in ("mean", "std"):
-            if len(t[key]) not in lengths:
+    for name, t in p.teachers.items():
+        at = f"teachers.{name}"
+        for k, given, other in (("mean", t.mean, t.std), ("std", t.std, t.mean)):
+            if given is None and other is not None:
                 raise ParamError(
-                    f"teacher.{key}",
-                    t[key],
-                    f"expected {allowed}: {dataset} images have {chans} channel(s)",
+                    f"{at}.{k}",
+                    None,
+                    f"{at}.{'std' if k == 'mean' else 'mean'} is given, so {k} must be too: "
+                    f"give both ({allowed} each) or neither",
                 )
-        if len(t["mean"]) != len(t["std"]):
-            raise ParamError(
-                "teacher.std",
-                t["std"],
-                f"mean and std must have the same length; teacher.mean has {len(t['mean'])}",
-            )
-    n_target = p["attack"]["autoattack"]["n_target_classes"]
+        if t.mean is not None:
+            for k in ("mean", "std"):
+                if len(getattr(t, k)) not in lengths:
+                    raise ParamError(
+                        f"{at}.{k}",
+                        getattr(t, k),
+                        f"expected {allowed}: {dataset} images have {chans} channel(s)",
+                    )
+            if len(t.mean) != len(t.std):
+                raise ParamError(
+                    f"{at}.std",
+                    t.std,
+                    f"mean and std must have the same length; {at}.mean has {len(t.mean)}",
+                )
+    n_target = p.attack.autoattack.n_target_classes
     if n_target is not None and n_target > classes - 1:
         raise ParamError(
             "attack.autoattack.n_target_classes",
@@ -510,31 +791,26 @@ def _check_data_fit(p: dict) -> None:
         )
 
 
-def _check_models(p: dict) -> None:
-    """Build every student (and a teacher.arch) on PyTorch's meta device, as the stages call
-    ``build_model``: a bad ``*_kwargs`` stops here, not when the job runs. Nothing is
-    allocated or downloaded."""
-    dataset = p["shard"]["dataset"]
-    data = {
-        "num_classes": DATASET_CLASSES[dataset],
-        "in_chans": DATASET_CHANNELS[dataset],
-        "image_size": p["shard"]["image_size"],
-    }
-    t, d = p["teacher"], p["distill"]
+def _check_models(p: Study) -> None:
+    """Build every student and every teacher with an arch on PyTorch's meta device, as the
+    stages call ``build_model``: a bad ``*kwargs`` stops here, not when the job runs.
+    Nothing is allocated or downloaded."""
+    dataset = p.shard.dataset
     builds = [
-        (f"distill.students[{i}]", s, "distill.student_kwargs", {}, d["student_kwargs"])
-        for i, s in enumerate(d["students"])
+        (f"teachers.{n}.arch", t.arch, f"teachers.{n}.arch_kwargs",
+         {"mean": t.mean, "std": t.std}, t.arch_kwargs)
+        for n, t in p.teachers.items()
+        if t.arch is not None
+    ]  # fmt: skip
+    builds += [
+        (f"students.{n}.arch", s.arch, f"students.{n}.kwargs", {}, s.kwargs)
+        for n, s in p.students.items()
     ]
-    if t["arch"] is not None:  # as pipeline/teacher.py builds it
-        stats = {"mean": t["mean"], "std": t["std"]}
-        builds.insert(
-            0, ("teacher.arch", t["arch"], "teacher.arch_kwargs", stats, t["arch_kwargs"])
-        )
     for arch_key, arch, kwargs_key, stats, kwargs in builds:
-        problem = _build_problem(arch, stats, data, kwargs)
+        problem = _build_problem(arch, stats, p.data, kwargs)
         if problem:  # blame the kwargs when there are any, else the architecture itself
-            key, value = (kwargs_key, kwargs) if kwargs else (arch_key, arch)
-            raise ParamError(key, value, f"building {arch} for {dataset} fails: {problem}")
+            k, value = (kwargs_key, kwargs) if kwargs else (arch_key, arch)
+            raise ParamError(k, value, f"building {arch} for {dataset} fails: {problem}")
 
 
 def _build_problem(arch: str, stats: dict, data: dict, kwargs: dict) -> str | None:
@@ -577,20 +853,6 @@ _RANDOM_FILLS = frozenset({"normal_", "uniform_", "random_", "exponential_", "be
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def check_paths(params: dict, stages: tuple[str, ...] = ("shard", "teacher")) -> None:
-    """Check the files params name exist (a dataset root, a teacher file): before a real run,
-    not at a dry run, so the paper's presets can be inspected on a machine without them."""
-    s, t = params["shard"], params["teacher"]
-    if "shard" in stages and s["dataset"] in ("cifar10", "imagenet"):
-        layout = {
-            "cifar10": "torchvision's CIFAR-10 layout (<root>/cifar-10-batches-py/)",
-            "imagenet": "an ImageFolder root (<root>/train/<wnid>/, <root>/val/<wnid>/)",
-        }[s["dataset"]]
-        _path_exists("shard.root", s["root"], f"directory holding {layout}")
-    if "teacher" in stages and t["source"].startswith("file:"):
-        _path_exists("teacher.source", t["source"][5:], "teacher checkpoint file")
 
 
 def params_file() -> str:
@@ -698,35 +960,134 @@ def read_yaml(path: str | Path) -> Any:
         ) from None
 
 
-def load_params(path: str | Path | None = None) -> dict:
+def load_params(path: str | Path | None = None) -> Study:
     """Read and validate ``params.yaml``; raises :class:`ParamError` on the first bad value."""
     return validate(read_yaml(params_file() if path is None else path))
 
 
-# -- model ids shared by the DAG and the stages ------------------------------------------
+def check_paths(params: Study, stages: tuple[str, ...] = ("shard", "teacher", "distill")) -> None:
+    """Check the files params name exist (a dataset root, a teacher file, a student's init
+    checkpoint): before a real run, not at a dry run, so the paper's presets can be
+    inspected on a machine without them."""
+    s = params.shard
+    if "shard" in stages and s.dataset in ("cifar10", "imagenet"):
+        layout = {
+            "cifar10": "torchvision's CIFAR-10 layout (<root>/cifar-10-batches-py/)",
+            "imagenet": "an ImageFolder root (<root>/train/<wnid>/, <root>/val/<wnid>/)",
+        }[s.dataset]
+        _path_exists("shard.root", s.root, f"directory holding {layout}")
+    if "teacher" in stages:
+        for name, t in params.teachers.items():
+            if t.source.startswith("file:"):
+                _path_exists(f"teachers.{name}.source", t.source[5:], "teacher checkpoint file")
+    if "distill" in stages:
+        for name, st in params.students.items():
+            if st.init.startswith("file:"):
+                _path_exists(f"students.{name}.init", st.init[5:], "student checkpoint file")
 
 
-def student_slug(student: str) -> str:
-    """A file-name-safe form of a student name (``timm:vit_small`` -> ``timm+vit_small``)."""
-    return student.replace(":", "+")
+# -- the grid's model ids, shared by the DAG and the stages ----------------------------------
 
 
-def student_ids(params: dict) -> list[str]:
-    """``<student>--<method>`` for every distillation job, in params order."""
-    d = params["distill"]
-    return [f"{student_slug(s)}{ID_SEP}{m}" for s in d["students"] for m in d["methods"]]
+@dataclass(frozen=True)
+class StudentJob:
+    """One distillation job of the grid: (teacher, method, student, seed)."""
+
+    teacher: str | None  # None for a method without a teacher (st)
+    method: str
+    student: str
+    seed: int
+
+    @property
+    def id(self) -> str:
+        parts = [self.teacher] if self.teacher is not None else []
+        return ID_SEP.join([*parts, self.method, self.student, f"s{self.seed}"])
 
 
-def parse_student_id(params: dict, model_id: str) -> tuple[str, str]:
-    """The (student name, method) of a student id; a clear error for an unknown id."""
-    d = params["distill"]
-    for s in d["students"]:
-        for m in d["methods"]:
-            if f"{student_slug(s)}{ID_SEP}{m}" == model_id:
-                return s, m
-    raise ParamError("--model", model_id, f"known students: {', '.join(student_ids(params))}")
+def student_jobs(params: Study) -> list[StudentJob]:
+    """Every distillation job, in report order: students without a teacher first, then per
+    teacher, method, student and seed."""
+    from kdiga.methods import get_method
+
+    methods = [get_method(m) for m in params.distill.methods]
+    out = [
+        StudentJob(None, m.name, s, seed)
+        for m in methods
+        if not m.needs_teacher
+        for s in params.students
+        for seed in params.seeds
+    ]
+    out += [
+        StudentJob(t, m.name, s, seed)
+        for t in params.teachers
+        for m in methods
+        if m.needs_teacher
+        for s in params.students
+        for seed in params.seeds
+    ]
+    return out
 
 
-def model_ids(params: dict) -> list[str]:
-    """Every model the attack stage evaluates: the teacher, then each student."""
-    return ["teacher", *student_ids(params)]
+def student_ids(params: Study) -> list[str]:
+    return [j.id for j in student_jobs(params)]
+
+
+def teacher_ids(params: Study) -> list[str]:
+    """A teacher's model id is its name."""
+    return list(params.teachers)
+
+
+def model_ids(params: Study) -> list[str]:
+    """Every model the attack stage evaluates: the teachers, then each student."""
+    return [*teacher_ids(params), *student_ids(params)]
+
+
+def parse_student_id(params: Study, model_id: str) -> StudentJob:
+    """The job of a student id; a clear error for an id that is not in the grid."""
+    for job in student_jobs(params):
+        if job.id == model_id:
+            return job
+    known = student_ids(params)
+    shown = ", ".join(known[:6]) + (f", ... ({len(known)} in all)" if len(known) > 6 else "")
+    raise ParamError(
+        "--model",
+        model_id,
+        "not a student of this study; ids are <teacher>--<method>--<student>--s<seed> (or "
+        f"st--<student>--s<seed>): {shown}",
+    )
+
+
+def check_teacher(params: Study, name: str) -> Teacher:
+    if name not in params.teachers:
+        raise ParamError("--teacher", name, f"known teachers: {', '.join(params.teachers)}")
+    return params.teachers[name]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline.params", description="Check a params file, or list every key."
+    )
+    ap.add_argument("path", nargs="?", default=None, help="default: $KDIGA_PARAMS or params.yaml")
+    ap.add_argument("--describe", action="store_true", help="every key, its default and meaning")
+    args = ap.parse_args(argv)
+    if args.describe:
+        rows = describe()
+        width = max(len(k) for k, _, _ in rows)
+        for k, default, doc in rows:
+            print(f"{k:<{width}}  {default:<24} {doc}".rstrip())
+        return 0
+    try:
+        p = load_params(args.path)
+    except ParamError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"ok: {len(p.teachers)} teacher(s), {len(p.students)} student(s), "
+        f"{len(p.distill.methods)} method(s), {len(p.seeds)} seed(s): "
+        f"{len(student_ids(p))} distillation jobs"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

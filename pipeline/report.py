@@ -1,10 +1,15 @@
-"""Stage report: the paper's tables from what the pipeline measured, a Figure-1-style plot,
-and the metrics `dvc exp show` reads.
+"""Stage report: the paper's tables from what the pipeline measured, with their uncertainty,
+a Figure-1-style plot with bands, the claims the study supports, and the metrics `dvc exp
+show` reads.
 
-- Tables 1-3 shape: clean and robust accuracy (%) per radius, one table per attack, the
-  teacher's own numbers in brackets; a result whose sanity checks failed is marked.
-- Table 4 shape: LLM at each radius, clean CE and ||g_s - g_t||_2 per student.
-- Training: each student's validation accuracy after its last epoch.
+- Tables 1-3 shape, one table per attack and teacher: clean and robust accuracy (%) per
+  radius of the teacher and of every student distilled from it (and the students trained
+  without a teacher), the teacher's own numbers in brackets.
+- Table 4 shape, per teacher: LLM at each radius, clean CE and ||g_s - g_t||_2.
+- Every number is a mean with its 95% CI (``kdiga.stats``): over seeds when the study has
+  several, else a bootstrap over the test images.
+- Claims: the paper's claims as paired differences (same images, same seeds) with their CI
+  and a verdict: supported, not supported, or inconclusive at this size.
 Nothing here is typed by hand: every number is read from the stages' outputs, and every
 output is a function of them alone (the same inputs give the same bytes). Wall-clock cost
 per method, relative to KD, goes to ``logs/cost.md`` beside the logs, outside what DVC hashes.
@@ -13,98 +18,350 @@ per method, relative to KD, goes to ``logs/cost.md`` beside the logs, outside wh
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import dag
 from pipeline.common import begin, log, read_json, run, write_json
-from pipeline.params import model_ids, parse_student_id, student_ids
+from pipeline.params import StudentJob, Study, model_ids, radius_label, student_jobs
 from pipeline.provenance import seal
 
-METHOD_NAMES = {
-    "st": "ST",
-    "kd": "KD",
-    "ard": "ARD",
-    "kdiga": "KDIGA",
-    "kdiga_ardc": "KDIGA-ARDC",
-    "kdiga_arda": "KDIGA-ARDA",
-}
+BOOT = {"n_boot": 2000, "seed": 0}  # the bootstrap's own fixed draw: the same bytes every run
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
+def label(method: str) -> str:
+    from kdiga.methods import get_method
+
+    return get_method(method).label
 
 
-def _markdown(df) -> str:
-    cols = df.columns
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.iter_rows()]
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def _label(params: dict, mid: str, teacher: dict) -> str:
-    t = f"{teacher['arch']} ({_teacher_kind(teacher)})"
-    if mid == "teacher":
-        return f"Teacher: {t}"
-    student, method = parse_student_id(params, mid)
-    if method == "st":
-        return f"{student} (ST)"
-    return f"{t} -{METHOD_NAMES[method]}-> {student}"
+@dataclass(frozen=True)
+class Cell:
+    """One model (a teacher, or a (teacher, method, student) over its seeds)."""
+
+    teacher: str | None
+    method: str | None  # None: the teacher itself
+    student: str | None
+    seeds: tuple[StudentJob, ...] = ()
+
+    @property
+    def ids(self) -> list[str]:
+        return [j.id for j in self.seeds] if self.method else [self.teacher]
 
 
-def _teacher_kind(teacher: dict) -> str:
-    if teacher["source"] == "train" and teacher.get("train"):
-        return {"at": "PGD-AT", "trades": "TRADES"}[teacher["train"]["method"]]
-    return teacher["source"].split(":", 1)[0]
+def cells(params: Study) -> dict[str | None, list[Cell]]:
+    """The rows of the report grouped by teacher: the teacher, the students trained
+    without a teacher (for reference), then its students, per method and student."""
+    jobs = student_jobs(params)
+
+    def group(teacher: str | None, method: str, student: str) -> Cell:
+        seeds = tuple(j for j in jobs if (j.teacher, j.method, j.student) == (teacher, method,
+                                                                            student))  # fmt: skip
+        return Cell(teacher, method, student, seeds)
+
+    keys = list(dict.fromkeys((j.teacher, j.method, j.student) for j in jobs))
+    out: dict[str | None, list[Cell]] = {}
+    free = [group(*k) for k in keys if k[0] is None]
+    for t in params.teachers:
+        out[t] = [Cell(t, None, None), *free, *(group(*k) for k in keys if k[0] == t)]
+    if not params.teachers:
+        out[None] = free
+    return out
 
 
-def accuracy_table(params: dict, attack: str, evals: dict, teacher: dict):
-    """One row per model: clean and robust accuracy (%) per radius, teacher's in brackets."""
-    import polars as pl
+class Numbers:
+    """The measured per-sample values of the study, read from the stages' outputs."""
 
-    t = evals[("teacher", attack)]
+    def __init__(self, params: Study) -> None:
+        from kdiga.attacks.sweep import per_sample_correct
+
+        self.params = params
+        self.attacks = params.attack.attacks
+        self.evals = {
+            (m, a): read_json(dag.eval_path(m, a)) for m in model_ids(params) for a in self.attacks
+        }
+        self.correct = {k: per_sample_correct(e) for k, e in self.evals.items()}
+        # (student id, teacher) -> its bound terms against that teacher
+        self.bounds = {
+            (s, dag.bounds_teacher(params, s, t)): read_json(dag.bounds_path(s, t))
+            for s, t in dag.bounds_pairs(params)
+        }
+        self.histories = {j.id: read_json(dag.history_path(j.id)) for j in student_jobs(params)}
+        self.teachers = {t: read_json(dag.teacher_meta_path(t)) for t in params.teachers}
+        first = self.evals[(model_ids(params)[0], self.attacks[0])]
+        self.radii = list(first["radii"])
+        self.radius_labels = list(first["radius_labels"])
+
+    # -- per-sample vectors, one per seed -------------------------------------------------
+
+    def accuracy(self, cell: Cell, attack: str, radius: int | None) -> list:
+        """Per seed, the per-image correctness (clean when ``radius`` is None)."""
+        out = []
+        for mid in cell.ids:
+            clean, robust = self.correct[(mid, attack)]
+            out.append((clean if radius is None else robust[radius]).float())
+        return out
+
+    def bound(self, cell: Cell, teacher: str, what: str, index: int | None = None) -> list:
+        """Per seed, per-sample values of a bound term against ``teacher``: ``llm`` at radius
+        ``index``, ``ce`` or ``grad_gap``; the mean alone where no per-sample values were
+        stored."""
+        out = []
+        for mid in cell.ids:
+            b = self.bounds[(mid, teacher)]
+            if what == "llm":
+                per = b.get("llm_per_sample")
+                out.append(per[index] if per else [b["llm"][index]])
+            elif what == "ce":
+                out.append(b.get("ce_per_sample") or [b["ce"]])
+            else:
+                out.append(b.get("grad_gap_per_sample") or [b["grad_gap_l2"]])
+        return out
+
+    def first_bounds(self) -> dict:
+        return next(iter(self.bounds.values()))
+
+
+def _estimate(per_seed: list):
+    from kdiga.stats import estimate
+
+    return estimate(per_seed, **BOOT)
+
+
+def _pct(e) -> str:
+    return e.format(scale=100, digits=1)
+
+
+def model_label(params: Study, cell: Cell, numbers: Numbers) -> str:
+    if cell.method is None:
+        meta = numbers.teachers[cell.teacher]
+        return f"Teacher {cell.teacher}: {meta['arch']} ({meta['kind']})"
+    arch = params.students[cell.student].arch
+    student = cell.student if arch == cell.student else f"{cell.student} ({arch})"
+    if cell.teacher is None:
+        return f"{student} ({label(cell.method)}, no teacher)"
+    return f"{cell.teacher} -{label(cell.method)}-> {student}"
+
+
+def accuracy_table(params: Study, numbers: Numbers, teacher: str | None, attack: str) -> str:
+    header = ["Model", "Clean", *numbers.radius_labels]
     rows = []
-    for mid in model_ids(params):
-        e = evals[(mid, attack)]
-        mark = " (suspect)" if e["suspect"] else ""
-        row = {"Model": _label(params, mid, teacher) + mark}
-        pairs = [("Clean", e["clean"], t["clean"])]
-        pairs += list(zip(e["radius_labels"], e["robust"], t["robust"], strict=True))
-        for col, v, tv in pairs:
-            row[col] = _pct(v) if mid == "teacher" else f"{_pct(v)} ({_pct(tv)})"
+    tcell = Cell(teacher, None, None)
+    for cell in cells(params)[teacher]:
+        suspect = any(numbers.evals[(m, attack)]["suspect"] for m in cell.ids)
+        row = [model_label(params, cell, numbers) + (" (suspect)" if suspect else "")]
+        for r in [None, *range(len(numbers.radii))]:
+            v = _estimate(numbers.accuracy(cell, attack, r))
+            text = _pct(v)
+            if cell.method is not None and teacher is not None:
+                tv = _estimate(numbers.accuracy(tcell, attack, r))
+                text += f" ({100 * tv.mean:.1f})"
+            row.append(text)
         rows.append(row)
-    return pl.DataFrame(rows)
+    return _markdown(header, rows)
 
 
-def bounds_table(params: dict, bounds: dict, teacher: dict):
-    import polars as pl
-
+def bounds_table(params: Study, numbers: Numbers, teacher: str) -> str:
+    labels = numbers.first_bounds()["radius_labels"]
+    header = ["Model", *(f"llm {lb}" for lb in labels), "CE", "‖gs − gt‖₂"]
     rows = []
-    for sid in student_ids(params):
-        b = bounds[sid]
-        row = {"Model": _label(params, sid, teacher)}
-        for label, v in zip(b["radius_labels"], b["llm"], strict=True):
-            row[f"llm {label}"] = f"{v:.3f}"
-        row["CE"] = f"{b['ce']:.3f}"
-        row["‖gs − gt‖₂"] = f"{b['grad_gap_l2']:.3f}"
+    for cell in cells(params)[teacher]:
+        if cell.method is None:
+            continue
+        row = [model_label(params, cell, numbers)]
+        terms = [("llm", i) for i in range(len(labels))] + [("ce", None), ("grad_gap", None)]
+        row += [_estimate(numbers.bound(cell, teacher, what, i)).format(scale=1, digits=3)
+                for what, i in terms]  # fmt: skip
         rows.append(row)
-    return pl.DataFrame(rows)
+    return _markdown(header, rows)
 
 
-def training_table(params: dict, histories: dict, teacher: dict):
-    """Each student's epochs and validation accuracy after its last epoch."""
-    import polars as pl
-
+def training_table(params: Study, numbers: Numbers) -> str:
     rows = []
-    for sid in student_ids(params):
-        last = histories[sid][-1] if histories[sid] else {}
-        rows.append(
-            {
-                "Model": _label(params, sid, teacher),
-                "epochs": str(len(histories[sid])),
-                "val acc (last epoch)": _pct(last.get("val_acc")),
-            }
+    for j in student_jobs(params):
+        h = numbers.histories[j.id]
+        last = h[-1].get("val_acc") if h else None
+        rows.append([j.id, str(len(h)), "-" if last is None else f"{100 * last:.1f}"])
+    return _markdown(["Student", "epochs", "val acc (last epoch)"], rows)
+
+
+# -- claims ------------------------------------------------------------------------------
+
+#: (claimed, baseline, what, direction, text): the paper's claims as paired differences
+CLAIMS = (
+    ("kd", None, "robust", "less", "KD loses the teacher's robustness (KD − teacher)"),
+    ("kdiga", "kd", "robust", "greater", "KDIGA is more robust than KD (KDIGA − KD)"),
+    ("kdiga_ardc", "ard", "robust", "greater", "KDIGA-ARDC is more robust than ARD"),
+    ("kdiga_arda", "ard", "robust", "greater", "KDIGA-ARDA is more robust than ARD"),
+    ("kdiga", "kd", "llm", "less", "KDIGA is more locally linear than KD (Table 4: LLM)"),
+)
+
+
+def claim_attack(params: Study) -> str:
+    """The strongest attack the study ran: AutoAttack when it ran, else PGD."""
+    return "autoattack" if "autoattack" in params.attack.attacks else params.attack.attacks[0]
+
+
+def claim_radius(params: Study) -> float:
+    r = params.report.claim_radius
+    if r is not None:
+        return r
+    eps = params.distill.adversarial.eps
+    return min(params.attack.radii, key=lambda x: (abs(x - eps), x))
+
+
+def claims(params: Study, numbers: Numbers) -> list[dict]:
+    """Every claim the study's methods allow, per teacher and student: the paired difference
+    (percentage points for accuracy, the LLM's own unit) with its CI and the verdict."""
+    from kdiga.stats import paired_difference, verdict
+
+    attack, radius = claim_attack(params), claim_radius(params)
+    ri = numbers.radii.index(radius)
+    b_radii = numbers.first_bounds()["radii"]
+    bi = len(b_radii) - 1
+    methods = params.distill.methods
+    out = []
+    for t in params.teachers:
+        for s in params.students:
+            for claimed, base, what, direction, text in CLAIMS:
+                if claimed not in methods or (base is not None and base not in methods):
+                    continue
+                a = next(c for c in cells(params)[t] if (c.method, c.student) == (claimed, s))
+                if base is None:
+                    b = Cell(t, None, None)
+                else:
+                    b = next(c for c in cells(params)[t] if (c.method, c.student) == (base, s))
+                if what == "robust":
+                    va = numbers.accuracy(a, attack, ri)
+                    vb = numbers.accuracy(b, attack, ri) * (len(va) if base is None else 1)
+                    scale, unit = 100, f"robust accuracy at {radius_label(radius)} ({attack})"
+                else:
+                    va, vb = numbers.bound(a, t, "llm", bi), numbers.bound(b, t, "llm", bi)
+                    scale, unit = 1, f"LLM at {radius_label(b_radii[bi])}"
+                diff = paired_difference(va, vb, **BOOT)
+                out.append(
+                    {
+                        "teacher": t,
+                        "student": s,
+                        "claim": text,
+                        "measure": unit,
+                        "difference": diff,
+                        "scale": scale,
+                        "verdict": verdict(diff, direction),
+                        "key": f"{t}/{s}/{claimed}-{base or 'teacher'}/{what}",
+                    }
+                )
+    return out
+
+
+def claims_table(rows: list[dict]) -> str:
+    body = [
+        [r["teacher"], r["student"], r["claim"], r["measure"],
+         r["difference"].format(scale=r["scale"], digits=1 if r["scale"] == 100 else 3,
+                                signed=True), r["verdict"]]
+        for r in rows
+    ]  # fmt: skip
+    return _markdown(["Teacher", "Student", "Claim", "Measure", "Difference", "Verdict"], body)
+
+
+def claims_in_words(rows: list[dict]) -> list[str]:
+    """One sentence per claim, for the README's generated block."""
+    lines = []
+    for r in rows:
+        d = r["difference"]
+        unit = " points" if r["scale"] == 100 else ""
+        shown = d.format(scale=r["scale"], digits=1 if r["scale"] == 100 else 3, signed=True)
+        lines.append(
+            f"- {r['claim']}, teacher {r['teacher']}, student {r['student']}: {r['measure']} "
+            f"differs by {shown}{unit}; **{r['verdict']}**."
         )
-    return pl.DataFrame(rows)
+    return lines
+
+
+# -- figure, metrics, cost ---------------------------------------------------------------
+
+
+def figure(params: Study, numbers: Numbers, attack: str, path: str) -> list[dict]:
+    """Clean and robust accuracy against radius, one panel per teacher, one line per method
+    (the mean over seeds) with its 95% CI as a band; returns the CSV rows (per model id)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = cells(params)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4.2), dpi=110,
+                             squeeze=False)  # fmt: skip
+    radii = [0.0, *numbers.radii]
+    for ax, (teacher, group) in zip(axes[0], groups.items(), strict=True):
+        for cell in group:
+            est = [_estimate(numbers.accuracy(cell, attack, r))
+                   for r in [None, *range(len(numbers.radii))]]  # fmt: skip
+            mean = [100 * e.mean for e in est]
+            if cell.method is None:
+                name, style = f"teacher {teacher}", {"color": "black", "linestyle": "--"}
+            else:
+                name, style = label(cell.method), {}
+                if len(params.students) > 1:
+                    name += f" ({cell.student})"
+            (line,) = ax.plot(radii, mean, marker="o", markersize=3, label=name, **style)
+            if all(e.lo is not None for e in est):
+                ax.fill_between(radii, [100 * e.lo for e in est], [100 * e.hi for e in est],
+                                color=line.get_color(), alpha=0.15, linewidth=0)  # fmt: skip
+        ax.set_xlabel(f"{attack.upper()} radius ({params.attack.norm}, [0, 1] pixels)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        ax.set_title(f"Teacher {teacher}" if teacher else "Students")
+    fig.suptitle("Clean (radius 0) and robust accuracy, mean and 95% CI", fontsize=10)
+    fig.tight_layout()
+    from kdiga.utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    table = [{"radius": r} for r in radii]
+    for mid in model_ids(params):
+        e = numbers.evals[(mid, attack)]
+        for row, a in zip(table, [e["clean"], *e["robust"]], strict=True):
+            row[mid] = a
+    return table
+
+
+def metrics(params: Study, numbers: Numbers, claim_rows: list[dict]) -> dict:
+    """Nested metrics for `dvc exp show`: per model id its clean and robust accuracy per
+    attack and radius and its bound terms; per claim the paired difference and its CI."""
+    out: dict = {"teachers": {t: {"val_acc": m["val_acc"]} for t, m in numbers.teachers.items()}}
+    for mid in model_ids(params):
+        m: dict = {}
+        for attack in numbers.attacks:
+            e = numbers.evals[(mid, attack)]
+            m["clean"] = e["clean"]
+            m[attack] = dict(zip(e["radius_labels"], e["robust"], strict=True))
+            m[f"{attack}_suspect"] = e["suspect"]
+        for (sid, t), b in numbers.bounds.items():
+            if sid != mid:
+                continue
+            m.setdefault("bounds", {})
+            m["bounds"] |= {
+                f"llm {lb}": v for lb, v in zip(b["radius_labels"], b["llm"], strict=True)
+            }
+            m["bounds"]["ce"] = b["ce"]
+            m["bounds"][f"grad_gap_l2 {t}"] = b["grad_gap_l2"]
+        out[mid] = m
+    out["claims"] = {}
+    for r in claim_rows:  # no nulls: DVC drops them from the metrics it shows
+        d = r["difference"]
+        interval = {"lo": d.lo, "hi": d.hi} if d.lo is not None else {}
+        out["claims"][r["key"]] = {"difference": d.mean, **interval, "verdict": r["verdict"]}
+    return out
 
 
 def _mean(values: list) -> float | None:
@@ -112,36 +369,24 @@ def _mean(values: list) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def cost_table(params: dict, timings: dict, teacher: dict):
-    """Mean training seconds per epoch of each student (its timing file; None if there is
-    none), and the ratio to KD's (same student)."""
-    import polars as pl
-
-    per_epoch = {sid: _mean((timings.get(sid) or {}).get("epoch_s") or []) for sid in timings}
-    rows = []
-    for sid in student_ids(params):
-        kd = per_epoch.get(sid.rsplit("--", 1)[0] + "--kd")
-        s = per_epoch.get(sid)
-        rows.append(
-            {
-                "Model": _label(params, sid, teacher),
-                "s / epoch": "-" if s is None else f"{s:.2f}",
-                "× KD": "-" if s is None or not kd else f"{s / kd:.2f}",
-            }
-        )
-    return pl.DataFrame(rows)
-
-
-def write_cost(params: dict, teacher: dict) -> None:
-    """logs/cost.md: wall-clock seconds per epoch of each student in the run that made it."""
+def write_cost(params: Study) -> None:
+    """logs/cost.md: wall-clock seconds per epoch of each student in the run that made it,
+    and the ratio to KD's (same teacher, student and seed)."""
     import json
 
     from kdiga.utils import atomic_write_text
 
-    timings = {}
-    for sid in student_ids(params):
-        path = Path(dag.timing_path("distill", sid))
-        timings[sid] = json.loads(path.read_text()) if path.exists() else None
+    per_epoch = {}
+    for j in student_jobs(params):
+        path = Path(dag.timing_path("distill", j.id))
+        t = json.loads(path.read_text()) if path.exists() else {}
+        per_epoch[j.id] = _mean(t.get("epoch_s") or [])
+    rows = []
+    for j in student_jobs(params):
+        kd = StudentJob(j.teacher, "kd", j.student, j.seed).id if j.teacher else None
+        s, k = per_epoch[j.id], per_epoch.get(kd) if kd else None
+        rows.append([j.id, "-" if s is None else f"{s:.2f}",
+                     "-" if s is None or not k else f"{s / k:.2f}"])  # fmt: skip
     text = "\n".join(
         [
             "# Training cost",
@@ -151,74 +396,10 @@ def write_cost(params: dict, teacher: dict) -> None:
             "shared the machine, so these are rough; `python -m bench step_cost` measures the "
             "step-time ratios side by side.",
             "",
-            _markdown(cost_table(params, timings, teacher)),
+            _markdown(["Student", "s / epoch", "× KD"], rows),
         ]
     )
     atomic_write_text(text + "\n", dag.COST_MD)
-
-
-def figure(params: dict, attack: str, evals: dict, path: str) -> list[dict]:
-    """Clean and robust accuracy against radius, one line per model; returns the CSV rows."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    radii = [0.0, *evals[("teacher", attack)]["radii"]]
-    table = [{"radius": r} for r in radii]
-    for mid in model_ids(params):
-        e = evals[(mid, attack)]
-        acc = [e["clean"], *e["robust"]]
-        name = "teacher" if mid == "teacher" else METHOD_NAMES[parse_student_id(params, mid)[1]]
-        if len(params["distill"]["students"]) > 1 and mid != "teacher":
-            name += f" ({parse_student_id(params, mid)[0]})"
-        style = {"color": "black", "linestyle": "--"} if mid == "teacher" else {}
-        ax.plot(radii, [100 * a for a in acc], marker="o", label=name, **style)
-        for row, a in zip(table, acc, strict=True):
-            row[mid] = a
-    ax.set_xlabel(f"{attack.upper()} radius ({params['attack']['norm']}, [0, 1] pixels)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("Clean (radius 0) and robust accuracy of the students")
-    fig.tight_layout()
-    from kdiga.utils import atomic_path
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return table
-
-
-def _autoattack_label(aa: dict) -> str:
-    """E.g. 'AutoAttack (custom: apgd-ce, apgd-dlr; 1 restart)': what was really run."""
-    text = aa["version"] + (f": {', '.join(aa['attacks'])}" if aa["version"] == "custom" else "")
-    extra = [f"{aa['n_restarts']} restart(s)"] if aa["n_restarts"] else []
-    extra += [f"{aa['n_iter']} iterations"] if aa["n_iter"] else []
-    extra += [f"{aa['n_target_classes']} target classes"] if aa["n_target_classes"] else []
-    return f"AutoAttack ({'; '.join([text, *extra])})"
-
-
-def metrics(params: dict, evals: dict, bounds: dict, teacher: dict) -> dict:
-    """Nested metrics for `dvc exp show`: model -> clean, attack -> radius label -> accuracy."""
-    out: dict = {"teacher_val_acc": teacher["val_acc"]}
-    for mid in model_ids(params):
-        m: dict = {}
-        for attack in params["attack"]["attacks"]:
-            e = evals[(mid, attack)]
-            m["clean"] = e["clean"]
-            m[attack] = dict(zip(e["radius_labels"], e["robust"], strict=True))
-            m[f"{attack}_suspect"] = e["suspect"]
-        if mid in bounds:
-            b = bounds[mid]
-            m["bounds"] = {
-                f"llm {lb}": v for lb, v in zip(b["radius_labels"], b["llm"], strict=True)
-            }
-            m["bounds"] |= {"ce": b["ce"], "grad_gap_l2": b["grad_gap_l2"]}
-        out[mid] = m
-    return out
 
 
 def _write_csv(rows: list[dict], path: str) -> None:
@@ -230,78 +411,132 @@ def _write_csv(rows: list[dict], path: str) -> None:
         pl.DataFrame(rows).write_csv(tmp)
 
 
-def _problems(evals: dict) -> list[str]:
+def _autoattack_label(aa) -> str:
+    """E.g. 'AutoAttack (custom: apgd-ce, apgd-dlr; 1 restart)': what was really run."""
+    text = aa.version + (f": {', '.join(aa.attacks)}" if aa.version == "custom" else "")
+    extra = [f"{aa.n_restarts} restart(s)"] if aa.n_restarts else []
+    extra += [f"{aa.n_iter} iterations"] if aa.n_iter else []
+    extra += [f"{aa.n_target_classes} target classes"] if aa.n_target_classes else []
+    return f"AutoAttack ({'; '.join([text, *extra])})"
+
+
+def _attack_name(params: Study, attack: str) -> str:
+    if attack == "pgd":
+        p = params.attack.pgd
+        return f"{p.steps}-step PGD, {p.restarts} restart(s)"
+    return _autoattack_label(params.attack.autoattack)
+
+
+def _problems(numbers: Numbers) -> list[str]:
     lines = []
-    for (mid, attack), e in evals.items():
+    for (mid, attack), e in numbers.evals.items():
         for p in e.get("problems", []) + e.get("flags", []):
             lines.append(f"- {mid}, {attack}: {p}")
     return lines
 
 
-def body(args: argparse.Namespace, params: dict) -> None:
-    provenance = begin(params, "report")
-    teacher = read_json(dag.teacher_meta_path())
-    attacks = params["attack"]["attacks"]
-    evals = {(m, a): read_json(dag.eval_path(m, a)) for m in model_ids(params) for a in attacks}
-    bounds = {s: read_json(dag.bounds_path(s)) for s in student_ids(params)}
-    histories = {s: read_json(dag.history_path(s)) for s in student_ids(params)}
-    Path(dag.REPORT_MD).parent.mkdir(parents=True, exist_ok=True)
+def _uncertainty_note(params: Study, n_test: int) -> str:
+    from kdiga.stats import VERDICT_RULE
 
-    s = params["shard"]
-    n_test = evals[("teacher", attacks[0])]["n"]
+    if len(params.seeds) > 1:
+        how = (
+            f"over the {len(params.seeds)} training seeds (a Student-t interval of the per-seed "
+            "means on these test images; with few seeds it is wide, and that is the honest "
+            "answer)"
+        )
+    else:
+        how = (
+            f"by a bootstrap over the {n_test} test images (one training seed: the interval "
+            "says how much the number moves with the choice of images, not with the seed)"
+        )
+    return (
+        f"Every number is a mean with its 95% confidence interval in square brackets, {how}. "
+        f"Claims are checked on paired differences (the same images and seeds). {VERDICT_RULE}"
+    )
+
+
+def body(args: argparse.Namespace, params: Study) -> None:
+    provenance = begin(params, "report")
+    numbers = Numbers(params)
+    Path(dag.REPORT_MD).parent.mkdir(parents=True, exist_ok=True)
+    s = params.shard
+    attacks = numbers.attacks
+    n_test = numbers.evals[(model_ids(params)[0], attacks[0])]["n"]
+    teachers = ", ".join(
+        f"{t} ({m['arch']}, {m['kind']}, source `{m['source']}`, clean "
+        f"{100 * m['clean_acc']:.1f}%, validation {100 * m['val_acc']:.1f}%)"
+        for t, m in numbers.teachers.items()
+    )
     parts = [
         "# kdiga study report",
         "",
-        f"Dataset: {s['dataset']} ({s['image_size']}x{s['image_size']}), evaluated on "
-        f"{n_test} {params['attack']['split']} images. "
-        f"Teacher: {teacher['arch']} ({_teacher_kind(teacher)}, source `{teacher['source']}`), "
-        f"clean accuracy {_pct(teacher['clean_acc'])}% (validation {_pct(teacher['val_acc'])}%). "
-        f"Radii are {params['attack']['norm']} in [0, 1] pixel units.",
+        f"Dataset: {s.dataset} ({s.image_size}x{s.image_size}), evaluated on {n_test} "
+        f"{params.attack.split} images. Teachers: {teachers}. Students: "
+        + ", ".join(f"{n} ({st.arch}, {st.init})" for n, st in params.students.items())
+        + f". Methods: {', '.join(label(m) for m in params.distill.methods)}; seeds "
+        f"{', '.join(map(str, params.seeds))}. Radii are {params.attack.norm} in [0, 1] pixel "
+        "units.",
+        "",
+        _uncertainty_note(params, n_test),
     ]
-    served = [m for m in params["distill"]["methods"] if dag.uses_signals(params, m)]
+    served = [m for m in params.distill.methods if dag.uses_signals(params, m)]
     if served:
-        sig = params["signals"]
-        names = ", ".join(METHOD_NAMES.get(m, m) for m in served)
+        sig = params.signals
         parts[-1] += (
-            f" The {names} students trained from the teacher's cached signals "
-            f"({sig['views']} fixed augmented view(s) per image, gradients in "
-            f"{sig['grad_dtype']}), not from a live teacher."
+            f" The {', '.join(label(m) for m in served)} students trained from their "
+            f"teacher's cached signals ({sig.views} fixed augmented view(s) per image, "
+            f"gradients in {sig.grad_dtype}), not from a live teacher."
         )
+    claim_rows = claims(params, numbers)
+    parts += [
+        "",
+        "## What this study supports",
+        "",
+        f"The paper's claims at radius {radius_label(claim_radius(params))} under "
+        f"{_attack_name(params, claim_attack(params))}, and Table 4's LLM ordering at the "
+        "largest bounds radius, as paired differences with their 95% CI:",
+        "",
+        claims_table(claim_rows) if claim_rows else "(no claim applies to these methods)",
+        "",
+        *claims_in_words(claim_rows),
+    ]
     for attack in attacks:
-        if attack == "pgd":
-            p = params["attack"]["pgd"]
-            what = f"{p['steps']}-step PGD, {p['restarts']} restart(s)"
-        else:
-            what = _autoattack_label(params["attack"]["autoattack"])
-        parts += [
-            "",
-            f"## Accuracy (%) under {what}",
-            "",
-            "Clean and robust accuracy per radius; the teacher's own numbers in brackets.",
-            "",
-            _markdown(accuracy_table(params, attack, evals, teacher)),
-        ]
-    b_radii = ", ".join(bounds[student_ids(params)[0]]["radius_labels"])
+        parts += ["", f"## Accuracy (%) under {_attack_name(params, attack)}"]
+        for teacher in cells(params):
+            parts += [
+                "",
+                f"### Teacher {teacher}" if teacher else "### Students",
+                "",
+                "Clean and robust accuracy per radius, mean [95% CI]; the teacher's own "
+                "mean in parentheses.",
+                "",
+                accuracy_table(params, numbers, teacher, attack),
+            ]
+    first = numbers.first_bounds()
     parts += [
         "",
         "## Local-linearity bound terms (Table 4)",
         "",
-        f"LLM (Definition 2, with the absolute value) at radii {b_radii}, clean CE and the "
-        "input-gradient gap to the teacher, averaged over "
-        f"{bounds[student_ids(params)[0]]['n']} random test images.",
-        "",
-        _markdown(bounds_table(params, bounds, teacher)),
+        "LLM (Definition 2, with the absolute value) at radii "
+        f"{', '.join(first['radius_labels'])}, "
+        "clean CE and the input-gradient gap to the teacher, mean [95% CI] over "
+        f"{first['n']} random test images (a student trained without a teacher is compared "
+        "with each teacher).",
+    ]
+    for teacher in params.teachers:
+        parts += ["", f"### Teacher {teacher}", "", bounds_table(params, numbers, teacher)]
+    parts += [
         "",
         "## Training",
         "",
         "Validation accuracy of each student after its last epoch (the model the tables "
         "evaluate; no checkpoint is selected on test accuracy).",
         "",
-        _markdown(training_table(params, histories, teacher)),
+        training_table(params, numbers),
         "",
         f"![accuracy against radius]({Path(dag.REPORT_PNG).name})",
     ]
-    problems = _problems(evals)
+    problems = _problems(numbers)
     parts += ["", "## Sanity checks", ""]
     parts += problems or [
         "Every evaluation passed its checks (robust accuracy never above "
@@ -311,12 +546,12 @@ def body(args: argparse.Namespace, params: dict) -> None:
     from kdiga.utils import atomic_write_text
 
     atomic_write_text("\n".join(parts) + "\n", dag.REPORT_MD)
-    table = figure(params, params["report"]["figure_attack"], evals, dag.REPORT_PNG)
+    table = figure(params, numbers, params.report.figure_attack, dag.REPORT_PNG)
     _write_csv(table, dag.PLOT_CSV)
-    write_json(metrics(params, evals, bounds, teacher), dag.METRICS)
+    write_json(metrics(params, numbers, claim_rows), dag.METRICS)
     write_json(seal(provenance, [dag.REPORT_MD, dag.REPORT_PNG, dag.METRICS, dag.PLOT_CSV]),
                dag.REPORT_RECORD)  # fmt: skip
-    write_cost(params, teacher)
+    write_cost(params)
     log.info("wrote %s, %s, %s (wall-clock cost: %s)", dag.REPORT_MD, dag.REPORT_PNG,
              dag.METRICS, dag.COST_MD)  # fmt: skip
 

@@ -1,4 +1,5 @@
-"""Stage teacher: fetch a teacher (file, url, timm) or train one (PGD-AT or TRADES).
+"""Stage teacher: fetch one of the study's teachers (file, url, timm) or train it (PGD-AT or
+TRADES): ``python -m pipeline.teacher --teacher <name>``.
 
 Writes the teacher as a kdiga model file and its metadata (architecture, normalisation,
 source, sha256, clean accuracy on validation and test). Its robust accuracy comes from the
@@ -23,27 +24,30 @@ from pipeline.common import (
     write_json,
     write_timing,
 )
+from pipeline.params import Teacher, check_teacher
 from pipeline.provenance import seal
 
 
-def _train(t: dict, params: dict, info: dict, dev: str, val: tuple, provenance: dict):
+def _train(name: str, t: Teacher, info: dict, dev: str, val: tuple, provenance: dict):
     from kdiga.losses import build_loss
     from kdiga.models import build_model
     from kdiga.train import fit
+    from kdiga.utils import seed_everything
 
-    tr = t["train"]
-    model = build_model(t["arch"], mean=t["mean"], std=t["std"], **info, **t["arch_kwargs"])
-    loss_cfg = {"eps": tr["eps"], "steps": tr["steps"], "step_size": tr["step_size"]}
-    if tr["method"] == "trades":
-        loss_cfg["trades_beta"] = tr["trades_beta"]
-    criterion = build_loss(tr["method"], **loss_cfg)
-    cfg = train_config(tr, params["seed"])
+    tr = t.train
+    seed_everything(tr.seed)  # the teacher's own seed: its init and every draw of its training
+    model = build_model(t.arch, mean=t.mean, std=t.std, **info, **t.arch_kwargs)
+    loss_cfg = {"eps": tr.eps, "steps": tr.steps, "step_size": tr.step_size}
+    if tr.method == "trades":
+        loss_cfg["trades_beta"] = tr.trades_beta
+    criterion = build_loss(tr.method, **loss_cfg)
+    cfg = train_config(tr, tr.seed)
     x, y, _ = load_split("train")
-    ckpt = checkpoint_path("teacher", "teacher", provenance)  # what makes it; deleted at the end
+    ckpt = checkpoint_path("teacher", name, provenance)  # what makes it; deleted at the end
     start = time.perf_counter()
     history = fit(model, criterion, x, y, cfg, checkpoint_path=ckpt, device=dev, val=val)
     seconds = time.perf_counter() - start
-    write_timing("teacher", None, seconds=seconds, epoch_s=[r.pop("time_s", None) for r in history])
+    write_timing("teacher", name, seconds=seconds, epoch_s=[r.pop("time_s", None) for r in history])
     return model, {"history": history}, ckpt
 
 
@@ -54,24 +58,25 @@ def body(args: argparse.Namespace, params: dict) -> None:
     from kdiga.train import evaluate
     from kdiga.utils import sha256_file
 
-    t = params["teacher"]
-    provenance = begin(params, "teacher")
+    name = args.teacher
+    t = check_teacher(params, name)
+    provenance = begin(params, "teacher", name)
     test_x, test_y, manifest = load_split("test")
     val = load_split("val")[:2]
     info = data_info(manifest)
     with device() as dev:
-        if t["source"] == "train":
-            model, extra, ckpt = _train(t, params, info, dev, val, provenance)
+        if t.source == "train":
+            model, extra, ckpt = _train(name, t, info, dev, val, provenance)
             source_sha = None
         else:
             model, meta = load_teacher(
-                t["source"],
-                arch=t["arch"],
-                mean=t["mean"],
-                std=t["std"],
-                sha256=t["sha256"],
+                t.source,
+                arch=t.arch,
+                mean=t.mean,
+                std=t.std,
+                sha256=t.sha256,
                 cache_dir="data/teachers/cache",
-                model_kwargs=t["arch_kwargs"] or None,
+                model_kwargs=t.arch_kwargs or None,
                 **info,
             )
             extra, source_sha, ckpt = {}, meta.sha256, None
@@ -80,30 +85,32 @@ def body(args: argparse.Namespace, params: dict) -> None:
             for s, d in (("val", val), ("test", (test_x, test_y)))
         }
     model.cpu()
-    save_model(
-        model,
-        dag.model_path("teacher"),
-        meta={"model_id": "teacher", "source": t["source"], "provenance": provenance},
-    )
+    path = dag.model_path(name)
+    save_model(model, path, meta={"model_id": name, "source": t.source, "provenance": provenance})
     meta = {
         **model_spec(model),
-        "source": t["source"],
+        "name": name,
+        "kind": t.kind,
+        "source": t.source,
         "source_sha256": source_sha,
-        "sha256": sha256_file(dag.model_path("teacher")),
-        "train": t["train"] if t["source"] == "train" else None,
+        "sha256": sha256_file(path),
+        "train": params.value(f"teachers.{name}.train") if t.source == "train" else None,
         "val_acc": accs["val"],
         "clean_acc": accs["test"],
         **extra,
-        "provenance": seal(provenance, [dag.model_path("teacher")]),
+        "provenance": seal(provenance, [path]),
     }
-    write_json(meta, dag.teacher_meta_path())
+    write_json(meta, dag.teacher_meta_path(name))
     if ckpt is not None:
         ckpt.unlink(missing_ok=True)
-    log.info("teacher: clean accuracy %.4f (val %.4f)", accs["test"], accs["val"])
+    log.info("teacher %s: clean accuracy %.4f (val %.4f)", name, accs["test"], accs["val"])
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run("teacher", "Fetch or train the teacher.", body, argv)
+    def add(ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--teacher", required=True, help="a name under teachers in params")
+
+    return run("teacher", "Fetch or train one teacher.", body, argv, add)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
 import shutil
@@ -10,9 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline import dag
-from pipeline.params import load_params
+from pipeline.params import ParamError, load_params, parse_student_id, student_ids, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -77,15 +80,34 @@ def _dag_set(params: dict) -> set:
     }
 
 
+#: the exact job counts of each preset, per stage (and in all): shard, teachers, students
+#: (ST per student and seed; the rest per teacher, method, student and seed), an attack job
+#: per model and attack, a bounds job per student, the report
+PRESET_JOBS = {
+    # 2 teachers, 1 student, 7 methods (st + 6 with a teacher), 1 seed; the ST student is
+    # bounded against each teacher
+    "params.yaml": {"shard": 1, "teacher": 2, "distill": 1 + 2 * 6, "attack": (2 + 13) * 2,
+                    "bounds": 1 * 2 + 12, "report": 1},
+    # 1 teacher, 1 student, 6 methods (st + 5), 3 seeds
+    "configs/cifar10.yaml": {"shard": 1, "teacher": 1, "distill": 3 + 5 * 3,
+                             "attack": (1 + 18) * 2, "bounds": 3 + 15, "report": 1},
+    # 5 teachers, 5 students, 3 methods (st + 2), 1 seed
+    "configs/imagenet.yaml": {"shard": 1, "teacher": 5, "distill": 5 + 5 * 2 * 5,
+                              "attack": (5 + 55) * 2, "bounds": 5 * 5 + 50, "report": 1},
+}  # fmt: skip
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "params_file", ["params.yaml", "configs/cifar10.yaml", "configs/imagenet.yaml"]
-)
+@pytest.mark.parametrize("params_file", list(PRESET_JOBS))
 def test_snakemake_runs_exactly_the_dag_jobs(params_file):
-    """Every preset dry-runs, and Snakemake's jobs are the table's jobs, command for command."""
+    """Every preset dry-runs, Snakemake's jobs are the table's jobs, command for command,
+    and their number per stage is the grid's."""
     sm = snakemake_jobs(params_file)
-    assert _as_set(sm) == _dag_set(load_params(ROOT / params_file))
-    assert len(sm) == len(dag.jobs(load_params(ROOT / params_file)))
+    params = load_params(ROOT / params_file)
+    assert _as_set(sm) == _dag_set(params)
+    counts = {stage: sum(j["rule"] == stage for j in sm) for stage in PRESET_JOBS[params_file]}
+    assert counts == PRESET_JOBS[params_file]
+    assert len(sm) == sum(PRESET_JOBS[params_file].values()) == len(dag.jobs(params))
 
 
 def test_dvc_yaml_is_fresh():
@@ -94,24 +116,62 @@ def test_dvc_yaml_is_fresh():
     assert dag.check_fresh() is None, "run `python -m pipeline.dag`"
 
 
-@pytest.mark.slow
-def test_dvc_reads_the_same_jobs():
-    """DVC's own parse of dvc.yaml: the same commands, data inputs and outputs."""
+def _dvc_stages(root: Path) -> dict:
     from dvc.repo import Repo
 
-    repo = Repo(str(ROOT))
+    repo = Repo(str(root))
     try:
-        stages = {s.addressing: s for s in repo.index.stages}
+        return {s.addressing: s for s in repo.index.stages}
     finally:
         repo.close()
-    jobs = {j.name: j for j in dag.jobs(load_params(ROOT / "params.yaml"))}
+
+
+@pytest.mark.slow
+def test_dvc_reads_the_same_jobs():
+    """DVC's own parse of dvc.yaml: the same commands, data inputs, outputs and params, with
+    no dependency or params key listed twice (nothing padded)."""
+    stages = _dvc_stages(ROOT)
+    params = load_params(ROOT / "params.yaml")
+    jobs = {j.name: j for j in dag.jobs(params)}
     assert set(stages) == set(jobs)
     for name, job in jobs.items():
         stage = stages[name]
         assert stage.cmd == job.cmd
-        deps = {d.def_path for d in stage.deps if not str(d.def_path).endswith("params.yaml")}
-        assert deps == {*job.deps, *dag.code_deps(job.stage)}
+        paths = [d.def_path for d in stage.deps if not str(d.def_path).endswith("params.yaml")]
+        assert len(paths) == len(set(paths)), name
+        assert set(paths) == {*job.deps, *dag.code_deps(job.stage)}
+        (tracked,) = [d for d in stage.deps if str(d.def_path).endswith("params.yaml")]
+        keys = list(tracked.params)
+        assert len(keys) == len(set(keys)), name
+        assert set(keys) == set(dag.dvc_params(params, job.params)), name
         assert {o.def_path for o in stage.outs} == set(job.outputs)
+
+
+def test_dvc_yaml_is_plain_stages():
+    """Stages a DVC user could have written: no foreach/matrix templating, names that `dvc
+    stage add` accepts."""
+    import yaml
+    from dvc.stage.utils import is_valid_name
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        assert is_valid_name(name), name
+        assert not {"foreach", "matrix", "do"} & set(stage), name
+        assert "${" not in json.dumps(stage), name
+
+
+def test_a_key_left_to_its_default_is_not_a_dvc_param(tmp_path):
+    """DVC tracks the keys the file sets; a key left out takes its default from the code."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    del raw["distill"]["rslad"]
+    params = validate(raw)
+    by_name = {j.name: j for j in dag.jobs(params)}
+    job = by_name["distill-pgdat--rslad--small_cnn--s0"]
+    assert "distill.rslad" in job.params
+    assert "distill.rslad" not in dag.dvc_params(params, job.params)
+    assert dag.params_view(params, ["distill.rslad"]) == '{"distill.rslad": {"adv_weight": %r}}' % (
+        5 / 6
+    )
 
 
 def test_stale_dvc_yaml_is_reported(tmp_path):
@@ -122,67 +182,120 @@ def test_stale_dvc_yaml_is_reported(tmp_path):
     assert problem is not None and "python -m pipeline.dag" in problem
 
 
+def _grid(**change) -> dict:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for key, value in change.items():
+        raw[key] = value
+    return raw
+
+
+def _jobs(raw: dict) -> dict:
+    params = validate(raw)
+    return {
+        j.name: (j.cmd, tuple(j.deps), dag.params_view(params, j.params)) for j in dag.jobs(params)
+    }
+
+
+def test_adding_a_seed_or_a_teacher_adds_only_new_jobs():
+    """A new seed or teacher leaves every existing job as it was (command, inputs, params):
+    only the new jobs and the report run."""
+    base = _jobs(_grid())
+    raw = _grid()
+    more_seeds = _jobs(_grid(seeds=[*raw["seeds"], 7]))
+    teachers = {**raw["teachers"], "third": raw["teachers"]["pgdat"]}
+    more_teachers = _jobs(_grid(teachers=teachers))
+    for grown, new_key in ((more_seeds, "--s7"), (more_teachers, "third")):
+        changed = {n for n in base if n in grown and grown[n] != base[n]}
+        assert changed == {"report"}
+        added = set(grown) - set(base)
+        assert added and all(new_key in n for n in added)
+        assert not set(base) - set(grown)
+
+
+def test_ids_name_teacher_method_student_and_seed():
+    params = validate(_grid(seeds=[0, 3]))
+    ids = student_ids(params)
+    assert "st--small_cnn--s3" in ids and "trades--kdiga--small_cnn--s0" in ids
+    assert "pgdat--st--small_cnn--s0" not in ids  # st depends on no teacher
+    job = parse_student_id(params, "trades--kdiga_ardc--small_cnn--s3")
+    assert (job.teacher, job.method, job.student, job.seed) == ("trades", "kdiga_ardc",
+                                                                "small_cnn", 3)  # fmt: skip
+    with pytest.raises(ParamError, match="not a student of this study"):
+        parse_student_id(params, "trades--kdiga--small_cnn--s9")
+
+
 def test_distill_jobs_read_only_their_own_params():
-    """Changing the IGA weight re-runs only the IGA methods; st ignores the teacher."""
+    """Changing the IGA weight re-runs only the IGA methods; st ignores every teacher."""
     params = load_params(ROOT / "params.yaml")
     by_name = {j.name: j for j in dag.jobs(params)}
-    assert "distill.iga" in by_name["distill@small_cnn--kdiga"].params
-    assert "distill.iga" not in by_name["distill@small_cnn--kd"].params
-    assert "distill.adversarial" in by_name["distill@small_cnn--ard"].params
-    assert dag.model_path("teacher") not in by_name["distill@small_cnn--st"].deps
+    assert "distill.iga" in by_name["distill-pgdat--kdiga--small_cnn--s0"].params
+    assert "distill.iga" not in by_name["distill-pgdat--kd--small_cnn--s0"].params
+    assert "distill.adversarial" in by_name["distill-pgdat--ard--small_cnn--s0"].params
+    assert "distill.rslad" in by_name["distill-trades--rslad--small_cnn--s0"].params
+    st = by_name["distill-st--small_cnn--s0"]
+    assert not any(d.startswith("data/models/") for d in st.deps)
+    kd = by_name["distill-trades--kd--small_cnn--s0"]
+    assert kd.deps == [dag.SHARDS, dag.model_path("trades")]
     assert all(
         "attack" not in p for j in by_name.values() if j.stage == "distill" for p in j.params
     )
 
 
+def test_student_overrides_and_init_file_reach_the_job(tmp_path):
+    raw = _grid()
+    ckpt = tmp_path / "init.safetensors"
+    raw["students"]["small_cnn"] |= {"lr": 1e-5, "init": f"file:{ckpt}"}
+    params = validate(raw)
+    assert params.train_settings("small_cnn")["lr"] == 1e-5
+    assert params.train_settings("small_cnn")["epochs"] == params.distill.epochs
+    job = {j.name: j for j in dag.jobs(params)}["distill-st--small_cnn--s0"]
+    assert str(ckpt) in job.deps and "students.small_cnn" in job.params
+
+
 def _with_signals(views: int = 4) -> dict:
-    params = load_params(ROOT / "params.yaml")
-    params["signals"] = {**params["signals"], "enabled": True, "views": views}
-    return params
+    raw = _grid()
+    raw["signals"] = {**raw["signals"], "enabled": True, "views": views}
+    return raw
 
 
-def test_every_stage_has_its_script_and_section():
+def test_every_stage_has_its_script():
     params = load_params(ROOT / "params.yaml")
     for stage in dag.STAGES:
         assert (ROOT / "pipeline" / f"{stage}.py").exists()
-        assert stage in params
-    assert not params["signals"]["enabled"]
+    assert not params.signals.enabled
     assert {j.stage for j in dag.jobs(params)} == set(dag.STAGES) - {"signals"}
-    assert {j.stage for j in dag.jobs(_with_signals())} == set(dag.STAGES)
-
-
-def test_cacheable_methods_are_those_the_losses_serve_from_a_cache():
-    from kdiga.losses import build_loss
-    from pipeline.distill import loss_settings
-
-    d = load_params(ROOT / "params.yaml")["distill"]
-    for method in d["methods"]:
-        loss = build_loss(method, **loss_settings(method, d))
-        assert getattr(loss, "accepts_teacher_cache", False) == (method in dag.CACHEABLE), method
+    assert {j.stage for j in dag.jobs(validate(_with_signals()))} == set(dag.STAGES)
 
 
 def test_signals_stage_feeds_only_the_methods_it_serves():
-    """With signals on: one signals job; kd/ard/kdiga/kdiga_ardc read its file and the
-    signals params; st and kdiga_arda (teacher at x+delta) do not, and keep their params."""
+    """With signals on: one signals job per teacher; students of cacheable methods read
+    their own teacher's file and the signals params; st and kdiga_arda (teacher at x+delta)
+    do not, and keep their params."""
+    from kdiga.methods import get_method
+
     off = {j.name: j for j in dag.jobs(load_params(ROOT / "params.yaml"))}
-    on = {j.name: j for j in dag.jobs(_with_signals())}
-    assert [j.outs for j in on.values() if j.stage == "signals"] == [[dag.SIGNALS]]
+    params = validate(_with_signals())
+    on = {j.name: j for j in dag.jobs(params)}
+    assert sorted(o for j in on.values() if j.stage == "signals" for o in j.outs) == sorted(
+        dag.signals_path(t) for t in params.teachers
+    )
     for name, job in on.items():
         if job.stage != "distill":
             continue
-        method = job.key.split("--")[-1]
-        served = method in dag.CACHEABLE
-        assert (dag.SIGNALS in job.deps) == served, name
+        sj = parse_student_id(params, job.key)
+        served = get_method(sj.method).cacheable
+        assert any(d.startswith("data/signals/") for d in job.deps) == served, name
+        if served:
+            assert dag.signals_path(sj.teacher) in job.deps
         assert ("signals" in job.params) == served, name
         if not served:
             assert job.deps == off[name].deps and job.params == off[name].params
-    assert all(dag.SIGNALS not in j.deps for j in off.values())
 
 
 def test_signals_on_without_a_served_method_adds_no_stage():
-    params = _with_signals()
-    params["distill"]["methods"] = ["st", "kdiga_arda"]
-    assert "signals" not in {j.stage for j in dag.jobs(params)}
+    raw = _with_signals()
+    raw["distill"]["methods"] = ["st", "kdiga_arda"]
+    assert "signals" not in {j.stage for j in dag.jobs(validate(raw))}
 
 
 @pytest.mark.slow
@@ -210,5 +323,48 @@ def test_a_file_teacher_is_a_dependency_of_the_teacher_job():
     params = load_params(ROOT / "configs" / "cifar10.yaml")
     (teacher,) = [j for j in dag.jobs(params) if j.stage == "teacher"]
     assert teacher.deps == [dag.SHARDS, "data/raw/teachers/model_cifar_wrn.pt"]
-    (default,) = [j for j in dag.jobs(load_params(ROOT / "params.yaml")) if j.stage == "teacher"]
-    assert default.deps == [dag.SHARDS]
+    default = [j for j in dag.jobs(load_params(ROOT / "params.yaml")) if j.stage == "teacher"]
+    assert [j.deps for j in default] == [[dag.SHARDS], [dag.SHARDS]]
+
+
+def test_a_student_without_a_teacher_is_bounded_against_every_teacher():
+    params = load_params(ROOT / "params.yaml")
+    by_name = {j.name: j for j in dag.jobs(params)}
+    for t in params.teachers:
+        st = by_name[f"bounds-st--small_cnn--s0--vs--{t}"]
+        assert dag.model_path(t) in st.deps and st.args["teacher"] == t
+        assert st.outs == [dag.bounds_path("st--small_cnn--s0", t)]
+    kd = by_name["bounds-trades--kd--small_cnn--s0"]
+    assert dag.model_path("trades") in kd.deps and dag.model_path("pgdat") not in kd.deps
+
+
+def test_a_new_method_flows_through_schema_dag_and_report():
+    """One table entry and its loss class: params accept it, the DAG trains it from the
+    teacher's cached signals when it is cacheable, and the report names it, with no other
+    edit."""
+    from kdiga.losses import KDLoss
+    from kdiga.methods import KD, register, unregister
+    from pipeline import report
+
+    class HalfKD(KDLoss):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            return out | {"loss": out["loss"] / 2}
+
+    register(dataclasses.replace(KD, name="halfkd", label="Half-KD", loss=HalfKD))
+    try:
+        raw = _with_signals()
+        raw["distill"]["methods"] = ["st", "kd", "halfkd"]
+        params = validate(raw)
+        jobs = {j.name: j for j in dag.jobs(params)}
+        job = jobs["distill-trades--halfkd--small_cnn--s0"]
+        assert dag.signals_path("trades") in job.deps
+        assert {"distill.ce_weight", "distill.temperature", "signals"} <= set(job.params)
+        assert "attack-pgdat--halfkd--small_cnn--s0--pgd" in jobs
+        cell = next(c for c in report.cells(params)["pgdat"] if c.method == "halfkd")
+        assert report.model_label(params, cell, None) == "pgdat -Half-KD-> small_cnn"
+        assert "halfkd" in dag.dvc_yaml(params)
+    finally:
+        unregister("halfkd")
+    with pytest.raises(ParamError, match=r"distill\.methods\[2\] = 'halfkd' is not allowed"):
+        validate(raw)

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.params import (
-    METHODS,
     ParamError,
     check_paths,
+    describe,
     parse_radius,
     radius_label,
     read_yaml,
@@ -41,17 +41,17 @@ def test_default_and_presets_are_valid():
         validate(read_yaml(ROOT / path))
 
 
-def test_pipeline_methods_are_kdiga_methods():
-    from kdiga.losses import METHODS as CORE
-
-    assert set(METHODS) <= set(CORE)
-
-
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
     [
         ("distill.methods", ["kd", "kdgia"], "allowed: st, kd, ard, kdiga"),
-        ("distill.students", ["resnet9000"], "allowed: "),
+        ("students.small_cnn.arch", "resnet9000", "allowed: "),
+        ("students.small_cnn.init", "imagenet", "allowed: scratch, pretrained"),
+        ("students.small_cnn.lr", 0, "> 0"),
+        ("seeds", [0, 0], "unique"),
+        ("seeds", [-1], "integer >= 0"),
+        ("distill.rslad.adv_weight", 1.5, "[0, 1]"),
+        ("report.claim_radius", 0.3, "must be one of attack.radii"),
         ("attack.attacks", ["fgsm"], "allowed: pgd, autoattack"),
         ("shard.dataset", "mnist", "allowed: digits, cifar10"),
         ("attack.radii", [8], "did you mean 8/255?"),
@@ -64,8 +64,8 @@ def test_pipeline_methods_are_kdiga_methods():
         ("distill.iga.reduction", "sum", "per_sample_mean, batch_frobenius"),
         ("distill.temperature", 0, "> 0"),
         ("distill.milestones", [15, 10], "increasing"),
-        ("teacher.source", "hub:resnet", "train, file:, url:, timm:"),
-        ("teacher.sha256", "abc", "64 lowercase hex"),
+        ("teachers.pgdat.source", "hub:resnet", "train, file:, url:, timm:"),
+        ("teachers.pgdat.sha256", "abc", "64 lowercase hex"),
         ("distill.bogus", 1, "known keys"),
         ("signals.views", 0, "integer >= 1"),
         ("signals.grad_dtype", "int8", "float32, float16, bfloat16"),
@@ -77,7 +77,7 @@ def test_bad_value_names_key_value_and_allowed(key, value, expected):
     with pytest.raises(ParamError) as info:
         validate(_set(RAW, key, value))
     msg = str(info.value)
-    assert key.split(".")[0] in msg and expected in msg
+    assert msg.startswith(f"params: {key}") and expected in msg
 
 
 @pytest.mark.parametrize(("augment", "padding"), [("none", 2), ("crop", 0)])
@@ -91,7 +91,7 @@ def test_signal_views_need_an_augmentation(augment, padding):
 
 
 def test_url_teacher_needs_sha256():
-    raw = _set(RAW, "teacher.source", "url:https://example.org/w.pt")
+    raw = _set(RAW, "teachers.pgdat.source", "url:https://example.org/w.pt")
     with pytest.raises(ParamError, match="sha256"):
         validate(raw)
 
@@ -102,8 +102,8 @@ def test_missing_dataset_root_and_teacher_file_are_named(tmp_path):
     params = validate(raw)  # the schema passes: presets must dry-run without their data
     with pytest.raises(ParamError, match=r"shard\.root.*does not exist"):
         check_paths(params)
-    raw = _set(RAW, "teacher.source", f"file:{tmp_path / 'missing.pt'}")
-    with pytest.raises(ParamError, match=r"teacher\.source.*does not exist"):
+    raw = _set(RAW, "teachers.pgdat.source", f"file:{tmp_path / 'missing.pt'}")
+    with pytest.raises(ParamError, match=r"teachers\.pgdat\.source.*does not exist"):
         check_paths(validate(raw))
 
 
@@ -139,7 +139,7 @@ LEAVES = [
     k
     for k in _leaves(RAW)
     if _get(RAW, k) is not None
-    and k not in {"distill.student_kwargs", "teacher.arch_kwargs", "teacher.arch"}
+    and not k.endswith(("kwargs", "teachers.pgdat.arch", "teachers.trades.arch"))
 ]
 BAD = st.one_of(
     st.just(None),
@@ -261,7 +261,7 @@ def test_invalid_yaml_is_one_line_naming_the_file(tmp_path, text, expected):
 @pytest.mark.parametrize("text", ["1e12", "1.0e12", "1000000000000", "1.0e+12"])
 def test_a_huge_epoch_count_is_refused_however_yaml_reads_it(text):
     value = yaml.safe_load(f"v: {text}")["v"]  # a str, a str, an int, a float
-    for key in ("distill.epochs", "teacher.train.epochs"):
+    for key in ("distill.epochs", "teachers.pgdat.train.epochs"):
         msg = _message(_set(RAW, key, value))
         assert f"params: {key} = " in msg and "expected an integer >= 0 and <= 10000" in msg
 
@@ -269,11 +269,11 @@ def test_a_huge_epoch_count_is_refused_however_yaml_reads_it(text):
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
     [
-        ("seed", 2**63, "expected an integer >= 0 and <= 2**63 - 1"),
-        ("seed", -1, "expected an integer >= 0 and <= 2**63 - 1"),
+        ("shard.seed", 2**63, "expected an integer >= 0 and <= 2**63 - 1"),
+        ("shard.seed", -1, "expected an integer >= 0 and <= 2**63 - 1"),
         ("distill.epochs", "1e12", "(YAML reads 1e12 as text, not a number: write the digits)"),
         ("distill.epochs", 20.0, "(20.0 is a float, not an integer)"),
-        ("teacher.train.steps", 10**6, "expected an integer >= 1 and <= 100000"),
+        ("teachers.pgdat.train.steps", 10**6, "expected an integer >= 1 and <= 100000"),
         ("distill.adversarial.steps", 10**6, "expected an integer >= 1 and <= 100000"),
         ("attack.pgd.steps", 10**6, "expected an integer >= 1 and <= 100000"),
         ("attack.pgd.restarts", 10**4, "expected an integer >= 1 and <= 1000"),
@@ -283,13 +283,13 @@ def test_a_huge_epoch_count_is_refused_however_yaml_reads_it(text):
         ("bounds.steps", 10**6, "expected an integer >= 0 and <= 100000"),
         ("bounds.restarts", 10**4, "expected an integer >= 1 and <= 1000"),
         ("distill.batch_size", 2**20 + 1, "expected an integer >= 1 and <= 1048576"),
-        ("teacher.train.batch_size", 2**30, "expected an integer >= 1 and <= 1048576"),
+        ("teachers.pgdat.train.batch_size", 2**30, "expected an integer >= 1 and <= 1048576"),
         ("attack.batch_size", 2**30, "expected an integer >= 1 and <= 1048576"),
         ("bounds.batch_size", 2**30, "expected an integer >= 1 and <= 1048576"),
         ("signals.batch_size", 2**30, "expected an integer >= 1 and <= 1048576"),
         ("signals.views", 1025, "expected an integer >= 1 and <= 1024"),
         ("distill.momentum", 1.5, "momentum must be in [0, 1)"),
-        ("teacher.train.momentum", 1, "momentum must be in [0, 1)"),
+        ("teachers.pgdat.train.momentum", 1, "momentum must be in [0, 1)"),
         (
             "shard.val_fraction",
             0.0,
@@ -301,7 +301,11 @@ def test_a_huge_epoch_count_is_refused_however_yaml_reads_it(text):
             16,
             "with distill.augment crop the padding must be less than shard.image_size (16)",
         ),
-        ("teacher.train.crop_padding", 99, "padding must be less than shard.image_size (16)"),
+        (
+            "teachers.pgdat.train.crop_padding",
+            99,
+            "padding must be less than shard.image_size (16)",
+        ),
     ],
 )
 def test_out_of_range_values_name_key_and_range(key, value, expected):
@@ -311,7 +315,7 @@ def test_out_of_range_values_name_key_and_range(key, value, expected):
 
 def test_range_edges_are_accepted():
     for key, value in [
-        ("seed", 2**63 - 1),
+        ("shard.seed", 2**63 - 1),
         ("distill.epochs", 10_000),
         ("distill.momentum", 0.0),
         ("shard.val_fraction", 0.5),
@@ -326,44 +330,80 @@ def test_range_edges_are_accepted():
 @pytest.mark.parametrize(
     ("dataset", "mean", "std", "key", "expected"),
     [
-        ("digits", [0.5], [0.0], "teacher.std[0] = 0.0", "std entries must be finite numbers > 0"),
+        (
+            "digits",
+            [0.5],
+            [0.0],
+            "teachers.pgdat.std[0] = 0.0",
+            "std entries must be finite numbers > 0",
+        ),
         (
             "digits",
             [0.5],
             [-0.2],
-            "teacher.std[0] = -0.2",
+            "teachers.pgdat.std[0] = -0.2",
             "std entries must be finite numbers > 0",
         ),
-        ("digits", [0.5], None, "teacher.std = None", "teacher.mean is given, so std must be too"),
-        ("digits", None, [0.5], "teacher.mean = None", "teacher.std is given, so mean must be too"),
-        ("digits", [0.5] * 3, [0.2] * 3, "teacher.mean", "expected 1 value: digits images have 1"),
-        ("cifar10", [0.5] * 2, [0.2] * 2, "teacher.mean", "expected 1 or 3 values: cifar10 images"),
-        ("synthetic", [0.5] * 4, [0.2] * 4, "teacher.mean", "expected 1 or 3 values: synthetic"),
-        ("cifar10", [0.5] * 3, [0.2], "teacher.std = [0.2]", "teacher.mean has 3"),
+        (
+            "digits",
+            [0.5],
+            None,
+            "teachers.pgdat.std = None",
+            "teachers.pgdat.mean is given, so std must be too",
+        ),
+        (
+            "digits",
+            None,
+            [0.5],
+            "teachers.pgdat.mean = None",
+            "teachers.pgdat.std is given, so mean must be too",
+        ),
+        (
+            "digits",
+            [0.5] * 3,
+            [0.2] * 3,
+            "teachers.pgdat.mean",
+            "expected 1 value: digits images have 1",
+        ),
+        (
+            "cifar10",
+            [0.5] * 2,
+            [0.2] * 2,
+            "teachers.pgdat.mean",
+            "expected 1 or 3 values: cifar10 images",
+        ),
+        (
+            "synthetic",
+            [0.5] * 4,
+            [0.2] * 4,
+            "teachers.pgdat.mean",
+            "expected 1 or 3 values: synthetic",
+        ),
+        ("cifar10", [0.5] * 3, [0.2], "teachers.pgdat.std = [0.2]", "teachers.pgdat.mean has 3"),
     ],
 )
 def test_normalisation_stats_fit_the_dataset(dataset, mean, std, key, expected):
     raw = _set(_set(RAW, "shard.dataset", dataset), "shard.root", "/nowhere")
-    raw = _set(_set(raw, "teacher.mean", mean), "teacher.std", std)
+    raw = _set(_set(raw, "teachers.pgdat.mean", mean), "teachers.pgdat.std", std)
     msg = _message(raw)
     assert f"params: {key}" in msg and expected in msg
 
 
 def test_normalisation_stats_of_one_or_all_channels_are_accepted():
     raw = _set(_set(RAW, "shard.dataset", "cifar10"), "shard.root", "/nowhere")
-    validate(_set(_set(raw, "teacher.mean", [0.5] * 3), "teacher.std", [0.25] * 3))
-    validate(_set(_set(raw, "teacher.mean", [0.5]), "teacher.std", [0.25]))
+    validate(_set(_set(raw, "teachers.pgdat.mean", [0.5] * 3), "teachers.pgdat.std", [0.25] * 3))
+    validate(_set(_set(raw, "teachers.pgdat.mean", [0.5]), "teachers.pgdat.std", [0.25]))
 
 
 @pytest.mark.parametrize(
     ("key", "kwargs", "expected"),
     [
-        ("distill.student_kwargs", {"depth": 3}, "unexpected keyword argument 'depth'"),
-        ("distill.student_kwargs", {"width": "wide"}, "building small_cnn for digits fails: "),
-        ("distill.student_kwargs", {"width": -3}, "width must be >= 1, got -3"),
-        ("distill.student_kwargs", {"in_chans": 3}, "multiple values for keyword argument"),
-        ("teacher.arch_kwargs", {"width": 0}, "width must be >= 1, got 0"),
-        ("teacher.arch_kwargs", {"bogus": 1}, "unexpected keyword argument 'bogus'"),
+        ("students.small_cnn.kwargs", {"depth": 3}, "unexpected keyword argument 'depth'"),
+        ("students.small_cnn.kwargs", {"width": "wide"}, "building small_cnn for digits fails: "),
+        ("students.small_cnn.kwargs", {"width": -3}, "width must be >= 1, got -3"),
+        ("students.small_cnn.kwargs", {"in_chans": 3}, "multiple values for keyword argument"),
+        ("teachers.pgdat.arch_kwargs", {"width": 0}, "width must be >= 1, got 0"),
+        ("teachers.pgdat.arch_kwargs", {"bogus": 1}, "unexpected keyword argument 'bogus'"),
     ],
 )
 def test_bad_model_kwargs_are_refused_at_validation(key, kwargs, expected):
@@ -371,7 +411,7 @@ def test_bad_model_kwargs_are_refused_at_validation(key, kwargs, expected):
     assert msg.startswith(f"params: {key} = {kwargs!r} is not allowed; ") and expected in msg
 
 
-@pytest.mark.parametrize("key", ["distill.student_kwargs", "teacher.arch_kwargs"])
+@pytest.mark.parametrize("key", ["students.small_cnn.kwargs", "teachers.pgdat.arch_kwargs"])
 @pytest.mark.parametrize("bad", ["pretrained", "weights"])
 def test_pretrained_weights_are_no_build_kwarg(key, bad):
     msg = _message(_set(RAW, key, {bad: True}))
@@ -381,14 +421,16 @@ def test_pretrained_weights_are_no_build_kwarg(key, bad):
 
 
 def test_an_architecture_that_cannot_take_the_data_is_named():
-    msg = _message(_set(RAW, "distill.students", ["small_cnn", "torchvision:resnet18"]))
-    assert "params: distill.students[1] = 'torchvision:resnet18'" in msg
+    msg = _message(_set(RAW, "students.resnet", {"arch": "torchvision:resnet18"}))
+    assert "params: students.resnet.arch = 'torchvision:resnet18'" in msg
     assert "torchvision models take 3 input channels" in msg
 
 
 def test_the_teacher_arch_is_only_built_when_given():
-    raw = _set(_set(RAW, "teacher.source", "timm:resnet18"), "teacher.arch", None)
-    validate(_set(raw, "teacher.arch_kwargs", {"drop_rate": 0.1}))  # timm's, not checked here
+    raw = _set(_set(RAW, "teachers.pgdat.source", "timm:resnet18"), "teachers.pgdat.arch", None)
+    validate(
+        _set(raw, "teachers.pgdat.arch_kwargs", {"drop_rate": 0.1})
+    )  # timm's, not checked here
 
 
 def test_model_checks_use_no_network_and_no_memory(monkeypatch):
@@ -401,13 +443,15 @@ def test_model_checks_use_no_network_and_no_memory(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", no_network)
     raw = _set(_set(RAW, "shard.dataset", "cifar10"), "shard.root", "/nowhere")
     raw = _set(raw, "shard.image_size", 32)
-    raw = _set(_set(raw, "teacher.arch", "wrn_34_10"), "distill.students", ["mobilenet_v2"])
+    raw = _set(
+        _set(raw, "teachers.pgdat.arch", "wrn_34_10"), "students.small_cnn.arch", "mobilenet_v2"
+    )
     validate(raw)  # warm: the imports
     start = time.perf_counter()
     validate(raw)
     assert time.perf_counter() - start < 1.0  # a 46M-parameter teacher, built on "meta"
     pytest.importorskip("timm")
-    validate(_set(raw, "distill.students", ["timm:resnet18"]))
+    validate(_set(raw, "students.small_cnn.arch", "timm:resnet18"))
 
 
 @pytest.mark.parametrize(
@@ -423,10 +467,68 @@ def test_model_checks_use_no_network_and_no_memory(monkeypatch):
     ],
 )
 def test_url_teachers_are_https_or_file_urls(source, expected):
-    raw = _set(_set(RAW, "teacher.source", source), "teacher.sha256", "0" * 64)
+    raw = _set(_set(RAW, "teachers.pgdat.source", source), "teachers.pgdat.sha256", "0" * 64)
     msg = _message(raw)
     assert (
-        msg.startswith(f"params: teacher.source = {source!r} is not allowed; ") and expected in msg
+        msg.startswith(f"params: teachers.pgdat.source = {source!r} is not allowed; ")
+        and expected in msg
     )
     for ok in ("url:https://example.org/w.pt", "url:file:///mirror/w.pt"):
-        validate(_set(raw, "teacher.source", ok))
+        validate(_set(raw, "teachers.pgdat.source", ok))
+
+
+# -- the grid: teachers, students, seeds; defaults; typed settings ---------------------------
+
+
+def test_omitted_keys_take_their_declared_defaults():
+    raw = {"teachers": {"t": {"arch": "small_cnn"}}, "students": {"s": {"arch": "small_cnn"}},
+           "distill": {"methods": ["st", "kd"]}}  # fmt: skip
+    p = validate(raw)
+    assert p.seeds == [0] and p.shard.dataset == "digits" and p.teachers["t"].source == "train"
+    assert p.teachers["t"].train.method == "at" and p.students["s"].init == "scratch"
+    assert p.distill.iga.reduction == "per_sample_mean" and p.attack.pgd.steps == 20
+    defaults = {k: d for k, d, _ in describe()}
+    assert defaults["distill.iga.weight"] == "1.0" and defaults["students.<name>.arch"] == (
+        "(required)"
+    )
+    assert all(doc for _, _, doc in describe())  # every key says what it is
+
+
+@pytest.mark.parametrize(
+    ("raw", "key", "expected"),
+    [
+        ({"students": {"s": {"arch": "small_cnn"}}}, "distill.methods", "this key is required"),
+        ({"students": {"s": {}}, "distill": {"methods": ["st"]}}, "students.s.arch", "required"),
+        ({"students": {}, "distill": {"methods": ["st"]}}, "students", "at least one student"),
+        ({"students": {"s": {"arch": "small_cnn"}}, "distill": {"methods": ["kd"]}},
+         "teachers", "need a teacher"),
+        ({"students": {"a--b": {"arch": "small_cnn"}}, "distill": {"methods": ["st"]}},
+         "students.a--b", "single '-'"),
+        ({"students": {"s/x": {"arch": "small_cnn"}}, "distill": {"methods": ["st"]}},
+         "students.s/x", "letters, digits"),
+        ({"students": {"s": {"arch": "small_cnn", "init": "pretrained"}},
+          "distill": {"methods": ["st"]}}, "students.s.init", "timm or torchvision"),
+    ],
+)  # fmt: skip
+def test_grid_mistakes_are_named(raw, key, expected):
+    msg = _message({"teachers": {}, **raw})
+    assert msg.startswith(f"params: {key}") and expected in msg
+
+
+def test_a_pretrained_or_file_student_is_accepted_and_its_file_checked(tmp_path):
+    raw = copy.deepcopy(RAW)
+    raw["students"]["vit"] = {"arch": "timm:resnet18", "init": "pretrained", "lr": 1e-5}
+    raw["shard"] = {**raw["shard"], "dataset": "synthetic"}
+    p = validate(raw)
+    assert p.train_settings("vit")["lr"] == 1e-5 and p.train_settings("small_cnn")["lr"] == 0.05
+    raw = _set(RAW, "students.small_cnn.init", f"file:{tmp_path / 'nope.safetensors'}")
+    with pytest.raises(ParamError, match=r"students\.small_cnn\.init.*does not exist"):
+        check_paths(validate(raw))
+
+
+def test_study_values_are_plain_data_for_provenance():
+    p = validate(RAW)
+    assert p.value("teachers.pgdat.train.eps") == 0.1
+    assert p.value("distill.iga") == {"weight": 1.0, "reduction": "per_sample_mean",
+                                      "grad_mode": "train"}  # fmt: skip
+    assert p.value("students.small_cnn")["init"] == "scratch"

@@ -22,6 +22,8 @@ import pytest
 import yaml
 from tiny_study import BIN, ROOT, TINY, env
 
+KD, KDIGA, ST = "pgdat--kd--small_cnn--s0", "pgdat--kdiga--small_cnn--s0", "st--small_cnn--s0"
+
 pytestmark = pytest.mark.slow
 
 FIRST_RUN: dict[str, bytes] = {}  # files of the study as its first Snakemake run left them
@@ -118,11 +120,11 @@ def test_snakemake_builds_the_report(study):
     assert "Table 4" in report
     assert (study / "reports" / "figure1.png").stat().st_size > 1000
     metrics = json.loads((study / "reports" / "metrics.json").read_text())
-    for mid in ("teacher", "small_cnn--st", "small_cnn--kd", "small_cnn--kdiga"):
+    for mid in ("pgdat", ST, KD, KDIGA):
         assert 0 <= metrics[mid]["pgd"]["0.1"] <= metrics[mid]["clean"] <= 1
-    assert "bounds" in metrics["small_cnn--kdiga"]
+    assert "bounds" in metrics[KDIGA]
     cost = (study / "logs" / "cost.md").read_text()  # wall clock: beside the logs
-    assert re.search(r"\| small_cnn \(ST\) \| \d+\.\d\d \|", cost), cost
+    assert re.search(r"\| st--small_cnn--s0 \| \d+\.\d\d \|", cost), cost
     assert "s / epoch" not in report
 
 
@@ -137,7 +139,7 @@ def test_dvc_repro_forced_rewrites_snakemakes_bytes(study):
     nothing downstream goes stale."""
     models = study / "data" / "models"
     before = {p.name: sha(p) for p in models.glob("*.safetensors")}
-    for stage in ("teacher", "distill@small_cnn--kdiga"):
+    for stage in ("teacher-pgdat", f"distill-{KDIGA}"):
         out = dvc("repro", "--force", "--single-item", stage, cwd=study)
         assert f"Running stage '{stage}'" in out
     assert {p.name: sha(p) for p in models.glob("*.safetensors")} == before
@@ -156,42 +158,42 @@ def test_a_second_study_from_clean_writes_the_same_bytes(study, tmp_path):
 def test_a_targeted_snakemake_run_blesses_nothing_stale(study):
     """Change the IGA weight and rebuild only the KDIGA model: its evaluations, bounds and the
     report are stale, and neither tool may call them current; a stage reading them stops."""
-    model = study / "data" / "models" / "small_cnn--kdiga.safetensors"
+    model = study / "data" / "models" / f"{KDIGA}.safetensors"
     set_param(study, "distill.iga.weight", 3.0)
     run([str(BIN / "snakemake"), "--cores", "2", str(model.relative_to(study))], study)
-    stale = {"attack@small_cnn--kdiga--pgd", "attack@small_cnn--kdiga--autoattack",
-             "bounds@small_cnn--kdiga", "report"}  # fmt: skip
+    stale = {f"attack-{KDIGA}--pgd", f"attack-{KDIGA}--autoattack",
+             f"bounds-{KDIGA}", "report"}  # fmt: skip
     assert changed_stages(study) == stale
-    assert planned(study) == sorted(["attack:model=small_cnn--kdiga, attack=pgd",
-                                     "attack:model=small_cnn--kdiga, attack=autoattack",
-                                     "bounds:sid=small_cnn--kdiga", "report"])  # fmt: skip
+    assert planned(study) == sorted([f"attack:model={KDIGA}, attack=pgd",
+                                     f"attack:model={KDIGA}, attack=autoattack",
+                                     f"bounds:bkey={KDIGA}", "report"])  # fmt: skip
     report = run([sys.executable, "-m", "pipeline.report"], study, check=False)
-    old = json.loads((study / "data/evals/small_cnn--kdiga--pgd.json").read_text())
+    old = json.loads((study / f"data/evals/{KDIGA}--pgd.json").read_text())
     assert report.returncode == 2
     assert old["model_sha256"][:16] in report.stderr and sha(model)[:16] in report.stderr
     run([str(BIN / "snakemake"), "--cores", "2"], study)
     assert changed_stages(study) == set()
-    new = json.loads((study / "data/evals/small_cnn--kdiga--pgd.json").read_text())
+    new = json.loads((study / f"data/evals/{KDIGA}--pgd.json").read_text())
     assert new["model_sha256"] == sha(model)
     metrics = json.loads((study / "reports" / "metrics.json").read_text())
     robust = dict(zip(new["radius_labels"], new["robust"], strict=True))
-    assert metrics["small_cnn--kdiga"]["pgd"] == robust
+    assert metrics[KDIGA]["pgd"] == robust
 
 
 def test_a_targeted_dvc_repro_then_snakemake(study):
     """The other way round: DVC rebuilds one model; the hand-off adopts only what is current
     and Snakemake redoes exactly the evaluations, bounds and report made from the old one."""
     set_param(study, "distill.iga.weight", 0.3)
-    dvc("repro", "distill@small_cnn--kdiga", cwd=study)
+    dvc("repro", f"distill-{KDIGA}", cwd=study)
     run([sys.executable, "-m", "pipeline.sync", "--snakemake", "--quiet"], study)
-    assert planned(study) == sorted(["attack:model=small_cnn--kdiga, attack=pgd",
-                                     "attack:model=small_cnn--kdiga, attack=autoattack",
-                                     "bounds:sid=small_cnn--kdiga", "report"])  # fmt: skip
+    assert planned(study) == sorted([f"attack:model={KDIGA}, attack=pgd",
+                                     f"attack:model={KDIGA}, attack=autoattack",
+                                     f"bounds:bkey={KDIGA}", "report"])  # fmt: skip
     run([str(BIN / "snakemake"), "--cores", "2"], study)
     assert changed_stages(study) == set() and planned(study) == []
-    bounds = json.loads((study / "data/bounds/small_cnn--kdiga.json").read_text())
-    model = study / "data" / "models" / "small_cnn--kdiga.safetensors"
-    assert bounds["provenance"]["inputs"]["data/models/small_cnn--kdiga.safetensors"] == sha(model)
+    bounds = json.loads((study / f"data/bounds/{KDIGA}.json").read_text())
+    model = study / "data" / "models" / f"{KDIGA}.safetensors"
+    assert bounds["provenance"]["inputs"][f"data/models/{KDIGA}.safetensors"] == sha(model)
 
 
 def test_changing_a_radius_reruns_only_attacks_and_after(study):
@@ -202,10 +204,10 @@ def test_changing_a_radius_reruns_only_attacks_and_after(study):
     out = dvc("repro", cwd=study)
     after = {p.name: p.stat().st_mtime_ns for p in models.glob("*.safetensors")}
     assert before == after, "distillation or teacher re-ran"
-    assert "Running stage 'attack@small_cnn--kd--pgd'" in out
-    assert "Running stage 'distill" not in out and "Running stage 'teacher'" not in out
+    assert f"Running stage 'attack-{KD}--pgd'" in out
+    assert "Running stage 'distill" not in out and "Running stage 'teacher-pgdat'" not in out
     metrics = json.loads((study / "reports" / "metrics.json").read_text())
-    assert "0.15" in metrics["small_cnn--kd"]["pgd"]
+    assert "0.15" in metrics[KD]["pgd"]
     assert "up to date" in dvc("status", cwd=study)
 
 
@@ -234,17 +236,17 @@ def test_teacher_signals_stage_serves_the_grid(study):
     ran = re.findall(r"^(?:local)?rule (\w+):", proc.stdout + proc.stderr, re.M)
     trained = set(re.findall(r"wildcards: sid=(\S+)", proc.stdout + proc.stderr))
     assert "signals" in ran and "teacher" not in ran and "shard" not in ran, ran
-    assert trained == {"small_cnn--kd", "small_cnn--kdiga"}
-    assert (study / "data" / "signals.safetensors").stat().st_size > 0
+    assert trained == {KD, KDIGA}
+    assert (study / "data" / "signals" / "pgdat.safetensors").stat().st_size > 0
     after = {p.name: p.read_bytes() for p in models.glob("*.safetensors")}
-    for name in ("teacher.safetensors", "small_cnn--st.safetensors"):
+    for name in ("pgdat.safetensors", f"{ST}.safetensors"):
         assert after[name] == before[name], f"{name} changed"
     for sid in sorted(trained):
         meta = load_model(models / f"{sid}.safetensors")[1]
         assert meta["teacher_signals"] == {"views": 1, "grad_dtype": "float16"}
         assert "cached teacher signals" in (study / "logs" / "distill" / f"{sid}.log").read_text()
     report = (study / "reports" / "report.md").read_text()
-    assert "The KD, KDIGA students trained from the teacher's cached signals (1 fixed" in report
+    assert "The KD, KDIGA students trained from their teacher's cached signals (1 fixed" in report
     assert "up to date" in dvc("status", cwd=study)
 
 
@@ -282,9 +284,9 @@ def test_dvc_exp_show_compares_committed_experiments(study):
         committed = run(["git", "show", f"{exps[name]['rev']}:reports/metrics.json"], study)
         assert exps[name]["metrics"] == json.loads(committed.stdout)
     m0, m3, mb = (exps[n]["metrics"] for n in ("w0", "w3", "baseline"))
-    for mid in ("teacher", "small_cnn--st", "small_cnn--kd"):
+    for mid in ("pgdat", ST, KD):
         assert m0[mid] == m3[mid] == mb[mid], mid
-    assert m0["small_cnn--kdiga"]["bounds"] != m3["small_cnn--kdiga"]["bounds"]
+    assert m0[KDIGA]["bounds"] != m3[KDIGA]["bounds"]
     plots = json.loads(dvc("plots", "diff", "w0", "w3", "--json", cwd=study))["data"]
     (plot,) = plots["dvc.yaml::reports/robustness.csv"]
     assert plot["revisions"] == ["w0", "w3"]
@@ -311,7 +313,7 @@ def test_a_fresh_clone_runs_the_whole_study(study, tmp_path):
     assert [j for j in jobs if j.startswith(("shard", "teacher", "report"))] == [
         "report",
         "shard",
-        "teacher",
+        "teacher:teacher=pgdat",
     ]
     assert len(jobs) == len(_dag_jobs(clone))
 
@@ -338,7 +340,7 @@ def test_a_queued_sweep_runs_in_parallel(study):
     for weight in (0.5, 2.0):
         e = exps[f"q{weight:g}"]
         assert e["params"]["distill"]["iga"]["weight"] == weight
-        assert 0 <= e["metrics"]["small_cnn--kdiga"]["pgd"]["0.15"] <= 1
+        assert 0 <= e["metrics"][KDIGA]["pgd"]["0.15"] <= 1
 
 
 def test_bad_params_stop_before_any_job(study, tmp_path):
@@ -363,8 +365,8 @@ def test_duplicate_key_and_bad_bytes_stop_snakemake_with_one_line(study, tmp_pat
     """Through Snakemake too, before its own YAML parser sees the file."""
     text = (study / "params.yaml").read_text()
     cases = {
-        "dup.yaml": (text.replace("seed: 0\n", "seed: 0\nseed: 1\n", 1).encode(),
-                     "key 'seed' is given twice (lines 1 and 2)"),
+        "dup.yaml": (text.replace("seeds:\n", "seeds: [1]\nseeds:\n", 1).encode(),
+                     "key 'seeds' is given twice (lines 1 and 2)"),
         "latin1.yaml": (b"# caf\xe9\n" + text.encode(), "byte 5 (line 1, 0xe9) is not UTF-8"),
     }  # fmt: skip
     for name, (data, message) in cases.items():

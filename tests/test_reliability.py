@@ -22,6 +22,8 @@ from tiny_study import TINY, env
 from kdiga import utils
 from kdiga.utils import ArtifactWriteError, atomic_path, atomic_torch_save, atomic_write_text
 
+KD, KDIGA, ST = "pgdat--kd--small_cnn--s0", "pgdat--kdiga--small_cnn--s0", "st--small_cnn--s0"
+
 
 def stage(study: Path, name: str, *args: str, params: dict | None = None):
     if params is not None:
@@ -55,7 +57,7 @@ def sharded(tmp_path_factory) -> Path:
     """A study directory with the tiny study's shards and teacher."""
     study = tmp_path_factory.mktemp("faults")
     ok(stage(study, "shard", params=TINY))
-    ok(stage(study, "teacher"))
+    ok(stage(study, "teacher", "--teacher", "pgdat"))
     return study
 
 
@@ -193,17 +195,17 @@ def test_truncated_shard_names_the_file(sharded, tmp_path):
     study = _copy_study(sharded, tmp_path / "s")
     shard = study / "data" / "shards" / "train-000000.tar"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    proc = stage(study, "distill", "--model", "small_cnn--st")
+    proc = stage(study, "distill", "--model", ST)
     failed_cleanly(proc, "train-000000.tar")
-    assert not (study / "data" / "models" / "small_cnn--st.safetensors").exists()
+    assert not (study / "data" / "models" / f"{ST}.safetensors").exists()
 
 
 @pytest.mark.slow
 def test_unloadable_checkpoint_names_the_file(sharded, tmp_path):
     study = _copy_study(sharded, tmp_path / "s")
-    (study / "data" / "models" / "teacher.safetensors").write_bytes(b"not a checkpoint")
-    proc = stage(study, "attack", "--model", "teacher", "--attack", "pgd")
-    failed_cleanly(proc, "teacher.safetensors")
+    (study / "data" / "models" / "pgdat.safetensors").write_bytes(b"not a checkpoint")
+    proc = stage(study, "attack", "--model", "pgdat", "--attack", "pgd")
+    failed_cleanly(proc, "pgdat.safetensors")
     assert not (study / "data" / "evals").exists()
 
 
@@ -212,9 +214,9 @@ def test_nan_loss_names_epoch_and_batch(sharded, tmp_path):
     study = _copy_study(sharded, tmp_path / "s")
     params = json.loads(json.dumps(TINY))
     params["distill"]["lr"] = 1e30
-    proc = stage(study, "distill", "--model", "small_cnn--st", params=params)
+    proc = stage(study, "distill", "--model", ST, params=params)
     failed_cleanly(proc, "non-finite loss at epoch 1, batch")
-    assert not (study / "data" / "models" / "small_cnn--st.safetensors").exists()
+    assert not (study / "data" / "models" / f"{ST}.safetensors").exists()
 
 
 @pytest.mark.slow
@@ -226,17 +228,15 @@ def test_same_seed_same_params_same_bytes(sharded, tmp_path):
     runs = []
     for i in range(2):
         study = _copy_study(sharded, tmp_path / f"s{i}")
-        proc = stage(study, "distill", "--model", "small_cnn--kdiga")
+        proc = stage(study, "distill", "--model", KDIGA)
         ok(proc)
         assert len(re.findall(r"epoch 1/1 ", proc.stderr)) == 1  # one line per epoch, for people
         assert "{'epoch'" not in proc.stderr
-        ok(stage(study, "attack", "--model", "small_cnn--kdiga", "--attack", "pgd"))
-        files = ("models/small_cnn--kdiga.safetensors", "models/small_cnn--kdiga.history.json",
-                 "evals/small_cnn--kdiga--pgd.json")  # fmt: skip
+        ok(stage(study, "attack", "--model", KDIGA, "--attack", "pgd"))
+        files = (f"models/{KDIGA}.safetensors", f"models/{KDIGA}.history.json",
+                 f"evals/{KDIGA}--pgd.json")  # fmt: skip
         runs.append({f: sha256_file(study / "data" / f) for f in files})
-        timing = json.loads(
-            (study / "logs" / "distill" / "small_cnn--kdiga.timing.json").read_text()
-        )
+        timing = json.loads((study / "logs" / "distill" / f"{KDIGA}.timing.json").read_text())
         assert timing["seconds"] > 0  # wall clock lives beside the logs
     assert runs[0] == runs[1]
 
@@ -246,11 +246,9 @@ def test_a_model_file_written_for_another_model_is_refused(sharded, tmp_path):
     """The teacher's file copied to a student's path: refused, not evaluated as the student."""
     study = _copy_study(sharded, tmp_path / "s")
     models = study / "data" / "models"
-    (models / "small_cnn--kd.safetensors").write_bytes(
-        (models / "teacher.safetensors").read_bytes()
-    )
-    proc = stage(study, "attack", "--model", "small_cnn--kd", "--attack", "pgd")
-    failed_cleanly(proc, "small_cnn--kd.safetensors was made by job 'teacher', not 'distill@small")
+    (models / f"{KD}.safetensors").write_bytes((models / "pgdat.safetensors").read_bytes())
+    proc = stage(study, "attack", "--model", KD, "--attack", "pgd")
+    failed_cleanly(proc, f"{KD}.safetensors was made by job 'teacher-pgdat', not 'distill-{KD}'")
     assert not (study / "data" / "evals").exists()
 
 
@@ -261,13 +259,13 @@ def test_a_finished_run_leaves_no_checkpoint_and_a_replaced_output_is_caught(sha
     from kdiga.utils import sha256_file
 
     study = _copy_study(sharded, tmp_path / "s")
-    ok(stage(study, "distill", "--model", "small_cnn--st"))
-    assert not list((study / "data" / "checkpoints").rglob("small_cnn--st-*"))
-    history = study / "data" / "models" / "small_cnn--st.history.json"
+    ok(stage(study, "distill", "--model", ST))
+    assert not list((study / "data" / "checkpoints").rglob(f"{ST}-*"))
+    history = study / "data" / "models" / f"{ST}.history.json"
     old = sha256_file(history)
     history.write_text("[]\n")
-    proc = stage(study, "attack", "--model", "small_cnn--st", "--attack", "pgd")
-    failed_cleanly(proc, "small_cnn--st.history.json has sha256", old[:16], "it was replaced")
+    proc = stage(study, "attack", "--model", ST, "--attack", "pgd")
+    failed_cleanly(proc, f"{ST}.history.json has sha256", old[:16], "it was replaced")
 
 
 def test_a_model_of_another_architecture_is_refused_at_load(tmp_path, monkeypatch):
@@ -279,14 +277,14 @@ def test_a_model_of_another_architecture_is_refused_at_load(tmp_path, monkeypatc
 
     monkeypatch.chdir(tmp_path)
     params = validate(json.loads(json.dumps(TINY)))
-    path = Path(dag.model_path("small_cnn--kd"))
+    path = Path(dag.model_path(KD))
     path.parent.mkdir(parents=True)
     save_model(build_model("resnet18", 10, in_chans=1, image_size=8), path)
     with pytest.raises(CheckpointError, match="holds a 'resnet18' model, but 'small_cnn' is exp"):
-        load_stage_model(params, "small_cnn--kd")
+        load_stage_model(params, KD)
     save_model(build_model("small_cnn", 10, in_chans=1, image_size=8), path, meta={"model_id": "x"})
-    with pytest.raises(CheckpointError, match="written for model 'x', not 'small_cnn--kd'"):
-        load_stage_model(params, "small_cnn--kd")
+    with pytest.raises(CheckpointError, match=f"written for model 'x', not '{KD}'"):
+        load_stage_model(params, KD)
 
 
 @pytest.mark.slow
@@ -296,23 +294,21 @@ def test_a_stale_input_stops_the_stage_naming_both_hashes(sharded, tmp_path):
     from kdiga.utils import sha256_file
 
     study = _copy_study(sharded, tmp_path / "s")
-    ok(stage(study, "distill", "--model", "small_cnn--st"))
-    ok(stage(study, "attack", "--model", "small_cnn--st", "--attack", "pgd"))
-    model = study / "data" / "models" / "small_cnn--st.safetensors"
+    ok(stage(study, "distill", "--model", ST))
+    ok(stage(study, "attack", "--model", ST, "--attack", "pgd"))
+    model = study / "data" / "models" / f"{ST}.safetensors"
     old = sha256_file(model)
     params = json.loads(json.dumps(TINY))
     params["distill"]["lr"] = 0.01
-    ok(stage(study, "distill", "--model", "small_cnn--st", params=params))
+    ok(stage(study, "distill", "--model", ST, params=params))
     new = sha256_file(model)
     assert old != new
     proc = stage(study, "report")
-    failed_cleanly(proc, "small_cnn--st--pgd.json was made from", old[:16], new[:16],
-                   "dvc repro attack@small_cnn--st--pgd")  # fmt: skip
+    failed_cleanly(proc, f"{ST}--pgd.json was made from", old[:16], new[:16],
+                   f"dvc repro attack-{ST}--pgd")  # fmt: skip
     params["distill"]["lr"] = 0.05  # back: now the model itself is not what params make
-    proc = stage(study, "attack", "--model", "small_cnn--st", "--attack", "pgd", params=params)
-    failed_cleanly(
-        proc, "small_cnn--st.safetensors was made with params distill.lr = 0.01, now 0.05"
-    )
+    proc = stage(study, "attack", "--model", ST, "--attack", "pgd", params=params)
+    failed_cleanly(proc, f"{ST}.safetensors was made with params distill.lr = 0.01, now 0.05")
 
 
 _KILLED_AUTOATTACK = textwrap.dedent(
@@ -365,21 +361,26 @@ def test_autoattack_killed_half_way_resumes_to_the_same_result(tmp_path):
     assert torch.equal(plain["clean"], resumed["clean"])
 
 
-def test_report_marks_a_suspect_result():
+def test_report_marks_a_suspect_result(tmp_path, monkeypatch):
+    from pipeline import report
     from pipeline.params import validate
-    from pipeline.report import accuracy_table
 
     params = validate(json.loads(json.dumps(TINY)))
-    good = {"clean": 0.9, "robust": [0.5, 0.3], "radius_labels": ["0.05", "0.1"], "suspect": False}
-    bad = good | {"robust": [0.95, 0.3], "suspect": True}
-    evals = {(m, "pgd"): good for m in ("teacher", "small_cnn--st", "small_cnn--kdiga")}
-    evals[("small_cnn--kd", "pgd")] = bad
-    teacher = {"arch": "small_cnn", "source": "train", "train": {"method": "at"}}
-    table = accuracy_table(params, "pgd", evals, teacher)
-    models = table["Model"].to_list()
-    assert [m for m in models if "(suspect)" in m] == [
-        "small_cnn (PGD-AT) -KD-> small_cnn (suspect)"
-    ]
+    good = {"clean": 0.9, "robust": [0.5, 0.3], "radii": [0.05, 0.1], "n": 10,
+            "radius_labels": ["0.05", "0.1"], "suspect": False, "clean_correct": "1" * 9 + "0",
+            "robust_correct": ["1" * 5 + "0" * 5, "1" * 3 + "0" * 7]}  # fmt: skip
+    bad = good | {"suspect": True}
+    numbers = report.Numbers.__new__(report.Numbers)
+    numbers.params, numbers.attacks = params, ["pgd"]
+    numbers.evals = {(m, "pgd"): good for m in ("pgdat", ST, KDIGA)} | {(KD, "pgd"): bad}
+    from kdiga.attacks.sweep import per_sample_correct
+
+    numbers.correct = {k: per_sample_correct(e) for k, e in numbers.evals.items()}
+    numbers.teachers = {"pgdat": {"arch": "small_cnn", "kind": "PGD-AT"}}
+    numbers.radii, numbers.radius_labels = [0.05, 0.1], ["0.05", "0.1"]
+    table = report.accuracy_table(params, numbers, "pgdat", "pgd")
+    suspect = [line for line in table.splitlines() if "(suspect)" in line]
+    assert len(suspect) == 1 and suspect[0].startswith("| pgdat -KD-> small_cnn (suspect) |")
 
 
 def _run_stage(tmp_path, monkeypatch, error: BaseException) -> int:

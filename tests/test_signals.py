@@ -282,27 +282,29 @@ def test_distill_stage_refuses_a_signal_file_made_otherwise(tmp_path, monkeypatc
     padding, dtype or seed than params.yaml asks for, stops with a message to re-run it."""
     from pipeline import dag
     from pipeline.distill import _signal_cache
-    from pipeline.params import load_params
+    from pipeline.params import parse_student_id, read_yaml, validate
 
     x, y = data
     monkeypatch.chdir(tmp_path)
-    save_signals(sigset, dag.SIGNALS)
-    params = load_params(ROOT / "params.yaml")
-    params["seed"] = 7
-    params["signals"] |= {"enabled": True, "views": 4, "grad_dtype": "float32"}
-    params["distill"] |= {"augment": "crop_flip", "crop_padding": 2}
+    save_signals(sigset, dag.signals_path("pgdat"))
+    raw = read_yaml(ROOT / "params.yaml")
+    raw["shard"]["seed"] = 7
+    raw["signals"] |= {"enabled": True, "views": 4, "grad_dtype": "float32"}
+    raw["distill"] |= {"augment": "crop_flip", "crop_padding": 2}
+    params = validate(raw)
+    job = parse_student_id(params, "pgdat--kdiga--small_cnn--s0")
     sha = sigset.meta["teacher_sha256"]
-    cache = _signal_cache(params, x, y, sha, "cpu")  # made as asked: accepted
+    cache = _signal_cache(params, job, x, y, sha, "cpu")  # made as asked: accepted
     assert isinstance(cache, SignalCache) and cache.signal_set.views == 4
     with pytest.raises(SignalMismatchError, match="recompute the signals for this teacher"):
-        _signal_cache(params, x, y, "0" * 64, "cpu")
+        _signal_cache(params, job, x, y, "0" * 64, "cpu")
     for section, key, value in [
         ("signals", "views", 8),
         ("signals", "grad_dtype", "float16"),
         ("distill", "augment", "crop"),
         ("distill", "crop_padding", 4),
     ]:
-        other = copy.deepcopy(params)
+        other = copy.deepcopy(raw)
         other[section][key] = value
-        with pytest.raises(ValueError, match=f"other settings .*'{key}'.*re-run the signals"):
-            _signal_cache(other, x, y, sha, "cpu")
+        with pytest.raises(ValueError, match=f"other settings .*'{key}'.*re-run its signals"):
+            _signal_cache(validate(other), job, x, y, sha, "cpu")

@@ -26,7 +26,7 @@ def env(**extra: str) -> dict:
 
 
 TINY = {
-    "seed": 0,
+    "seeds": [0],
     "shard": {
         "dataset": "digits",
         "root": None,
@@ -34,34 +34,29 @@ TINY = {
         "val_fraction": 0.2,
         "test_samples": 120,
         "max_per_shard": 500,
+        "seed": 0,
     },
-    "teacher": {
-        "source": "train",
-        "arch": "small_cnn",
-        "arch_kwargs": {"width": 8},
-        "sha256": None,
-        "mean": None,
-        "std": None,
-        "train": {
-            "method": "at",
-            "eps": 0.1,
-            "steps": 2,
-            "step_size": None,
-            "trades_beta": 6.0,
-            "epochs": 2,
-            "batch_size": 64,
-            "lr": 0.05,
-            "momentum": 0.9,
-            "weight_decay": 5e-4,
-            "milestones": [],
-            "augment": "none",
-            "crop_padding": 0,
+    "teachers": {
+        "pgdat": {
+            "source": "train",
+            "arch": "small_cnn",
+            "arch_kwargs": {"width": 8},
+            "train": {
+                "method": "at",
+                "eps": 0.1,
+                "steps": 2,
+                "epochs": 2,
+                "batch_size": 64,
+                "lr": 0.05,
+                "milestones": [],
+                "augment": "none",
+                "crop_padding": 0,
+            },
         },
     },
+    "students": {"small_cnn": {"arch": "small_cnn", "kwargs": {"width": 8}}},
     "distill": {
-        "students": ["small_cnn"],
         "methods": ["st", "kd", "kdiga"],
-        "student_kwargs": {"width": 8},
         "epochs": 1,
         "batch_size": 64,
         "lr": 0.05,
