@@ -454,13 +454,9 @@ class Shard:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TeacherTrain:
-    method: str = key("at", choice(*TEACHER_METHODS), "at (PGD-AT) or trades")
-    seed: int = key(0, integer(0, SEED_MAX), "the teacher's training seed")
-    eps: float = key(0.1, parse_radius, "the training attack's radius ([0, 1] pixels)")
-    steps: int = key(3, integer(1, MAX_STEPS), "PGD steps of the training attack")
-    step_size: float | None = key(None, optional(parse_radius), "null: 2.5 * eps / steps")
-    trades_beta: float = key(6.0, number(), "TRADES' beta")
+class Training:
+    """The training settings a teacher's training and the students' share (TRAIN_KEYS)."""
+
     epochs: int = key(15, integer(0, MAX_EPOCHS), "training epochs")
     batch_size: int = key(64, integer(1, MAX_BATCH), "training batch size")
     lr: float = key(0.05, number(strict=True), "SGD learning rate")
@@ -469,6 +465,16 @@ class TeacherTrain:
     milestones: list = key([10], _milestones, "epochs at which the lr is divided by 10")
     augment: str = key("crop", choice(*AUGMENTS), "none, crop or crop_flip")
     crop_padding: int = key(2, integer(0), "pixels of padding of the random crop")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherTrain(Training):
+    method: str = key("at", choice(*TEACHER_METHODS), "at (PGD-AT) or trades")
+    seed: int = key(0, integer(0, SEED_MAX), "the teacher's training seed")
+    eps: float = key(0.1, parse_radius, "the training attack's radius ([0, 1] pixels)")
+    steps: int = key(3, integer(1, MAX_STEPS), "PGD steps of the training attack")
+    step_size: float | None = key(None, optional(parse_radius), "null: 2.5 * eps / steps")
+    trades_beta: float = key(6.0, number(), "TRADES' beta")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -555,16 +561,8 @@ class Rslad:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Distill:
+class Distill(Training):
     methods: list = key(check=_methods, doc="distillation methods (kdiga.methods.METHODS)")
-    epochs: int = key(15, integer(0, MAX_EPOCHS), "training epochs")
-    batch_size: int = key(64, integer(1, MAX_BATCH), "training batch size")
-    lr: float = key(0.05, number(strict=True), "SGD learning rate")
-    momentum: float = key(0.9, _momentum, "SGD momentum, in [0, 1)")
-    weight_decay: float = key(5.0e-4, number(), "SGD weight decay")
-    milestones: list = key([10], _milestones, "epochs at which the lr is divided by 10")
-    augment: str = key("crop", choice(*AUGMENTS), "none, crop or crop_flip")
-    crop_padding: int = key(2, integer(0), "pixels of padding of the random crop")
     ce_weight: float = key(0.5, number(), "lambda_CE of KD's loss")
     kl_weight: float = key(0.5, number(), "lambda_KL of KD's loss")
     temperature: float = key(1.0, number(strict=True), "KD temperature")
@@ -626,8 +624,13 @@ class Attack:
 class Bounds:
     radii: list = key([0.05, 0.1], listing(parse_radius), "radii of the LLM (Table 4)")
     samples: int = key(1000, integer(1), "random test samples (the paper: 1000)")
-    steps: int = key(10, integer(0, MAX_STEPS), "ascent steps of the LLM maximisation")
-    restarts: int = key(1, integer(1, MAX_RESTARTS), "its restarts")
+    steps: int = key(10, integer(0, MAX_STEPS), "ascent steps of the LLM maximisation, at most")
+    restarts: int = key(2, integer(1, MAX_RESTARTS), "its restarts")
+    tol: float = key(1e-3, number(), "a sample stops when its relative gain over `patience` "
+                     "steps is below this")  # fmt: skip
+    patience: int = key(3, integer(1, MAX_STEPS), "steps over which the gain is measured")
+    check_samples: int = key(200, integer(0), "samples on which Proposition 2 is tested at PGD, "
+                             "random and ascent points (0: not tested)")  # fmt: skip
     batch_size: int = key(500, integer(1, MAX_BATCH), "images per batch")
 
 
