@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CORES  ?= all
 
-.PHONY: run test install lint bench readme clean-study
+.PHONY: run test install lint bench readme clean-study gpu-check
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ readme: $(STAMP)
 
 bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m bench
+
+# The prepared GPU check (bench/gpu_check.py, at most 8 minutes on one H100/H200): with the
+# project's venv when installed, else the machine's python3; ARGS="--dry" runs it on the CPU.
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m bench.gpu_check $(ARGS)
 
 clean-study:
 	rm -rf data/shards data/models data/signals.safetensors data/evals data/bounds data/checkpoints logs .snakemake

@@ -24,6 +24,13 @@ interleaved, :func:`bench.common.compare`); absolute times are printed for conte
 2b. (with a student that has grouped convolutions, e.g. MobileNetV2) the same KDIGA step with
    the student's :class:`~kdiga.models.GroupedConv2d` layers turned back into ``nn.Conv2d``:
    what the per-group double backward of PyTorch costs.
+2c. BatchNorm double backward off vs on: our KDIGA step, the authors' formulation and the
+   student part (b) with the student's :class:`~kdiga.models.batchnorm.IGABatchNorm2d` layers
+   turned back into ``nn.BatchNorm2d`` (PyTorch's generic double backward, "off") against the
+   converted student ("on"), all interleaved in the same run: item 1's ratio before and after.
+4. A KDIGA epoch with cached teacher signals (``kdiga.signals.SignalCache``) against a live
+   one (fresh crop+flip, the teacher's signals each step), WRN-34-10 -> MobileNetV2 shape,
+   BatchNorm conversion off and on, four candidates interleaved. Target cached/live <= 0.5.
 8. Peak memory of a KDIGA step against a KD step (CUDA: ``max_memory_allocated``; CPU: peak
    RSS of a fresh process per measurement, see :mod:`bench.common`).
 
@@ -37,6 +44,7 @@ import copy
 import gc
 import json
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,24 +54,35 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench import common
+from kdiga.data import load_dataset
 from kdiga.losses import DistillLoss, build_loss, teacher_signals
+from kdiga.methods import get_method
 from kdiga.models import GroupedConv2d, build_model
+from kdiga.models.batchnorm import IGABatchNorm2d
+from kdiga.signals import SignalCache, compute_signals
+from kdiga.train import TrainConfig, fit
 
 NUM_CLASSES = 10
 SHAPE = (3, 32, 32)
-#: KDIGA settings for every comparison: the authors' scaling (gama = 1000 / B on the
-#: gradients of the batch-mean CE) so that their formulation gives the same loss value.
-KD_CFG: dict[str, Any] = {"ce_weight": 0.5, "kl_weight": 0.5, "temperature": 1.0}
-IGA_CFG: dict[str, Any] = {"iga_weight": 1000.0, "iga_reduction": "batch_frobenius"}
-#: ARD's inner maximisation, the paper's CIFAR setting (step size 2.5 * eps / steps = 2/255).
-ADV_CFG: dict[str, Any] = {"eps": 8 / 255, "steps": 10}
-METHOD_CFG: dict[str, dict[str, Any]] = {
-    "kd": KD_CFG,
-    "ard": {**KD_CFG, **ADV_CFG},
-    "kdiga": {**KD_CFG, **IGA_CFG},
-    "kdiga_ardc": {**KD_CFG, **IGA_CFG, **ADV_CFG},
+#: The distill params section every comparison uses: KDIGA with the authors' scaling (gama =
+#: 1000 / B on the gradients of the batch-mean CE) so that their formulation gives the same
+#: loss value; the inner maximisation at the paper's CIFAR setting (step size 2.5 * eps /
+#: steps = 2/255). Each method's build_loss settings come from the method table.
+DISTILL: dict[str, Any] = {
+    "ce_weight": 0.5,
+    "kl_weight": 0.5,
+    "temperature": 1.0,
+    "iga": {"weight": 1000.0, "reduction": "batch_frobenius", "grad_mode": "train"},
+    "adversarial": {"eps": 8 / 255, "steps": 10, "step_size": None},
+    "rslad": {"adv_weight": 5 / 6},
 }
+METHOD_CFG: dict[str, dict[str, Any]] = {
+    m: get_method(m).settings(DISTILL) for m in ("kd", "ard", "kdiga", "kdiga_ardc")
+}
+KD_CFG, IGA_CFG = METHOD_CFG["kd"], METHOD_CFG["kdiga"]
 LR = 1e-3
+#: suffix of the candidates whose student keeps nn.BatchNorm2d ("BN conversion off")
+BN_OFF = "[nn.BatchNorm2d]"
 #: torch threads on CPU (see :func:`run`).
 CPU_THREADS = 1
 
@@ -275,21 +294,66 @@ def loss_agreement(
 # --- the benchmark --------------------------------------------------------------------------
 
 
-def plain_convs_setup(s: Setup) -> Setup | None:
-    """A copy of the student (same weights, own optimiser) whose GroupedConv2d layers are
-    plain ``nn.Conv2d`` again (PyTorch's per-group double backward); None when it has none."""
+def revert_layers(model: nn.Module, cls: type[nn.Module], base: type[nn.Module]) -> int:
+    """Turn ``model``'s layers of exactly type ``cls`` back into ``base`` in place (the layers
+    kdiga's ``build_model`` converts: same weights, PyTorch's own derivatives); the count."""
+    found = [m for m in model.modules() if type(m) is cls]
+    for m in found:
+        m.__class__ = base
+    return len(found)
+
+
+def _reverted_setup(s: Setup, cls: type[nn.Module], base: type[nn.Module]) -> Setup | None:
+    """A copy of the student (same weights, own optimiser) with ``cls`` layers turned back
+    into ``base``; None when it has none."""
     student = copy.deepcopy(s.student)
-    grouped = [m for m in student.modules() if type(m) is GroupedConv2d]
-    if not grouped:
+    if not revert_layers(student, cls, base):
         return None
-    for m in grouped:
-        m.__class__ = nn.Conv2d
     opt = torch.optim.SGD(student.parameters(), lr=LR, momentum=0.9, weight_decay=5e-4)
     return Setup(student, s.teacher, opt, s.x, s.y, s.mac_ratio)
 
 
+def plain_convs_setup(s: Setup) -> Setup | None:
+    """The student with plain ``nn.Conv2d`` for its GroupedConv2d layers (PyTorch's per-group
+    double backward); None when it has none."""
+    return _reverted_setup(s, GroupedConv2d, nn.Conv2d)
+
+
+def native_bn_setup(s: Setup) -> Setup | None:
+    """The student with plain ``nn.BatchNorm2d`` for its IGABatchNorm2d layers (PyTorch's
+    generic BatchNorm double backward: "BN conversion off"); None when it has none."""
+    return _reverted_setup(s, IGABatchNorm2d, nn.BatchNorm2d)
+
+
 def _log(msg: str) -> None:
     print(f"[step_cost] {msg}", file=sys.stderr, flush=True)
+
+
+def with_cpu_time(
+    fns: dict[str, Callable[[], Any]], warmup: int
+) -> tuple[dict[str, Callable[[], Any]], Callable[[], dict[str, common.Timing]]]:
+    """The candidates wrapped to also record the process CPU time of each call, and a
+    function returning those times (the ``warmup`` first calls dropped) as Timings.
+
+    On a machine whose cores are shared with other work, wall times include waiting for a
+    core; CPU time does not, so its ratios stay close to the quiet machine's wall-time ratios
+    (on CPU; on CUDA it measures only the host side).
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+
+    def wrap(name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+        def call() -> Any:
+            start = time.process_time()
+            out = fn()
+            times[name].append(time.process_time() - start)
+            return out
+
+        return call
+
+    def timings() -> dict[str, common.Timing]:
+        return {name: common.Timing(name, t[warmup:]) for name, t in times.items()}
+
+    return {name: wrap(name, fn) for name, fn in fns.items()}, timings
 
 
 def time_pair(pair: Pair, dev: torch.device, *, repeats: int, warmup: int) -> dict[str, Any]:
@@ -303,8 +367,80 @@ def time_pair(pair: Pair, dev: torch.device, *, repeats: int, warmup: int) -> di
     plain = plain_convs_setup(s)
     if plain is not None:
         fns["kdiga (plain convs)"] = ours_step(build_loss("kdiga", **METHOD_CFG["kdiga"]), plain)
-    timings = common.compare(fns, repeats=repeats, warmup=warmup, dev=dev)
-    return {"pair": pair, "macs": s.mac_ratio, "agree": agree, "t": timings}
+    bn_off = native_bn_setup(s)
+    if bn_off is not None:
+        fns[f"kdiga {BN_OFF}"] = ours_step(build_loss("kdiga", **METHOD_CFG["kdiga"]), bn_off)
+        fns[f"kdiga (authors) {BN_OFF}"] = authors_kdiga_step(bn_off)
+        fns[f"(b) student {BN_OFF}"] = student_part_step(bn_off)
+    timed, cpu = with_cpu_time(fns, warmup)
+    timings = common.compare(timed, repeats=repeats, warmup=warmup, dev=dev)
+    return {"pair": pair, "macs": s.mac_ratio, "agree": agree, "t": timings, "cpu": cpu()}
+
+
+@dataclass(frozen=True)
+class EpochSizes:
+    """Item 4's sizes: N synthetic CIFAR-shaped images, batch, repeats, model widths."""
+
+    n: int
+    batch: int
+    repeats: int
+    teacher_kw: dict[str, Any]
+    student_kw: dict[str, Any]
+
+    def describe(self) -> str:
+        pair = Pair("", "wrn_34_10", "mobilenet_v2", self.batch, self.teacher_kw, self.student_kw)
+        return pair.describe()
+
+
+def epoch_sizes(cuda: bool, quick: bool) -> EpochSizes:
+    """Full widths on CUDA; on CPU bench.teacher_cache's reduced pair (N=128, batch 64)."""
+    if cuda:
+        return EpochSizes(1000 if quick else 5000, 125, 2 if quick else 3, {}, {"width_mult": 1.0})
+    n, batch, repeats = (32, 16, 1) if quick else (128, 64, 5)
+    return EpochSizes(n, batch, repeats, {"widen_factor": 3}, {"width_mult": 0.2})
+
+
+def time_cached_epoch(
+    sizes: EpochSizes, dev: torch.device
+) -> tuple[dict[str, common.Timing], dict[str, common.Timing]]:
+    """Item 4: one KDIGA epoch (``kdiga.train.fit``) live and from cached signals, with the
+    student's BatchNorm conversion off and on; four candidates interleaved.
+
+    Live: fresh crop+flip and the teacher's signals every step. Cached: a ``SignalCache`` of
+    2 crop+flip views computed once beforehand (not timed). Each call starts the student from
+    the same weights. Keys: ``live``, ``cached``, each also with the ``BN_OFF`` suffix.
+    Returns wall times and process CPU times (:func:`with_cpu_time`).
+    """
+    pad = SHAPE[1] // 8
+    torch.manual_seed(0)
+    teacher = build_model("wrn_34_10", NUM_CLASSES, **sizes.teacher_kw)
+    student = build_model("mobilenet_v2", NUM_CLASSES, **sizes.student_kw)
+    x, y = load_dataset("synthetic", "train", image_size=SHAPE[1], n=sizes.n, seed=1)
+    sig = compute_signals(
+        teacher, x, y, views=2, augment="crop_flip", crop_padding=pad, batch_size=128, device=dev
+    )
+    cache = SignalCache(sig, x, y, device=dev)
+    loss = build_loss("kdiga")
+    live_cfg = TrainConfig(epochs=1, batch_size=sizes.batch, augment="crop_flip", crop_padding=pad)
+    cached_cfg = TrainConfig(epochs=1, batch_size=sizes.batch)
+    bn_off = copy.deepcopy(student)
+    revert_layers(bn_off, IGABatchNorm2d, nn.BatchNorm2d)
+    fns: dict[str, Callable[[], Any]] = {}
+    for suffix, model in (("", student), (f" {BN_OFF}", bn_off)):
+        init = copy.deepcopy(model.state_dict())
+
+        def fresh(model: nn.Module = model, init: dict[str, Tensor] = init) -> nn.Module:
+            model.load_state_dict(init)
+            return model
+
+        fns[f"live{suffix}"] = lambda fresh=fresh: fit(
+            fresh(), loss, x, y, live_cfg, teacher=teacher, device=dev
+        )
+        fns[f"cached{suffix}"] = lambda fresh=fresh: fit(
+            fresh(), loss, x, y, cached_cfg, batch_source=cache, device=dev
+        )
+    timed, cpu = with_cpu_time(fns, warmup=1)
+    return common.compare(timed, repeats=sizes.repeats, warmup=1, dev=dev), cpu()
 
 
 def memory(pairs: list[Pair], dev: torch.device) -> dict[str, dict[str, dict[str, Any]]]:
@@ -363,6 +499,75 @@ def _mib(n: float) -> str:
 
 def _verdict(value: float, target: float) -> str:
     return f"<= {target} {'yes' if value <= target else 'NO'}"
+
+
+def bn_report(results: list[dict[str, Any]], key: str = "t") -> list[str]:
+    """Table 2c: BatchNorm conversion off (nn.BatchNorm2d) vs on (IGABatchNorm2d), from the
+    wall times (``key="t"``) or the process CPU times (``key="cpu"``, table 2d)."""
+    ms = 1e3
+    rows = []
+    for r in results:
+        t = {k: v.median for k, v in r[key].items()}
+        if f"kdiga {BN_OFF}" not in t:
+            continue
+        off = t[f"kdiga {BN_OFF}"] / t[f"kdiga (authors) {BN_OFF}"]
+        on = t["kdiga"] / t["kdiga (authors)"]
+        rows.append(
+            [
+                r["pair"].name,
+                f"{t[f'kdiga {BN_OFF}'] * ms:.1f}",
+                f"{t['kdiga'] * ms:.1f}",
+                t[f"kdiga {BN_OFF}"] / t["kdiga"],
+                f"{t[f'(b) student {BN_OFF}'] * ms:.1f}",
+                f"{t['(b) student'] * ms:.1f}",
+                t[f"(b) student {BN_OFF}"] / t["(b) student"],
+                off,
+                on,
+                _verdict(on, 0.75),
+            ]
+        )
+    if not rows:
+        return []
+    heads = ["pair", "KDIGA ms off", "on", "off/on", "(b) ms off", "on", "off/on"]
+    heads += ["ours/authors off", "ours/authors on", "target (on)"]
+    if key == "t":
+        title = (
+            "2c. BatchNorm double backward: the student's BatchNorm as nn.BatchNorm2d (PyTorch's "
+            "generic double backward, 'off') against IGABatchNorm2d ('on'); the authors' "
+            "formulation timed on the same student each way"
+        )
+    else:
+        title = (
+            "2d. Table 2c from the same calls' process CPU time (medians; not counting time "
+            "spent waiting for a core on a shared machine)"
+        )
+        heads = [h.replace(" ms", " CPU ms") for h in heads]
+    return [title, common.fmt_table(rows, heads), ""]
+
+
+def epoch_report(
+    sizes: EpochSizes, t: dict[str, common.Timing], cpu: dict[str, common.Timing] | None
+) -> list[str]:
+    """Table 4: cached vs live KDIGA epoch, BatchNorm conversion off and on; with ``cpu``
+    also the ratio of the same calls' process CPU times."""
+    m = {k: v.median for k, v in t.items()}
+    rows = []
+    for label, suffix in (("off (nn.BatchNorm2d)", f" {BN_OFF}"), ("on (IGABatchNorm2d)", "")):
+        live, cached = m[f"live{suffix}"], m[f"cached{suffix}"]
+        spread = max(t[f"cached{suffix}"].spread, t[f"live{suffix}"].spread)
+        row = [label, f"{live:.3f}", f"{cached:.3f}", cached / live, _verdict(cached / live, 0.5)]
+        row.append(f"{spread:.0%}" if sizes.repeats > 1 else "-")
+        if cpu is not None:
+            row.append(cpu[f"cached{suffix}"].median / cpu[f"live{suffix}"].median)
+        rows.append(row)
+    heads = ["BatchNorm", "live s", "cached s", "cached/live", "target", "spread"]
+    heads += ["cached/live (CPU time)"] if cpu is not None else []
+    return [
+        f"4. KDIGA epoch, cached teacher signals vs live: {sizes.describe()}, N={sizes.n}, "
+        f"batch {sizes.batch}, repeats={sizes.repeats}; BatchNorm conversion off vs on",
+        common.fmt_table(rows, heads),
+        "",
+    ]
 
 
 def report(results: list[dict[str, Any]], mem: dict[str, Any], dev: torch.device) -> str:
@@ -442,6 +647,9 @@ def report(results: list[dict[str, Any]], mem: dict[str, Any], dev: torch.device
             common.fmt_table(rows, ["pair", "nn.Conv2d ms", "GroupedConv2d ms", "nn/ours"]),
             "",
         ]
+    out += bn_report(results)
+    if dev.type == "cpu":
+        out += bn_report(results, "cpu")
     rows = []
     for r in results:
         t = {k: v.median for k, v in r["t"].items()}
@@ -561,8 +769,12 @@ def _run(quick: bool, dev: torch.device) -> str:
     for pair in pairs:
         _log(f"timing {pair.name}: {pair.describe()}, B={pair.batch}")
         results.append(time_pair(pair, dev, repeats=repeats, warmup=warmup))
+    sizes = epoch_sizes(cuda, quick)
+    _log(f"cached vs live epoch: {sizes.describe()}, N={sizes.n}")
+    epoch, epoch_cpu = time_cached_epoch(sizes, dev)
     _log("memory")
     lines.append(report(results, memory(pairs, dev), dev))
+    lines += ["", *epoch_report(sizes, epoch, epoch_cpu if not cuda else None)]
     return "\n".join(lines)
 
 

@@ -50,7 +50,7 @@ CHECKPOINT_FORMAT = "kdiga.train/1"
 _AUG_SEED_OFFSET = 500009  # keeps the augmentation stream apart from the data-order stream
 # Fields that may differ between a checkpoint and the run resuming it (they change neither
 # what an epoch computes nor, on CPU, how).
-_RESUMABLE_CHANGES = frozenset({"epochs", "amp", "channels_last"})
+_RESUMABLE_CHANGES = frozenset({"epochs", "amp", "channels_last", "compile_teacher"})
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -77,6 +77,10 @@ class TrainConfig:
     BatchNorm fails on a batch of one). Under DDP (see :mod:`kdiga.distributed`)
     ``batch_size`` is the global batch, split over the ranks, and ``sync_bn`` synchronises
     BatchNorm statistics across them (CUDA only; no effect on one process).
+    ``compile_teacher`` runs the teacher through ``torch.compile`` (its forward and input
+    gradient: first order only, the student's double backward is never compiled); CUDA only,
+    elsewhere a no-op with a log line. It pays a compilation at the start of each run for a
+    faster teacher per step: see :func:`maybe_compile_teacher`.
     """
 
     epochs: int
@@ -94,6 +98,7 @@ class TrainConfig:
     channels_last: bool = True
     drop_last: bool = False
     sync_bn: bool = False
+    compile_teacher: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
@@ -143,6 +148,25 @@ def check_data(images: Tensor, labels: Tensor, what: str) -> tuple[Tensor, Tenso
     if labels.numel() == 0:
         raise ValueError(f"{what} set is empty")
     return images, labels.long()
+
+
+def maybe_compile_teacher(
+    teacher: nn.Module | None, enabled: bool, device: torch.device
+) -> nn.Module | None:
+    """``torch.compile(teacher)`` when ``enabled`` on CUDA, else ``teacher`` unchanged.
+
+    Only the teacher's forward and its backward to x are compiled (inductor refuses double
+    backward, which the teacher never needs). On CPU compiling was measured slower than eager
+    (0.83x after a 66 s compile, input gradients 0.45% of their maximum apart), so there it
+    is a no-op with a log line.
+    """
+    if not enabled or teacher is None:
+        return teacher
+    if device.type != "cuda":
+        logger.info("compile_teacher=True is ignored on %s (it compiles on CUDA only)", device)
+        return teacher
+    logger.info("compiling the teacher (torch.compile; the first steps pay the compilation)")
+    return torch.compile(teacher)
 
 
 def _prepare_teacher(teacher: nn.Module | None, device: torch.device, cl: bool) -> None:
@@ -419,6 +443,7 @@ def fit(
     if cuda and cfg.channels_last:
         student.to(memory_format=torch.channels_last)
     _prepare_teacher(teacher, device, cuda and cfg.channels_last)
+    teacher = maybe_compile_teacher(teacher, cfg.compile_teacher, device)
     images, labels = images.to(device), labels.to(device)
 
     optimizer = torch.optim.SGD(

@@ -1,4 +1,6 @@
-"""GroupedConv2d: nn.Conv2d's forward and derivatives, without the per-group double backward."""
+"""GroupedConv2d and IGABatchNorm2d: the forward, state and derivatives of nn.Conv2d and
+nn.BatchNorm2d, with a cheaper double backward (the per-group loop; autograd's generic
+BatchNorm double backward)."""
 
 from __future__ import annotations
 
@@ -11,15 +13,18 @@ from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 from torch.profiler import ProfilerActivity, profile
 
+from kdiga.distributed import sync_batchnorm
 from kdiga.losses import build_loss
 from kdiga.models import (
     GroupedConv2d,
     build_model,
     grouped_conv2d,
+    list_models,
     load_model,
     save_model,
     use_grouped_double_backward,
 )
+from kdiga.models.batchnorm import IGABatchNorm2d, batch_norm_train, use_batchnorm_double_backward
 
 
 def _pair(conv: nn.Conv2d) -> GroupedConv2d:
@@ -231,4 +236,271 @@ def test_cuda_channels_last_and_bf16_autocast_match_nn_conv2d():
         tol = 5e-2 if amp else 1e-3
         torch.testing.assert_close(out["fast"][0], out["plain"][0], rtol=tol, atol=tol)
         for a, b in zip(out["fast"][1], out["plain"][1], strict=True):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
+
+
+# --- IGABatchNorm2d -------------------------------------------------------------------------
+
+
+def _bn_pair(channels: int = 4, dtype: torch.dtype = torch.float64, **kw):
+    """An nn.BatchNorm2d with random affine parameters and a converted copy of it."""
+    ref = nn.BatchNorm2d(channels, dtype=dtype, **kw)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.normal_()
+    fast = nn.BatchNorm2d(channels, dtype=dtype, **kw)
+    fast.load_state_dict(ref.state_dict())
+    assert use_batchnorm_double_backward(fast) == 1 and type(fast) is IGABatchNorm2d
+    return ref, fast
+
+
+def _states_equal(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_batchnorm_gradcheck_and_gradgradcheck_train_mode():
+    """float64, both derivatives, every input (x, weight, bias) and every first-order output
+    (gradgradcheck also feeds cotangents to the weight and bias gradients)."""
+    x = torch.randn(2, 3, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64).add_(2).requires_grad_(True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b):
+        return batch_norm_train(x, w, b, None, None, 0.1, 1e-5)
+
+    assert gradcheck(f, (x, w, b))
+    assert gradgradcheck(f, (x, w, b))
+    assert gradgradcheck(lambda x: f(x, w.detach(), b.detach()), (x,))  # only x needs grad
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batchnorm_module_gradgradcheck(training):
+    """Through the module: train mode (batch statistics; running stats updated on the side)
+    and eval mode (running statistics)."""
+    torch.manual_seed(1)
+    _, fast = _bn_pair()
+    fast.running_mean.normal_()
+    fast.running_var.uniform_(0.5, 2.0)
+    fast.train(training)
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(x, w, b):
+        return torch.func.functional_call(fast, {"weight": w, "bias": b}, (x,))
+
+    args = (x, *(p.detach().clone().requires_grad_(True) for p in (fast.weight, fast.bias)))
+    assert gradcheck(f, args)
+    assert gradgradcheck(f, args)
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"momentum": None}, {"momentum": 0.3}, {"track_running_stats": False}]
+)
+def test_batchnorm_running_stats_and_outputs_equal_nn_batchnorm(kw):
+    """N train steps, each a train-mode forward and a KDIGA-like step (a second forward, the
+    double backward, SGD on the affine parameters): outputs, running stats and
+    num_batches_tracked bit for bit; the SGD updates (from double-backward gradients) to
+    rounding, after which the parameters are re-synchronised. Then eval-mode outputs bit for
+    bit."""
+    torch.manual_seed(2)
+    ref, fast = _bn_pair(6, torch.float32, **kw)
+    opts = [torch.optim.SGD(m.parameters(), lr=1e-4) for m in (ref, fast)]
+    for step in range(5):
+        x = torch.randn(4, 6, 5, 5) * (step + 1) + step
+        if step == 3:
+            x = x.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(ref(x), fast(x))
+        for m, opt in zip((ref, fast), opts, strict=True):
+            for p, g in zip(m.parameters(), _iga_like(m, x)[1], strict=True):
+                p.grad = g
+            opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(ref.buffers(), fast.buffers(), strict=True))
+        for a, b in zip(ref.parameters(), fast.parameters(), strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+            b.data.copy_(a.data)
+    if fast.track_running_stats:
+        assert int(fast.num_batches_tracked) == 10
+    else:
+        assert fast.running_mean is None and fast.num_batches_tracked is None
+    ref.eval(), fast.eval()
+    x = torch.randn(3, 6, 4, 4, requires_grad=True)
+    assert torch.equal(ref(x), fast(x))
+    with torch.no_grad():
+        assert torch.equal(ref(x), fast(x))
+
+
+def test_batchnorm_state_dict_round_trips_both_ways():
+    torch.manual_seed(3)
+    ref, fast = _bn_pair(5, momentum=None)
+    ref.train()(torch.randn(4, 5, 3, 3, dtype=torch.float64))  # non-trivial running stats
+    assert ref.state_dict().keys() == fast.state_dict().keys()
+    fast.load_state_dict(ref.state_dict())
+    assert _states_equal(ref, fast)
+    fast(torch.randn(4, 5, 3, 3, dtype=torch.float64))
+    fresh = nn.BatchNorm2d(5, momentum=None, dtype=torch.float64)
+    fresh.load_state_dict(fast.state_dict())
+    assert _states_equal(fresh, fast) and not _states_equal(fresh, ref)
+    assert int(fresh.num_batches_tracked) == 2
+
+
+def test_batchnorm_plain_backward_is_native_and_keeps_no_graph():
+    """Without create_graph: nn.BatchNorm2d's gradients bit for bit, nothing differentiable."""
+    ref, fast = _bn_pair(4, torch.float32)
+    x = torch.randn(3, 4, 6, 6, requires_grad=True)
+    g_ref = torch.autograd.grad(ref(x).sin().sum(), [x, ref.weight, ref.bias])
+    g_new = torch.autograd.grad(fast(x).sin().sum(), [x, fast.weight, fast.bias])
+    assert all(torch.equal(a, b) and not b.requires_grad for a, b in zip(g_ref, g_new, strict=True))
+
+
+def _aten_ops(fn) -> int:
+    """The number of ATen operator calls ``fn()`` makes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def test_batchnorm_double_backward_is_a_handful_of_ops():
+    """The backward of an IGA-like loss through one BatchNorm: with autograd's generic double
+    backward (each reduction over (B, H, W) as three sums) about 100 operator calls, with ours
+    35 (of which the loss's own and the first-order path's take about 15)."""
+    counts = {}
+    for name, m in zip(("ref", "fast"), _bn_pair(8, torch.float32), strict=True):
+        x = torch.randn(4, 8, 5, 5, requires_grad=True)
+        (gx,) = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+        loss, params = gx.square().sum(), list(m.parameters())
+        counts[name] = _aten_ops(lambda loss=loss, params=params: torch.autograd.grad(loss, params))
+    assert counts["fast"] <= 40 and counts["ref"] >= 2 * counts["fast"], counts
+
+
+def test_batchnorm_conversion_skips_what_it_cannot_take():
+    class Own(nn.BatchNorm2d):
+        pass
+
+    model = nn.Sequential(
+        nn.BatchNorm2d(4), nn.BatchNorm2d(4, affine=False), Own(4), nn.BatchNorm1d(4)
+    )
+    assert use_batchnorm_double_backward(model) == 1
+    assert [type(m).__name__ for m in model] == [
+        "IGABatchNorm2d", "BatchNorm2d", "Own", "BatchNorm1d"
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="affine=True"):
+        IGABatchNorm2d(4, affine=False)
+    with pytest.raises(ValueError, match="affine=True"):
+        batch_norm_train(torch.randn(2, 4, 3, 3), None, None, None, None, 0.1, 1e-5)
+
+
+def test_batchnorm_autocast_and_meta_like_nn_batchnorm():
+    ref, fast = _bn_pair(4, torch.float32)
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    for m in (ref, fast):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x.bfloat16())
+            (gx,) = torch.autograd.grad(y.float().square().sum(), x, create_graph=True)
+        assert y.dtype == torch.bfloat16 and gx.dtype == torch.float32
+        gx.square().sum().backward()
+        assert m.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(fast.weight.grad, ref.weight.grad, rtol=0.1, atol=1e-2)
+    meta = IGABatchNorm2d(4, device="meta")
+    assert meta(torch.empty(2, 4, 3, 3, device="meta")).shape == (2, 4, 3, 3)
+
+
+def test_sync_batchnorm_still_swaps_converted_layers():
+    model = build_model("resnet18", 10, width=4)
+    with sync_batchnorm(model):
+        assert not any(type(m) is IGABatchNorm2d for m in model.modules())
+        assert any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    assert any(type(m) is IGABatchNorm2d for m in model.modules())
+
+
+#: tiny options per registered architecture (a new one must be added here to be tested)
+TINY = {
+    "mobilenet_v2": {"width_mult": 0.1},
+    "resnet18": {"width": 4},
+    "resnet34": {"width": 4},
+    "resnet50": {"width": 4},
+    "small_cnn": {"width": 4},
+    "wrn_34_10": {"depth": 10, "widen_factor": 1},
+}
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_architecture_keeps_outputs_and_input_gradients(name):
+    """build_model's conversion against the same model with nn.BatchNorm2d (float64, train
+    mode): outputs and input gradients bit for bit, the IGA-like double backward to rounding;
+    eval-mode outputs bit for bit. Architectures without BatchNorm have nothing converted."""
+    torch.manual_seed(4)
+    fast = build_model(name, 10, **TINY[name]).double()
+    ref = build_model(name, 10, **TINY[name]).double()
+    ref.load_state_dict(fast.state_dict())
+    converted = [m for m in fast.modules() if type(m) is IGABatchNorm2d]
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fast.modules())
+    assert bool(converted) == has_bn
+    for m in ref.modules():
+        if type(m) is IGABatchNorm2d:
+            m.__class__ = nn.BatchNorm2d
+    x = torch.rand(4, 3, 16, 16, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 10, (4,))
+    out = {}
+    for key, model in (("fast", fast), ("ref", ref)):
+        logits = model.train()(x)
+        (g1,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), x)
+        loss, dd = _iga_like(model, x.detach())
+        model.eval()
+        out[key] = (logits, g1, loss, dd, model(x))
+    assert torch.equal(out["fast"][0], out["ref"][0]) and torch.equal(out["fast"][1], out["ref"][1])
+    torch.testing.assert_close(out["fast"][2], out["ref"][2], rtol=1e-10, atol=0)
+    scale = max(g.abs().max() for g in out["ref"][3])
+    for a, b in zip(out["fast"][3], out["ref"][3], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10 * scale)
+    assert torch.equal(out["fast"][4], out["ref"][4])
+    assert _states_equal(fast, ref)
+
+
+def test_built_models_save_and_load_with_batchnorm_converted(tmp_path):
+    model = build_model("resnet18", 10, width=4)
+    model.train()(torch.rand(4, 3, 16, 16))
+    save_model(model, tmp_path / "m.safetensors")
+    again, _ = load_model(tmp_path / "m.safetensors")
+    assert any(type(m) is IGABatchNorm2d for m in again.modules())
+    assert not any(type(m) is nn.BatchNorm2d for m in again.modules())
+    assert _states_equal(model, again)
+    x = torch.rand(2, 3, 16, 16)
+    assert torch.equal(model.eval()(x), again.eval()(x))
+
+
+@pytest.mark.gpu
+def test_cuda_batchnorm_matches_nn_batchnorm():
+    """On CUDA (cuDNN), channels_last, fp32 and bf16 autocast: train-mode outputs and running
+    stats equal to nn.BatchNorm2d's bit for bit; the IGA-like double backward through a
+    MobileNetV2 student agrees with plain nn.BatchNorm2d layers."""
+    torch.manual_seed(0)
+    fast = build_model("mobilenet_v2", 10, width_mult=0.5).cuda()
+    plain = build_model("mobilenet_v2", 10, width_mult=0.5).cuda()
+    plain.load_state_dict(fast.state_dict())
+    for m in plain.modules():
+        if type(m) is IGABatchNorm2d:
+            m.__class__ = nn.BatchNorm2d
+    x = torch.rand(16, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    for amp in (False, True):
+        out = {}
+        for name, model in (("fast", fast), ("plain", plain)):
+            model.to(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                logits = model(x)
+                loss, grads = _iga_like(model, x)
+            out[name] = (logits, loss.float(), [g.float() for g in grads])
+        assert torch.equal(out["fast"][0], out["plain"][0])
+        assert all(torch.equal(a, b) for a, b in zip(fast.buffers(), plain.buffers(), strict=True))
+        tol = 5e-2 if amp else 1e-3
+        torch.testing.assert_close(out["fast"][1], out["plain"][1], rtol=tol, atol=tol)
+        for a, b in zip(out["fast"][2], out["plain"][2], strict=True):
             torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))

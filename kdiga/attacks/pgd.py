@@ -6,6 +6,11 @@ ImageNet) and for ARD's inner maximisation (paper eq. 2, 3). Everything lives in
 
 The attack is written as three small pieces, ``init_delta`` / ``step_delta`` /
 ``project_delta``, which ``pgd`` chains.
+
+``pgd(..., compile_model=True)`` runs the steps' forward and input gradient through
+``torch.compile(model)`` (first order only; opt-in, CUDA only: elsewhere a no-op with a log
+line). The first call pays the compilation; the sizes that early exit and restarts produce are
+compiled once each (dynamic shapes after the first change).
 """
 
 from __future__ import annotations
@@ -115,6 +120,19 @@ def _default_loss(logits: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits, y, reduction="none")
 
 
+def _compiled(model: nn.Module, enabled: bool, device: torch.device) -> nn.Module:
+    """``torch.compile(model)`` when ``enabled`` on CUDA; else ``model`` (logged when enabled).
+
+    Compiled code is cached per model by torch (a later wrapper of the same model reuses it).
+    """
+    if not enabled:
+        return model
+    if device.type != "cuda":
+        logger.info("compile_model=True is ignored on %s (compiling is for CUDA)", device.type)
+        return model
+    return torch.compile(model)
+
+
 def _loss_and_grad(
     model: nn.Module, x_adv: Tensor, y: Tensor, loss_fn: LossFn
 ) -> tuple[Tensor, Tensor]:
@@ -215,6 +233,7 @@ def pgd(
     generator: torch.Generator | None = ...,
     early_stop: bool = ...,
     return_stats: Literal[False] = ...,
+    compile_model: bool = ...,
 ) -> Tensor: ...
 
 
@@ -234,6 +253,7 @@ def pgd(
     generator: torch.Generator | None = ...,
     early_stop: bool = ...,
     return_stats: Literal[True],
+    compile_model: bool = ...,
 ) -> tuple[Tensor, dict[str, Any]]: ...
 
 
@@ -252,6 +272,7 @@ def pgd(
     generator: torch.Generator | None = None,
     early_stop: bool = False,
     return_stats: bool = False,
+    compile_model: bool = False,
 ) -> Tensor | tuple[Tensor, dict[str, Any]]:
     """PGD attack: maximise ``loss_fn(model(x + δ), y)`` over ‖δ‖ ≤ ε, x + δ in [0, 1].
 
@@ -270,6 +291,9 @@ def pgd(
         early_stop: freeze a sample as soon as it is misclassified (for evaluation).
         return_stats: also return ``{"grad_evals": int}``, the per-sample gradient
             evaluations spent (one sample through one forward + backward counts 1).
+        compile_model: run the steps through ``torch.compile(model)`` (CUDA only; elsewhere
+            ignored with a log line). Same attack up to floating-point rounding; the first
+            call compiles (tens of seconds), later calls on the same model reuse it.
 
     Returns:
         x_adv [B, C, H, W] (detached), or ``(x_adv, stats)`` with ``return_stats``.
@@ -282,6 +306,7 @@ def pgd(
     best = x.clone()
     best_mis = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     best_loss = torch.full((x.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
+    step_model = _compiled(model, compile_model, x.device)
     with eval_mode(model):
         for r in range(restarts):
             todo = ~best_mis if early_stop else torch.ones_like(best_mis)
@@ -291,7 +316,7 @@ def pgd(
             xs, ys = x[idx], y[idx]
             delta = init_delta(xs, eps, norm, random_start, generator)
             delta, n = _run_once(
-                model, xs, ys, delta, eps=eps, steps=steps, step_size=step_size,
+                step_model, xs, ys, delta, eps=eps, steps=steps, step_size=step_size,
                 norm=norm, loss_fn=loss_fn, early_stop=early_stop,
             )  # fmt: skip
             grad_evals += n

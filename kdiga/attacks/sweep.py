@@ -180,12 +180,13 @@ def _pgd_attack(
     restarts: int,
     random_start: bool,
     generator: torch.Generator,
+    compile_model: bool = False,
 ) -> AttackFn:
     def run(x: Tensor, y: Tensor, radius: float) -> tuple[Tensor, int, list[str]]:
         x_adv, stats = pgd(
             model, x, y, eps=radius, steps=steps, step_size=step_size, norm=norm,
             restarts=restarts, random_start=random_start, generator=generator,
-            early_stop=True, return_stats=True,
+            early_stop=True, return_stats=True, compile_model=compile_model,
         )  # fmt: skip
         return x_adv, stats["grad_evals"], []
 
@@ -336,6 +337,7 @@ def robust_sweep(
     device: torch.device | str | None = None,
     autoattack_kwargs: dict[str, Any] | None = None,
     state_path: str | Path | None = None,
+    compile_model: bool = False,
 ) -> SweepResult:
     """Per-sample robust accuracy of ``model`` on ``x`` [N, C, H, W] in [0, 1], ``y`` [N].
 
@@ -354,6 +356,7 @@ def robust_sweep(
             seed: that seed, and AutoAttack's.
         device: where batches go (default: the model's device); the model is not moved.
         autoattack_kwargs: extra arguments for ``autoattack`` (version, attacks, n_iter, ...).
+        compile_model: PGD's steps through ``torch.compile`` (CUDA only; see ``pgd``).
         state_path: save progress after each batch and resume from it on a re-run with
             the same arguments, model and data (ValueError if they differ).
 
@@ -380,7 +383,7 @@ def robust_sweep(
     if attack == "pgd":
         run = _pgd_attack(
             model, steps=steps, step_size=step_size, norm=norm, restarts=restarts,
-            random_start=random_start, generator=generator,
+            random_start=random_start, generator=generator, compile_model=compile_model,
         )  # fmt: skip
     else:
         run = _autoattack_attack(

@@ -11,6 +11,11 @@ were trained with (timm's ``pretrained_cfg``, torchvision's weights transforms).
 Grouped convolutions (MobileNetV2's depthwise layers, and those of timm/torchvision models)
 are built as :class:`~kdiga.models.layers.GroupedConv2d`: the same layer and weights, with a
 double backward that does not loop over the groups (see :mod:`kdiga.models.layers`).
+BatchNorm layers (plain ``nn.BatchNorm2d`` with ``affine=True``) are built as
+:class:`~kdiga.models.batchnorm.IGABatchNorm2d`: the same layer, state and forward, with an
+explicit train-mode double backward (see :mod:`kdiga.models.batchnorm`). Teachers are
+converted too: in eval mode IGABatchNorm2d is nn.BatchNorm2d's forward, and without
+``create_graph`` both layers run PyTorch's own kernels.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 
 from torch import nn
 
+from kdiga.models.batchnorm import use_batchnorm_double_backward
 from kdiga.models.layers import use_grouped_double_backward
 from kdiga.models.normalized import NormalizedModel, resolve_stats
 
@@ -119,6 +125,9 @@ def build_model(
     converted = use_grouped_double_backward(net)  # same weights; IGA's double backward
     if converted:  # makes one call per grouped layer instead of one per group
         logger.debug("%s: %d grouped convolutions use GroupedConv2d", name, converted)
+    converted = use_batchnorm_double_backward(net)  # same state and forward, cheaper IGA
+    if converted:
+        logger.debug("%s: %d BatchNorm layers use IGABatchNorm2d", name, converted)
     mean_l, std_l = resolve_stats(mean, std, in_chans, default_stats)
     stored = {k: v for k, v in kwargs.items() if k not in external_only_kwargs()}
     logger.debug("built %s (%d classes, %d chans, %dpx)", name, num_classes, in_chans, image_size)
