@@ -54,6 +54,7 @@ def body(args: argparse.Namespace, params: dict) -> None:
     kw: dict = {"norm": a.norm, "batch_size": a.batch_size, "seed": params.shard.seed}
     if args.attack == "pgd":
         kw |= {k: getattr(a.pgd, k) for k in ("steps", "restarts", "step_size")}
+        kw["compile_model"] = a.compile
     else:
         kw["autoattack_kwargs"] = autoattack_settings(a.autoattack)
     model_sha = sha256_file(dag.model_path(args.model))

@@ -173,6 +173,8 @@ def distill_param_keys(params: Study, model_id: str) -> list[str]:
     job = parse_student_id(params, model_id)
     keys = [*(f"distill.{k}" for k in TRAIN_KEYS), f"students.{job.student}"]
     keys += [f"distill.{k}" for k in method_of(job.method).param_keys]
+    if job.teacher is not None and not uses_signals(params, job.method):
+        keys += ["distill.compile_teacher"]  # the teacher runs: compiled or not
     if uses_signals(params, job.method):
         keys += ["signals"]
     return keys
@@ -180,7 +182,8 @@ def distill_param_keys(params: Study, model_id: str) -> list[str]:
 
 def attack_param_keys(attack: str) -> list[str]:
     common = ["shard.seed", "attack.split", "attack.radii", "attack.norm", "attack.batch_size"]
-    return [*common, f"attack.{attack}"]
+    extra = ["attack.compile"] if attack == "pgd" else []
+    return [*common, *extra, f"attack.{attack}"]
 
 
 def bounds_pairs(params: Study) -> list[tuple[str, str | None]]:

@@ -123,6 +123,7 @@ def distill(model_id: str, params: Study, info) -> None:
     model = build_student(params, job, data_info(manifest))
     criterion = build_loss(method.name, **method.settings(params.value("distill")))
     cfg = train_config(params.train_settings(job.student), job.seed)
+    cfg = dataclasses.replace(cfg, compile_teacher=params.distill.compile_teacher)
     teacher, cached = None, dag.uses_signals(params, job.method)
     if job.teacher is not None:
         teacher_sha = sha256_file(dag.model_path(job.teacher))

@@ -569,6 +569,9 @@ class Distill(Training):
     iga: Iga = section(Iga, "the input gradient alignment term (kdiga, kdiga_ardc, kdiga_arda)")
     adversarial: Adversarial = section(Adversarial, "the inner maximisation")
     rslad: Rslad = section(Rslad, "RSLAD's loss weights")
+    compile_teacher: bool = key(False, flag, "the teacher's forward and input gradient "
+                                "through torch.compile (CUDA only; a compile of tens of "
+                                "seconds per job against a saving per step)")  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -616,6 +619,7 @@ class Attack:
                       "units (write 8/255 as \"8/255\")")  # fmt: skip
     norm: str = key("linf", choice(*NORMS), "linf | l2")
     batch_size: int = key(500, integer(1, MAX_BATCH), "images per attack batch")
+    compile: bool = key(False, flag, "PGD's steps through torch.compile (CUDA only)")
     pgd: Pgd = section(Pgd, "PGD-k")
     autoattack: AutoAttackSettings = section(AutoAttackSettings, "AutoAttack")
 
