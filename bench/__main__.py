@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, str] = {
     "data_path": "bench.data_path",
     "pipeline_overhead": "bench.pipeline_overhead",
     "teacher_cache": "bench.teacher_cache",
+    "llm_convergence": "bench.llm_convergence",
 }
 
 

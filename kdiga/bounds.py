@@ -23,11 +23,25 @@ an L∞ ball, ‖·‖₂ for an L2 ball. The paper only says "a norm"; with the
 ball the inequality is false (see tests). Table 4 reports ‖gs − gt‖₂ as a column, which we
 compute as well, under its own name.
 
-The maximum in γ is not computable; we maximise |r| by projected gradient ascent with random
-starts and keep, per sample, the largest |r| over EVERY perturbation evaluated. Any evaluated
-point gives a valid lower bound of the true maximum, so on every perturbation we evaluated the
-bound is a theorem, not an estimate (`proposition2` evaluates both models on the union of both
-ascents and any extra perturbations supplied).
+The maximum in γ is not computable; we seek it by projected ascent and keep, per sample, the
+largest |r| over EVERY perturbation evaluated. Any evaluated point gives a valid lower bound of
+the true maximum, so on every perturbation we evaluated the bound is a theorem, not an
+estimate (`proposition2` evaluates both models on the union of both ascents and any extra
+perturbations supplied). Elsewhere the bound holds only as far as γ is not underestimated:
+`proposition2_violations` tests it where it could fail, at points no ascent chose (PGD
+adversarial examples, random points) and at each model's ascent points against the other
+model's γ.
+
+The ascent ("adaptive", the default) runs from the ball's corners ±eps·sign(∇x CE) (the
+FGSM points, or their L2 analogue), then from random starts, plus any caller-given warm
+starts; it climbs |r| (or r, `signs`) with the attacks' own step and projection (`kdiga.attacks`:
+`init_delta`, `step_delta`, `project_delta`) and a step that starts at 2·eps (a jump to a
+corner of the ball) and halves, from the best point so far, whenever a step gains nothing. A
+sample's run stops when its best value gained at most `tol` (relative) over its last
+`patience` steps: it has converged. `LLMResult` records per sample the steps used, whether
+every run converged, and γ at half the step budget. Where the ascent falls short is not the
+step size but the landscape: r has several local maxima (each run converges to one of them),
+so the budget buys restarts.
 
 All inputs are images in [0, 1] with shape [B, C, H, W]; radii are in that pixel space.
 """
@@ -44,22 +58,38 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdiga.attacks import init_delta, perturbation_norm, pgd, project_delta, step_delta
 from kdiga.utils import eval_mode
 
 logger = logging.getLogger(__name__)
 
 NORMS = ("linf", "l2")
-_DUAL = {"linf": 1.0, "l2": 2.0}  # the p of the dual norm of each ball
+ASCENTS = ("adaptive", "fixed")
+SIGNS = ("abs", "positive", "both")
+_DUAL = {"linf": "l1", "l2": "l2"}  # the dual norm of each ball's norm
+VIOLATION_KINDS = ("ascent", "pgd_student", "pgd_teacher", "random")
+
+# The converging defaults (bench/llm_convergence.py measures them against a long budget).
+STEPS = 14
+RESTARTS = 1
+TOL = 3e-3
+PATIENCE = 3
 
 __all__ = [
+    "ASCENTS",
     "NORMS",
+    "SIGNS",
+    "TABLE4_PARTS",
+    "VIOLATION_KINDS",
     "LLMResult",
+    "Prop2Check",
     "Prop2Result",
     "gap",
     "input_gradient",
     "llm_key",
     "local_linearity",
     "proposition2",
+    "proposition2_violations",
     "residual",
     "sample_indices",
     "table4",
@@ -77,16 +107,10 @@ def _check_eps(eps: float, name: str = "eps") -> float:
     return float(eps)
 
 
-def _check_attack(eps: float, steps: int, restarts: int, step_size: float | None, norm: str):
-    _check_eps(eps)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
-        raise ValueError(f"restarts must be an int >= 1, got {restarts!r}")
-    if step_size is not None:
-        _check_eps(step_size, "step_size")
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+def _check_int(value: int, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
 
 
 def _check_batch(x: Tensor, y: Tensor) -> None:
@@ -98,36 +122,81 @@ def _check_batch(x: Tensor, y: Tensor) -> None:
         raise ValueError("x must be images in [0, 1]; normalisation lives inside the model")
 
 
-def _check_perturbation(e: Tensor, x: Tensor, eps: float, norm: str) -> None:
-    if e.shape != x.shape:
-        raise ValueError(f"perturbation shape {tuple(e.shape)} != x shape {tuple(x.shape)}")
-    tol = 1e-6 * eps + 1e-12
-    if (_norm(e, norm) > eps + tol).any():
-        raise ValueError(f"perturbation outside the {norm} ball of radius {eps}")
-    if ((x + e) < -tol).any() or ((x + e) > 1 + tol).any():
-        raise ValueError("perturbation leaves the image box: x + e must lie in [0, 1]")
+def _check_perturbations(es: Sequence[Tensor], x: Tensor, eps: float, norm: str) -> None:
+    for e in es:
+        if e.shape != x.shape:
+            raise ValueError(f"perturbation shape {tuple(e.shape)} != x shape {tuple(x.shape)}")
+        tol = 1e-6 * eps + 1e-12
+        if (perturbation_norm(e, norm) > eps + tol).any():
+            raise ValueError(f"perturbation outside the {norm} ball of radius {eps}")
+        if ((x + e) < -tol).any() or ((x + e) > 1 + tol).any():
+            raise ValueError("perturbation leaves the image box: x + e must lie in [0, 1]")
+
+
+@dataclass(frozen=True)
+class _Ascent:
+    """Validated settings of the maximisation of r (see `local_linearity`)."""
+
+    eps: float
+    steps: int
+    restarts: int
+    step_size: float
+    norm: str
+    ascent: str
+    signs: str
+    corners: bool
+    tol: float
+    patience: int
+
+    @property
+    def adaptive(self) -> bool:
+        return self.ascent == "adaptive"
+
+
+def _ascent(
+    eps: float,
+    steps: int = STEPS,
+    restarts: int = RESTARTS,
+    step_size: float | None = None,
+    norm: str = "linf",
+    ascent: str = "adaptive",
+    signs: str = "abs",
+    corners: bool = True,
+    tol: float = TOL,
+    patience: int = PATIENCE,
+) -> _Ascent:
+    eps = _check_eps(eps)
+    _check_int(steps, "steps", 0)
+    _check_int(restarts, "restarts", 1)
+    if step_size is not None:
+        _check_eps(step_size, "step_size")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if ascent not in ASCENTS:
+        raise ValueError(f"ascent must be one of {ASCENTS}, got {ascent!r}")
+    if signs not in SIGNS:
+        raise ValueError(f"signs must be one of {SIGNS}, got {signs!r}")
+    if not isinstance(corners, bool):
+        raise ValueError(f"corners must be a bool, got {corners!r}")
+    if isinstance(tol, bool) or not isinstance(tol, int | float) or not (0 <= tol < math.inf):
+        raise ValueError(f"tol must be a finite float >= 0, got {tol!r}")
+    _check_int(patience, "patience", 0)
+    if step_size is None:
+        step_size = 2.0 * eps if ascent == "adaptive" else 2.5 * eps / max(steps, 1)
+    return _Ascent(
+        eps, steps, restarts, float(step_size), norm, ascent, signs, corners, float(tol), patience
+    )
 
 
 # --------------------------------------------------------------------------- small helpers
-
-
-def _norm(v: Tensor, norm: str) -> Tensor:
-    """Per-sample norm of [B, ...]: L∞ or L2."""
-    flat = v.flatten(1)
-    return flat.abs().amax(dim=1) if norm == "linf" else flat.norm(p=2, dim=1)
-
-
-def _dual_norm(v: Tensor, norm: str) -> Tensor:
-    """Per-sample dual norm of [B, ...] for the ball `norm`: L1 for L∞, L2 for L2."""
-    return v.flatten(1).norm(p=_DUAL[norm], dim=1)
 
 
 def _dot(e: Tensor, g: Tensor) -> Tensor:
     return (e * g).flatten(1).sum(dim=1)
 
 
-def _bcast(mask: Tensor, like: Tensor) -> Tensor:
-    return mask.view(-1, *([1] * (like.dim() - 1)))
+def _bcast(v: Tensor, like: Tensor) -> Tensor:
+    return v.view(-1, *([1] * (like.dim() - 1)))
 
 
 @contextlib.contextmanager
@@ -155,32 +224,9 @@ def _ce(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(model(x), y, reduction="none")
 
 
-def _project(e: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
-    """Into the image box, then into the ball (which only shrinks |e_i|: box kept)."""
-    e = (x + e).clamp(0, 1) - x
-    if norm == "linf":
-        return e.clamp(-eps, eps)
-    scale = (eps / _norm(e, "l2").clamp_min(1e-30)).clamp(max=1.0)
-    return e * _bcast(scale, e)
-
-
-def _random_start(x: Tensor, eps: float, norm: str, generator: torch.Generator | None) -> Tensor:
-    dev = generator.device if generator is not None else x.device
-    if norm == "linf":
-        e = torch.rand(x.shape, generator=generator, device=dev, dtype=x.dtype) * 2 - 1
-        e = e.to(x.device) * eps
-    else:
-        d = torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
-        u = torch.rand(x.shape[0], generator=generator, device=dev, dtype=x.dtype).to(x.device)
-        radius = eps * u ** (1.0 / x[0].numel())
-        e = d * _bcast(radius / _norm(d, "l2").clamp_min(1e-30), d)
-    return _project(e, x, eps, norm)
-
-
-def _ascent_step(grad: Tensor, step_size: float, norm: str) -> Tensor:
-    if norm == "linf":
-        return step_size * grad.sign()
-    return step_size * grad / _bcast(_norm(grad, "l2").clamp_min(1e-30), grad)
+def _corner(x: Tensor, g: Tensor, eps: float, norm: str, sign: float) -> Tensor:
+    """±eps·sign(g) (L∞) or ±eps·g/‖g‖₂ (L2), kept in the image box: PGD's step from e = 0."""
+    return project_delta(x, step_delta(torch.zeros_like(x), sign * g, eps, norm), eps, norm)
 
 
 # --------------------------------------------------------------------------- public helpers
@@ -228,7 +274,8 @@ def gap(student: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, e: Tensor)
 
 @dataclass
 class _Track:
-    """Running per-sample maximum of |r(e)| of one model over every e evaluated."""
+    """Running per-sample maximum of |r(e)| of one model over every e evaluated, and what the
+    model's own ascent spent: steps [B], converged [B], γ at half its step budget [B]."""
 
     model: nn.Module
     ce0: Tensor
@@ -236,60 +283,220 @@ class _Track:
     gamma: Tensor = field(init=False)
     signed: Tensor = field(init=False)
     e_star: Tensor = field(init=False)
+    gamma_half: Tensor = field(init=False)
+    steps_used: Tensor = field(init=False)
+    converged: Tensor = field(init=False)
 
     def __post_init__(self) -> None:
         # e = 0 is a valid point with r(0) = 0 exactly: γ starts there, so γ >= 0.
         self.gamma = torch.zeros_like(self.ce0)
         self.signed = torch.zeros_like(self.ce0)
         self.e_star = torch.zeros_like(self.g0)
+        self.gamma_half = torch.zeros_like(self.ce0)
+        self.steps_used = torch.zeros(self.ce0.shape, dtype=torch.long, device=self.ce0.device)
+        self.converged = torch.zeros(self.ce0.shape, dtype=torch.bool, device=self.ce0.device)
 
-    def update(self, e: Tensor, ce: Tensor) -> None:
-        r = ce - self.ce0 - _dot(e, self.g0)
-        better = r.abs() > self.gamma
-        self.gamma = torch.where(better, r.abs(), self.gamma)
-        self.signed = torch.where(better, r, self.signed)
-        self.e_star = torch.where(_bcast(better, e), e, self.e_star)
+    def update(self, rows: Tensor, e: Tensor, ce: Tensor) -> None:
+        """Fold the points e [R, ...] of samples `rows` [R], with their CE [R], into the max."""
+        r = ce - self.ce0[rows] - _dot(e, self.g0[rows])
+        better = r.abs() > self.gamma[rows]
+        idx = rows[better]
+        self.gamma[idx] = r.abs()[better]
+        self.signed[idx] = r[better]
+        self.e_star[idx] = e[better]
+
+
+PointsHook = Callable[[Tensor, Tensor], None]  # (rows [R], e [R, ...]) of each evaluation
 
 
 class _Evaluator:
     """Evaluates every model on every perturbation tried, so that each γ is the max over the
     union of all points evaluated; also keeps the largest |CE gap| of the first and last
-    models."""
+    models. `on_evaluate` gets a [B, ...] tensor per evaluation: the new points of the samples
+    evaluated, and for the others the last point evaluated for them (e = 0 at first)."""
 
-    def __init__(self, tracks: list[_Track], x: Tensor, y: Tensor, on_evaluate) -> None:
-        self.tracks, self.x, self.y, self.on_evaluate = tracks, x, y, on_evaluate
+    def __init__(
+        self,
+        tracks: list[_Track],
+        x: Tensor,
+        y: Tensor,
+        on_evaluate: Callable[[Tensor], None] | None,
+        on_points: PointsHook | None = None,
+    ) -> None:
+        self.tracks, self.x, self.y = tracks, x, y
+        self.on_evaluate, self.on_points = on_evaluate, on_points
         self.count = 0
+        self.all = torch.arange(len(x), device=x.device)
+        self.seen = torch.zeros_like(x)
         self.gap_max = (tracks[0].ce0 - tracks[-1].ce0).abs()  # at e = 0
 
-    def evaluate(self, e: Tensor, known: dict[int, Tensor] | None = None) -> None:
-        e = e.detach()
-        known = known or {}
+    def evaluate(
+        self, e: Tensor, rows: Tensor | None = None, known: dict[int, Tensor] | None = None
+    ) -> None:
+        """Evaluate every model at x[rows] + e, e [R, ...] (rows: all samples by default);
+        `known` maps a model's index to its CE [R] there, already computed."""
+        rows = self.all if rows is None else rows
+        whole = len(rows) == len(self.x)
+        x, y = (self.x, self.y) if whole else (self.x[rows], self.y[rows])
+        e, known = e.detach(), known or {}
         ces = []
         with torch.no_grad():
             for i, track in enumerate(self.tracks):
-                ce = known[i] if i in known else _ce(track.model, self.x + e, self.y)
-                track.update(e, ce)
+                ce = known[i] if i in known else _ce(track.model, x + e, y)
+                track.update(rows, e, ce)
                 ces.append(ce)
-            self.gap_max = torch.maximum(self.gap_max, (ces[0] - ces[-1]).abs())
+            self.gap_max[rows] = torch.maximum(self.gap_max[rows], (ces[0] - ces[-1]).abs())
+        self.seen[rows] = e
         self.count += 1
+        if self.on_points is not None:
+            self.on_points(rows, e)
         if self.on_evaluate is not None:
-            self.on_evaluate(e)
+            self.on_evaluate(self.seen.clone())
 
-    def ascend(self, i: int, eps, steps, restarts, step_size, norm, generator) -> None:
-        """Projected (sign) gradient ascent on |r_i(e)| from `restarts` random starts."""
-        track, x, y = self.tracks[i], self.x, self.y
-        step_size = step_size if step_size is not None else 2.5 * eps / max(steps, 1)
-        for _ in range(restarts):
-            e = _random_start(x, eps, norm, generator)
-            for t in range(steps + 1):
-                e = e.detach().requires_grad_(t < steps)
-                ce = _ce(track.model, x + e, y)
-                self.evaluate(e, {i: ce.detach()})
-                if t == steps:
-                    break
-                r = ce - track.ce0 - _dot(e, track.g0)
-                (grad,) = torch.autograd.grad(r.abs().sum(), e)
-                e = _project(e.detach() + _ascent_step(grad, step_size, norm), x, eps, norm)
+    def ascend(
+        self,
+        i: int,
+        s: _Ascent,
+        generator: torch.Generator | None,
+        warm_starts: Sequence[Tensor] = (),
+    ) -> None:
+        """Maximise model i's residual from every start (see `local_linearity`), recording
+        its steps, convergence and γ at half the step budget on its track."""
+        track = self.tracks[i]
+        runs = self._runs(track, s, generator, warm_starts)
+        half = (len(runs) * s.steps + 1) // 2
+        track.converged = torch.ones_like(track.converged)
+        track.gamma_half = track.gamma.clone()
+        for k, (start, sign) in enumerate(runs):
+
+            def at_step(t: int, k: int = k) -> None:
+                if k * s.steps + t + 1 == half:
+                    track.gamma_half = track.gamma.clone()
+
+            self._run(i, start, sign, s, at_step)
+        if half == 0:
+            track.gamma_half = track.gamma.clone()
+
+    def _runs(
+        self,
+        track: _Track,
+        s: _Ascent,
+        generator: torch.Generator | None,
+        warm_starts: Sequence[Tensor],
+    ) -> list[tuple[Tensor, float | None]]:
+        """(start, sign) of each run: the warm starts, then the corners ±eps·sign(g) (if
+        `corners`), then random starts, `restarts` of the ball's own in all; sign +1 climbs r,
+        -1 climbs −r, None climbs |r|."""
+        x = self.x
+        own = []
+        if s.corners:
+            own = [_corner(x, track.g0, s.eps, s.norm, sign) for sign in (1.0, -1.0)]
+        own = own[: s.restarts]
+        own += [init_delta(x, s.eps, s.norm, True, generator) for _ in range(s.restarts - len(own))]
+        starts = [*warm_starts, *own]
+        if s.signs == "both":
+            return [(e, sign) for e in starts for sign in (1.0, -1.0)]
+        return [(e, None if s.signs == "abs" else 1.0) for e in starts]
+
+    def _run(
+        self,
+        i: int,
+        e: Tensor,
+        sign: float | None,
+        s: _Ascent,
+        at_step: Callable[[int], None],
+    ) -> None:
+        """One run of at most `s.steps` ascent steps on sign·r_i (|r_i| for None) from
+        e [B, ...] (see `_Run`); the last point of each sample still running is evaluated at
+        the end (no gradient)."""
+        track = self.tracks[i]
+        run = _Run.start(e, s.step_size, track.ce0.dtype)
+        for t in range(s.steps):
+            rows = run.active.nonzero().squeeze(1)
+            if rows.numel():
+                er, obj, grad = self._climb(i, rows, run.e[rows], sign)
+                track.steps_used[rows] += 1
+                run.step(self.x[rows], rows, er, obj, grad, s)
+            at_step(t)
+        rows = run.active.nonzero().squeeze(1)
+        if rows.numel():
+            self.evaluate(run.e[rows], rows)
+        track.converged &= run.plateau
+
+    def _climb(
+        self, i: int, rows: Tensor, e: Tensor, sign: float | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Evaluate the points e [R, ...] of samples `rows`; return them with the objective
+        sign·r_i (|r_i| for None) [R] there and its gradient [R, ...]."""
+        track = self.tracks[i]
+        e = e.detach().requires_grad_(True)
+        ce = _ce(track.model, self.x[rows] + e, self.y[rows])
+        r = ce - track.ce0[rows] - _dot(e, track.g0[rows])
+        obj = r.abs() if sign is None else sign * r
+        (grad,) = torch.autograd.grad(obj.sum(), e)
+        self.evaluate(e.detach(), rows, {i: ce.detach()})
+        return e.detach(), obj.detach(), grad
+
+
+@dataclass
+class _Run:
+    """Per-sample state of one ascent run, all [B] or [B, ...]: the next points `e`, the run's
+    best objective, its point and gradient, the step `eta`, the best after each step, which
+    samples reached a plateau and which still run.
+
+    Adaptive: each step is taken from the run's best point along its gradient (PGD's step
+    direction), of size eta; a step that gains nothing halves the sample's eta. Fixed: PGD's
+    plain step from the last point. A sample stops when its best gained at most tol·|best|
+    over its last `patience` steps, or (adaptive) when no step size moves it any more."""
+
+    e: Tensor
+    best: Tensor
+    e_best: Tensor
+    g_best: Tensor
+    eta: Tensor
+    plateau: Tensor
+    active: Tensor
+    history: list[Tensor]
+
+    @classmethod
+    def start(cls, e: Tensor, step_size: float, dtype: torch.dtype) -> _Run:
+        n, device = len(e), e.device
+        return cls(
+            e=e.detach().clone(),
+            best=torch.full((n,), -math.inf, dtype=dtype, device=device),
+            e_best=e.detach().clone(),
+            g_best=torch.zeros_like(e),
+            eta=torch.full((n,), step_size, dtype=e.dtype, device=device),
+            plateau=torch.zeros(n, dtype=torch.bool, device=device),
+            active=torch.ones(n, dtype=torch.bool, device=device),
+            history=[],
+        )
+
+    def step(
+        self, x: Tensor, rows: Tensor, e: Tensor, obj: Tensor, grad: Tensor, s: _Ascent
+    ) -> None:
+        """Fold in the objective obj [R] and gradient [R, ...] at the points e [R, ...] of
+        samples `rows` (x: their images), set their next points, stop the converged."""
+        gained = obj > self.best[rows]
+        up = rows[gained]
+        self.best[up], self.e_best[up], self.g_best[up] = obj[gained], e[gained], grad[gained]
+        if s.adaptive:
+            self.eta[rows] = torch.where(gained, self.eta[rows], self.eta[rows] / 2)
+            unit = step_delta(torch.zeros_like(e), self.g_best[rows], 1.0, s.norm)
+            step = self.e_best[rows] + _bcast(self.eta[rows], e) * unit
+            new = project_delta(x, step, s.eps, s.norm)
+            moved = perturbation_norm(new - self.e_best[rows], "linf") > 1e-6 * s.eps
+            if s.patience:  # a fixed point: no step size moves it
+                self.plateau[rows[~moved]] = True
+        else:
+            new = project_delta(x, step_delta(e, grad, s.step_size, s.norm), s.eps, s.norm)
+        self.e[rows] = new
+        self.history.append(self.best.clone())
+        if s.patience:
+            if len(self.history) > s.patience:
+                gain = self.best - self.history[-1 - s.patience]
+                self.plateau |= gain <= s.tol * self.best.abs()
+            self.active &= ~self.plateau
 
 
 # --------------------------------------------------------------------------- LLM
@@ -302,7 +509,10 @@ class LLMResult:
     gamma [B]: max |r(e)| found; e_star [B, C, H, W]: the perturbation attaining it (zero
     where no point beat e = 0); residual [B]: the signed r(e_star); ce [B] and grad
     [B, C, H, W]: CE and its input gradient at x; eps, norm; evaluations: number of
-    perturbations evaluated per sample (besides e = 0).
+    evaluation calls (each evaluates some or all samples once, besides e = 0);
+    steps_used [B] (int64): gradient steps the ascent took per sample; converged [B] (bool):
+    every run of the sample stopped on a plateau (see `local_linearity`); gamma_half [B]: γ
+    when half of the step budget (runs × steps) was spent, the extra perturbations included.
     """
 
     gamma: Tensor
@@ -313,6 +523,9 @@ class LLMResult:
     eps: float
     norm: str
     evaluations: int
+    steps_used: Tensor
+    converged: Tensor
+    gamma_half: Tensor
 
 
 def local_linearity(
@@ -321,41 +534,76 @@ def local_linearity(
     y: Tensor,
     eps: float,
     *,
-    steps: int = 20,
-    restarts: int = 2,
+    steps: int = STEPS,
+    restarts: int = RESTARTS,
     step_size: float | None = None,
     norm: str = "linf",
     generator: torch.Generator | None = None,
+    ascent: str = "adaptive",
+    signs: str = "abs",
+    corners: bool = True,
+    tol: float = TOL,
+    patience: int = PATIENCE,
+    warm_starts: Sequence[Tensor] = (),
     extra_perturbations: Sequence[Tensor] = (),
     on_evaluate: Callable[[Tensor], None] | None = None,
 ) -> LLMResult:
     """LLM(f, x, eps) of paper eq. 10 per sample, WITH the absolute value.
 
     γ(x) = max over ‖e‖ ≤ eps and x + e ∈ [0, 1] of |CE(f(x+e), y) − CE(f(x), y) − eᵀ∇x CE|.
-    Restricting to the valid image box only shrinks Definition 2's set. The maximum is sought
-    by projected gradient ascent on |r(e)| (sign steps for L∞, normalised steps for L2;
-    default step size 2.5·eps/steps), `restarts` uniform random starts, `steps` steps each;
-    the result is, per sample, the max over EVERY iterate evaluated (steps + 1 per restart,
-    the start included), over `extra_perturbations` (each [B, C, H, W], inside the ball and
-    the box, else ValueError) and over e = 0 (r = 0), so γ >= 0 and γ is a lower bound of the
-    true maximum. `on_evaluate(e)` is called with each perturbation evaluated. The model runs
-    in eval mode (restored after); no parameter gradients.
+    Restricting to the valid image box only shrinks Definition 2's set. The result is, per
+    sample, the max |r| over EVERY point evaluated: `extra_perturbations` (each
+    [B, C, H, W], inside the ball and the box, else ValueError), every iterate of every run
+    and e = 0 (r = 0), so γ >= 0 and γ is a lower bound of the true maximum.
 
-    x [B, C, H, W] in [0, 1], y [B]; eps > 0; norm in NORMS ("linf", "l2").
+    Runs: one from each of `warm_starts` (perturbations [B, C, H, W] in the ball and the box,
+    e.g. adversarial examples minus x), then `restarts` from the ball's own starts: with
+    `corners` first +eps·sign(g) and −eps·sign(g) (g = ∇x CE at x; for L2 ±eps·g/‖g‖₂), then
+    uniform random ones (`generator`). Each run takes at most `steps` gradient steps and
+    evaluates at most steps + 1 points. `signs`: "abs" climbs |r| (Definition 2's own
+    objective), "positive" climbs r (the loss above its tangent plane, where the maximum of
+    |r| lies for nearly every sample), "both" climbs r and then −r from every start (twice
+    the runs). From the corners the first two agree on nearly every sample; from random
+    starts, where r is near 0, "positive" reached larger values.
+
+    `ascent`: "adaptive" steps from the run's best point along its gradient (sign steps for
+    L∞, normalised for L2) with a per-sample step that starts at `step_size` (default
+    2·eps: a jump to a corner of the ball) and halves whenever a step gains nothing;
+    "fixed" takes PGD's plain step from the last point (default 2.5·eps/steps). A sample's
+    run stops when its best value gained at most `tol`·|best| over its last `patience`
+    steps (or, adaptive, when no step size moves it any more): it converged. `patience=0`
+    never stops a run (and none counts as converged). The earlier study settings are
+    steps=10, restarts=1, ascent="fixed", signs="abs", corners=False, patience=0.
+
+    `on_evaluate(e)` is called once per evaluation with a [B, C, H, W] tensor: the new point
+    of each sample evaluated, the last point evaluated for the others. The model runs in
+    eval mode (restored after); no parameter gradients. x [B, C, H, W] in [0, 1], y [B];
+    eps > 0; norm in NORMS ("linf", "l2").
     """
     _check_batch(x, y)
-    _check_attack(eps, steps, restarts, step_size, norm)
-    for e in extra_perturbations:
-        _check_perturbation(e, x, eps, norm)
+    s = _ascent(eps, steps, restarts, step_size, norm, ascent, signs, corners, tol, patience)
+    _check_perturbations([*warm_starts, *extra_perturbations], x, s.eps, norm)
     with _frozen(model):
         x, y = _plain(x), _plain(y)
         ce0, g0 = input_gradient(model, x, y)
         ev = _Evaluator([_Track(model, ce0, g0)], x, y, on_evaluate)
-        ev.ascend(0, eps, steps, restarts, step_size, norm, generator)
         for e in extra_perturbations:
-            ev.evaluate(e)
+            ev.evaluate(_plain(e))
+        ev.ascend(0, s, generator, [_plain(e) for e in warm_starts])
     t = ev.tracks[0]
-    return LLMResult(t.gamma, t.e_star, t.signed, ce0, g0, float(eps), norm, ev.count)
+    return LLMResult(
+        gamma=t.gamma,
+        e_star=t.e_star,
+        residual=t.signed,
+        ce=ce0,
+        grad=g0,
+        eps=s.eps,
+        norm=norm,
+        evaluations=ev.count,
+        steps_used=t.steps_used,
+        converged=t.converged,
+        gamma_half=t.gamma_half,
+    )
 
 
 # --------------------------------------------------------------------------- Proposition 2
@@ -371,7 +619,7 @@ class Prop2Result:
     eps·grad_gap_dual; bound = gamma_s + gamma_t + phi; gap_max: the largest observed left
     side |CE_s(x+e) − CE_t(x+e)| over the same perturbations (and e = 0), never above bound;
     e_star_s, e_star_t [B, C, H, W]: arg-max perturbations; eps, norm; evaluations: number of
-    perturbations evaluated per sample (besides e = 0).
+    evaluation calls (each evaluates some or all samples once, besides e = 0).
     """
 
     gamma_s: Tensor
@@ -390,6 +638,10 @@ class Prop2Result:
     evaluations: int
 
 
+def _phi(ce_s: Tensor, ce_t: Tensor, g_s: Tensor, g_t: Tensor, eps: float, norm: str) -> Tensor:
+    return ce_s + ce_t + eps * perturbation_norm(g_s - g_t, _DUAL[norm])
+
+
 def proposition2(
     student: nn.Module,
     teacher: nn.Module,
@@ -397,11 +649,17 @@ def proposition2(
     y: Tensor,
     eps: float,
     *,
-    steps: int = 20,
-    restarts: int = 2,
+    steps: int = STEPS,
+    restarts: int = RESTARTS,
     step_size: float | None = None,
     norm: str = "linf",
     generator: torch.Generator | None = None,
+    ascent: str = "adaptive",
+    signs: str = "abs",
+    corners: bool = True,
+    tol: float = TOL,
+    patience: int = PATIENCE,
+    warm_starts: Sequence[Tensor] = (),
     extra_perturbations: Sequence[Tensor] = (),
     on_evaluate: Callable[[Tensor], None] | None = None,
 ) -> Prop2Result:
@@ -410,53 +668,216 @@ def proposition2(
     φ = CE(fs(x)) + CE(ft(x)) + eps·‖gs − gt‖_*, where ‖·‖_* is the dual norm of the ball's
     norm (‖·‖₁ for L∞, ‖·‖₂ for L2): the proof needs eᵀ(gs − gt) ≤ eps·‖gs − gt‖_* (Hölder),
     which the paper's "a norm" does not give for, e.g., ‖·‖₂ under an L∞ ball. γs and γt are
-    each the max |r| over the UNION of the student's ascent iterates, the teacher's ascent
-    iterates (same settings as `local_linearity`), `extra_perturbations` (each
-    [B, C, H, W] in the ball and the box) and e = 0: both models are evaluated on every
-    point, so on every perturbation evaluated the inequality is a theorem.
-    `on_evaluate(e)` is called with each perturbation evaluated. Models in eval mode
-    (restored after); no parameter gradients.
+    each the max |r| over the UNION of `extra_perturbations` (each [B, C, H, W] in the ball
+    and the box), the student's ascent, the teacher's ascent (each with the settings and
+    warm starts of `local_linearity`) and e = 0: both models are evaluated on every point,
+    so on every perturbation evaluated the inequality is a theorem. `on_evaluate(e)` is
+    called once per evaluation (as in `local_linearity`). Models in eval mode (restored
+    after); no parameter gradients.
     """
     _check_batch(x, y)
-    _check_attack(eps, steps, restarts, step_size, norm)
-    for e in extra_perturbations:
-        _check_perturbation(e, x, eps, norm)
+    s = _ascent(eps, steps, restarts, step_size, norm, ascent, signs, corners, tol, patience)
+    _check_perturbations([*warm_starts, *extra_perturbations], x, s.eps, norm)
     with _frozen(student, teacher):
         x, y = _plain(x), _plain(y)
         ce_s, g_s = input_gradient(student, x, y)
         ce_t, g_t = input_gradient(teacher, x, y)
         ev = _Evaluator([_Track(student, ce_s, g_s), _Track(teacher, ce_t, g_t)], x, y, on_evaluate)
-        for i in (0, 1):
-            ev.ascend(i, eps, steps, restarts, step_size, norm, generator)
         for e in extra_perturbations:
-            ev.evaluate(e)
-    s, t = ev.tracks
-    dual = _dual_norm(g_s - g_t, norm)
-    phi = ce_s + ce_t + eps * dual
+            ev.evaluate(_plain(e))
+        for i in (0, 1):
+            ev.ascend(i, s, generator, [_plain(e) for e in warm_starts])
+    st, te = ev.tracks
+    phi = _phi(ce_s, ce_t, g_s, g_t, s.eps, norm)
     return Prop2Result(
-        gamma_s=s.gamma,
-        gamma_t=t.gamma,
+        gamma_s=st.gamma,
+        gamma_t=te.gamma,
         ce_s=ce_s,
         ce_t=ce_t,
-        grad_gap_l2=_dual_norm(g_s - g_t, "l2"),
-        grad_gap_dual=dual,
+        grad_gap_l2=perturbation_norm(g_s - g_t, "l2"),
+        grad_gap_dual=perturbation_norm(g_s - g_t, _DUAL[norm]),
         phi=phi,
-        bound=s.gamma + t.gamma + phi,
+        bound=st.gamma + te.gamma + phi,
         gap_max=ev.gap_max,
-        e_star_s=s.e_star,
-        e_star_t=t.e_star,
-        eps=float(eps),
+        e_star_s=st.e_star,
+        e_star_t=te.e_star,
+        eps=s.eps,
         norm=norm,
         evaluations=ev.count,
     )
 
 
+# --------------------------------------------------------------------------- where it could fail
+
+
+@dataclass
+class Prop2Check:
+    """Proposition 2 tested at points no γ was taken over (`proposition2_violations`).
+
+    gamma_s, gamma_t [B]: each model's LLM from ITS OWN ascent only (as Table 4 reports it);
+    phi, bound [B]: as in `Prop2Result`. Per kind of point (VIOLATION_KINDS, and "all" for
+    their union): violated[kind] [B] bool: the sample has a point of that kind where
+    |CE_s(x+e) − CE_t(x+e)| > bound + rtol·(1 + bound); rate[kind]: the fraction of samples
+    violated (nan where no point of that kind was tested); points[kind]: the number of
+    (sample, point) pairs tested; gap_max[kind] [B]: the largest |CE_s − CE_t| seen at
+    points of that kind (0 where none). eps, norm.
+    """
+
+    gamma_s: Tensor
+    gamma_t: Tensor
+    phi: Tensor
+    bound: Tensor
+    violated: dict[str, Tensor]
+    rate: dict[str, float]
+    points: dict[str, int]
+    gap_max: dict[str, Tensor]
+    eps: float
+    norm: str
+
+
+def proposition2_violations(
+    student: nn.Module,
+    teacher: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    *,
+    steps: int = STEPS,
+    restarts: int = RESTARTS,
+    step_size: float | None = None,
+    norm: str = "linf",
+    generator: torch.Generator | None = None,
+    ascent: str = "adaptive",
+    signs: str = "abs",
+    corners: bool = True,
+    tol: float = TOL,
+    patience: int = PATIENCE,
+    x_adv_student: Tensor | None = None,
+    x_adv_teacher: Tensor | None = None,
+    pgd_steps: int = 20,
+    random_points: int = 8,
+    rtol: float = 1e-5,
+) -> Prop2Check:
+    """Does Proposition 2's bound γs + γt + φ hold where nobody maximised over?
+
+    γs and γt come from each model's own ascent (`local_linearity` with these settings), as
+    Table 4 reports them. A γ below the true maximum can make the bound fail; this tests it
+    at four kinds of points e, per sample: "ascent", every point either ascent evaluated
+    (the student's against γt, the teacher's against γs); "pgd_student" and "pgd_teacher",
+    each model's PGD adversarial example at radius eps (`x_adv_student` / `x_adv_teacher`
+    [B, C, H, W], images in the ball around x, else `kdiga.attacks.pgd` with `pgd_steps`
+    steps, its default step and one random start; pgd_steps=0 and no x_adv: not tested);
+    "random", `random_points` uniform points of the ball (`generator`). With a γ that is a
+    true maximum no point violates the bound.
+
+    x [B, C, H, W] in [0, 1], y [B]; models in eval mode (restored after), no parameter
+    gradients. Returns a `Prop2Check`.
+    """
+    _check_batch(x, y)
+    s = _ascent(eps, steps, restarts, step_size, norm, ascent, signs, corners, tol, patience)
+    _check_int(pgd_steps, "pgd_steps", 0)
+    _check_int(random_points, "random_points", 0)
+    if isinstance(rtol, bool) or not isinstance(rtol, int | float) or not (0 <= rtol < math.inf):
+        raise ValueError(f"rtol must be a finite float >= 0, got {rtol!r}")
+    given = {"pgd_student": x_adv_student, "pgd_teacher": x_adv_teacher}
+    _check_perturbations([a - x for a in given.values() if a is not None], x, s.eps, norm)
+    with _frozen(student, teacher):
+        x, y = _plain(x), _plain(y)
+        given = {k: None if a is None else _plain(a) for k, a in given.items()}
+        models = (student, teacher)
+        tracks, points = _test_points(models, x, y, s, generator, given, pgd_steps, random_points)
+        with torch.no_grad():
+            gap_max = {k: _gap_max(student, teacher, x, y, chunks) for k, chunks in points.items()}
+    st, te = tracks
+    phi = _phi(st.ce0, te.ce0, st.g0, te.g0, s.eps, norm)
+    bound = st.gamma + te.gamma + phi
+    counts = {k: sum(len(rows) for rows, _ in chunks) for k, chunks in points.items()}
+    counts["all"] = sum(counts.values())
+    violated = {k: gap_max[k] > bound + rtol * (1 + bound) for k in VIOLATION_KINDS}
+    violated["all"] = torch.stack(list(violated.values())).any(dim=0)
+    rate = {k: v.double().mean().item() if counts[k] else math.nan for k, v in violated.items()}
+    gap_max["all"] = torch.stack([gap_max[k] for k in VIOLATION_KINDS]).amax(dim=0)
+    return Prop2Check(
+        gamma_s=st.gamma,
+        gamma_t=te.gamma,
+        phi=phi,
+        bound=bound,
+        violated=violated,
+        rate=rate,
+        points=counts,
+        gap_max=gap_max,
+        eps=s.eps,
+        norm=norm,
+    )
+
+
+Points = dict[str, list[tuple[Tensor, Tensor]]]  # kind -> [(rows [R], e [R, ...]), ...]
+
+
+def _test_points(
+    models: tuple[nn.Module, nn.Module],
+    x: Tensor,
+    y: Tensor,
+    s: _Ascent,
+    generator: torch.Generator | None,
+    given: dict[str, Tensor | None],
+    pgd_steps: int,
+    random_points: int,
+) -> tuple[list[_Track], Points]:
+    """Each model's own ascent (its track) and the points to test of each kind: the ascents'
+    points, each model's given or computed PGD point, random points of the ball."""
+    every = torch.arange(len(x), device=x.device)
+    points: Points = {k: [] for k in VIOLATION_KINDS}
+
+    def collect(rows: Tensor, e: Tensor) -> None:
+        points["ascent"].append((rows, e))
+
+    tracks = []
+    for model in models:
+        ce0, g0 = input_gradient(model, x, y)
+        ev = _Evaluator([_Track(model, ce0, g0)], x, y, None, collect)
+        ev.ascend(0, s, generator)
+        tracks.append(ev.tracks[0])
+    for kind, model in zip(("pgd_student", "pgd_teacher"), models, strict=True):
+        x_adv = given[kind]
+        if x_adv is None and pgd_steps:
+            x_adv = pgd(model, x, y, eps=s.eps, steps=pgd_steps, norm=s.norm, generator=generator)
+        if x_adv is not None:
+            points[kind].append((every, x_adv - x))
+    for _ in range(random_points):
+        points["random"].append((every, init_delta(x, s.eps, s.norm, True, generator)))
+    return tracks, points
+
+
+def _gap_max(
+    student: nn.Module,
+    teacher: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    chunks: Sequence[tuple[Tensor, Tensor]],
+) -> Tensor:
+    """Per-sample max of |CE_s − CE_t| over points (rows [R], e [R, ...]); 0 where none."""
+    out = torch.zeros(len(x), dtype=x.dtype, device=x.device)
+    for rows, e in chunks:
+        xr, yr = x[rows] + e, y[rows]
+        g = (_ce(student, xr, yr) - _ce(teacher, xr, yr)).abs().to(out.dtype)
+        out[rows] = torch.maximum(out[rows], g)
+    return out
+
+
 # --------------------------------------------------------------------------- Table 4
 
+TABLE4_PARTS = ("samples", "half", "half_ratio", "converged", "steps")
 
-def llm_key(radius: float) -> str:
-    """Key of the LLM column at `radius` in `table4`'s dict: f"llm@{radius:g}"."""
-    return f"llm@{radius:g}"
+
+def llm_key(radius: float, part: str | None = None) -> str:
+    """Key of the LLM column at `radius` in `table4`'s dict: f"llm@{radius:g}"; with `part`
+    (one of TABLE4_PARTS) the key of that detail: f"llm@{radius:g}/{part}"."""
+    if part is None:
+        return f"llm@{radius:g}"
+    if part not in TABLE4_PARTS:
+        raise ValueError(f"part must be one of {TABLE4_PARTS} or None, got {part!r}")
+    return f"llm@{radius:g}/{part}"
 
 
 def sample_indices(n_total: int, n: int, seed: int) -> Tensor:
@@ -475,44 +896,81 @@ def table4(
     y: Tensor,
     *,
     radii: Sequence[float] = (4 / 255, 8 / 255),
-    steps: int = 20,
-    restarts: int = 2,
+    steps: int = STEPS,
+    restarts: int = RESTARTS,
     batch_size: int = 250,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
-) -> dict[str, float]:
-    """Table 4's columns for `student`, averaged over the samples x [N, C, H, W], y [N].
+    ascent: str = "adaptive",
+    signs: str = "abs",
+    corners: bool = True,
+    tol: float = TOL,
+    patience: int = PATIENCE,
+) -> dict[str, float | list[float]]:
+    """Table 4's columns for `student` on the samples x [N, C, H, W], y [N], per sample and
+    averaged, with what shows whether the LLM's ascent converged.
 
-    Keys: `llm_key(r)` for each radius (mean LLM of the student, L∞ ball, eq. 10), "ce" (mean
-    clean CE of the student) and "grad_gap_l2" (mean ‖gs − gt‖₂ with `teacher`). The caller
+    Keys (L∞ ball, eq. 10; the ascent settings are those of `local_linearity`):
+      - `llm_key(r)`: mean LLM γ of the student at radius r;
+      - `llm_key(r, "samples")`: the N per-sample γ (for confidence intervals, or to pair
+        models image by image);
+      - `llm_key(r, "half")`: mean γ at half the step budget; `llm_key(r, "half_ratio")`:
+        that over the mean γ (1 where both are 0): near 1, the second half gained little;
+      - `llm_key(r, "converged")`: the fraction of samples whose every run converged;
+      - `llm_key(r, "steps")`: the mean number of gradient steps per sample;
+      - "ce" and "ce/samples": the student's clean CE, mean and per sample;
+      - "grad_gap_l2" and "grad_gap_l2/samples": ‖gs − gt‖₂ with `teacher`, mean and per
+        sample.
+    Means are floats, per-sample values lists of N floats in the order of x. The caller
     picks the samples (`sample_indices`). Batches of `batch_size` are moved to `device`
     (default: the student's parameters' device); the models must already be there.
     """
     for r in radii:
         _check_eps(r, "radius")
-    _check_attack(1.0, steps, restarts, None, "linf")
+    settings = dict(ascent=ascent, signs=signs, corners=corners, tol=tol, patience=patience)
+    _ascent(1.0, steps, restarts, None, "linf", **settings)
     keys = [llm_key(r) for r in radii]
     if len(set(keys)) != len(keys) or not keys:
         raise ValueError(f"radii must be non-empty and distinct at 6 significant digits: {radii}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    _check_int(batch_size, "batch_size", 1)
     _check_batch(x, y)
     if len(x) == 0:
         raise ValueError("table4 needs at least one sample")
     if device is None:
         device = next((p.device for p in student.parameters()), x.device)
-    sums = dict.fromkeys([*keys, "ce", "grad_gap_l2"], 0.0)
+    parts: dict[str, list[Tensor]] = {}
+
+    def add(key: str, value: Tensor) -> None:
+        parts.setdefault(key, []).append(value.detach().double().cpu())
+
     for start in range(0, len(x), batch_size):
         xb = x[start : start + batch_size].to(device)
         yb = y[start : start + batch_size].to(device)
         ce_s, g_s = input_gradient(student, xb, yb)
         _, g_t = input_gradient(teacher, xb, yb)
-        sums["ce"] += ce_s.sum().item()
-        sums["grad_gap_l2"] += _dual_norm(g_s - g_t, "l2").sum().item()
-        for key, r in zip(keys, radii, strict=True):
+        add("ce", ce_s)
+        add("grad_gap_l2", perturbation_norm(g_s - g_t, "l2"))
+        for r in radii:
             res = local_linearity(
-                student, xb, yb, r, steps=steps, restarts=restarts, generator=generator
+                student, xb, yb, r, steps=steps, restarts=restarts, generator=generator, **settings
             )
-            sums[key] += res.gamma.sum().item()
+            add(llm_key(r), res.gamma)
+            add(llm_key(r, "half"), res.gamma_half)
+            add(llm_key(r, "converged"), res.converged)
+            add(llm_key(r, "steps"), res.steps_used)
         logger.debug("table4: %d/%d samples", min(start + batch_size, len(x)), len(x))
-    return {k: v / len(x) for k, v in sums.items()}
+    per = {k: torch.cat(v) for k, v in parts.items()}
+    out: dict[str, float | list[float]] = {}
+    for r in radii:
+        gamma, half = per[llm_key(r)], per[llm_key(r, "half")]
+        mean, half_mean = gamma.mean().item(), half.mean().item()
+        out[llm_key(r)] = mean
+        out[llm_key(r, "samples")] = gamma.tolist()
+        out[llm_key(r, "half")] = half_mean
+        out[llm_key(r, "half_ratio")] = half_mean / mean if mean > 0 else 1.0
+        out[llm_key(r, "converged")] = per[llm_key(r, "converged")].mean().item()
+        out[llm_key(r, "steps")] = per[llm_key(r, "steps")].mean().item()
+    for key in ("ce", "grad_gap_l2"):
+        out[key] = per[key].mean().item()
+        out[f"{key}/samples"] = per[key].tolist()
+    return out

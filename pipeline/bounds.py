@@ -1,7 +1,9 @@
 """Stage bounds: Table 4's local-linearity bound terms of one student (LLM at each radius, clean
 CE) and its input-gradient gap ||g_s - g_t||_2 to its teacher (``--teacher <name>`` for a
-student trained without one), on random test samples (paper section 4.4): the same samples for every
-model of the study."""
+student trained without one), on random test samples (paper section 4.4): the same samples
+for every model of the study. Per sample, so the report can give CIs and pair models; with
+the ascent's convergence (half against full budget, converged fraction, steps used); and
+Proposition 2 tested at PGD, random and ascent points (``kdiga.bounds``)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,44 @@ from pipeline.common import (
     write_json,
     write_timing,
 )
-from pipeline.params import Study, check_teacher, parse_student_id, radius_label
+from pipeline.params import Bounds, Study, check_teacher, parse_student_id, radius_label
+
+
+def _finite(v: float) -> float | None:
+    """JSON has no NaN: a rate over no tested point is null."""
+    return None if v != v else v
+
+
+def _prop2(student, teacher, x, y, b: Bounds, seed: int, dev: str) -> dict:
+    """Proposition 2 tested where it could fail: at each model's PGD-20 adversarial points,
+    at random points of the ball and at the ascent's own iterates, per radius; the violation
+    rate per kind of point over the first ``bounds.check_samples`` samples."""
+    import torch
+
+    from kdiga.bounds import VIOLATION_KINDS, proposition2_violations
+
+    n = min(b.check_samples, len(y))
+    out = {"n": n, "radii": {}}
+    if n == 0:
+        return out
+    for r in b.radii:
+        gen = torch.Generator().manual_seed(seed)
+        violated = {k: 0 for k in (*VIOLATION_KINDS, "all")}
+        points = dict.fromkeys(violated, 0)
+        for start in range(0, n, b.batch_size):
+            xb, yb = x[start : min(n, start + b.batch_size)].to(dev), y[start:n].to(dev)
+            yb = yb[: len(xb)]
+            check = proposition2_violations(student, teacher, xb, yb, r, steps=b.steps,
+                                            restarts=b.restarts, tol=b.tol, patience=b.patience,
+                                            generator=gen)  # fmt: skip
+            for k in violated:
+                violated[k] += int(check.violated[k].sum())
+                points[k] += check.points[k]
+        out["radii"][radius_label(r)] = {
+            k: {"rate": _finite(violated[k] / n) if points[k] else None, "points": points[k]}
+            for k in violated
+        }
+    return out
 
 
 def body(args: argparse.Namespace, params: Study) -> None:
@@ -36,34 +75,34 @@ def body(args: argparse.Namespace, params: Study) -> None:
     provenance = begin(params, "bounds", key)
     b = params.bounds
     student, _ = load_stage_model(params, args.model)
-    teachers = {name: load_stage_model(params, name)[0]}
+    teacher, _ = load_stage_model(params, name)
     images, labels, _ = load_split("test")
     n = min(b.samples, len(labels))
     if n < b.samples:
         log.warning("bounds.samples=%d but the test split has %d images: using all", b.samples, n)
     idx = sample_indices(len(labels), n, params.shard.seed)  # the same images for every model
     x, y = to_float(images[idx]), labels[idx]
-    rows = {}
     with device() as dev:
         student.to(dev).eval()
+        teacher.to(dev).eval()
         start = time.perf_counter()
-        for name, teacher in teachers.items():
-            teacher.to(dev).eval()
-            rows[name] = table4(
-                student,
-                teacher,
-                x,
-                y,
-                radii=b.radii,
-                steps=b.steps,
-                restarts=b.restarts,
-                batch_size=b.batch_size,
-                device=dev,
-                generator=torch.Generator().manual_seed(params.shard.seed),
-            )
-            teacher.cpu()
+        row = table4(
+            student,
+            teacher,
+            x,
+            y,
+            radii=b.radii,
+            steps=b.steps,
+            restarts=b.restarts,
+            tol=b.tol,
+            patience=b.patience,
+            batch_size=b.batch_size,
+            device=dev,
+            generator=torch.Generator().manual_seed(params.shard.seed),
+        )
+        table_s = time.perf_counter() - start
+        prop2 = _prop2(student, teacher, x, y, b, params.shard.seed, dev)
         seconds = time.perf_counter() - start
-    row = rows[name]
     out = {
         "model": args.model,
         "teacher": name,
@@ -73,9 +112,19 @@ def body(args: argparse.Namespace, params: Study) -> None:
         "llm": [row[llm_key(r)] for r in b.radii],
         "ce": row["ce"],
         "grad_gap_l2": row["grad_gap_l2"],
+        "convergence": {
+            radius_label(r): {
+                part: row[llm_key(r, part)] for part in ("half", "half_ratio", "converged", "steps")
+            }
+            for r in b.radii
+        },
+        "prop2": prop2,
+        "llm_per_sample": [row[llm_key(r, "samples")] for r in b.radii],
+        "ce_per_sample": row["ce/samples"],
+        "grad_gap_per_sample": row["grad_gap_l2/samples"],
         "provenance": provenance,
     }
-    write_timing("bounds", key, seconds=seconds)
+    write_timing("bounds", key, seconds=seconds, table4_s=table_s)
     write_json(out, dag.bounds_path(args.model, args.teacher))
     llm = ", ".join(
         f"{lb}: {v:.3f}" for lb, v in zip(out["radius_labels"], out["llm"], strict=True)

@@ -11,19 +11,28 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import kdiga.attacks
+import kdiga.bounds
+from kdiga.attacks import init_delta, project_delta, step_delta
 from kdiga.bounds import (
+    TABLE4_PARTS,
+    VIOLATION_KINDS,
     gap,
     input_gradient,
     llm_key,
     local_linearity,
     proposition2,
+    proposition2_violations,
     residual,
     sample_indices,
     table4,
 )
+from kdiga.data import load_dataset, to_float
 
 SHAPE = (1, 6, 6)
 D = 36
+# The study's settings before the adaptive ascent: a plain 10-step ascent from one random start.
+PLAIN = dict(ascent="fixed", signs="abs", corners=False, patience=0)
 
 
 def _mlp(seed: int, dtype=torch.float64, classes: int = 3) -> nn.Module:
@@ -134,9 +143,11 @@ def test_llm_of_affine_logits_is_not_zero():
     eps=st.sampled_from([0.02, 0.1, 0.5]),
     norm=st.sampled_from(["linf", "l2"]),
     steps=st.integers(0, 4),
-    restarts=st.integers(1, 2),
+    restarts=st.integers(1, 3),
+    ascent=st.sampled_from(["adaptive", "fixed"]),
+    signs=st.sampled_from(["positive", "abs", "both"]),
 )
-def test_llm_is_max_over_every_point_evaluated(seed, eps, norm, steps, restarts):
+def test_llm_is_max_over_every_point_evaluated(seed, eps, norm, steps, restarts, ascent, signs):
     model = _conv(seed)
     x, y = _data(seed)
     seen = []
@@ -149,9 +160,15 @@ def test_llm_is_max_over_every_point_evaluated(seed, eps, norm, steps, restarts)
         restarts=restarts,
         norm=norm,
         generator=_gen(seed),
+        ascent=ascent,
+        signs=signs,
+        patience=1,
         on_evaluate=seen.append,
     )
-    assert res.evaluations == len(seen) == restarts * (steps + 1)
+    runs = restarts * (2 if signs == "both" else 1)
+    assert res.evaluations == len(seen) <= runs * (steps + 1)
+    assert (res.steps_used <= runs * steps).all()
+    assert (res.gamma_half <= res.gamma).all()
     ce0, g0 = input_gradient(model, x, y)
     rs = torch.stack([residual(model, x, y, e, ce0, g0) for e in seen])
     torch.testing.assert_close(res.gamma, rs.abs().amax(0).clamp_min(0))
@@ -173,10 +190,15 @@ def test_llm_keeps_the_absolute_value():
     x = torch.full((3, *SHAPE), 0.5, dtype=torch.float64)
     y = torch.zeros(3, dtype=torch.long)
     eps = 0.1
-    res = local_linearity(model, x, y, eps, steps=5, restarts=1, generator=_gen())
     corner = F.softplus(torch.tensor(0.0)) - F.softplus(torch.tensor(-D * eps**2))
-    assert (res.residual < 0).all()
-    torch.testing.assert_close(res.gamma, corner.double().expand(3))
+    # g = 0 at x, so the corners ±eps·sign(g) are e = 0 (where the gradient vanishes too):
+    # the ascent needs a random start here.
+    for signs in ("abs", "both"):
+        res = local_linearity(
+            model, x, y, eps, steps=5, restarts=1, corners=False, signs=signs, generator=_gen()
+        )
+        assert (res.residual < 0).all()
+        torch.testing.assert_close(res.gamma, corner.double().expand(3))
 
 
 def test_llm_with_the_smaller_ball_optimum_is_monotone_in_eps():
@@ -207,8 +229,8 @@ def test_ascent_beats_random_sampling_on_average():
     """Same number of evaluations: 10 ascent steps from one start vs 11 random points."""
     model = _mlp(7, torch.float32)
     x, y = _data(7, n=32, dtype=torch.float32)
-    asc = local_linearity(model, x, y, 0.1, steps=10, restarts=1, generator=_gen())
-    rnd = local_linearity(model, x, y, 0.1, steps=0, restarts=11, generator=_gen())
+    asc = local_linearity(model, x, y, 0.1, steps=10, restarts=1, generator=_gen(), **PLAIN)
+    rnd = local_linearity(model, x, y, 0.1, steps=0, restarts=11, generator=_gen(), **PLAIN)
     assert asc.evaluations == rnd.evaluations == 11
     assert asc.gamma.mean() > 1.5 * rnd.gamma.mean()
 
@@ -250,7 +272,7 @@ def test_proposition2_holds_on_every_perturbation_tried(seed, eps, norm, archs):
         extra_perturbations=extras,
         on_evaluate=seen.append,
     )
-    assert len(seen) == res.evaluations == 2 * 2 * 5 + 20
+    assert len(seen) == res.evaluations <= 2 * 2 * 5 + 20
     gaps = torch.stack([gap(student, teacher, x, y, e) for e in [torch.zeros_like(x), *seen]])
     assert (gaps <= res.bound + 1e-6).all()
     torch.testing.assert_close(res.gap_max, gaps.amax(0))
@@ -325,11 +347,17 @@ def test_table4_keys_values_and_determinism():
     kw = dict(radii=(4 / 255, 8 / 255), steps=3, restarts=1, batch_size=3)
     a = table4(student, teacher, x, y, generator=_gen(5), **kw)
     b = table4(student, teacher, x, y, generator=_gen(5), **kw)
-    assert set(a) == {llm_key(4 / 255), llm_key(8 / 255), "ce", "grad_gap_l2"}
+    means = {llm_key(4 / 255), llm_key(8 / 255), "ce", "grad_gap_l2"}
+    parts = {llm_key(r, p) for r in (4 / 255, 8 / 255) for p in TABLE4_PARTS}
+    assert set(a) == means | parts | {"ce/samples", "grad_gap_l2/samples"}
     assert llm_key(8 / 255) == "llm@0.0313725"
+    assert llm_key(8 / 255, "samples") == "llm@0.0313725/samples"
     assert a == b
-    assert all(math.isfinite(v) and v >= 0 for v in a.values())
+    for v in a.values():
+        values = v if isinstance(v, list) else [v]
+        assert all(isinstance(u, float) and math.isfinite(u) and u >= 0 for u in values)
     assert a[llm_key(8 / 255)] > 0
+    assert all(len(v) == len(x) for v in a.values() if isinstance(v, list))
 
 
 def test_table4_means_match_the_per_sample_functions():
@@ -451,9 +479,16 @@ def test_works_under_no_grad_and_inference_mode(ctx):
         ({"restarts": 0}, "restarts"),
         ({"step_size": 0.0}, "step_size"),
         ({"norm": "l1"}, "linf"),
+        ({"ascent": "apgd"}, "ascent"),
+        ({"signs": "negative"}, "signs"),
+        ({"corners": 1}, "corners"),
+        ({"tol": -0.1}, "tol"),
+        ({"tol": float("nan")}, "tol"),
+        ({"patience": -1}, "patience"),
+        ({"patience": 1.5}, "patience"),
     ],
 )
-@pytest.mark.parametrize("fn", ["local_linearity", "proposition2"])
+@pytest.mark.parametrize("fn", ["local_linearity", "proposition2", "proposition2_violations"])
 def test_bad_arguments_raise_value_error(kwargs, match, fn):
     model = _mlp(16)
     x, y = _data(16, n=2)
@@ -462,8 +497,28 @@ def test_bad_arguments_raise_value_error(kwargs, match, fn):
     with pytest.raises(ValueError, match=match):
         if fn == "local_linearity":
             local_linearity(model, x, y, eps, **args)
-        else:
+        elif fn == "proposition2":
             proposition2(model, model, x, y, eps, **args)
+        else:
+            proposition2_violations(model, model, x, y, eps, **args)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"pgd_steps": -1}, "pgd_steps"),
+        ({"random_points": -2}, "random_points"),
+        ({"rtol": -1e-3}, "rtol"),
+        ({"x_adv_student": "x+0.2"}, "ball"),
+    ],
+)
+def test_bad_violation_arguments_raise_value_error(kwargs, match):
+    model = _mlp(16)
+    x, y = _data(16, n=2, lo=0.3, hi=0.7)
+    if kwargs.get("x_adv_student") == "x+0.2":
+        kwargs = {"x_adv_student": x + 0.2}
+    with pytest.raises(ValueError, match=match):
+        proposition2_violations(model, model, x, y, 0.1, steps=1, **kwargs)
 
 
 def test_bad_inputs_raise_value_error():
@@ -477,3 +532,218 @@ def test_bad_inputs_raise_value_error():
         table4(model, model, x, y, radii=(0.1, 0.1 + 1e-12))
     with pytest.raises(ValueError, match="batch_size"):
         table4(model, model, x, y, batch_size=0)
+    with pytest.raises(ValueError, match="part"):
+        llm_key(0.1, "mean")
+    with pytest.raises(ValueError, match="signs"):
+        table4(model, model, x, y, signs="up")
+
+
+# --------------------------------------------------------------------------- convergence
+
+
+@pytest.fixture(scope="module")
+def digits_pair():
+    """Two ReLU MLPs trained briefly on 8x8 digits (float64) and 32 test images: models whose
+    residual has the shape of a trained network's, unlike a random one's."""
+    xs, ys = load_dataset("digits", "train", image_size=8)
+    xs, ys = to_float(xs[:400]).double(), ys[:400]
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        m = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64, 32),
+            nn.ReLU(),
+            nn.Linear(32, 32),
+            nn.ReLU(),
+            nn.Linear(32, 10),
+        ).double()
+        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+        for _ in range(100):
+            opt.zero_grad()
+            F.cross_entropy(m(xs), ys).backward()
+            opt.step()
+        models.append(m.eval())
+    xt, yt = load_dataset("digits", "test", image_size=8)
+    return models[0], models[1], to_float(xt[:32]).double(), yt[:32]
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.1])
+def test_adaptive_ascent_reaches_a_long_budget_where_a_plain_one_does_not(digits_pair, eps):
+    """Default settings within 5% of 100 steps x 8 restarts, at ~1.5x the plain 10 steps."""
+    model, _, x, y = digits_pair
+    long = local_linearity(model, x, y, eps, steps=100, restarts=8, generator=_gen())
+    new = local_linearity(model, x, y, eps, generator=_gen())
+    plain = local_linearity(model, x, y, eps, steps=10, restarts=1, generator=_gen(), **PLAIN)
+    assert new.gamma.mean() >= 0.95 * long.gamma.mean()
+    assert plain.gamma.mean() < 0.9 * long.gamma.mean()
+    assert new.steps_used.double().mean() <= 15
+    assert new.converged.double().mean() >= 0.5
+
+
+def test_llm_records_steps_convergence_and_the_half_budget_value():
+    model = _conv(20)
+    x, y = _data(20, n=8)
+    fixed = local_linearity(model, x, y, 0.1, steps=6, restarts=2, generator=_gen(), **PLAIN)
+    assert torch.equal(fixed.steps_used, torch.full((8,), 12))  # patience 0: never stops
+    assert not fixed.converged.any()
+    res = local_linearity(model, x, y, 0.1, steps=30, restarts=2, patience=2, generator=_gen())
+    assert res.steps_used.dtype == torch.int64 and res.converged.dtype == torch.bool
+    assert (res.steps_used <= 60).all() and (res.gamma_half <= res.gamma).all()
+    assert res.converged.all() and (res.steps_used < 60).all()  # plateaus long before 30 steps
+    no_steps = local_linearity(model, x, y, 0.1, steps=0, restarts=2, generator=_gen())
+    assert torch.equal(no_steps.gamma_half, no_steps.gamma)
+    assert not no_steps.converged.any() and not no_steps.steps_used.any()
+
+
+def test_half_budget_value_is_the_value_after_half_the_steps():
+    model = _mlp(21)
+    x, y = _data(21, n=6)
+    ce0, g0 = input_gradient(model, x, y)
+    for steps, restarts in ((8, 1), (3, 2), (5, 3)):
+        seen = []
+        res = local_linearity(
+            model, x, y, 0.2, steps=steps, restarts=restarts, patience=0, on_evaluate=seen.append
+        )
+        # no early stop: each run evaluates steps points with a gradient, then its last point;
+        # the half budget is reached after the half-th gradient step
+        half = (steps * restarts + 1) // 2
+        run, t = divmod(half - 1, steps)
+        first = seen[: run * (steps + 1) + t + 1]
+        r = torch.stack([residual(model, x, y, e, ce0, g0).abs() for e in first])
+        torch.testing.assert_close(res.gamma_half, r.amax(0))
+
+
+def test_table4_per_sample_values_agree_with_their_means():
+    student, teacher = _mlp(22), _conv(23)
+    x, y = _data(22, n=7)
+    t4 = table4(student, teacher, x, y, radii=(0.05, 0.1), steps=6, batch_size=3, generator=_gen())
+    ce_s, g_s = input_gradient(student, x, y)
+    _, g_t = input_gradient(teacher, x, y)
+    torch.testing.assert_close(torch.tensor(t4["ce/samples"], dtype=torch.float64), ce_s)
+    gap_l2 = (g_s - g_t).flatten(1).norm(dim=1)
+    torch.testing.assert_close(torch.tensor(t4["grad_gap_l2/samples"], dtype=torch.float64), gap_l2)
+    assert t4["ce"] == pytest.approx(sum(t4["ce/samples"]) / 7, rel=1e-12)
+    assert t4["grad_gap_l2"] == pytest.approx(sum(t4["grad_gap_l2/samples"]) / 7, rel=1e-12)
+    for r in (0.05, 0.1):
+        samples = t4[llm_key(r, "samples")]
+        assert len(samples) == 7
+        assert t4[llm_key(r)] == pytest.approx(sum(samples) / 7, rel=1e-12)
+        # batches of 3 are independent: the per-sample γ equal a call on each batch
+        part = local_linearity(student, x[3:6], y[3:6], r, steps=6)
+        torch.testing.assert_close(torch.tensor(samples[3:6], dtype=torch.float64), part.gamma)
+        assert 0 <= t4[llm_key(r, "half")] <= t4[llm_key(r)]
+        assert t4[llm_key(r, "half_ratio")] == pytest.approx(
+            t4[llm_key(r, "half")] / t4[llm_key(r)], rel=1e-12
+        )
+        assert 0 <= t4[llm_key(r, "converged")] <= 1
+        assert 0 < t4[llm_key(r, "steps")] <= 6
+
+
+def test_table4_half_ratio_shows_a_budget_that_is_too_short():
+    """With the plain ascent's short steps, the second half of the budget still gains a lot;
+    with the adaptive ascent it gains little."""
+    student, teacher = _conv(24), _mlp(25)
+    x, y = _data(24, n=8)
+    kw = dict(radii=(0.2,), steps=14, restarts=1, generator=_gen())
+    plain = table4(student, teacher, x, y, **kw, **PLAIN)
+    new = table4(student, teacher, x, y, **kw)
+    assert plain[llm_key(0.2, "half_ratio")] < 0.9
+    assert new[llm_key(0.2, "half_ratio")] > 0.95
+    assert plain[llm_key(0.2, "converged")] == 0 and plain[llm_key(0.2, "steps")] == 14
+
+
+# --------------------------------------------------------------------------- violations
+
+
+def test_violations_found_when_gamma_is_underestimated(digits_pair):
+    """No ascent step (γ from one random point each): the bound fails at PGD points."""
+    student, teacher, x, y = digits_pair
+    check = proposition2_violations(
+        student, teacher, x, y, 0.1, steps=0, corners=False, generator=_gen()
+    )
+    assert check.rate["pgd_student"] > 0.5 and check.rate["pgd_teacher"] > 0.5
+    assert check.rate["all"] >= max(check.rate[k] for k in VIOLATION_KINDS)
+    v = check.violated["pgd_student"]
+    assert (check.gap_max["pgd_student"][v] > check.bound[v]).all()
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.1])
+def test_no_violation_at_converged_settings(digits_pair, eps):
+    student, teacher, x, y = digits_pair
+    check = proposition2_violations(
+        student, teacher, x, y, eps, steps=50, restarts=4, random_points=4, generator=_gen()
+    )
+    assert check.rate == {k: 0.0 for k in (*VIOLATION_KINDS, "all")}
+    n = len(x)
+    assert check.points["pgd_student"] == check.points["pgd_teacher"] == n
+    assert check.points["random"] == 4 * n
+    assert check.points["ascent"] >= 2 * n  # at least every start of both ascents
+    assert check.points["all"] == sum(check.points[k] for k in VIOLATION_KINDS)
+    # the γ are each model's own: the same as local_linearity's
+    own = local_linearity(student, x, y, eps, steps=50, restarts=4, generator=_gen())
+    torch.testing.assert_close(check.gamma_s, own.gamma)
+    torch.testing.assert_close(check.bound, check.gamma_s + check.gamma_t + check.phi)
+
+
+def test_violations_use_the_adversarial_examples_given():
+    """A point where the student's residual is large, given as its adversarial example: found
+    with γs from a random point, and no other PGD run or random point is made."""
+    student, teacher = _Quadratic(a=1.0, b=0.0), _Constant()
+    x = torch.full((3, *SHAPE), 0.5, dtype=torch.float64)
+    y = torch.zeros(3, dtype=torch.long)
+    x_adv = x + 0.1
+    kw = dict(steps=0, corners=False, pgd_steps=0, random_points=0, generator=_gen())
+    check = proposition2_violations(student, teacher, x, y, 0.1, x_adv_student=x_adv, **kw)
+    assert check.points == {"ascent": 6, "pgd_student": 3, "pgd_teacher": 0, "random": 0, "all": 9}
+    assert check.rate["pgd_student"] == 1.0 and math.isnan(check.rate["pgd_teacher"])
+    assert check.rate["all"] == 1.0
+    fine = proposition2_violations(
+        student, teacher, x, y, 0.1, x_adv_student=x_adv, **{**kw, "steps": 3}
+    )
+    assert fine.rate["pgd_student"] == 0.0  # the adaptive ascent reaches the corner
+
+
+# --------------------------------------------------------------------------- primitives
+
+
+def test_the_ball_primitives_are_the_attacks_ones():
+    for name in ("init_delta", "step_delta", "project_delta", "perturbation_norm"):
+        assert getattr(kdiga.bounds, name) is getattr(kdiga.attacks, name)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_fixed_ascent_starts_and_steps_like_pgd(norm):
+    """The first point of a plain run is init_delta's random start, the next one
+    project_delta(step_delta(·)) along the gradient of |r| (L2: ball, then box)."""
+    model = _conv(26)
+    x, y = _data(26, n=4)
+    x[:, :, :2] = 0.999  # near the box's edge: the order of box and ball matters there
+    eps, step = 0.8, 0.5
+    seen = []
+    local_linearity(
+        model, x, y, eps, steps=1, step_size=step, norm=norm, generator=_gen(3),
+        on_evaluate=seen.append, **PLAIN,
+    )  # fmt: skip
+    e0 = init_delta(x, eps, norm, True, _gen(3))
+    torch.testing.assert_close(seen[0], e0)
+    ce0, g0 = input_gradient(model, x, y)
+    e = e0.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(residual(model, x, y, e, ce0, g0).abs().sum(), e)
+    torch.testing.assert_close(
+        seen[1], project_delta(x, step_delta(e0, grad, step, norm), eps, norm)
+    )
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_adaptive_ascent_starts_at_the_corners(norm):
+    model = _mlp(27)
+    x, y = _data(27, n=4)
+    seen = []
+    local_linearity(
+        model, x, y, 0.3, steps=1, restarts=2, norm=norm, patience=0, on_evaluate=seen.append
+    )
+    _, g0 = input_gradient(model, x, y)
+    for i, sign in ((0, 1.0), (2, -1.0)):  # each run: its start, then its last point
+        corner = project_delta(x, step_delta(torch.zeros_like(x), sign * g0, 0.3, norm), 0.3, norm)
+        torch.testing.assert_close(seen[i], corner)
