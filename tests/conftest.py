@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# CI draws the same property-test examples on every run, so a red run is reproducible and a
+# green one is not luck. `KDIGA_HYPOTHESIS=explore pytest` draws fresh, more numerous ones.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile(
+    "explore", max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None
+)
+settings.load_profile(os.environ.get("KDIGA_HYPOTHESIS", "ci"))
 
 
 def pytest_collection_modifyitems(config, items):
