@@ -167,7 +167,7 @@ def _ascent(
 ) -> _Ascent:
     eps = _check_eps(eps)
     _check_int(steps, "steps", 0)
-    _check_int(restarts, "restarts", 1)
+    _check_int(restarts, "restarts", 0)
     if step_size is not None:
         _check_eps(step_size, "step_size")
     if norm not in NORMS:
@@ -394,6 +394,8 @@ class _Evaluator:
         own = own[: s.restarts]
         own += [init_delta(x, s.eps, s.norm, True, generator) for _ in range(s.restarts - len(own))]
         starts = [*warm_starts, *own]
+        if not starts:
+            raise ValueError("restarts=0 needs warm_starts: no run would start")
         if s.signs == "both":
             return [(e, sign) for e in starts for sign in (1.0, -1.0)]
         return [(e, None if s.signs == "abs" else 1.0) for e in starts]
@@ -557,7 +559,8 @@ def local_linearity(
     and e = 0 (r = 0), so γ >= 0 and γ is a lower bound of the true maximum.
 
     Runs: one from each of `warm_starts` (perturbations [B, C, H, W] in the ball and the box,
-    e.g. adversarial examples minus x), then `restarts` from the ball's own starts: with
+    e.g. adversarial examples minus x), then `restarts` from the ball's own starts (0: the
+    warm starts only, of which there must be one): with
     `corners` first +eps·sign(g) and −eps·sign(g) (g = ∇x CE at x; for L2 ±eps·g/‖g‖₂), then
     uniform random ones (`generator`). Each run takes at most `steps` gradient steps and
     evaluates at most steps + 1 points. `signs`: "abs" climbs |r| (Definition 2's own

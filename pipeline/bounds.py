@@ -46,8 +46,8 @@ def _prop2(student, teacher, x, y, b: Bounds, seed: int, dev: str) -> dict:
         violated = {k: 0 for k in (*VIOLATION_KINDS, "all")}
         points = dict.fromkeys(violated, 0)
         for start in range(0, n, b.batch_size):
-            xb, yb = x[start : min(n, start + b.batch_size)].to(dev), y[start:n].to(dev)
-            yb = yb[: len(xb)]
+            stop = min(n, start + b.batch_size)
+            xb, yb = x[start:stop].to(dev), y[start:stop].to(dev)
             check = proposition2_violations(student, teacher, xb, yb, r, steps=b.steps,
                                             restarts=b.restarts, tol=b.tol, patience=b.patience,
                                             generator=gen)  # fmt: skip

@@ -235,6 +235,20 @@ def test_ascent_beats_random_sampling_on_average():
     assert asc.gamma.mean() > 1.5 * rnd.gamma.mean()
 
 
+def test_a_warm_start_alone_is_the_run_from_that_point():
+    """restarts=0 runs only the warm starts: from the FGSM corner it is the corner's run."""
+    model = _mlp(3)
+    x, y = _data(3, n=8)
+    own = local_linearity(model, x, y, 0.1, steps=4, restarts=1, generator=_gen())
+    _, g = kdiga.bounds.input_gradient(model, x, y)
+    corner = project_delta(x, 0.1 * g.sign(), 0.1, "linf")
+    warm = local_linearity(model, x, y, 0.1, steps=4, restarts=0, warm_starts=[corner])
+    torch.testing.assert_close(warm.gamma, own.gamma, rtol=0, atol=0)
+    assert warm.evaluations == own.evaluations
+    with pytest.raises(ValueError, match="restarts=0 needs warm_starts"):
+        local_linearity(model, x, y, 0.1, steps=4, restarts=0)
+
+
 # --------------------------------------------------------------------------- Proposition 2
 
 
