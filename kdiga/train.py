@@ -18,10 +18,10 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +50,26 @@ CHECKPOINT_FORMAT = "kdiga.train/1"
 _AUG_SEED_OFFSET = 500009  # keeps the augmentation stream apart from the data-order stream
 # Fields that may differ between a checkpoint and the run resuming it (they change neither
 # what an epoch computes nor, on CPU, how).
-_RESUMABLE_CHANGES = frozenset({"epochs", "amp", "channels_last", "compile_teacher"})
+_RESUMABLE_CHANGES = frozenset(
+    {"epochs", "amp", "channels_last", "compile_teacher", "checkpoint_every"}
+)
+
+
+class BatchStream(Protocol):
+    """Training batches that arrive decoded and augmented, e.g. streamed from WebDataset shards
+    by DataLoader workers (``kdiga.stream``), for data that is not held in memory.
+
+    ``batches(epoch, start_batch)`` yields this process's ``(x, y)`` of each step of epoch
+    ``epoch`` (0-based) from step ``start_batch`` on: ``x`` uint8 (or float in [0, 1])
+    ``[b, C, H, W]``, ``y`` int ``[b]``. It must be a pure function of its arguments (the
+    order and the augmentation seeded by the epoch, not by wall-clock or worker timing), so
+    that a run resumed mid-epoch sees exactly the batches an uninterrupted one sees, and
+    under DDP every rank must yield ``steps_per_epoch`` batches of its own samples.
+    """
+
+    steps_per_epoch: int
+
+    def batches(self, epoch: int, start_batch: int = 0) -> Iterable[tuple[Tensor, Tensor]]: ...
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -61,7 +80,8 @@ class NonFiniteLossError(FloatingPointError):
         shown = ", ".join(f"{k}={v:.4g}" for k, v in self.parts.items())
         super().__init__(
             f"non-finite loss at epoch {epoch}, batch {batch} ({shown}); the last checkpoint "
-            f"(end of epoch {epoch - 1}) is unchanged: lower the learning rate or loss weights"
+            "(the end of an earlier epoch, or an earlier step with checkpoint_every) is "
+            "unchanged: lower the learning rate or loss weights"
         )
 
 
@@ -80,7 +100,9 @@ class TrainConfig:
     ``compile_teacher`` runs the teacher through ``torch.compile`` (its forward and input
     gradient: first order only, the student's double backward is never compiled); CUDA only,
     elsewhere a no-op with a log line. It pays a compilation at the start of each run for a
-    faster teacher per step: see :func:`maybe_compile_teacher`.
+    faster teacher per step: see :func:`maybe_compile_teacher`. ``checkpoint_every`` > 0 also
+    checkpoints every that many steps within an epoch (with the epoch's position), so a run
+    killed mid-epoch loses at most that many steps; 0 checkpoints at the end of epochs only.
     """
 
     epochs: int
@@ -99,6 +121,7 @@ class TrainConfig:
     drop_last: bool = False
     sync_bn: bool = False
     compile_teacher: bool = False
+    checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
@@ -117,6 +140,7 @@ class TrainConfig:
             ),
             ("augment", self.augment in AUGMENTATIONS, f"one of {AUGMENTATIONS}"),
             ("crop_padding", self.crop_padding >= 0, ">= 0"),
+            ("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0: at the end of epochs)"),
             ("nesterov", not self.nesterov or self.momentum > 0, "False when momentum is 0"),
         ]
         for key, ok, allowed in checks:
@@ -284,45 +308,99 @@ def _misfit(path: Path, what: str, reason: str) -> str:
     )
 
 
-def _run_epoch(
-    student: nn.Module,
-    criterion: Callable[..., dict[str, Tensor]],
-    teacher: nn.Module | None,
+@dataclass
+class _Position:
+    """How far an epoch got: steps done, the sample-weighted sums of the loss parts and the
+    number of samples behind them, and (in-memory data) the augmentation generator's state."""
+
+    batch: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+    seen: int = 0
+    aug_state: Tensor | None = None
+
+
+Step = tuple[Tensor, Tensor, dict[str, Any], int]  # x, y on the device, criterion kwargs, b
+
+
+def _memory_steps(
     images: Tensor,
     labels: Tensor,
     cfg: TrainConfig,
     epoch: int,
-    optimizer: torch.optim.Optimizer,
     device: torch.device,
     teacher_cache: Callable[[Tensor], Any] | None,
+    batch_source: Callable[[Tensor, int], tuple[Tensor, Any]] | None,
+    pos: _Position,
+) -> tuple[int, Iterator[Step], Callable[[], Tensor | None]]:
+    """(steps of the epoch, its steps from ``pos.batch`` on, the augmentation state getter)
+    for in-memory data: order and augmentation from ``(cfg.seed, epoch)``."""
+    order_gen, aug_gen = _epoch_generators(cfg.seed, epoch)
+    info = current()
+    batches = shard_indices(
+        labels.numel(), 0, 1, order_gen, batch_size=cfg.batch_size, drop_last=cfg.drop_last
+    )
+    if pos.aug_state is not None:
+        aug_gen.set_state(pos.aug_state)
+
+    def steps() -> Iterator[Step]:
+        for whole in batches[pos.batch :]:
+            part = rank_slice(whole.numel(), info.rank, info.world_size)
+            idx = whole[part]
+            dev_idx = idx.to(device)
+            if batch_source is None:  # augmented as a global batch (same draws on every rank)
+                aug_idx = dev_idx if cfg.augment == "none" else whole.to(device)
+                x = augment(
+                    to_float(images[aug_idx]), cfg.augment, aug_gen, padding=cfg.crop_padding
+                )
+                x = x if cfg.augment == "none" else x[part]
+                kwargs = {} if teacher_cache is None else {"teacher_out": teacher_cache(idx)}
+            else:  # x and its teacher signals come together (e.g. cached augmented views)
+                x, teacher_out = batch_source(idx, epoch)
+                x, kwargs = x.to(device), {"teacher_out": teacher_out}
+            yield x, labels[dev_idx], kwargs, idx.numel()
+
+    return len(batches), steps(), aug_gen.get_state
+
+
+def _stream_steps(
+    stream: BatchStream, epoch: int, device: torch.device, pos: _Position
+) -> tuple[int, Iterator[Step], Callable[[], Tensor | None]]:
+    """The same for a :class:`BatchStream`: its batches from ``pos.batch`` on."""
+
+    def steps() -> Iterator[Step]:
+        for x, y in stream.batches(epoch, pos.batch):
+            y = torch.as_tensor(y)
+            yield to_float(x.to(device, non_blocking=True)), y.to(device).long(), {}, y.numel()
+
+    return int(stream.steps_per_epoch), steps(), lambda: None
+
+
+def _run_epoch(
+    student: nn.Module,
+    criterion: Callable[..., dict[str, Tensor]],
+    teacher: nn.Module | None,
+    source: tuple[int, Iterator[Step], Callable[[], Tensor | None]],
+    cfg: TrainConfig,
+    epoch: int,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
     on_batch: Callable[[dict], None] | None,
-    batch_source: Callable[[Tensor, int], tuple[Tensor, Any]] | None = None,
+    pos: _Position,
+    save: Callable[[_Position], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over the data; returns the sample-weighted mean of each loss part.
+    """One pass over the data from ``pos``; returns the sample-weighted mean of each loss part.
 
     Under DDP this rank trains on its slice of each global batch and the returned means (and
-    ``on_batch`` records) are over the global batch, identical on all ranks.
+    ``on_batch`` records) are over the global batch, identical on all ranks. With ``save`` and
+    ``cfg.checkpoint_every`` > 0, ``save(position)`` runs after every that many steps (not
+    after the last one: the end of the epoch is checkpointed by the caller).
     """
-    order_gen, aug_gen = _epoch_generators(cfg.seed, epoch)
-    n, info = labels.numel(), current()
-    batches = shard_indices(n, 0, 1, order_gen, batch_size=cfg.batch_size, drop_last=cfg.drop_last)
+    num_batches, steps, aug_state = source
+    info = current()
     cuda = device.type == "cuda"
-    sums: dict[str, float] = {}
-    seen = 0
+    sums, seen = dict(pos.sums), pos.seen
     student.train()
-    for b, whole in enumerate(batches):
-        part = rank_slice(whole.numel(), info.rank, info.world_size)
-        idx = whole[part]
-        dev_idx = idx.to(device)
-        if batch_source is None:  # augmented as a global batch (same draws on every rank)
-            aug_idx = dev_idx if cfg.augment == "none" else whole.to(device)
-            x = augment(to_float(images[aug_idx]), cfg.augment, aug_gen, padding=cfg.crop_padding)
-            x = x if cfg.augment == "none" else x[part]
-            kwargs = {} if teacher_cache is None else {"teacher_out": teacher_cache(idx)}
-        else:  # x and its teacher signals come together (e.g. cached augmented views)
-            x, teacher_out = batch_source(idx, epoch)
-            x, kwargs = x.to(device), {"teacher_out": teacher_out}
-        y = labels[dev_idx]
+    for b, (x, y, kwargs, n_local) in enumerate(steps, start=pos.batch):
         if cuda and cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         optimizer.zero_grad(set_to_none=True)
@@ -334,32 +412,40 @@ def _run_epoch(
             raise ValueError("criterion's 'loss' has no gradient (computed under no_grad?)")
         names = list(parts)
         values = torch.stack([parts[k].detach().float().reshape(()) for k in names])
+        n_global = n_local
         if info.is_distributed:  # global-batch means; a NaN on any rank stops every rank
-            values = all_reduce_weighted_mean(values, idx.numel())[0]
+            values, total = all_reduce_weighted_mean(values, n_local)
+            n_global = round(total)
         values = values.tolist()
         record = dict(zip(names, values, strict=True))
         if not all(math.isfinite(v) for v in values):
             raise NonFiniteLossError(epoch + 1, b, record)
         # DDP averages gradients over ranks: W·B_r/B keeps an uneven last batch exact
-        scale = idx.numel() * info.world_size / whole.numel()
+        scale = n_local * info.world_size / n_global
         (parts["loss"] if scale == 1 else parts["loss"] * scale).backward()
         optimizer.step()
         for k, v in record.items():
-            sums[k] = sums.get(k, 0.0) + v * whole.numel()
-        seen += whole.numel()
+            sums[k] = sums.get(k, 0.0) + v * n_global
+        seen += n_global
         if on_batch is not None:
-            on_batch({"epoch": epoch + 1, "batch": b, "num_batches": len(batches), **record})
+            on_batch({"epoch": epoch + 1, "batch": b, "num_batches": num_batches, **record})
+        done, every = b + 1, cfg.checkpoint_every
+        if save is not None and every and done % every == 0 and done < num_batches:
+            save(_Position(done, dict(sums), seen, aug_state()))
+    if seen == 0:
+        raise ValueError(f"epoch {epoch + 1} had no batch to train on")
     return {k: v / seen for k, v in sums.items()}
 
 
 def fit(
     student: nn.Module,
     criterion: Callable[..., dict[str, Tensor]],
-    images: Tensor,
-    labels: Tensor,
+    images: Tensor | None,
+    labels: Tensor | None,
     cfg: TrainConfig,
     *,
     teacher: nn.Module | None = None,
+    stream: BatchStream | None = None,
     checkpoint_path: str | Path | None = None,
     device: str | torch.device = "cpu",
     on_epoch: Callable[[dict], None] | None = None,
@@ -374,7 +460,9 @@ def fit(
     and ``x`` ``[B, C, H, W]`` in [0, 1] (augmented per ``cfg.augment``), then
     ``parts["loss"].backward()`` and an SGD step. After every epoch the model, optimiser,
     scheduler, RNG state, config and history are saved atomically to ``checkpoint_path``; if
-    that file exists when ``fit`` starts, training resumes from it (``cfg.epochs`` may grow).
+    that file exists when ``fit`` starts, training resumes from it (``cfg.epochs`` may grow);
+    with ``cfg.checkpoint_every`` = k > 0 also every k steps, and a run killed mid-epoch
+    resumes at the step after its last checkpoint.
 
     Under torchrun (a process group initialised by :func:`kdiga.distributed.init_from_env`
     with world size W > 1) every rank calls ``fit`` alike: the student is wrapped in DDP, each
@@ -388,9 +476,13 @@ def fit(
         student: the model to train (moved to ``device``).
         criterion: ``(student, teacher, x, y, [teacher_out=]) -> dict`` with a "loss" scalar.
         images: uint8 ``[N, C, H, W]`` (or float in [0, 1]); held on ``device`` for the run.
-        labels: int ``[N]``.
+            None with ``stream``.
+        labels: int ``[N]`` (None with ``stream``).
         cfg: optimisation settings.
         teacher: moved to ``device``, put in eval mode and frozen (``requires_grad_(False)``).
+        stream: batches that come decoded and augmented (:class:`BatchStream`, e.g. streamed
+            from shards) instead of ``images``/``labels``; needs augment="none", no
+            ``teacher_cache`` and no ``batch_source``. Under DDP each rank passes its own.
         checkpoint_path: where to checkpoint and resume; None: no checkpoints.
         device: where to train; bf16 autocast and channels_last apply on CUDA only.
         on_epoch: called with each epoch's history record, after its checkpoint is saved.
@@ -411,10 +503,13 @@ def fit(
         NonFiniteLossError: a NaN or infinite loss part (epoch and batch named).
     """
     info = current()
-    images, labels = check_data(images, labels, "train")
+    if stream is not None:
+        _check_stream(stream, images, labels, cfg, teacher_cache, batch_source)
+    else:
+        images, labels = check_data(images, labels, "train")
     if val is not None:
         val = check_data(*val, "val")
-    if cfg.drop_last and labels.numel() < cfg.batch_size:
+    if stream is None and cfg.drop_last and labels.numel() < cfg.batch_size:
         raise ValueError(
             f"drop_last with N={labels.numel()} < batch_size={cfg.batch_size} leaves no batch"
         )
@@ -436,15 +531,17 @@ def fit(
             "x+delta): train it with teacher= and no teacher_cache/batch_source"
         )
     device = torch.device(device)
-    check_run(labels.numel(), cfg.batch_size, cfg.drop_last, info.world_size, criterion,
-              sync_bn=cfg.sync_bn, device=device)  # fmt: skip
+    n_train = stream.steps_per_epoch * cfg.batch_size if stream is not None else labels.numel()
+    check_run(n_train, cfg.batch_size, cfg.drop_last or stream is not None, info.world_size,
+              criterion, sync_bn=cfg.sync_bn, device=device)  # fmt: skip
     cuda = device.type == "cuda"
     student.to(device)
     if cuda and cfg.channels_last:
         student.to(memory_format=torch.channels_last)
     _prepare_teacher(teacher, device, cuda and cfg.channels_last)
     teacher = maybe_compile_teacher(teacher, cfg.compile_teacher, device)
-    images, labels = images.to(device), labels.to(device)
+    if stream is None:
+        images, labels = images.to(device), labels.to(device)
 
     optimizer = torch.optim.SGD(
         student.parameters(),
@@ -470,23 +567,44 @@ def fit(
         torch.random.fork_rng(devices=[] if cuda_index is None else [cuda_index]),
         contextlib.ExitStack() as stack,
     ):
-        start, history = 0, []
+        start, history, pos = 0, [], _Position()
         if resume:
             ckpt = _load_checkpoint(path, cfg)
             _restore_states(path, ckpt, student, optimizer, scheduler)
             start, history = ckpt["epoch"], list(ckpt["history"])
+            pos = _position(ckpt)
             _restore_rng(ckpt["rng"], info, cfg.seed + start, cuda_index)
-            logger.info("resuming from %s at epoch %d of %d", path, start, cfg.epochs)
+            at = f" step {pos.batch}" if pos.batch else ""
+            logger.info("resuming from %s at epoch %d%s of %d", path, start, at, cfg.epochs)
         else:
             _seed_rng(rank_seed(cfg.seed, info.rank), cuda_index)  # rank 0: cfg.seed
+
+        def save(epochs_done: int, at: _Position | None = None) -> None:
+            if path is None:
+                return
+            rngs = all_gather_object(_rng_state(cuda_index)) if info.is_distributed else None
+            if info.rank == 0:
+                _save_checkpoint(
+                    path, student, optimizer, scheduler, cfg, epochs_done, history, cuda_index,
+                    rngs, at,
+                )  # fmt: skip
+            barrier()
+
         model = stack.enter_context(data_parallel(student, device, sync_bn=cfg.sync_bn))
         for epoch in range(start, cfg.epochs):
             lr = optimizer.param_groups[0]["lr"]
             t0 = time.perf_counter()
+            if stream is not None:
+                source = _stream_steps(stream, epoch, device, pos)
+            else:
+                source = _memory_steps(
+                    images, labels, cfg, epoch, device, teacher_cache, batch_source, pos
+                )
             means = _run_epoch(
-                model, criterion, teacher, images, labels, cfg, epoch, optimizer, device,
-                teacher_cache, on_batch, batch_source,
+                model, criterion, teacher, source, cfg, epoch, optimizer, device, on_batch, pos,
+                lambda at, epoch=epoch: save(epoch, at),
             )  # fmt: skip
+            pos = _Position()
             scheduler.step()
             broadcast_buffers(student)  # DDP: rank 0's BatchNorm running stats everywhere
             record = {"epoch": epoch + 1, "lr": lr, **means}
@@ -494,19 +612,44 @@ def fit(
             if val is not None:
                 record["val_acc"] = evaluate(student, *val, device=device)
             history.append(record)
-            if path is not None:
-                rngs = all_gather_object(_rng_state(cuda_index)) if info.is_distributed else None
-                if info.rank == 0:
-                    _save_checkpoint(
-                        path, student, optimizer, scheduler, cfg, epoch + 1, history, cuda_index,
-                        rngs,
-                    )  # fmt: skip
-                barrier()
+            save(epoch + 1)
             if info.rank == 0:
                 logger.info("epoch %d/%d %s", epoch + 1, cfg.epochs, _fmt(record))
             if on_epoch is not None:
                 on_epoch(dict(record))
     return history
+
+
+def _check_stream(
+    stream: BatchStream,
+    images: Tensor | None,
+    labels: Tensor | None,
+    cfg: TrainConfig,
+    teacher_cache: Callable[[Tensor], Any] | None,
+    batch_source: Callable[[Tensor, int], tuple[Tensor, Any]] | None,
+) -> None:
+    """A stream replaces the in-memory data and its augmentation: refuse a mix of the two."""
+    if images is not None or labels is not None:
+        raise ValueError("pass either images and labels or stream=, not both")
+    if cfg.augment != "none":
+        raise ValueError(
+            f"stream= batches come augmented by their loader: augment={cfg.augment!r} needs "
+            "augment='none'"
+        )
+    if teacher_cache is not None or batch_source is not None:
+        raise ValueError("stream= takes no teacher_cache or batch_source (signals need indices)")
+    steps = getattr(stream, "steps_per_epoch", None)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"stream.steps_per_epoch must be an int >= 1, got {steps!r}")
+    check_same_on_all_ranks(steps, "stream.steps_per_epoch (every rank must take as many steps)")
+
+
+def _position(ckpt: Mapping[str, Any]) -> _Position:
+    """The mid-epoch position a checkpoint holds (step 0 of its epoch for an end-of-epoch one)."""
+    at = ckpt.get("position")
+    if not at:
+        return _Position()
+    return _Position(int(at["batch"]), dict(at["sums"]), int(at["seen"]), at.get("aug_state"))
 
 
 def _fmt(record: Mapping[str, float]) -> str:
@@ -523,6 +666,7 @@ def _save_checkpoint(
     history: list[dict[str, float]],
     cuda_index: int | None,
     rank_rngs: list[dict[str, Any]] | None = None,
+    position: _Position | None = None,
 ) -> None:
     rng = _rng_state(cuda_index)
     if rank_rngs is not None:  # DDP: every rank's stream, rank 0's also as the plain one
@@ -537,6 +681,13 @@ def _save_checkpoint(
         "config": dataclasses.asdict(cfg),
         "history": history,
     }
+    if position is not None and position.batch:  # mid-epoch: how far epoch `epoch` + 1 got
+        state["position"] = {
+            "batch": position.batch,
+            "sums": position.sums,
+            "seen": position.seen,
+            "aug_state": position.aug_state,
+        }
     atomic_torch_save(state, path)
 
 

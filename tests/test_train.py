@@ -153,6 +153,73 @@ def test_resume_gives_the_same_weights_as_one_run(tiny, tmp_path):
     assert _state_equal(again, whole)
 
 
+class ListStream:
+    """A BatchStream over in-memory tensors: a permutation per epoch, nothing else."""
+
+    def __init__(self, x, y, batch_size):
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.steps_per_epoch = len(y) // batch_size
+
+    def batches(self, epoch, start_batch=0):
+        perm = torch.randperm(len(self.y), generator=torch.Generator().manual_seed(epoch))
+        for k in range(start_batch, self.steps_per_epoch):
+            idx = perm[k * self.batch_size : (k + 1) * self.batch_size]
+            yield self.x[idx], self.y[idx]
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("source", ["memory", "stream"])
+def test_checkpoint_every_resumes_mid_epoch_with_the_same_weights(tiny, tmp_path, source):
+    """Interrupted at step 4 of epoch 2 with a checkpoint every 2 steps: the re-run starts at
+    step 2 of epoch 2 (augmentation, RNG and the epoch's loss sums restored) and ends where an
+    uninterrupted run ends, history included."""
+    x, y = tiny
+    augment = "crop" if source == "memory" else "none"
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05, milestones=(2,), augment=augment,
+                      checkpoint_every=2)  # fmt: skip
+    data = {"images": x, "labels": y} if source == "memory" else {
+        "images": None, "labels": None, "stream": ListStream(x, y, 16)}  # fmt: skip
+
+    def run(model, path, on_batch=None):
+        return fit(model, NoisyCE(), cfg=cfg, checkpoint_path=path, on_batch=on_batch, **data)
+
+    torch.manual_seed(0)
+    init = mlp(16, dropout=0.2)
+    whole = copy.deepcopy(init)
+    h_whole = run(whole, tmp_path / "a.pt")
+
+    def stop(info):
+        if (info["epoch"], info["batch"]) == (2, 3):
+            raise Stop
+
+    with pytest.raises(Stop):
+        run(copy.deepcopy(init), tmp_path / "b.pt", stop)
+    ckpt = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["position"]["batch"]) == (1, 2)
+    resumed = mlp(16, dropout=0.2)
+    torch.manual_seed(123)
+    h_resumed = run(resumed, tmp_path / "b.pt")
+    assert _state_equal(whole, resumed)
+    assert _no_time(h_whole) == _no_time(h_resumed)
+    assert "position" not in torch.load(tmp_path / "b.pt", weights_only=True)
+
+
+def test_stream_refuses_in_memory_settings(tiny):
+    x, y = tiny
+    stream = ListStream(x, y, 16)
+    cfg = TrainConfig(epochs=1, batch_size=16)
+    with pytest.raises(ValueError, match="either images and labels or stream"):
+        fit(mlp(16), CE(), x, y, cfg, stream=stream)
+    with pytest.raises(ValueError, match="augment='none'"):
+        fit(mlp(16), CE(), None, None, dataclasses.replace(cfg, augment="crop"), stream=stream)
+    stream.steps_per_epoch = 0
+    with pytest.raises(ValueError, match="steps_per_epoch must be an int >= 1"):
+        fit(mlp(16), CE(), None, None, cfg, stream=stream)
+
+
 def test_resume_refuses_another_config_or_a_later_checkpoint(tiny, tmp_path):
     x, y = tiny
     cfg = TrainConfig(epochs=2, batch_size=32, lr=0.05)
