@@ -4,6 +4,8 @@
 #
 #   snakemake --cores all                      # the default study, on CPU
 #   snakemake --cores all --resources gpu=4    # four GPU jobs at a time, one GPU each
+#   snakemake --cores all --resources gpu=8    # with distill.gpus_per_job: 4, two students at
+#                                              # a time, each a torchrun job on 4 GPUs
 #
 # Every job is one command shared with dvc.yaml (generated from the same table in
 # pipeline/dag.py); tests/test_dag.py checks that both describe the same jobs.
@@ -134,7 +136,7 @@ rule distill:
     log:
         dag.log_path("distill", "{sid}"),
     resources:
-        gpu=1,
+        gpu=lambda w: job("distill", w.sid).gpus,  # distill.gpus_per_job
     shell:
         "python -m pipeline.distill --model {wildcards.sid} --log {log}"
 

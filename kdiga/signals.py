@@ -39,8 +39,9 @@ reduced precisions store ``g / s`` with a per-(view, sample) float32 scale ``s =
 precision: the error of a sample's gradient, relative to its norm, was about 2e-4 in
 float16 and 1.5e-3 in bfloat16 (digits teacher, 600 gradients). Size of the gradients:
 ``K * N * C * H * W * bytes``; CIFAR-10 with 16 views in float16 is 16 * 50,000 * 3,072 * 2
-bytes = 4.9 GB (9.8 GB in float32). :func:`compute_signals` holds the set in memory once
-(compute it where that fits); :func:`load_signals` memory-maps the file by default
+bytes = 4.9 GB (9.8 GB in float32); :func:`signals_nbytes` gives the bytes of every stored
+tensor (logits included) before anything is computed. :func:`compute_signals` holds the set in
+memory once (compute it where that fits); :func:`load_signals` memory-maps the file by default
 (a private mapping of the file), so the set need not fit in a training job's memory: pages are
 read on demand and shared through the OS page cache by the jobs of a node (``verify=True``
 reads the whole file once to check its sha256).
@@ -56,8 +57,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,6 +197,24 @@ def view_params(n: int, view: int, augment: str, padding: int, seed: int) -> tup
     if augment == "crop_flip":
         flips = torch.rand(n, generator=gen) < 0.5
     return offsets, flips
+
+
+def signals_nbytes(
+    views: int, n: int, image_shape: Sequence[int], num_classes: int, grad_dtype: str
+) -> int:
+    """Bytes of the tensors a set of ``views`` views of ``n`` images stores (what
+    :func:`compute_signals` holds in memory and :func:`save_signals` writes; the file adds a
+    JSON header of a few kB): offsets int16 ``[K, N, 2]``, flips bool ``[K, N]``, logits
+    float32 ``[K, N, classes]``, grads ``[K, N, C, H, W]`` in ``grad_dtype`` and, unless
+    that is float32, grad_scale float32 ``[K, N]``. ``image_shape`` is ``(C, H, W)``."""
+    if grad_dtype not in GRAD_DTYPES:
+        raise ValueError(f"grad_dtype={grad_dtype!r}; allowed: {tuple(GRAD_DTYPES)}")
+    pixels = math.prod(int(d) for d in image_shape)
+    per_sample = 2 * 2 + 1 + 4 * int(num_classes)  # offsets, flips, logits
+    per_sample += pixels * GRAD_DTYPES[grad_dtype].itemsize
+    if grad_dtype != "float32":
+        per_sample += 4  # grad_scale
+    return int(views) * int(n) * per_sample
 
 
 def _tensor_bytes(t: Tensor) -> memoryview:

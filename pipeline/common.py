@@ -37,14 +37,26 @@ def parser(stage: str, description: str) -> argparse.ArgumentParser:
     return ap
 
 
+#: set by a stage that runs itself again as a torchrun job (pipeline.launch): its workers'
+#: rank 0 adds to the log file it started rather than truncating it
+LOG_APPEND_ENV = "KDIGA_LOG_APPEND"
+
+
 def _setup_logging(log_file: str | None) -> None:
+    """Log to stderr and to ``log_file``. Under torchrun (``RANK`` set) only rank 0 writes the
+    file, and every line names its rank; the file is opened for appending, so a launcher's
+    lines and its workers' never overwrite each other."""
+    rank = os.environ.get("RANK")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_file:
+    if log_file and rank in (None, "0"):
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file, mode="w"))
+        if not os.environ.get(LOG_APPEND_ENV):
+            Path(log_file).write_bytes(b"")
+        handlers.append(logging.FileHandler(log_file, mode="a"))
+    where = "" if rank is None else f"[rank {rank}] "
     logging.basicConfig(
         level=os.environ.get("KDIGA_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {where}%(name)s: %(message)s",
         handlers=handlers,
         force=True,
     )
@@ -65,6 +77,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from kdiga.train import NonFiniteLossError
     from kdiga.utils import ArtifactWriteError
     from pipeline.gpu import GpuSlotsError
+    from pipeline.launch import LaunchError
     from pipeline.provenance import ProvenanceError
 
     return (
@@ -78,6 +91,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ArtifactError,
         ArtifactWriteError,
         GpuSlotsError,
+        LaunchError,
         NonFiniteLossError,
     )
 
@@ -159,13 +173,49 @@ def manifest_path(split: str) -> Path:
 
 
 def load_split(split: str) -> tuple[Any, Any, dict]:
-    """A split from the shard stage: uint8 images [N, C, H, W], labels [N], its manifest."""
-    from kdiga.shards import load_sharded
+    """A split from the shard stage: uint8 images [N, C, H, W], labels [N], its manifest.
+
+    Image shards (ImageNet) are decoded with the evaluation view (resize, center crop); the
+    training split of those streams instead (:func:`train_data`)."""
+    from kdiga.shards import load_sharded, read_manifest
 
     path = manifest_path(split)
     if not path.exists():
         raise MissingInputError(f"{path} is missing: run the shard stage first")
+    if read_manifest(path).get("encoding") == "image":
+        from kdiga.stream import load_image_split
+
+        return load_image_split(path)
     return load_sharded(path)
+
+
+def train_data(params: Any, cfg: Any) -> tuple[dict, Any, dict]:
+    """The training split as :func:`kdiga.train.fit` takes it: ``(data, cfg, manifest)``.
+
+    ``data`` is ``{"images", "labels"}`` in memory, or for image shards ``{"images": None,
+    "labels": None, "stream": kdiga.stream.ShardBatches}`` with ``cfg.augment`` set to "none"
+    (the loader's RandomResizedCrop and flip are the augmentation; ``augment`` and
+    ``crop_padding`` apply to in-memory data)."""
+    import dataclasses
+
+    from kdiga.shards import read_manifest
+
+    path = manifest_path("train")
+    if not path.exists():
+        raise MissingInputError(f"{path} is missing: run the shard stage first")
+    manifest = read_manifest(path)
+    if manifest.get("encoding") != "image":
+        x, y, manifest = load_split("train")
+        return {"images": x, "labels": y}, cfg, manifest
+    from kdiga.stream import ShardBatches
+
+    s = params.shard
+    stream = ShardBatches(
+        path, batch_size=cfg.batch_size, image_size=int(manifest["image_size"]),
+        workers=s.workers, seed=cfg.seed, shuffle_buffer=s.shuffle_buffer,
+    )  # fmt: skip
+    cfg = dataclasses.replace(cfg, augment="none")
+    return {"images": None, "labels": None, "stream": stream}, cfg, manifest
 
 
 def data_info(manifest: dict) -> dict:
@@ -187,6 +237,7 @@ def train_config(section: Any, seed: int):
     return TrainConfig(
         **{k: get(k) for k in keys},
         milestones=tuple(get("milestones")),
+        checkpoint_every=get("checkpoint_every"),
         seed=seed,
         drop_last=True,  # train-mode BatchNorm fails on a last batch of one
     )

@@ -114,6 +114,7 @@ class Job:
     plots: list[str] = field(default_factory=list)
     args: dict[str, str] = field(default_factory=dict)  # the CLI arguments in cmd
     record: str = ""  # the output holding the job's provenance record (pipeline.provenance)
+    gpus: int = 1  # GPUs the job holds at once: the Snakefile's `resources: gpu=` (0: CPU only)
 
     @property
     def name(self) -> str:
@@ -177,7 +178,14 @@ def distill_param_keys(params: Study, model_id: str) -> list[str]:
         keys += ["distill.compile_teacher"]  # the teacher runs: compiled or not
     if uses_signals(params, job.method):
         keys += ["signals"]
-    return keys
+    if params.distill.gpus_per_job > 1:  # DDP splits each batch: another run than on one GPU
+        keys += ["distill.gpus_per_job"]  # (left out at 1, so records made before it hold)
+    return keys + stream_param_keys(params)
+
+
+def stream_param_keys(params: Study) -> list[str]:
+    """What the order of streamed training batches depends on (none for in-memory data)."""
+    return ["shard.workers", "shard.shuffle_buffer"] if params.shard.streamed else []
 
 
 def attack_param_keys(attack: str) -> list[str]:
@@ -212,7 +220,7 @@ def params_view(params: Study, keys: list[str]) -> str:
 
 def jobs(params: Study) -> list[Job]:
     """Every job of the study described by validated ``params``, in dependency order."""
-    out = [Job("shard", None, _cmd("shard"), [], [SHARDS], ["shard"], record=SHARDS_RECORD)]
+    out = [Job("shard", None, _cmd("shard"), [], [SHARDS], ["shard"], record=SHARDS_RECORD, gpus=0)]
     for t in teacher_ids(params):
         out.append(
             Job(
@@ -221,7 +229,7 @@ def jobs(params: Study) -> list[Job]:
                 _cmd("teacher", t, teacher=t),
                 teacher_deps(params, t),
                 [model_path(t), teacher_meta_path(t)],
-                [f"teachers.{t}"],
+                [f"teachers.{t}", *stream_param_keys(params)],
                 args={"teacher": t},
                 record=teacher_meta_path(t),
             )
@@ -254,6 +262,7 @@ def jobs(params: Study) -> list[Job]:
                 plots=[history_path(sid)],
                 args={"model": sid},
                 record=model_path(sid),
+                gpus=params.distill.gpus_per_job,
             )
         )
     attacks = params.attack.attacks
@@ -302,6 +311,7 @@ def jobs(params: Study) -> list[Job]:
             metrics=[METRICS],
             plots=[PLOT_CSV],
             record=REPORT_RECORD,
+            gpus=0,
         )
     )
     return out

@@ -7,9 +7,15 @@ The method's loss, its settings and whether it needs the teacher come from the m
 at the clean input train from that teacher's cached signals (stage signals): each epoch a
 sample gets one of its K stored views, and the teacher is never run.
 
-One run over several GPUs or nodes: ``torchrun --nproc_per_node=N -m pipeline.distill
---model <id>``. The batch size is then the global batch (divisible by N); every rank trains
-on its slice through DistributedDataParallel and rank 0 writes the outputs.
+One run over several GPUs: ``distill.gpus_per_job: N`` (> 1). The job then holds N GPUs of the
+slot pool at once and runs its own command again as a torchrun job of N workers in them
+(:mod:`pipeline.launch`); Snakemake counts its N GPUs (``resources: gpu=N``). Over several
+nodes: ``python -m pipeline.launch <id> --nnodes M`` prints a SLURM batch script (torchrun
+under ``srun``, c10d rendezvous). A run started by torchrun directly (``torchrun
+--nproc-per-node=N -m pipeline.distill -- --model <id> --log <file>``; the ``--`` keeps
+torchrun from reading ``--log`` as its own ``--log-dir``) trains as it is. The batch size is the
+global batch (divisible by the number of workers); every rank trains on its slice through
+DistributedDataParallel and rank 0 writes the outputs.
 """
 
 from __future__ import annotations
@@ -17,9 +23,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import sys
 import time
 
-from pipeline import dag
+from pipeline import dag, launch
 from pipeline.common import (
     begin,
     checkpoint_path,
@@ -30,10 +37,11 @@ from pipeline.common import (
     log,
     run,
     train_config,
+    train_data,
     write_json,
     write_timing,
 )
-from pipeline.params import StudentJob, Study, parse_student_id
+from pipeline.params import ParamError, StudentJob, Study, parse_student_id
 from pipeline.provenance import seal
 
 
@@ -95,10 +103,60 @@ def build_student(params: Study, job: StudentJob, info: dict):
     return model.requires_grad_(True)  # loaded frozen, as a teacher: train it
 
 
-def body(args: argparse.Namespace, params: dict) -> None:
+def stage_argv(args: argparse.Namespace) -> list[str]:
+    """This job's own arguments (``--model``, and ``--params`` and ``--log`` when given)."""
+    argv = ["--model", args.model]
+    argv += ["--params", args.params] if args.params else []
+    return argv + (["--log", args.log] if args.log else [])
+
+
+def check_world(params: Study, job: StudentJob, world: int) -> None:
+    """Refuse, before any worker starts, a student that cannot be split over ``world`` ranks
+    (:func:`kdiga.distributed.check_run`: a batch not divisible by it, a batch_frobenius IGA
+    term, ...).
+
+    Raises:
+        ParamError: naming ``distill.gpus_per_job`` and what is wrong.
+    """
+    import torch
+
+    from kdiga.distributed import check_run
+    from kdiga.losses import build_loss
+    from kdiga.methods import get_method
+
+    method = get_method(job.method)
+    criterion = build_loss(method.name, **method.settings(params.value("distill")))
+    cfg = train_config(params.train_settings(job.student), job.seed)
+    try:  # N = one batch: the final-batch rule is drop_last's, checked by fit itself
+        check_run(cfg.batch_size, cfg.batch_size, cfg.drop_last, world, criterion,
+                  sync_bn=cfg.sync_bn, device=torch.device("cuda"))  # fmt: skip
+    except ValueError as err:
+        raise ParamError("distill.gpus_per_job", world, f"for {job.id}: {err}") from None
+
+
+def launch_ddp(args: argparse.Namespace, params: Study, gpus: int) -> bool:
+    """Run this job again as a torchrun job on ``gpus`` held GPUs (:mod:`pipeline.launch`):
+    True once it has succeeded, False (nothing run) without a GPU."""
+    job = parse_student_id(params, args.model)
+    check_world(params, job, gpus)
+    begin(params, "distill", args.model)  # a stale input stops here once, not once per rank
+    return launch.run_torchrun("pipeline.distill", stage_argv(args), gpus)
+
+
+def body(args: argparse.Namespace, params: Study) -> None:
     from kdiga.distributed import barrier, init_from_env, shutdown
 
+    gpus = params.distill.gpus_per_job
+    if gpus > 1 and not launch.under_torchrun():
+        if launch_ddp(args, params, gpus):
+            return
+        log.warning("distill.gpus_per_job is %d but there is no GPU: training in this one "
+                    "process, on the CPU", gpus)  # fmt: skip
     info = init_from_env()  # a no-op unless launched by torchrun
+    if info.is_distributed and info.world_size != gpus:
+        log.warning("%d workers train %s but distill.gpus_per_job is %d: set it to the "
+                    "number of workers, so that the model's record says how it was trained",
+                    info.world_size, args.model, gpus)  # fmt: skip
     try:
         distill(args.model, params, info)
         barrier()
@@ -117,13 +175,13 @@ def distill(model_id: str, params: Study, info) -> None:
     job = parse_student_id(params, model_id)
     method = get_method(job.method)
     provenance = begin(params, "distill", model_id)
-    x, y, manifest = load_split("train")
+    cfg = train_config(params.train_settings(job.student), job.seed)
+    cfg = dataclasses.replace(cfg, compile_teacher=params.distill.compile_teacher)
+    data, cfg, manifest = train_data(params, cfg)
     val = load_split("val")[:2]
     seed_everything(job.seed)  # the student's seed: its init and every draw of its training
     model = build_student(params, job, data_info(manifest))
     criterion = build_loss(method.name, **method.settings(params.value("distill")))
-    cfg = train_config(params.train_settings(job.student), job.seed)
-    cfg = dataclasses.replace(cfg, compile_teacher=params.distill.compile_teacher)
     teacher, cached = None, dag.uses_signals(params, job.method)
     if job.teacher is not None:
         teacher_sha = sha256_file(dag.model_path(job.teacher))
@@ -135,11 +193,12 @@ def distill(model_id: str, params: Study, info) -> None:
     with _device(info) as dev:
         extra = {}
         if cached:
+            x, y = data["images"], data["labels"]
             extra["batch_source"] = _signal_cache(params, job, x, y, teacher_sha, dev)
             cfg = dataclasses.replace(cfg, augment="none")  # the cache holds the views
         start = time.perf_counter()
-        history = fit(model, criterion, x, y, cfg, teacher=teacher, checkpoint_path=ckpt,
-                      device=dev, val=val, **extra)  # fmt: skip
+        history = fit(model, criterion, cfg=cfg, teacher=teacher, checkpoint_path=ckpt,
+                      device=dev, val=val, **data, **extra)  # fmt: skip
         seconds = time.perf_counter() - start
         # fit measured it after the last epoch; a run of 0 epochs has no history
         val_acc = history[-1]["val_acc"] if history else evaluate(model, *val, device=dev)
@@ -168,6 +227,10 @@ def distill(model_id: str, params: Study, info) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--"]:  # torchrun ... -m pipeline.distill -- <args> (pipeline.launch)
+        argv = argv[1:]
+
     def add(ap: argparse.ArgumentParser) -> None:
         ap.add_argument(
             "--model", required=True, help="student id <teacher>--<method>--<student>--s<seed>"

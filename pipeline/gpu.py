@@ -24,20 +24,30 @@ by default; set ``KDIGA_GPU_LOCK_DIR`` when ``/tmp`` is private per job or per u
 Which devices make up the pool, first match wins:
 
 1. Inside a slot held by a parent process (the CLI, or any ancestor calling :func:`gpu_slot`):
-   that device, without locking again.
+   that device (or that set of devices), without locking again.
 2. ``n_slots`` argument: devices ``"0" .. str(n_slots - 1)``.
 3. ``KDIGA_GPU_SLOTS``: a comma-separated list of device ids (``"4,5"`` hands out ``"4"`` and
    ``"5"``; use a trailing comma, ``"4,"``, for a single id) or a bare count (``"4"`` means
    ``"0,1,2,3"``; ``"0"`` means none). An id is a CUDA ordinal (below 1024) or a GPU/MIG UUID
    (``GPU-...``, ``MIG-...``); a count is at most 1024. Anything else is refused with a
    :class:`GpuSlotsError` (a ``ValueError``) naming the value and the allowed forms.
-4. ``CUDA_VISIBLE_DEVICES`` already set (by SLURM, for instance): one device is this job's own
-   and is yielded without locking; several are shared as a pool; none (``""``) means CPU.
+4. ``CUDA_VISIBLE_DEVICES`` already set (by SLURM, for instance): as many devices as the job
+   takes (one; N for ``gpu_slots(N)``) are this job's own and are yielded without locking; more
+   are shared as a pool; none (``""``) means CPU.
 5. ``torch.cuda.device_count()`` devices (counted through NVML, which does not initialise
    CUDA in this process); zero means CPU: yield ``None`` and leave the environment alone.
 
 Each :func:`gpu_slot` entered in one process takes its own slot (its own device); a process
 started inside a slot (``KDIGA_GPU_HELD`` names the holder) shares its parent's device.
+
+Several devices for one job (a DDP run, ``distill.gpus_per_job``): :func:`gpu_slots` (CLI:
+``--gpus N``) holds N distinct devices of the pool at once, all or none, and sets
+``CUDA_VISIBLE_DEVICES`` to the N ids comma-joined (``"0,1,2,3"``). Each attempt try-locks
+the pool's devices in sorted order without blocking and, short of N, releases what it took
+before waiting (:func:`acquire_slots`): no job ever waits while holding part of a set, so two
+jobs can never each hold half of what they need. A ``CUDA_VISIBLE_DEVICES`` of exactly N
+devices (SLURM's ``--gpus=N``) is the job's own and used without locking; a pool smaller than
+N is refused with a :class:`GpuSlotsError` naming both numbers.
 
 ``CUDA_VISIBLE_DEVICES`` only binds CUDA if it is set before CUDA initialises in a process, so
 enter the slot before touching ``torch.cuda`` (then the device is ``cuda:0`` inside), or run
@@ -52,13 +62,14 @@ import errno
 import fcntl
 import logging
 import os
+import random
 import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -67,7 +78,7 @@ logger = logging.getLogger(__name__)
 SLOTS_ENV = "KDIGA_GPU_SLOTS"
 LOCK_DIR_ENV = "KDIGA_GPU_LOCK_DIR"
 VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
-HELD_ENV = "KDIGA_GPU_HELD"  # "<pid>:<device>" of the process holding the lock, for children
+HELD_ENV = "KDIGA_GPU_HELD"  # "<pid>:<id>[,<id>...]" of the process holding the locks
 
 _DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
 # What KDIGA_GPU_SLOTS may list: CUDA ordinals, or GPU/MIG UUIDs as CUDA_VISIBLE_DEVICES takes.
@@ -82,6 +93,10 @@ _SLOTS_FORMS = (
 )
 # CUDA_VISIBLE_DEVICES as it was before each slot this process holds now, outermost first.
 _HELD_HERE: list[str | None] = []
+# A waiter for several devices pauses poll, 2 * poll, ... up to this many polls between tries.
+MAX_BACKOFF_POLLS = 8
+# Jitter of those pauses: independent of the stages' seeded global RNG (equal in every job).
+_JITTER = random.SystemRandom()
 
 
 def default_lock_dir() -> Path:
@@ -178,12 +193,13 @@ def _inherited(visible: str | None) -> str | None:
     return None
 
 
-def _resolve_pool(n_slots: int | None) -> tuple[list[str], bool]:
-    """(device ids, whether to lock): see the module docstring for the order of the sources."""
+def _resolve_pool(n_slots: int | None, gpus: int = 1) -> tuple[list[str], bool]:
+    """(device ids, whether to lock) for a job of ``gpus`` devices: see the module docstring
+    for the order of the sources."""
     visible = os.environ.get(VISIBLE_ENV)
     device = _inherited(visible)
     if device is not None:
-        return [device], False
+        return device.split(","), False
     if n_slots is not None:
         if (
             isinstance(n_slots, bool)
@@ -201,7 +217,7 @@ def _resolve_pool(n_slots: int | None) -> tuple[list[str], bool]:
         visible = _HELD_HERE[0]
     if visible is not None:
         ids = parse_visible(visible)
-        return ids, len(ids) > 1
+        return ids, len(ids) > gpus
     with _env(VISIBLE_ENV, None):  # count all devices, not the one an outer holder set
         count = _cuda_device_count()
     return [str(i) for i in range(count)], True
@@ -218,8 +234,11 @@ def _open_lock(path: Path) -> int:
         return os.open(path, os.O_RDONLY)
 
 
-def _try_lock(path: Path) -> int | None:
-    """Open and flock ``path`` without blocking: the descriptor, or None if it is held."""
+def _try_lock(path: Path, *, record: bool = True) -> int | None:
+    """Open and flock ``path`` without blocking: the descriptor, or None if it is held.
+
+    ``record`` writes who holds it into the file (:func:`_record_holder`).
+    """
     fd = _open_lock(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -228,11 +247,17 @@ def _try_lock(path: Path) -> int | None:
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             return None
         raise
-    with contextlib.suppress(OSError):  # who holds it, for humans and error messages only
+    if record:
+        _record_holder(fd)
+    return fd
+
+
+def _record_holder(fd: int) -> None:
+    """Write this process into a held lock file: for humans and error messages only."""
+    with contextlib.suppress(OSError):
         info = f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n"
         os.ftruncate(fd, 0)
         os.pwrite(fd, info.encode(), 0)
-    return fd
 
 
 def _holders(lock_dir: Path, ids: Sequence[str]) -> str:
@@ -283,6 +308,104 @@ def acquire_slot(
         time.sleep(poll)
 
 
+def _device_order(device: str) -> tuple[int, int, str]:
+    """Sort key of device ids: CUDA ordinals by number, then UUIDs by name."""
+    return (0, int(device), "") if device.isdigit() else (1, 0, device)
+
+
+def _too_few(gpus: int, ids: Sequence[str]) -> GpuSlotsError:
+    return GpuSlotsError(
+        f"a job of {gpus} GPUs needs {gpus} devices at once, but the pool has only "
+        f"{len(ids)}: {list(ids)}; give it at least {gpus} devices ({SLOTS_ENV}, "
+        f"{VISIBLE_ENV}, n_slots) or ask for at most {len(ids)} GPUs per job "
+        f"(distill.gpus_per_job, --gpus)"
+    )
+
+
+def _try_lock_set(lock_dir: Path, order: Sequence[str], n: int) -> list[tuple[str, int]]:
+    """One non-blocking attempt at ``n`` devices of ``order``, taken in that order: the
+    (device, descriptor) pairs, or [] with every lock it took released again."""
+    held: list[tuple[str, int]] = []
+    try:
+        for device in order:
+            fd = _try_lock(_lock_path(lock_dir, device), record=False)
+            if fd is not None:
+                held.append((device, fd))
+                if len(held) == n:
+                    for _, taken in held:
+                        _record_holder(taken)
+                    return held
+    except BaseException:
+        for _, taken in held:
+            os.close(taken)
+        raise
+    for _, taken in held:
+        os.close(taken)
+    return []
+
+
+def acquire_slots(
+    ids: Sequence[str],
+    lock_dir: Path,
+    n: int,
+    *,
+    timeout: float | None = None,
+    poll: float = 0.2,
+) -> tuple[list[str], list[int]]:
+    """Lock ``n`` distinct devices of ``ids`` at once, all or none: (devices, descriptors).
+
+    Each attempt try-locks the devices in sorted order without blocking and stops at ``n``;
+    short of ``n`` it releases every lock it took before waiting, so a waiter never holds part
+    of a set. The pause between attempts starts at ``poll`` s and doubles up to
+    ``MAX_BACKOFF_POLLS * poll``, each drawn from its upper half at random, so that two waiters
+    do not keep colliding in step. ``n == 1`` is :func:`acquire_slot`. The caller releases the
+    devices by closing the descriptors.
+
+    Raises:
+        GpuSlotsError: ``n`` is not an int from 1 to ``len(ids)`` (naming both numbers).
+        TimeoutError: no ``n`` devices were free together within ``timeout`` seconds (None:
+            wait forever).
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise GpuSlotsError(f"the number of GPUs to hold at once must be an int >= 1, got {n!r}")
+    if n > len(ids):
+        raise _too_few(n, ids)
+    if n == 1:
+        device, fd = acquire_slot(ids, lock_dir, timeout=timeout, poll=poll)
+        return [device], [fd]
+    lock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    order = sorted(ids, key=_device_order)
+    start = time.monotonic()
+    delay, waiting_logged = poll, False
+    while True:
+        held = _try_lock_set(lock_dir, order, n)
+        if held:
+            devices = [device for device, _ in held]
+            logger.info(
+                "GPU slots %s acquired after %.1f s (pid %d, locks in %s)",
+                ",".join(devices),
+                time.monotonic() - start,
+                os.getpid(),
+                lock_dir,
+            )
+            return devices, [fd for _, fd in held]
+        waited = time.monotonic() - start
+        left = None if timeout is None else timeout - waited
+        if left is not None and left <= 0:
+            raise TimeoutError(
+                f"no {n} free GPU slots at once after {waited:.1f} s (timeout {timeout} s) in "
+                f"the pool {list(ids)} (locks in {lock_dir}; last recorded holders below). Wait "
+                f"for jobs to finish, raise the timeout, or list more devices in {SLOTS_ENV}."
+                f"\n{_holders(lock_dir, ids)}"
+            )
+        if not waiting_logged:
+            logger.info("Fewer than %d of the GPU slots %s free; waiting", n, list(ids))
+            waiting_logged = True
+        pause = delay * _JITTER.uniform(0.5, 1.0)
+        time.sleep(pause if left is None else min(pause, left))
+        delay = min(2 * delay, MAX_BACKOFF_POLLS * poll)
+
+
 def _set_env(name: str, value: str | None) -> None:
     if value is None:
         os.environ.pop(name, None)
@@ -316,47 +439,87 @@ def gpu_slot(
     bounds the wait for a free slot, then ``TimeoutError``; ``poll`` is the retry interval.
     ``os.environ`` is per process: use the yielded id, not the variable, across threads.
     """
-    with _hold(n_slots=n_slots, lock_dir=lock_dir, timeout=timeout, poll=poll) as (device, _):
-        yield device
+    with _hold(n_slots=n_slots, lock_dir=lock_dir, timeout=timeout, poll=poll) as (devices, _):
+        yield None if devices is None else devices[0]
+
+
+@contextmanager
+def gpu_slots(
+    gpus: int,
+    *,
+    n_slots: int | None = None,
+    lock_dir: str | Path | None = None,
+    timeout: float | None = None,
+    poll: float = 0.2,
+) -> Iterator[list[str] | None]:
+    """Hold ``gpus`` distinct GPUs of the pool at once for the ``with`` block, all or none;
+    yield their ids (``["0", "1"]``) or None (CPU).
+
+    While held, ``CUDA_VISIBLE_DEVICES`` lists them comma-joined (restored afterwards); child
+    processes started inside share them (a torchrun job's workers take one each, by
+    ``LOCAL_RANK``). Waiting, ``timeout`` and ``poll`` as in :func:`acquire_slots`.
+
+    Raises:
+        GpuSlotsError: the pool has fewer than ``gpus`` devices (naming both numbers).
+        ValueError: ``gpus`` is not an int >= 1, or a bad ``timeout`` or ``poll``.
+    """
+    held = _hold(gpus=gpus, n_slots=n_slots, lock_dir=lock_dir, timeout=timeout, poll=poll)
+    with held as (devices, _):
+        yield devices
 
 
 @contextmanager
 def _hold(
-    *, n_slots: int | None, lock_dir: str | Path | None, timeout: float | None, poll: float
-) -> Iterator[tuple[str | None, int | None]]:
-    """:func:`gpu_slot`, also yielding the lock descriptor (None when nothing was locked)."""
+    *,
+    n_slots: int | None,
+    lock_dir: str | Path | None,
+    timeout: float | None,
+    poll: float,
+    gpus: int = 1,
+) -> Iterator[tuple[list[str] | None, list[int]]]:
+    """:func:`gpu_slots`, also yielding the lock descriptors (none when nothing was locked)."""
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1:
+        raise ValueError(f"gpus must be an int >= 1 (devices held at once), got {gpus!r}")
     if timeout is not None and timeout < 0:
         raise ValueError(f"timeout must be >= 0 seconds or None (wait forever), got {timeout}")
     if not poll > 0:
         raise ValueError(f"poll must be > 0 seconds, got {poll}")
-    ids, lock = _resolve_pool(n_slots)
+    ids, lock = _resolve_pool(n_slots, gpus)
     if not ids:
         logger.info("No GPU slots (no %s, no CUDA device): running on the CPU", SLOTS_ENV)
-        yield None, None
+        yield None, []
         return
+    if len(ids) < gpus:
+        raise _too_few(gpus, ids)
     if not lock:
-        logger.info("Using GPU %s given to this job (%s), no slot lock", ids[0], VISIBLE_ENV)
-        yield ids[0], None
+        devices = ids[:gpus]
+        logger.info(
+            "Using GPU %s given to this job (%s), no slot lock", ",".join(devices), VISIBLE_ENV
+        )
+        yield devices, []
         return
     _warn_if_cuda_initialised()
-    device, fd = acquire_slot(
+    devices, fds = acquire_slots(
         ids,
         Path(lock_dir) if lock_dir is not None else default_lock_dir(),
+        gpus,
         timeout=timeout,
         poll=poll,
     )
+    held = ",".join(devices)
     saved = {name: os.environ.get(name) for name in (VISIBLE_ENV, HELD_ENV)}
     _HELD_HERE.append(saved[VISIBLE_ENV])
     try:
-        os.environ[VISIBLE_ENV] = device
-        os.environ[HELD_ENV] = f"{os.getpid()}:{device}"
-        yield device, fd
+        os.environ[VISIBLE_ENV] = held
+        os.environ[HELD_ENV] = f"{os.getpid()}:{held}"
+        yield devices, fds
     finally:
         _HELD_HERE.pop()
         for name, value in saved.items():
             _set_env(name, value)
-        os.close(fd)  # releases the flock (the kernel also does it if we die first)
-        logger.info("GPU slot %s released", device)
+        for fd in fds:
+            os.close(fd)  # releases the flock (the kernel also does it if we die first)
+        logger.info("GPU slot%s %s released", "s" if len(devices) > 1 else "", held)
 
 
 def _warn_if_cuda_initialised() -> None:
@@ -370,12 +533,38 @@ def _warn_if_cuda_initialised() -> None:
         )
 
 
-def _run_child(command: Sequence[str], fd: int | None) -> int:
+def run_in_slots(
+    command: Sequence[str],
+    gpus: int,
+    *,
+    extra_env: Mapping[str, str] | None = None,
+    n_slots: int | None = None,
+    lock_dir: str | Path | None = None,
+    timeout: float | None = None,
+    poll: float = 0.2,
+) -> int | None:
+    """Run ``command`` holding ``gpus`` devices (:func:`gpu_slots`), with ``extra_env`` added
+    to its environment: its exit status (128 + N if killed by signal N), or None when there is
+    no GPU (nothing is run: the caller does the work on the CPU).
+
+    As with the CLI, the child inherits the locks (the devices stay locked while it runs, even
+    if this process is killed first) and SIGTERM/SIGHUP are forwarded to it.
+    """
+    held = _hold(gpus=gpus, n_slots=n_slots, lock_dir=lock_dir, timeout=timeout, poll=poll)
+    with held as (devices, fds):
+        if devices is None:
+            return None
+        return _run_child(command, fds, env={**os.environ, **(extra_env or {})})
+
+
+def _run_child(
+    command: Sequence[str], fds: Sequence[int], env: Mapping[str, str] | None = None
+) -> int:
     """Run ``command``, forwarding SIGTERM/SIGHUP; its exit status (128 + signal if killed)."""
     try:
-        # The child inherits the lock descriptor: the device stays locked while it runs, even
+        # The child inherits the lock descriptors: the devices stay locked while it runs, even
         # if this wrapper is killed first.
-        child = subprocess.Popen(list(command), pass_fds=(fd,) if fd is not None else ())
+        child = subprocess.Popen(list(command), pass_fds=tuple(fds), env=env)
     except FileNotFoundError:
         print(f"pipeline.gpu: command not found: {command[0]}", file=sys.stderr)
         return 127
@@ -404,10 +593,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI: ``python -m pipeline.gpu [options] -- <command ...>`` runs the command in a slot."""
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.gpu",
-        description="Run a command holding a free GPU slot, with CUDA_VISIBLE_DEVICES set to it. "
+        description="Run a command holding a free GPU slot (--gpus N: N at once), with "
+        "CUDA_VISIBLE_DEVICES set to it (the N ids, comma-joined). "
         "The exit status is the command's (128 + N if killed by signal N).",
     )
     parser.add_argument("--n-slots", type=int, default=None, help=f"pool size (else ${SLOTS_ENV})")
+    parser.add_argument(
+        "--gpus", type=int, default=1, help="devices to hold at once, all or none (default 1)"
+    )
     parser.add_argument("--lock-dir", default=None, help=f"lock directory (else ${LOCK_DIR_ENV})")
     parser.add_argument("--timeout", type=float, default=None, help="max seconds to wait")
     parser.add_argument("--poll", type=float, default=0.2, help="seconds between retries")
@@ -418,9 +611,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("no command given: python -m pipeline.gpu -- <command ...>")
     try:
         with _hold(
-            n_slots=args.n_slots, lock_dir=args.lock_dir, timeout=args.timeout, poll=args.poll
-        ) as (_, fd):
-            return _run_child(command, fd)
+            gpus=args.gpus,
+            n_slots=args.n_slots,
+            lock_dir=args.lock_dir,
+            timeout=args.timeout,
+            poll=args.poll,
+        ) as (_, fds):
+            return _run_child(command, fds)
     except (TimeoutError, ValueError) as exc:
         print(f"pipeline.gpu: {exc}", file=sys.stderr)
         return 75  # EX_TEMPFAIL

@@ -47,6 +47,9 @@ NAME_RE = r"[A-Za-z0-9]([A-Za-z0-9_-]*[A-Za-z0-9_])?"
 # What the shard stage writes for each dataset (kdiga.data's defaults): the models are built for it.
 DATASET_CHANNELS = {"digits": 1, "cifar10": 3, "imagenet": 3, "synthetic": 3}
 DATASET_CLASSES = {"digits": 10, "cifar10": 10, "imagenet": 1000, "synthetic": 10}
+#: datasets written as shards of their image files and streamed while training (kdiga.stream)
+STREAMED_DATASETS = ("imagenet",)
+MAX_CLASSES = 100_000
 
 # Upper bounds where a huge value would only waste a run (or overflow later).
 SEED_MAX = 2**63 - 1
@@ -56,6 +59,7 @@ MAX_RESTARTS = 1_000
 MAX_BATCH = 2**20
 MAX_VIEWS = 1_024
 MAX_IMAGE_SIZE = 4_096
+MAX_GPUS = 1_024  # devices one student trains on (pipeline.gpu.MAX_SLOTS)
 
 
 class ParamError(ValueError):
@@ -200,10 +204,14 @@ _REQUIRED = dataclasses.MISSING
 Check = Callable[[str, Any], Any]
 
 
-def key(default: Any = _REQUIRED, check: Check | None = None, doc: str = "") -> Any:
+def key(
+    default: Any = _REQUIRED, check: Check | None = None, doc: str = "", *, results: bool = True
+) -> Any:
     """One params key: its default (omit it for a required key), its check ``(key, value) ->
-    parsed value`` raising :class:`ParamError`, and a one-line description."""
-    meta = {"check": check, "doc": doc}
+    parsed value`` raising :class:`ParamError`, and a one-line description. ``results=False``:
+    outputs do not depend on it (how often to checkpoint), so it is left out of
+    :meth:`Study.value` and of the params views that decide what is current."""
+    meta = {"check": check, "doc": doc, "results": results}
     if default is _REQUIRED:
         return field(metadata=meta)
     if isinstance(default, list | dict):
@@ -439,6 +447,16 @@ class Shard:
     test_samples: int | None = key(300, optional(integer(1)), "evaluate on this many random "
                                    "test images (null: all)")  # fmt: skip
     max_per_shard: int = key(10000, integer(1), "images per WebDataset shard")
+    num_classes: int | None = key(None, optional(integer(2, MAX_CLASSES)), "null: the dataset's "
+                                  "own (imagenet 1000); an ImageFolder root with another number "
+                                  "of class folders sets it")  # fmt: skip
+    resize_short: int | None = key(None, optional(integer(1, MAX_IMAGE_SIZE)), "imagenet: store "
+                                   "images whose short side is longer shrunk to this side "
+                                   "(null: the original JPEG bytes)")  # fmt: skip
+    workers: int = key(2, integer(0, 256), "imagenet: DataLoader workers that decode and "
+                       "augment streamed shards (the batch order depends on it)")  # fmt: skip
+    shuffle_buffer: int = key(1000, integer(0, 10_000_000), "imagenet: samples in each "
+                              "worker's shuffle buffer while training")  # fmt: skip
     seed: int = key(
         0,
         integer(0, SEED_MAX),
@@ -451,6 +469,23 @@ class Shard:
             raise ParamError(
                 f"{prefix}.root", None, f"dataset {self.dataset} needs the path to its local root"
             )
+        if self.num_classes is not None and self.dataset != "imagenet":
+            raise ParamError(
+                f"{prefix}.num_classes",
+                self.num_classes,
+                f"only an imagenet (ImageFolder) root may set its number of classes; "
+                f"{self.dataset} has {DATASET_CLASSES[self.dataset]}: use null",
+            )
+
+    @property
+    def streamed(self) -> bool:
+        """The training split streams from shards of image files (ImageNet, any ImageFolder)."""
+        return self.dataset in STREAMED_DATASETS
+
+    @property
+    def classes(self) -> int:
+        """The number of classes: ``num_classes``, or the dataset's own."""
+        return self.num_classes or DATASET_CLASSES[self.dataset]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -465,6 +500,11 @@ class Training:
     milestones: list = key([10], _milestones, "epochs at which the lr is divided by 10")
     augment: str = key("crop", choice(*AUGMENTS), "none, crop or crop_flip")
     crop_padding: int = key(2, integer(0), "pixels of padding of the random crop")
+    # not in TRAIN_KEYS nor in any params view: the weights do not depend on it
+    checkpoint_every: int = key(0, integer(0, MAX_STEPS), "also checkpoint every that many "
+                                "steps within an epoch, to resume mid-epoch (0: at the end of "
+                                "each epoch only); results do not depend on it",
+                                results=False)  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -572,6 +612,9 @@ class Distill(Training):
     compile_teacher: bool = key(False, flag, "the teacher's forward and input gradient "
                                 "through torch.compile (CUDA only; a compile of tens of "
                                 "seconds per job against a saving per step)")  # fmt: skip
+    gpus_per_job: int = key(1, integer(1, MAX_GPUS), "GPUs that train one student together: "
+                            "> 1 runs it as one torchrun/DDP job holding that many devices "
+                            "(the global batch is split between them)")  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -584,6 +627,9 @@ class Signals:
     schedule: str = key("cycle", choice(*SCHEDULES), "cycle: each view once per K epochs | "
                         "random")  # fmt: skip
     batch_size: int = key(256, integer(1, MAX_BATCH), "images per teacher call")
+    max_gb: float = key(20.0, number(strict=True), "the stage refuses to compute a signals file "
+                        "larger than this (GB: views x images x C x H x W x bytes, plus "
+                        "logits)", results=False)  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -677,14 +723,14 @@ class Study:
         s, d = self.students[student], self.distill
         out = {k: getattr(d, k) for k in TRAIN_KEYS}
         out |= {k: getattr(s, k) for k in OPTIMISER_KEYS if getattr(s, k) is not None}
-        return out
+        return out | {"checkpoint_every": d.checkpoint_every}
 
     @property
     def data(self) -> dict:
         """num_classes, in_chans and image_size the models are built for."""
         ds = self.shard.dataset
         return {
-            "num_classes": DATASET_CLASSES[ds],
+            "num_classes": self.shard.classes,
             "in_chans": DATASET_CHANNELS[ds],
             "image_size": self.shard.image_size,
         }
@@ -692,7 +738,11 @@ class Study:
 
 def _plain(v: Any) -> Any:
     if dataclasses.is_dataclass(v):
-        return {f.name: _plain(getattr(v, f.name)) for f in dataclasses.fields(v) if f.init}
+        return {
+            f.name: _plain(getattr(v, f.name))
+            for f in dataclasses.fields(v)
+            if f.init and f.metadata.get("results", True)
+        }
     if isinstance(v, dict):
         return {k: _plain(x) for k, x in v.items()}
     if isinstance(v, list | tuple):
@@ -753,7 +803,7 @@ def _check_study(p: Study) -> None:
 def _check_data_fit(p: Study) -> None:
     """Checks that need the dataset: crop padding vs image size, normalisation lengths, classes."""
     dataset, size = p.shard.dataset, p.shard.image_size
-    chans, classes = DATASET_CHANNELS[dataset], DATASET_CLASSES[dataset]
+    chans, classes = DATASET_CHANNELS[dataset], p.shard.classes
     sections = [(f"teachers.{n}.train", t.train) for n, t in p.teachers.items()]
     for k, sec in [*sections, ("distill", p.distill)]:
         if sec.augment in ("crop", "crop_flip") and sec.crop_padding >= size:

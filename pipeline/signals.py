@@ -8,17 +8,68 @@ augmented views of every training image in ``data/signals/<teacher>.safetensors`
 the teacher at the clean input (``kdiga.methods``: ``cacheable``) then trains from the file
 instead of running the teacher at each step. The file records the teacher checkpoint's
 sha256 and the training images' hash: a student job refuses a file made for another teacher
-or other data.
+or other data. Before anything is loaded or computed the stage logs the file's size, from the
+training manifest, and refuses (exit 2) a file larger than ``signals.max_gb``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
+from collections.abc import Sequence
 
 from pipeline import dag
-from pipeline.common import begin, device, load_split, load_stage_model, log, run, write_timing
-from pipeline.params import check_teacher
+from pipeline.common import (
+    MissingInputError,
+    begin,
+    device,
+    load_split,
+    load_stage_model,
+    log,
+    manifest_path,
+    run,
+    write_timing,
+)
+from pipeline.params import ParamError, Signals, check_teacher
+
+
+def check_size(
+    sig: Signals, teacher: str, n: int, image_shape: Sequence[int], num_classes: int
+) -> int:
+    """The bytes of ``teacher``'s signals file for ``n`` training images of ``image_shape``
+    ``(C, H, W)`` (:func:`kdiga.signals.signals_nbytes`), logged; a :class:`ParamError`
+    naming the size, the budget and ``signals.max_gb`` when it is over that budget."""
+    from kdiga.signals import signals_nbytes
+
+    nbytes = signals_nbytes(sig.views, n, image_shape, num_classes, sig.grad_dtype)
+    what = (
+        f"{sig.views} views x {n:,} images x {' x '.join(map(str, image_shape))} in "
+        f"{sig.grad_dtype}, plus {num_classes} logits each"
+    )
+    gb = nbytes / 1e9
+    log.info("teacher %s signals: %s: %.2f GB (signals.max_gb: %g)", teacher, what, gb, sig.max_gb)
+    if gb > sig.max_gb:
+        half = " or store float16 gradients" if sig.grad_dtype == "float32" else ""
+        raise ParamError(
+            "signals.max_gb",
+            sig.max_gb,
+            f"teacher {teacher}'s signals file would be {gb:,.2f} GB ({what}), over the "
+            f"budget of {sig.max_gb:g} GB: raise signals.max_gb to at least "
+            f"{math.ceil(gb * 100) / 100:.2f} where the disk and memory hold it, or lower "
+            f"signals.views{half}",
+        )
+    return nbytes
+
+
+def _train_manifest() -> dict:
+    """The training split's manifest (counts and shapes), read before any image is."""
+    from kdiga.shards import read_manifest
+
+    path = manifest_path("train")
+    if not path.exists():
+        raise MissingInputError(f"{path} is missing: run the shard stage first")
+    return read_manifest(path)
 
 
 def body(args: argparse.Namespace, params: dict) -> None:
@@ -28,16 +79,21 @@ def body(args: argparse.Namespace, params: dict) -> None:
     sig, d = params.signals, params.distill
     name = args.teacher
     check_teacher(params, name)
+    m = _train_manifest()
+    size = int(m["image_size"])
+    shape = (int(m["channels"]), size, size)
+    check_size(sig, name, int(m["num_samples"]), shape, int(m["num_classes"]))
+    if m.get("encoding") == "image":
+        raise ParamError(
+            "signals.enabled", True, "the training split streams from shards of image files "
+            f"({params.shard.dataset}), and cached signals index a split held in memory: use "
+            "false (the students then run their teacher live)",
+        )  # fmt: skip
     provenance = begin(params, "signals", name)
     images, labels, _ = load_split("train")
     teacher_file = dag.model_path(name)
     teacher, _ = load_stage_model(params, name)
     views = sig.views
-    size = views * images.numel() * {"float32": 4}.get(sig.grad_dtype, 2)
-    log.info(
-        "teacher %s signals: %d views x %d images (about %.2f GB of gradients in %s)",
-        name, views, labels.numel(), size / 1e9, sig.grad_dtype,
-    )  # fmt: skip
     with device() as dev:
         start = time.perf_counter()
         signal_set = compute_signals(

@@ -213,6 +213,19 @@ def test_adding_a_seed_or_a_teacher_adds_only_new_jobs():
         assert not set(base) - set(grown)
 
 
+def test_checkpointing_more_often_changes_no_job():
+    """checkpoint_every changes how much a killed run loses, not its weights: no job's
+    command, inputs or params view moves, for students or for a trained teacher."""
+    raw = _grid()
+    raw["distill"] = {**raw["distill"], "checkpoint_every": 50}
+    teacher = raw["teachers"]["pgdat"]
+    raw["teachers"]["pgdat"] = {**teacher, "train": {**teacher["train"], "checkpoint_every": 7}}
+    assert _jobs(raw) == _jobs(_grid())
+    params = validate(raw)
+    assert params.train_settings("small_cnn")["checkpoint_every"] == 50
+    assert params.teachers["pgdat"].train.checkpoint_every == 7
+
+
 def test_ids_name_teacher_method_student_and_seed():
     params = validate(_grid(seeds=[0, 3]))
     ids = student_ids(params)

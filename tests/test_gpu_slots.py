@@ -362,3 +362,166 @@ def test_cli_child_keeps_the_slot_if_the_wrapper_is_killed(monkeypatch, tmp_path
             os.kill(child_pid, signal.SIGKILL)
     with gpu_slot(timeout=2, poll=0.02) as slot:  # freed once the child is gone too
         assert slot == "0"
+
+
+# --- several devices per job (gpu_slots, --gpus N) --------------------------------------------
+
+
+def test_two_holders_of_two_get_disjoint_sets_and_a_third_waits_then_fails(monkeypatch):
+    monkeypatch.setenv("KDIGA_GPU_SLOTS", "0,1,2,3")
+    with gpu.gpu_slots(2) as a, gpu.gpu_slots(2) as b:
+        assert len(a) == len(b) == 2
+        assert not set(a) & set(b) and set(a) | set(b) == {"0", "1", "2", "3"}
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == ",".join(b)
+        for want in (2, 1):
+            start = time.monotonic()
+            with (
+                pytest.raises(TimeoutError, match=r"GPU slot.*'0', '1', '2', '3'") as info,
+                gpu.gpu_slots(want, timeout=0.3, poll=0.02),
+            ):
+                pytest.fail(f"a third holder got {want} of 4 devices while 4 were held")
+            assert 0.25 <= time.monotonic() - start < 2.0
+            assert f"pid {os.getpid()}" in str(info.value)
+    with gpu.gpu_slots(4, timeout=0) as every:  # both sets released
+        assert every == ["0", "1", "2", "3"]
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+
+
+def test_a_set_is_all_or_none_and_a_failed_try_keeps_nothing(monkeypatch):
+    monkeypatch.setenv("KDIGA_GPU_SLOTS", "3,2,1,0")
+    with gpu_slot() as one:  # the pool's first device: 3 of 4 left
+        assert one == "3"
+        with (
+            pytest.raises(TimeoutError, match="no 4 free GPU slots at once"),
+            gpu.gpu_slots(4, timeout=0.1, poll=0.02),
+        ):
+            pass
+        with gpu.gpu_slots(3, timeout=0) as rest:  # the failed try released what it took
+            assert rest == ["0", "1", "2"]  # taken in sorted order
+            assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2"
+
+
+def test_more_gpus_than_the_pool_is_refused_naming_both_numbers(monkeypatch):
+    monkeypatch.setenv("KDIGA_GPU_SLOTS", "0,1,2,3")
+    with pytest.raises(gpu.GpuSlotsError) as info, gpu.gpu_slots(5, timeout=0):
+        pass
+    assert isinstance(info.value, ValueError)
+    assert "a job of 5 GPUs needs 5 devices at once, but the pool has only 4" in str(info.value)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # a scheduler gave one device
+    monkeypatch.delenv("KDIGA_GPU_SLOTS")
+    with (
+        pytest.raises(gpu.GpuSlotsError, match=r"needs 2 devices at once.*only 1"),
+        gpu.gpu_slots(2, timeout=0),
+    ):
+        pass
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="gpus must be an int >= 1"), gpu.gpu_slots(bad):
+            pass
+
+
+def test_a_scheduler_set_of_exactly_n_devices_is_used_without_locking(monkeypatch, tmp_path):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    with gpu.gpu_slots(2, timeout=0) as a, gpu.gpu_slots(2, timeout=0) as b:
+        assert a == b == ["4", "5"]
+        assert os.environ["CUDA_VISIBLE_DEVICES"] == "4,5"
+    assert not (tmp_path / "locks").exists()
+    monkeypatch.setattr(gpu, "_cuda_device_count", lambda: 0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with gpu.gpu_slots(4, timeout=0) as none:  # no GPU: the CPU, whatever N
+        assert none is None
+
+
+def test_a_holder_of_several_killed_with_sigkill_frees_them_all(monkeypatch, tmp_path):
+    flag = tmp_path / "held"
+    code = """
+    import sys, time
+    from pathlib import Path
+    from pipeline.gpu import gpu_slots
+    with gpu_slots(3, timeout=10) as held:
+        Path(sys.argv[1]).write_text(",".join(held))
+        time.sleep(60)
+    """
+    monkeypatch.setenv("KDIGA_GPU_SLOTS", "0,1,2,3")
+    proc = _python(code, str(flag), KDIGA_GPU_SLOTS="0,1,2,3")
+    try:
+        _wait_for(lambda: flag.exists() and flag.read_text(), what="the child to hold 3 devices")
+        assert flag.read_text() == "0,1,2"
+        with pytest.raises(TimeoutError), gpu.gpu_slots(2, timeout=0):
+            pass  # one device is free, two are not
+        with gpu.gpu_slots(1, timeout=0) as free:
+            assert free == ["3"]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        start = time.monotonic()
+        with gpu.gpu_slots(4, timeout=2, poll=0.02) as every:
+            assert every == ["0", "1", "2", "3"]
+        assert time.monotonic() - start < 0.5
+    finally:
+        _kill(proc)
+
+
+_SET_HOLDER = """
+import json, os, sys, time
+from pathlib import Path
+from pipeline.gpu import gpu_slots
+
+out, idx = Path(sys.argv[1]), sys.argv[2]
+(out / f"ready-{idx}").touch()
+while not (out / "go").exists():
+    time.sleep(0.002)
+with gpu_slots(2, timeout=30, poll=0.01) as held:
+    start = time.monotonic()
+    visible = os.environ["CUDA_VISIBLE_DEVICES"]
+    fds = []
+    for slot in held:  # only one holder of a device can create its marker
+        try:
+            fds.append(os.open(out / f"inuse-{slot}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            pass
+    clash = len(fds) < len(held)
+    time.sleep(0.15)
+    for slot, fd in zip(held, fds):
+        os.close(fd)
+        os.unlink(out / f"inuse-{slot}")
+    end = time.monotonic()
+rec = {"held": held, "visible": visible, "start": start, "end": end, "clash": clash}
+(out / f"result-{idx}.json").write_text(json.dumps(rec))
+"""
+
+
+def test_processes_taking_two_of_four_together_never_share_nor_deadlock(tmp_path):
+    n_procs = 6
+    out = tmp_path / "out"
+    out.mkdir()
+    procs = [_python(_SET_HOLDER, str(out), str(i), KDIGA_GPU_SLOTS="4") for i in range(n_procs)]
+    try:
+        _wait_for(lambda: len(list(out.glob("ready-*"))) == n_procs, what="all holders ready")
+        (out / "go").touch()
+        codes = [p.wait(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            _kill(p)
+    assert codes == [0] * n_procs
+    recs = [json.loads(f.read_text()) for f in sorted(out.glob("result-*.json"))]
+    assert len(recs) == n_procs
+    assert all(r["visible"] == ",".join(r["held"]) and len(set(r["held"])) == 2 for r in recs)
+    assert not any(r["clash"] for r in recs)
+    assert {d for r in recs for d in r["held"]} == {"0", "1", "2", "3"}  # two sets at once
+    for a, b in itertools.combinations(recs, 2):
+        overlap = a["start"] < b["end"] and b["start"] < a["end"]
+        assert not (overlap and set(a["held"]) & set(b["held"])), (a, b)
+
+
+def test_cli_gpus_sets_the_comma_joined_ids_and_children_share_them():
+    code = "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"
+    res = _cli("--gpus", "2", "--", sys.executable, "-c", code, KDIGA_GPU_SLOTS="6,4,5")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "4,5"
+    code = "from pipeline.gpu import gpu_slots\nwith gpu_slots(2, timeout=0) as s: print(s)"
+    res = _cli("--gpus", "2", "--", sys.executable, "-c", code, KDIGA_GPU_SLOTS="0,1,2")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "['0', '1']"  # the parent's set, not another
+    res = _cli("--gpus", "3", "--", sys.executable, "-c", "pass", KDIGA_GPU_SLOTS="0,1")
+    assert res.returncode == 75
+    assert "needs 3 devices at once, but the pool has only 2" in res.stderr

@@ -163,9 +163,10 @@ def test_malformed_params_get_one_clear_error(value):
         try:
             validate(raw)
         except ParamError as err:
-            assert err.key.split("[")[0].startswith(key) or key.startswith(
-                err.key.split("[")[0]
-            ), (key, err.key)
+            assert err.key.split("[")[0].startswith(key) or key.startswith(err.key.split("[")[0]), (
+                key,
+                err.key,
+            )
             assert "allowed" in str(err) or "expected" in str(err) or "must" in str(err), str(err)
         else:
             accepted.append(key)
