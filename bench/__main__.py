@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, str] = {
     "pipeline_overhead": "bench.pipeline_overhead",
     "teacher_cache": "bench.teacher_cache",
     "llm_convergence": "bench.llm_convergence",
+    "loader_throughput": "bench.loader_throughput",
 }
 
 

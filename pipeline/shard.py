@@ -2,6 +2,13 @@
 
 The validation split is cut from train (for tuning); the test split is only ever evaluated.
 The output directory appears whole or not at all: shards are written beside it and moved in.
+
+Small datasets are written as arrays of their resized pixels and read whole into memory.
+ImageNet (any ImageFolder root, ``<root>/train/<class>/*`` and ``<root>/val/<class>/*``) is
+written as shards of its original image files (``kdiga.stream``; ``shard.resize_short`` to
+store them smaller): train and val from the train folder, the test subset from the val
+folder (the paper's test images), each manifest marked ``"encoding": "image"``. Training
+streams the train shards; val and test are decoded into memory with the evaluation view.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from pathlib import Path
 
 from pipeline import dag
 from pipeline.common import begin, log, run, write_json
-from pipeline.params import DATASET_CLASSES, ParamError, Shard, Study
+from pipeline.params import ParamError, Shard, Study
 from pipeline.provenance import digest
 
 
@@ -22,14 +29,6 @@ def _splits(s: Shard) -> dict:
 
     seed = s.seed
     kw = {"root": s.root, "image_size": s.image_size}
-    if s.dataset == "imagenet":
-        raise ParamError(
-            "shard.dataset",
-            "imagenet",
-            "this version shards a split by holding it in memory, "
-            "which ImageNet's training set does not fit; streaming shard writing and training "
-            "(kdiga.shards.shard_dataset) are not wired into the pipeline yet",
-        )
     train_x, train_y = load_dataset(s.dataset, "train", seed=seed, **kw)
     test_x, test_y = load_dataset(s.dataset, "test", n=s.test_samples, seed=seed, **kw)
     keep, val = split_indices(train_y, s.val_fraction, seed=seed)
@@ -40,19 +39,80 @@ def _splits(s: Shard) -> dict:
     }
 
 
+def _folder_splits(s: Shard, out: Path) -> None:
+    """ImageNet / an ImageFolder root as shards of its image files, with their manifests."""
+    import torch
+
+    from kdiga.data import split_indices
+    from kdiga.shards import write_manifest
+    from kdiga.stream import list_image_folder, write_image_shards
+
+    root = Path(s.root)
+    train, classes = list_image_folder(root / "train")
+    test, test_classes = list_image_folder(root / "val")
+    if len(classes) != s.classes:
+        raise ParamError(
+            "shard.num_classes",
+            s.num_classes,
+            f"{root / 'train'} has {len(classes)} class folders, the study expects {s.classes}: "
+            f"set shard.num_classes: {len(classes)} (null means {s.dataset}'s own)",
+        )
+    if test_classes != classes:
+        missing = sorted(set(classes) ^ set(test_classes))[:3]
+        raise ParamError(
+            "shard.root", s.root, f"{root / 'val'} must hold the same class folders as "
+            f"{root / 'train'} (labels are their sorted order); they differ at {missing}",
+        )  # fmt: skip
+    labels = torch.tensor([c for _, c in train])
+    keep, val = split_indices(labels, s.val_fraction, seed=s.seed)
+    n_test = len(test) if s.test_samples is None else min(s.test_samples, len(test))
+    gen = torch.Generator().manual_seed(int(s.seed))
+    test_idx = torch.randperm(len(test), generator=gen)[:n_test].sort().values
+    plan = {  # split: (folder, listing, indices, shuffled write order)
+        "train": (root / "train", train, keep, True),
+        "val": (root / "train", train, val, False),
+        "test": (root / "val", test, test_idx, False),
+    }
+    for split, (folder, listing, idx, shuffle) in plan.items():
+        if idx.numel() == 0:
+            raise ParamError(
+                "shard.val_fraction" if split == "val" else "shard.root", None,
+                f"the {split} split of {folder} would be empty",
+            )  # fmt: skip
+        entries = write_image_shards(
+            folder, out, prefix=split, max_per_shard=s.max_per_shard,
+            resize_short=s.resize_short, indices=idx.tolist(),
+            shuffle_seed=s.seed if shuffle else None,
+        )  # fmt: skip
+        ys = labels[idx] if folder.name == "train" else torch.tensor([listing[i][1] for i in idx])
+        write_manifest(
+            entries,
+            out / f"{split}.json",
+            dataset=s.dataset,
+            split=split,
+            encoding="image",
+            image_size=s.image_size,
+            channels=3,
+            num_classes=s.classes,
+            class_counts=[int((ys == c).sum()) for c in range(s.classes)],
+            classes=classes,
+        )
+        log.info("%s: %d images in %d shard(s)", split, len(idx), len(entries))
+
+
 def body(args: argparse.Namespace, params: Study) -> None:
     from kdiga.shards import write_manifest, write_shards
     from kdiga.utils import current_umask
 
     s = params.shard
-    classes = DATASET_CLASSES[s.dataset]
+    classes = s.classes
     provenance = begin(params, "shard")
     out = Path(dag.SHARDS)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".shards-"))
     tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; results are shared
     try:
-        for split, (x, y) in _splits(s).items():
+        for split, (x, y) in ({} if s.streamed else _splits(s)).items():
             entries = write_shards(x, y, tmp, prefix=split, max_per_shard=s.max_per_shard)
             write_manifest(
                 entries,
@@ -65,6 +125,8 @@ def body(args: argparse.Namespace, params: Study) -> None:
                 class_counts=[int((y == c).sum()) for c in range(classes)],
             )
             log.info("%s: %d images in %d shard(s)", split, len(y), len(entries))
+        if s.streamed:
+            _folder_splits(s, tmp)
         # the manifests' hash, as it will be once the directory is in place
         write_json(provenance | {"outputs": {dag.SHARDS: digest(tmp)}}, tmp / "provenance.json")
         if out.exists():

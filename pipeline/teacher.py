@@ -21,14 +21,17 @@ from pipeline.common import (
     log,
     run,
     train_config,
+    train_data,
     write_json,
     write_timing,
 )
-from pipeline.params import Teacher, check_teacher
+from pipeline.params import Study, Teacher, check_teacher
 from pipeline.provenance import seal
 
 
-def _train(name: str, t: Teacher, info: dict, dev: str, val: tuple, provenance: dict):
+def _train(
+    params: Study, name: str, t: Teacher, info: dict, dev: str, val: tuple, provenance: dict
+):
     from kdiga.losses import build_loss
     from kdiga.models import build_model
     from kdiga.train import fit
@@ -42,10 +45,10 @@ def _train(name: str, t: Teacher, info: dict, dev: str, val: tuple, provenance: 
         loss_cfg["trades_beta"] = tr.trades_beta
     criterion = build_loss(tr.method, **loss_cfg)
     cfg = train_config(tr, tr.seed)
-    x, y, _ = load_split("train")
+    data, cfg, _ = train_data(params, cfg)
     ckpt = checkpoint_path("teacher", name, provenance)  # what makes it; deleted at the end
     start = time.perf_counter()
-    history = fit(model, criterion, x, y, cfg, checkpoint_path=ckpt, device=dev, val=val)
+    history = fit(model, criterion, cfg=cfg, checkpoint_path=ckpt, device=dev, val=val, **data)
     seconds = time.perf_counter() - start
     write_timing("teacher", name, seconds=seconds, epoch_s=[r.pop("time_s", None) for r in history])
     return model, {"history": history}, ckpt
@@ -66,7 +69,7 @@ def body(args: argparse.Namespace, params: dict) -> None:
     info = data_info(manifest)
     with device() as dev:
         if t.source == "train":
-            model, extra, ckpt = _train(name, t, info, dev, val, provenance)
+            model, extra, ckpt = _train(params, name, t, info, dev, val, provenance)
             source_sha = None
         else:
             model, meta = load_teacher(

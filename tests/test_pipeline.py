@@ -47,9 +47,9 @@ def write_params(study: Path, params: dict) -> None:
     run([sys.executable, "-m", "pipeline.dag"], study)
 
 
-def new_study(path: Path, source: Path = ROOT) -> Path:
-    """A fresh git + DVC repo holding the tiny study and the code of ``source``, built by
-    Snakemake."""
+def new_study(path: Path, source: Path = ROOT, params: dict | None = None) -> Path:
+    """A fresh git + DVC repo holding the tiny study (or ``params``) and the code of
+    ``source``, built by Snakemake."""
     path.mkdir(parents=True, exist_ok=True)
     shutil.copy(source / "Snakefile", path / "Snakefile")
     for code in ("pipeline", "kdiga"):  # a clone: DVC tracks the code as dependencies
@@ -60,7 +60,7 @@ def new_study(path: Path, source: Path = ROOT) -> Path:
     run([str(BIN / "dvc"), "init", "-q"], path)
     shutil.copy(ROOT / ".dvcignore", path / ".dvcignore")
     (path / ".gitignore").write_text("/data/\n/logs/\n.snakemake/\n__pycache__/\n")
-    write_params(path, TINY)
+    write_params(path, TINY if params is None else params)
     run(["git", "add", "-A"], path)
     run(["git", "commit", "-qm", "tiny study"], path)
     run([str(BIN / "snakemake"), "--cores", "2"], path)
