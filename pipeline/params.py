@@ -498,7 +498,8 @@ class Training:
     momentum: float = key(0.9, _momentum, "SGD momentum, in [0, 1)")
     weight_decay: float = key(5.0e-4, number(), "SGD weight decay")
     milestones: list = key([10], _milestones, "epochs at which the lr is divided by 10")
-    augment: str = key("crop", choice(*AUGMENTS), "none, crop or crop_flip")
+    augment: str = key("crop", choice(*AUGMENTS), "none, crop or crop_flip (in-memory data; "
+                       "streamed imagenet trains on RandomResizedCrop + flip)")  # fmt: skip
     crop_padding: int = key(2, integer(0), "pixels of padding of the random crop")
     # not in TRAIN_KEYS nor in any params view: the weights do not depend on it
     checkpoint_every: int = key(0, integer(0, MAX_STEPS), "also checkpoint every that many "
