@@ -251,23 +251,27 @@ rec = {"slot": slot, "visible": visible, "start": start, "end": end, "clash": fd
 """
 
 
-def test_many_processes_starting_together_never_share_a_slot(tmp_path):
-    n_procs, slots = 12, ["0", "1", "2", "3"]
-    out = tmp_path / "out"
+def _run_together(script: str, out: Path, n_procs: int, slots: str, timeout: float) -> list[dict]:
+    """Start ``n_procs`` holder scripts, release them all at once once every one is ready,
+    and return their result records (each must exit 0)."""
     out.mkdir()
-    procs = [
-        _python(_HOLDER, str(out), str(i), KDIGA_GPU_SLOTS=",".join(slots)) for i in range(n_procs)
-    ]
+    procs = [_python(script, str(out), str(i), KDIGA_GPU_SLOTS=slots) for i in range(n_procs)]
     try:
         _wait_for(lambda: len(list(out.glob("ready-*"))) == n_procs, what="all holders ready")
-        (out / "go").touch()  # release them all at once
-        codes = [p.wait(timeout=30) for p in procs]
+        (out / "go").touch()
+        codes = [p.wait(timeout=timeout) for p in procs]
     finally:
         for p in procs:
             _kill(p)
     assert codes == [0] * n_procs
     recs = [json.loads(f.read_text()) for f in sorted(out.glob("result-*.json"))]
     assert len(recs) == n_procs
+    return recs
+
+
+def test_many_processes_starting_together_never_share_a_slot(tmp_path):
+    slots = ["0", "1", "2", "3"]
+    recs = _run_together(_HOLDER, tmp_path / "out", 12, ",".join(slots), timeout=30)
     assert all(r["visible"] == r["slot"] for r in recs)
     for slot in {r["slot"] for r in recs}:
         spans = sorted((r["start"], r["end"]) for r in recs if r["slot"] == slot)
@@ -491,20 +495,7 @@ rec = {"held": held, "visible": visible, "start": start, "end": end, "clash": cl
 
 
 def test_processes_taking_two_of_four_together_never_share_nor_deadlock(tmp_path):
-    n_procs = 6
-    out = tmp_path / "out"
-    out.mkdir()
-    procs = [_python(_SET_HOLDER, str(out), str(i), KDIGA_GPU_SLOTS="4") for i in range(n_procs)]
-    try:
-        _wait_for(lambda: len(list(out.glob("ready-*"))) == n_procs, what="all holders ready")
-        (out / "go").touch()
-        codes = [p.wait(timeout=60) for p in procs]
-    finally:
-        for p in procs:
-            _kill(p)
-    assert codes == [0] * n_procs
-    recs = [json.loads(f.read_text()) for f in sorted(out.glob("result-*.json"))]
-    assert len(recs) == n_procs
+    recs = _run_together(_SET_HOLDER, tmp_path / "out", 6, "4", timeout=60)
     assert all(r["visible"] == ",".join(r["held"]) and len(set(r["held"])) == 2 for r in recs)
     assert not any(r["clash"] for r in recs)
     assert {d for r in recs for d in r["held"]} == {"0", "1", "2", "3"}  # two sets at once
