@@ -40,17 +40,51 @@ def _mtimes(paths: list[str]) -> dict[Path, tuple[int, int]]:
     return out
 
 
+def _commit_once(names: list[str]) -> None:
+    """What ``dvc commit --force <names>`` does, with dvc.lock read and written once.
+
+    DVC's command commits its targets one at a time, and each re-reads dvc.yaml and rewrites
+    dvc.lock: about 2.5 s a stage for the default study's 54, growing with the grid. Here the
+    stages are collected once, each is saved (its deps, params and outs hashed) and committed
+    to the cache, and the lock file is written once, under DVC's repository lock.
+    """
+    from dvc.repo import Repo, lock_repo
+
+    with Repo() as repo, lock_repo(repo):
+        stages = {s.addressing: s for s in repo.index.stages}
+        missing = [n for n in names if n not in stages]
+        if missing:
+            raise KeyError(f"no such stages in dvc.yaml: {missing[:3]}")
+        chosen = [stages[n] for n in names]
+        for stage in chosen:
+            stage.save()
+            stage.commit()
+        for dvcfile in {id(s.dvcfile): s.dvcfile for s in chosen}.values():
+            dvcfile.dump_stages([s for s in chosen if s.dvcfile is dvcfile], update_pipeline=False)
+
+
 def commit_to_dvc(names: list[str], jobs: dict[str, dag.Job]) -> int:
-    """``dvc commit --force`` of the named stages, keeping their outputs' mtimes."""
+    """Record the named stages in dvc.lock (``dvc commit --force``, in one pass), keeping
+    their outputs' mtimes."""
     dvc = shutil.which("dvc")
     if dvc is None or not Path(".dvc").is_dir() or not names:
         return 0
     times = _mtimes([o for n in names for o in jobs[n].outputs])
-    proc = subprocess.run([dvc, "commit", "--force", "--quiet", *names], check=False)
+    try:
+        from dvc.exceptions import DvcException
+    except ImportError:  # dvc installed as a separate tool, not importable here: its command
+        rc = subprocess.run([dvc, "commit", "--force", "--quiet", *names], check=False).returncode
+    else:
+        try:
+            _commit_once(names)
+            rc = 0
+        except DvcException as err:  # what `dvc commit` would have printed
+            print(f"ERROR: dvc commit: {err}", file=sys.stderr)
+            rc = 1
     for f, (atime, mtime) in times.items():
         if f.exists():
             os.utime(f, ns=(atime, mtime))
-    return proc.returncode
+    return rc
 
 
 def touch_in_snakemake(names: list[str], jobs: dict[str, dag.Job]) -> int:
