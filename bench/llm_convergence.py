@@ -6,16 +6,18 @@ A teacher (PGD-AT) and KD and KDIGA students (small_cnn) are trained here on sci
 digits (16x16, [0, 1] pixels; offline). On test images, per model and L∞ radius (0.05, 0.1):
 
 - old: the plain ascent the study used (10 steps x 1 random start, fixed step 2.5·r/10, on |r|);
-- new: `local_linearity`'s defaults (the adaptive ascent from the FGSM corner, stopped per
-  sample on a plateau);
-- thorough: the adaptive ascent at 20 steps x 3 restarts (the corners, then a random start);
+- new: `local_linearity`'s defaults, the study's settings (the adaptive ascent, at most 20
+  steps per run, stopped per sample on a plateau; 3 runs: from the FGSM corner, the
+  opposite corner and a random point);
+- single: one run of that ascent from the FGSM corner, at most 14 steps (the settings of
+  the study before these);
 - long: the adaptive ascent at 200 steps x 5 restarts, and an independent plain ascent
   (50 steps x 3 random starts, step r/4, climbing r). The reference of the ratios is, per
   sample, the largest γ any of these found (every γ is the |r| of a point evaluated, so a
   valid lower bound of the maximum); `ind/ref` shows how far the independent one got.
 
 Ratios are of means over the samples: new/ref is mean γ_new / mean γ_ref. Times: old and
-new interleaved (`bench.common.compare`, median of the repeats; thorough: one call), one torch
+new interleaved (`bench.common.compare`, median of the repeats; single: one call), one torch
 thread by default (on the shared 2-core machine a second thread waiting for a busy core measures the
 scheduler). Proposition 2 (`kdiga.bounds.proposition2_violations`) is checked for each
 student against the teacher, with γs and γt from each setting, at the student's and the
@@ -24,6 +26,15 @@ ascents' own points: the fraction of samples where the bound fails there.
 
 Run alone: ``python -m bench.llm_convergence [--quick] [--threads N]``; ``--quick``: width
 16, fewer epochs and test images (a smoke run).
+
+``--study DIR``: the same question on a finished study's own models (every teacher and
+student in DIR/data/models, its bounds samples and its `bounds` settings), as the issue's
+target is stated. Per model and radius: γ with the study's settings (for a student the very
+γ its bounds stage reports: `table4` with the stage's generator) against the long budget
+(200 x 5). Per bounds job: the stage's computation before (Table 4 with the old settings,
+nothing else, as the stage was) and after (`table4` with the study's settings and the
+Proposition 2 check on `bounds.check_samples` samples), interleaved, median of the
+repeats; and the check's violation rates per kind of point.
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import argparse
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -49,7 +61,7 @@ PGD_STEPS = 20
 SETTINGS: dict[str, dict] = {
     "old": dict(steps=10, restarts=1, ascent="fixed", signs="abs", corners=False, patience=0),
     "new": {},
-    "thorough": dict(steps=20, restarts=3),
+    "single": dict(steps=14, restarts=1),
     "long": dict(steps=200, restarts=5),
 }
 TARGET_RATIO, TARGET_TIME = 0.97, 1.5
@@ -116,7 +128,7 @@ def _timed_gammas(
 
     timing = compare({k: call(k) for k in ("old", "new")}, repeats=repeats)
     times = {k: t.median for k, t in timing.items()}
-    times["thorough"] = time_call(call("thorough"))
+    times["single"] = time_call(call("single"))
     return results, times
 
 
@@ -174,13 +186,13 @@ COLUMNS: list[tuple[str, str]] = [  # (header, row key); "a|b" is the ratio of t
     ("γ ref", "ref"),
     ("old/ref", "old/ref"),
     ("new/ref", "new/ref"),
-    ("thor/ref", "thorough/ref"),
+    ("single/ref", "single/ref"),
     ("long/ref", "long/ref"),
     ("ind/ref", "ind/ref"),
     ("t old s", "t old"),
     ("t new s", "t new"),
     ("t new/old", "t new|t old"),
-    ("t thor/old", "t thorough|t old"),
+    ("t single/old", "t single|t old"),
     ("steps new", "steps new"),
     ("conv new", "conv new"),
     ("half/full new", "half new"),
@@ -207,15 +219,15 @@ def _table(rows: list[dict[str, object]]) -> str:
 def _verdict(rows: list[dict[str, object]]) -> str:
     ratio = min(r["new/ref"] for r in rows)
     worst_t = max(r["t new"] / r["t old"] for r in rows)
-    thor = min(r["thorough/ref"] for r in rows)
-    thor_t = max(r["t thorough"] / r["t old"] for r in rows)
+    single = min(r["single/ref"] for r in rows)
+    single_t = max(r["t single"] / r["t old"] for r in rows)
     viol = max(r.get("viol new", 0.0) for r in rows)
     ok = "✓" if ratio >= TARGET_RATIO else "FAIL"
     ok_t = "✓" if worst_t <= TARGET_TIME else "FAIL"
     lines = [
         f"new/ref >= {TARGET_RATIO} on every model and radius: {ok} (lowest {ratio:.3f}); "
         f"time new/old <= {TARGET_TIME}: {ok_t} (highest {worst_t:.2f})",
-        f"thorough (20 steps x 3 restarts): lowest ratio {thor:.3f} at up to {thor_t:.2f}x the "
+        f"single (one run of 14 steps): lowest ratio {single:.3f} at up to {single_t:.2f}x the "
         "old time",
         f"Proposition 2 at PGD-20 points with the new γ: highest violation rate {viol:.3f}",
     ]
@@ -241,7 +253,7 @@ def run(quick: bool = False, threads: int | None = 1) -> str:
         f"{len(y)} digits test images, L∞, radii {list(RADII)}; torch threads "
         f"{threads or torch.get_num_threads()}; median of {size.repeats} interleaved runs",
         f"settings: {settings}; ind: plain ascent 50 x 3, step r/4",
-        "ratios: mean γ over mean γ_ref, γ_ref = per-sample max over old, new, thorough, long and "
+        "ratios: mean γ over mean γ_ref, γ_ref = per-sample max over old, new, single, long and "
         "ind; viol: fraction of samples where Proposition 2 fails (PGD: at the student's or the "
         "teacher's PGD-20 point; all: also at the ascents' points)",
         _table(rows),
@@ -250,13 +262,109 @@ def run(quick: bool = False, threads: int | None = 1) -> str:
     return "\n".join(lines)
 
 
+def study(root: str, repeats: int = 2, threads: int | None = 1) -> str:
+    """The module doc's ``--study``: a finished study's models, samples and settings."""
+    import os
+
+    from kdiga.bounds import VIOLATION_KINDS, llm_key, prop2_key, sample_indices, table4
+    from pipeline import dag
+    from pipeline.common import load_split, load_stage_model
+    from pipeline.params import load_params, radius_label
+
+    os.chdir(root)
+    params = load_params("params.yaml")
+    b = params.bounds
+    images, labels, _ = load_split("test")
+    n = min(b.samples, len(labels))
+    idx = sample_indices(len(labels), n, params.shard.seed)
+    x, y = to_float(images[idx]), labels[idx]
+    now = dict(steps=b.steps, restarts=b.restarts, tol=b.tol, patience=b.patience)
+    pairs = [(sid, dag.bounds_teacher(params, sid, t)) for sid, t in dag.bounds_pairs(params)]
+    names = [*params.teachers, *dict.fromkeys(sid for sid, _ in pairs)]
+
+    def gen() -> torch.Generator:
+        return torch.Generator().manual_seed(params.shard.seed)
+
+    kw = dict(radii=b.radii, batch_size=b.batch_size)
+    jobs, gammas = [], {}
+    with num_threads(threads):
+        models = {name: load_stage_model(params, name)[0].eval() for name in names}
+        for sid, teacher in pairs:
+            s, t, res = models[sid], models[teacher], {}
+
+            def before(s=s, t=t, res=res) -> None:
+                res["before"] = table4(s, t, x, y, generator=gen(), **kw, **SETTINGS["old"])
+
+            def after(s=s, t=t, res=res) -> None:
+                res["after"] = table4(
+                    s, t, x, y, generator=gen(), check_samples=b.check_samples, **kw, **now
+                )
+
+            timing = compare({"before": before, "after": after}, repeats=repeats, warmup=0)
+            row: dict[str, Any] = {"job": f"{sid} (vs {teacher})"}
+            row |= {f"t {k}": v.median for k, v in timing.items()}
+            for r in b.radii:
+                gammas[sid, r] = torch.tensor(res["after"][llm_key(r, "samples")])
+                check = res["after"].get(prop2_key(r)) or {}
+                row[f"viol {radius_label(r)}"] = {k: v["rate"] for k, v in check.items()}
+            jobs.append(row)
+        rows = []
+        for name, model in models.items():
+            for r in b.radii:
+                if (name, r) not in gammas:  # a teacher
+                    gammas[name, r] = local_linearity(model, x, y, r, generator=gen(), **now).gamma
+                long = local_linearity(model, x, y, r, generator=gen(), **SETTINGS["long"]).gamma
+                g = gammas[name, r].double()
+                rows.append([name, f"{r:g}", long.mean().item(), g.mean().item(),
+                             g.mean().item() / long.double().mean().item()])  # fmt: skip
+    worst = min(r[-1] for r in rows)
+    job_rows = []
+    for j in jobs:
+        rates = []
+        for r in b.radii:
+            v = j[f"viol {radius_label(r)}"]
+            if v.get("all") is None:
+                rates.append(f"{r:g}: not tested")
+                continue
+            cells = [f"{k} {100 * v[k]:.1f}%" for k in VIOLATION_KINDS if v.get(k)]
+            rates.append(f"{r:g}: {100 * v['all']:.1f}%" + (f" ({', '.join(cells)})" * bool(cells)))
+        job_rows.append([j["job"], j["t before"], j["t after"], j["t after"] / j["t before"],
+                         "; ".join(rates)])  # fmt: skip
+    slowest = max(r[3] for r in job_rows)
+    total = sum(r[2] for r in job_rows) / sum(r[1] for r in job_rows)
+    settings = ", ".join(f"{k} {v}" for k, v in now.items())
+    lines = [
+        "== LLM maximiser on a study's models: the study's settings against a long budget ==",
+        f"study {root}: {len(models)} models, {n} test images (bounds.samples), radii "
+        f"{b.radii}; settings {settings}, check_samples {b.check_samples}; long: 200 x 5; "
+        f"torch threads {threads or torch.get_num_threads()}",
+        fmt_table(rows, ["model", "r", "γ long", "γ study", "study/long"]),
+        f"study/long >= {TARGET_RATIO} on every model and radius: "
+        f"{'✓' if worst >= TARGET_RATIO else 'FAIL'} (lowest {worst:.3f})",
+        "",
+        f"bounds stage computation per job, before (Table 4, old settings: 10 x 1 plain ascent) "
+        f"and after (Table 4 at the study's settings + Proposition 2 check), median of {repeats} "
+        "interleaved runs; Proposition 2 violation rate per radius of the after run (samples "
+        "where the bound fails at some tested point; the kinds of point where it failed)",
+        fmt_table(job_rows, ["job", "before s", "after s", "after/before", "violations"]),
+        f"after/before <= {TARGET_TIME}: {'✓' if slowest <= TARGET_TIME else 'FAIL'} "
+        f"(highest {slowest:.2f}; all jobs together {total:.2f})",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: small, fast")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--study", default=None, help="a finished study's directory")
+    parser.add_argument("--repeats", type=int, default=2, help="--study: timed rounds per job")
     args = parser.parse_args(argv)
     print(header())
-    print(run(quick=args.quick, threads=args.threads))
+    if args.study:
+        print(study(args.study, repeats=args.repeats, threads=args.threads))
+    else:
+        print(run(quick=args.quick, threads=args.threads))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,8 +71,8 @@ _DUAL = {"linf": "l1", "l2": "l2"}  # the dual norm of each ball's norm
 VIOLATION_KINDS = ("ascent", "pgd_student", "pgd_teacher", "random")
 
 # The converging defaults (bench/llm_convergence.py measures them against a long budget).
-STEPS = 14
-RESTARTS = 1
+STEPS = 20
+RESTARTS = 3
 TOL = 3e-3
 PATIENCE = 3
 
@@ -88,6 +89,7 @@ __all__ = [
     "input_gradient",
     "llm_key",
     "local_linearity",
+    "prop2_key",
     "proposition2",
     "proposition2_violations",
     "residual",
@@ -306,7 +308,8 @@ class _Track:
         self.e_star[idx] = e[better]
 
 
-PointsHook = Callable[[Tensor, Tensor], None]  # (rows [R], e [R, ...]) of each evaluation
+# (rows [R], e [R, ...], CE [R] of the first model there) of each evaluation
+PointsHook = Callable[[Tensor, Tensor, Tensor], None]
 
 
 class _Evaluator:
@@ -349,7 +352,7 @@ class _Evaluator:
         self.seen[rows] = e
         self.count += 1
         if self.on_points is not None:
-            self.on_points(rows, e)
+            self.on_points(rows, e, ces[0])
         if self.on_evaluate is not None:
             self.on_evaluate(self.seen.clone())
 
@@ -501,6 +504,30 @@ class _Run:
             self.active &= ~self.plateau
 
 
+def _own_ascent(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    s: _Ascent,
+    generator: torch.Generator | None,
+    ce0: Tensor,
+    g0: Tensor,
+    *,
+    warm_starts: Sequence[Tensor] = (),
+    extra: Sequence[Tensor] = (),
+    on_evaluate: Callable[[Tensor], None] | None = None,
+    on_points: PointsHook | None = None,
+) -> tuple[_Track, int]:
+    """One model's ascent from its CE ce0 [B] and input gradient g0 [B, ...] at x (inside
+    `_frozen`): its track (γ over the `extra` points and its own) and the number of
+    evaluations."""
+    ev = _Evaluator([_Track(model, ce0, g0)], x, y, on_evaluate, on_points)
+    for e in extra:
+        ev.evaluate(e)
+    ev.ascend(0, s, generator, warm_starts)
+    return ev.tracks[0], ev.count
+
+
 # --------------------------------------------------------------------------- LLM
 
 
@@ -589,11 +616,12 @@ def local_linearity(
     with _frozen(model):
         x, y = _plain(x), _plain(y)
         ce0, g0 = input_gradient(model, x, y)
-        ev = _Evaluator([_Track(model, ce0, g0)], x, y, on_evaluate)
-        for e in extra_perturbations:
-            ev.evaluate(_plain(e))
-        ev.ascend(0, s, generator, [_plain(e) for e in warm_starts])
-    t = ev.tracks[0]
+        t, count = _own_ascent(
+            model, x, y, s, generator, ce0, g0,
+            warm_starts=[_plain(e) for e in warm_starts],
+            extra=[_plain(e) for e in extra_perturbations],
+            on_evaluate=on_evaluate,
+        )  # fmt: skip
     return LLMResult(
         gamma=t.gamma,
         e_star=t.e_star,
@@ -602,7 +630,7 @@ def local_linearity(
         grad=g0,
         eps=s.eps,
         norm=norm,
-        evaluations=ev.count,
+        evaluations=count,
         steps_used=t.steps_used,
         converged=t.converged,
         gamma_half=t.gamma_half,
@@ -787,22 +815,87 @@ def proposition2_violations(
     with _frozen(student, teacher):
         x, y = _plain(x), _plain(y)
         given = {k: None if a is None else _plain(a) for k, a in given.items()}
-        models = (student, teacher)
-        tracks, points = _test_points(models, x, y, s, generator, given, pgd_steps, random_points)
+        ce_s, g_s = input_gradient(student, x, y)
+        ce_t, g_t = input_gradient(teacher, x, y)
+        seen = _GapMax(x, y, len(x))
+        st, _ = _own_ascent(student, x, y, s, generator, ce_s, g_s, on_points=seen.hook(teacher))
+        te, _ = _own_ascent(teacher, x, y, s, generator, ce_t, g_t, on_points=seen.hook(student))
+        phi = _phi(ce_s, ce_t, g_s, g_t, s.eps, norm)
+        return _check_points(
+            (student, teacher), x, y, s, generator, st.gamma, te.gamma, phi, seen, given,
+            pgd_steps, random_points, rtol,
+        )  # fmt: skip
+
+
+class _GapMax:
+    """The largest |CE_s − CE_t| per sample over the points of the ascents, on the first
+    `limit` samples of x [B, ...]: `hook(other)` is an `_Evaluator` points hook that evaluates
+    the other model where one model's ascent evaluated itself (so no point is stored)."""
+
+    def __init__(self, x: Tensor, y: Tensor, limit: int) -> None:
+        self.x, self.y, self.limit = x, y, limit
+        self.gap = torch.zeros(limit, dtype=x.dtype, device=x.device)
+        self.points = 0
+
+    def hook(self, other: nn.Module) -> PointsHook:
+        def on_points(rows: Tensor, e: Tensor, ce: Tensor) -> None:
+            keep = rows < self.limit
+            rows, e, ce = rows[keep], e[keep], ce[keep]
+            if not len(rows):
+                return
+            with torch.no_grad():
+                gap = (ce - _ce(other, self.x[rows] + e, self.y[rows])).abs().to(self.gap.dtype)
+            self.gap[rows] = torch.maximum(self.gap[rows], gap)
+            self.points += len(rows)
+
+        return on_points
+
+
+def _check_points(
+    models: tuple[nn.Module, nn.Module],
+    x: Tensor,
+    y: Tensor,
+    s: _Ascent,
+    generator: torch.Generator | None,
+    gamma_s: Tensor,
+    gamma_t: Tensor,
+    phi: Tensor,
+    ascent: _GapMax,
+    given: dict[str, Tensor | None],
+    pgd_steps: int,
+    random_points: int,
+    rtol: float,
+) -> Prop2Check:
+    """The bound γs + γt + φ [B] of the samples x, y tested at the ascents' points (their
+    largest gap, `ascent`), at each model's given or computed PGD point and at random points
+    of the ball (in that order from `generator`). Inside `_frozen`."""
+    student, teacher = models
+    zero = torch.zeros(len(x), dtype=x.dtype, device=x.device)
+    gap_max, counts = {"ascent": ascent.gap}, {"ascent": ascent.points}
+
+    def gap(e: Tensor) -> Tensor:
         with torch.no_grad():
-            gap_max = {k: _gap_max(student, teacher, x, y, chunks) for k, chunks in points.items()}
-    st, te = tracks
-    phi = _phi(st.ce0, te.ce0, st.g0, te.g0, s.eps, norm)
-    bound = st.gamma + te.gamma + phi
-    counts = {k: sum(len(rows) for rows, _ in chunks) for k, chunks in points.items()}
+            return (_ce(student, x + e, y) - _ce(teacher, x + e, y)).abs().to(x.dtype)
+
+    for kind, model in zip(("pgd_student", "pgd_teacher"), models, strict=True):
+        x_adv = given[kind]
+        if x_adv is None and pgd_steps:
+            x_adv = pgd(model, x, y, eps=s.eps, steps=pgd_steps, norm=s.norm, generator=generator)
+        gap_max[kind] = zero if x_adv is None else gap(x_adv - x)
+        counts[kind] = 0 if x_adv is None else len(x)
+    gap_max["random"], counts["random"] = zero, random_points * len(x)
+    for _ in range(random_points):
+        e = init_delta(x, s.eps, s.norm, True, generator)
+        gap_max["random"] = torch.maximum(gap_max["random"], gap(e))
+    bound = gamma_s + gamma_t + phi
     counts["all"] = sum(counts.values())
     violated = {k: gap_max[k] > bound + rtol * (1 + bound) for k in VIOLATION_KINDS}
     violated["all"] = torch.stack(list(violated.values())).any(dim=0)
     rate = {k: v.double().mean().item() if counts[k] else math.nan for k, v in violated.items()}
     gap_max["all"] = torch.stack([gap_max[k] for k in VIOLATION_KINDS]).amax(dim=0)
     return Prop2Check(
-        gamma_s=st.gamma,
-        gamma_t=te.gamma,
+        gamma_s=gamma_s,
+        gamma_t=gamma_t,
         phi=phi,
         bound=bound,
         violated=violated,
@@ -810,62 +903,8 @@ def proposition2_violations(
         points=counts,
         gap_max=gap_max,
         eps=s.eps,
-        norm=norm,
+        norm=s.norm,
     )
-
-
-Points = dict[str, list[tuple[Tensor, Tensor]]]  # kind -> [(rows [R], e [R, ...]), ...]
-
-
-def _test_points(
-    models: tuple[nn.Module, nn.Module],
-    x: Tensor,
-    y: Tensor,
-    s: _Ascent,
-    generator: torch.Generator | None,
-    given: dict[str, Tensor | None],
-    pgd_steps: int,
-    random_points: int,
-) -> tuple[list[_Track], Points]:
-    """Each model's own ascent (its track) and the points to test of each kind: the ascents'
-    points, each model's given or computed PGD point, random points of the ball."""
-    every = torch.arange(len(x), device=x.device)
-    points: Points = {k: [] for k in VIOLATION_KINDS}
-
-    def collect(rows: Tensor, e: Tensor) -> None:
-        points["ascent"].append((rows, e))
-
-    tracks = []
-    for model in models:
-        ce0, g0 = input_gradient(model, x, y)
-        ev = _Evaluator([_Track(model, ce0, g0)], x, y, None, collect)
-        ev.ascend(0, s, generator)
-        tracks.append(ev.tracks[0])
-    for kind, model in zip(("pgd_student", "pgd_teacher"), models, strict=True):
-        x_adv = given[kind]
-        if x_adv is None and pgd_steps:
-            x_adv = pgd(model, x, y, eps=s.eps, steps=pgd_steps, norm=s.norm, generator=generator)
-        if x_adv is not None:
-            points[kind].append((every, x_adv - x))
-    for _ in range(random_points):
-        points["random"].append((every, init_delta(x, s.eps, s.norm, True, generator)))
-    return tracks, points
-
-
-def _gap_max(
-    student: nn.Module,
-    teacher: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    chunks: Sequence[tuple[Tensor, Tensor]],
-) -> Tensor:
-    """Per-sample max of |CE_s − CE_t| over points (rows [R], e [R, ...]); 0 where none."""
-    out = torch.zeros(len(x), dtype=x.dtype, device=x.device)
-    for rows, e in chunks:
-        xr, yr = x[rows] + e, y[rows]
-        g = (_ce(student, xr, yr) - _ce(teacher, xr, yr)).abs().to(out.dtype)
-        out[rows] = torch.maximum(out[rows], g)
-    return out
 
 
 # --------------------------------------------------------------------------- Table 4
@@ -892,6 +931,11 @@ def sample_indices(n_total: int, n: int, seed: int) -> Tensor:
     return torch.randperm(n_total, generator=gen)[:n].sort().values
 
 
+def prop2_key(radius: float) -> str:
+    """Key of the Proposition 2 check at `radius` in `table4`'s dict: f"prop2@{radius:g}"."""
+    return f"prop2@{radius:g}"
+
+
 def table4(
     student: nn.Module,
     teacher: nn.Module,
@@ -909,9 +953,14 @@ def table4(
     corners: bool = True,
     tol: float = TOL,
     patience: int = PATIENCE,
-) -> dict[str, float | list[float]]:
+    check_samples: int = 0,
+    pgd_steps: int = 20,
+    random_points: int = 8,
+    rtol: float = 1e-5,
+) -> dict[str, Any]:
     """Table 4's columns for `student` on the samples x [N, C, H, W], y [N], per sample and
-    averaged, with what shows whether the LLM's ascent converged.
+    averaged, with what shows whether the LLM's ascent converged, and Proposition 2 tested
+    on the first `check_samples` samples.
 
     Keys (L∞ ball, eq. 10; the ascent settings are those of `local_linearity`):
       - `llm_key(r)`: mean LLM γ of the student at radius r;
@@ -923,7 +972,16 @@ def table4(
       - `llm_key(r, "steps")`: the mean number of gradient steps per sample;
       - "ce" and "ce/samples": the student's clean CE, mean and per sample;
       - "grad_gap_l2" and "grad_gap_l2/samples": ‖gs − gt‖₂ with `teacher`, mean and per
-        sample.
+        sample;
+      - with `check_samples` > 0, "prop2/n" (the samples tested) and `prop2_key(r)`: for each
+        kind of point of `proposition2_violations` (VIOLATION_KINDS and "all"),
+        {"rate": the fraction of tested samples where the bound fails at a point of that
+        kind (None where none was tested), "points": the (sample, point) pairs tested}.
+    The check is `proposition2_violations`'s with the student's γ taken from this very
+    ascent (the γ reported): the teacher's own ascent runs on the tested samples only, the
+    teacher is evaluated at the student's ascent points and the student at the teacher's,
+    then each model's PGD point (`pgd_steps`) and `random_points` random points.
+
     Means are floats, per-sample values lists of N floats in the order of x. The caller
     picks the samples (`sample_indices`). Batches of `batch_size` are moved to `device`
     (default: the student's parameters' device); the models must already be there.
@@ -936,34 +994,59 @@ def table4(
     if len(set(keys)) != len(keys) or not keys:
         raise ValueError(f"radii must be non-empty and distinct at 6 significant digits: {radii}")
     _check_int(batch_size, "batch_size", 1)
+    _check_int(check_samples, "check_samples", 0)
+    _check_int(pgd_steps, "pgd_steps", 0)
+    _check_int(random_points, "random_points", 0)
     _check_batch(x, y)
     if len(x) == 0:
         raise ValueError("table4 needs at least one sample")
     if device is None:
         device = next((p.device for p in student.parameters()), x.device)
+    n_check = min(check_samples, len(x))
     parts: dict[str, list[Tensor]] = {}
+    kinds = (*VIOLATION_KINDS, "all")
+    failed = {r: dict.fromkeys(kinds, 0) for r in radii}
+    tested = {r: dict.fromkeys(kinds, 0) for r in radii}
 
     def add(key: str, value: Tensor) -> None:
         parts.setdefault(key, []).append(value.detach().double().cpu())
 
-    for start in range(0, len(x), batch_size):
-        xb = x[start : start + batch_size].to(device)
-        yb = y[start : start + batch_size].to(device)
-        ce_s, g_s = input_gradient(student, xb, yb)
-        _, g_t = input_gradient(teacher, xb, yb)
-        add("ce", ce_s)
-        add("grad_gap_l2", perturbation_norm(g_s - g_t, "l2"))
-        for r in radii:
-            res = local_linearity(
-                student, xb, yb, r, steps=steps, restarts=restarts, generator=generator, **settings
-            )
-            add(llm_key(r), res.gamma)
-            add(llm_key(r, "half"), res.gamma_half)
-            add(llm_key(r, "converged"), res.converged)
-            add(llm_key(r, "steps"), res.steps_used)
-        logger.debug("table4: %d/%d samples", min(start + batch_size, len(x)), len(x))
+    with _frozen(student, teacher):
+        for start in range(0, len(x), batch_size):
+            xb = _plain(x[start : start + batch_size].to(device))
+            yb = _plain(y[start : start + batch_size].to(device))
+            ce_s, g_s = input_gradient(student, xb, yb)
+            ce_t, g_t = input_gradient(teacher, xb, yb)
+            add("ce", ce_s)
+            add("grad_gap_l2", perturbation_norm(g_s - g_t, "l2"))
+            k = min(max(n_check - start, 0), len(xb))  # the tested samples of this batch
+            for r in radii:
+                s = _ascent(r, steps, restarts, None, "linf", **settings)
+                seen = _GapMax(xb, yb, k)
+                hook = seen.hook(teacher) if k else None
+                st, _ = _own_ascent(student, xb, yb, s, generator, ce_s, g_s, on_points=hook)
+                add(llm_key(r), st.gamma)
+                add(llm_key(r, "half"), st.gamma_half)
+                add(llm_key(r, "converged"), st.converged)
+                add(llm_key(r, "steps"), st.steps_used)
+                if not k:
+                    continue
+                xk, yk = xb[:k], yb[:k]
+                te, _ = _own_ascent(
+                    teacher, xk, yk, s, generator, ce_t[:k], g_t[:k], on_points=seen.hook(student)
+                )
+                phi = _phi(ce_s[:k], ce_t[:k], g_s[:k], g_t[:k], r, "linf")
+                given = dict.fromkeys(("pgd_student", "pgd_teacher"))
+                check = _check_points(
+                    (student, teacher), xk, yk, s, generator, st.gamma[:k], te.gamma, phi, seen,
+                    given, pgd_steps, random_points, rtol,
+                )  # fmt: skip
+                for kind in kinds:
+                    failed[r][kind] += int(check.violated[kind].sum())
+                    tested[r][kind] += check.points[kind]
+            logger.debug("table4: %d/%d samples", min(start + batch_size, len(x)), len(x))
     per = {k: torch.cat(v) for k, v in parts.items()}
-    out: dict[str, float | list[float]] = {}
+    out: dict[str, Any] = {}
     for r in radii:
         gamma, half = per[llm_key(r)], per[llm_key(r, "half")]
         mean, half_mean = gamma.mean().item(), half.mean().item()
@@ -973,6 +1056,16 @@ def table4(
         out[llm_key(r, "half_ratio")] = half_mean / mean if mean > 0 else 1.0
         out[llm_key(r, "converged")] = per[llm_key(r, "converged")].mean().item()
         out[llm_key(r, "steps")] = per[llm_key(r, "steps")].mean().item()
+        if n_check:
+            out[prop2_key(r)] = {
+                kind: {
+                    "rate": failed[r][kind] / n_check if tested[r][kind] else None,
+                    "points": tested[r][kind],
+                }
+                for kind in kinds
+            }
+    if n_check:
+        out["prop2/n"] = n_check
     for key in ("ce", "grad_gap_l2"):
         out[key] = per[key].mean().item()
         out[f"{key}/samples"] = per[key].tolist()

@@ -21,50 +21,13 @@ from pipeline.common import (
     write_json,
     write_timing,
 )
-from pipeline.params import Bounds, Study, check_teacher, parse_student_id, radius_label
-
-
-def _finite(v: float) -> float | None:
-    """JSON has no NaN: a rate over no tested point is null."""
-    return None if v != v else v
-
-
-def _prop2(student, teacher, x, y, b: Bounds, seed: int, dev: str) -> dict:
-    """Proposition 2 tested where it could fail: at each model's PGD-20 adversarial points,
-    at random points of the ball and at the ascent's own iterates, per radius; the violation
-    rate per kind of point over the first ``bounds.check_samples`` samples."""
-    import torch
-
-    from kdiga.bounds import VIOLATION_KINDS, proposition2_violations
-
-    n = min(b.check_samples, len(y))
-    out = {"n": n, "radii": {}}
-    if n == 0:
-        return out
-    for r in b.radii:
-        gen = torch.Generator().manual_seed(seed)
-        violated = {k: 0 for k in (*VIOLATION_KINDS, "all")}
-        points = dict.fromkeys(violated, 0)
-        for start in range(0, n, b.batch_size):
-            stop = min(n, start + b.batch_size)
-            xb, yb = x[start:stop].to(dev), y[start:stop].to(dev)
-            check = proposition2_violations(student, teacher, xb, yb, r, steps=b.steps,
-                                            restarts=b.restarts, tol=b.tol, patience=b.patience,
-                                            generator=gen)  # fmt: skip
-            for k in violated:
-                violated[k] += int(check.violated[k].sum())
-                points[k] += check.points[k]
-        out["radii"][radius_label(r)] = {
-            k: {"rate": _finite(violated[k] / n) if points[k] else None, "points": points[k]}
-            for k in violated
-        }
-    return out
+from pipeline.params import Study, check_teacher, parse_student_id, radius_label
 
 
 def body(args: argparse.Namespace, params: Study) -> None:
     import torch
 
-    from kdiga.bounds import llm_key, sample_indices, table4
+    from kdiga.bounds import llm_key, prop2_key, sample_indices, table4
     from kdiga.data import to_float
 
     parse_student_id(params, args.model)
@@ -99,10 +62,13 @@ def body(args: argparse.Namespace, params: Study) -> None:
             batch_size=b.batch_size,
             device=dev,
             generator=torch.Generator().manual_seed(params.shard.seed),
+            check_samples=b.check_samples,
         )
-        table_s = time.perf_counter() - start
-        prop2 = _prop2(student, teacher, x, y, b, params.shard.seed, dev)
         seconds = time.perf_counter() - start
+    n_check = row.get("prop2/n", 0)
+    prop2 = {"n": n_check, "radii": {}}
+    if n_check:
+        prop2["radii"] = {radius_label(r): row[prop2_key(r)] for r in b.radii}
     out = {
         "model": args.model,
         "teacher": name,
@@ -124,7 +90,7 @@ def body(args: argparse.Namespace, params: Study) -> None:
         "grad_gap_per_sample": row["grad_gap_l2/samples"],
         "provenance": provenance,
     }
-    write_timing("bounds", key, seconds=seconds, table4_s=table_s)
+    write_timing("bounds", key, seconds=seconds)
     write_json(out, dag.bounds_path(args.model, args.teacher))
     llm = ", ".join(
         f"{lb}: {v:.3f}" for lb, v in zip(out["radius_labels"], out["llm"], strict=True)

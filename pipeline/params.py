@@ -675,8 +675,10 @@ class Attack:
 class Bounds:
     radii: list = key([0.05, 0.1], listing(parse_radius), "radii of the LLM (Table 4)")
     samples: int = key(1000, integer(1), "random test samples (the paper: 1000)")
-    steps: int = key(14, integer(0, MAX_STEPS), "ascent steps of the LLM maximisation, at most")
-    restarts: int = key(1, integer(1, MAX_RESTARTS), "its runs (the first from the FGSM corner)")
+    steps: int = key(20, integer(0, MAX_STEPS), "ascent steps of each run of the LLM "
+                     "maximisation, at most")  # fmt: skip
+    restarts: int = key(3, integer(1, MAX_RESTARTS), "its runs: from the FGSM corner, the "
+                        "opposite corner, then random points")  # fmt: skip
     tol: float = key(3e-3, number(), "a sample stops when its relative gain over `patience` "
                      "steps is below this")  # fmt: skip
     patience: int = key(3, integer(1, MAX_STEPS), "steps over which the gain is measured")

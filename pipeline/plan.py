@@ -711,24 +711,29 @@ class _Estimator:
         return seconds, p.peak(a.batch_size), basis
 
     def bounds(self, job: dag.Job) -> tuple[float, float, str]:
-        from kdiga.bounds import proposition2_violations
+        from kdiga.bounds import table4
 
         b, sid = self.p.bounds, job.args["model"]
         teacher = dag.bounds_teacher(self.p, sid, job.args.get("teacher"))
         n = min(b.samples, self.sizes.test)
         checked, radii = min(b.check_samples, n), len(b.radii)
-        runs = b.restarts * (b.steps + 1)  # each ascent run evaluates at most steps + 1 points
-        pgd = _default(proposition2_violations, "pgd_steps")
-        points = 2 * runs + 2 + _default(proposition2_violations, "random_points")
-        s_grads = n * (1 + radii * (1 + runs)) + checked * radii * (1 + runs + pgd)
-        t_grads = n + checked * radii * (1 + runs + pgd)
-        forwards = checked * radii * points  # each model, at every tested point
+        steps = b.restarts * b.steps  # gradient steps of one model's ascent, at most
+        evals = b.restarts * (b.steps + 1)  # the points it evaluates, at most
+        pgd = _default(table4, "pgd_steps")
+        tested = 2 + _default(table4, "random_points")  # PGD points of both models, random ones
+        # the student's ascent on every sample, the teacher's on the checked ones (each model
+        # evaluated at the other's ascent points there), PGD of both, both at the tested points
+        s_grads = n * (1 + radii * steps) + checked * radii * pgd
+        t_grads = n + checked * radii * (steps + pgd)
+        s_fwd = n * radii * b.restarts + checked * radii * (evals + tested)
+        t_fwd = checked * radii * (b.restarts + evals + tested)
+        forwards = s_fwd + t_fwd
         ps, pt = self.passes(sid), self.passes(teacher)
         seconds = s_grads * ps.grad_seconds + t_grads * pt.grad_seconds
-        seconds += forwards * (ps.seconds + pt.seconds)
+        seconds += s_fwd * ps.seconds + t_fwd * pt.seconds
         peak = ps.fixed_bytes + pt.fixed_bytes + max(ps.item_bytes, pt.item_bytes) * b.batch_size
         basis = (f"at most {s_grads:,} student and {t_grads:,} teacher fwd+bwd, "
-                 f"{2 * forwards:,} forward passes of one image")  # fmt: skip
+                 f"{forwards:,} forward passes of one image")  # fmt: skip
         return seconds, peak, basis
 
     def report(self, job: dag.Job) -> tuple[float, float, str]:

@@ -21,6 +21,7 @@ from kdiga.bounds import (
     input_gradient,
     llm_key,
     local_linearity,
+    prop2_key,
     proposition2,
     proposition2_violations,
     residual,
@@ -631,7 +632,10 @@ def test_half_budget_value_is_the_value_after_half_the_steps():
 def test_table4_per_sample_values_agree_with_their_means():
     student, teacher = _mlp(22), _conv(23)
     x, y = _data(22, n=7)
-    t4 = table4(student, teacher, x, y, radii=(0.05, 0.1), steps=6, batch_size=3, generator=_gen())
+    t4 = table4(
+        student, teacher, x, y, radii=(0.05, 0.1), steps=6, restarts=1, batch_size=3,
+        generator=_gen(),
+    )  # fmt: skip
     ce_s, g_s = input_gradient(student, x, y)
     _, g_t = input_gradient(teacher, x, y)
     torch.testing.assert_close(torch.tensor(t4["ce/samples"], dtype=torch.float64), ce_s)
@@ -644,7 +648,7 @@ def test_table4_per_sample_values_agree_with_their_means():
         assert len(samples) == 7
         assert t4[llm_key(r)] == pytest.approx(sum(samples) / 7, rel=1e-12)
         # batches of 3 are independent: the per-sample γ equal a call on each batch
-        part = local_linearity(student, x[3:6], y[3:6], r, steps=6)
+        part = local_linearity(student, x[3:6], y[3:6], r, steps=6, restarts=1)
         torch.testing.assert_close(torch.tensor(samples[3:6], dtype=torch.float64), part.gamma)
         assert 0 <= t4[llm_key(r, "half")] <= t4[llm_key(r)]
         assert t4[llm_key(r, "half_ratio")] == pytest.approx(
@@ -707,7 +711,7 @@ def test_violations_use_the_adversarial_examples_given():
     x = torch.full((3, *SHAPE), 0.5, dtype=torch.float64)
     y = torch.zeros(3, dtype=torch.long)
     x_adv = x + 0.1
-    kw = dict(steps=0, corners=False, pgd_steps=0, random_points=0, generator=_gen())
+    kw = dict(steps=0, restarts=1, corners=False, pgd_steps=0, random_points=0, generator=_gen())
     check = proposition2_violations(student, teacher, x, y, 0.1, x_adv_student=x_adv, **kw)
     assert check.points == {"ascent": 6, "pgd_student": 3, "pgd_teacher": 0, "random": 0, "all": 9}
     assert check.rate["pgd_student"] == 1.0 and math.isnan(check.rate["pgd_teacher"])
@@ -716,6 +720,50 @@ def test_violations_use_the_adversarial_examples_given():
         student, teacher, x, y, 0.1, x_adv_student=x_adv, **{**kw, "steps": 3}
     )
     assert fine.rate["pgd_student"] == 0.0  # the adaptive ascent reaches the corner
+
+
+@pytest.mark.parametrize("steps", [0, 6])
+def test_table4_checks_proposition2_with_the_gamma_it_reports(digits_pair, steps):
+    """One batch of checked samples, corner runs only (no random draw in the ascents): table4's
+    check is proposition2_violations' exactly, without running the student's ascent twice.
+    With no ascent step (γ from the two corners) the bound fails at some PGD points, and
+    table4 says so."""
+    student, teacher, x, y = digits_pair
+    kw = dict(steps=steps, restarts=2)
+    t4 = table4(student, teacher, x, y, radii=(0.1,), check_samples=len(x), generator=_gen(4), **kw)
+    check = proposition2_violations(student, teacher, x, y, 0.1, generator=_gen(4), **kw)
+    assert t4["prop2/n"] == len(x)
+    for kind in (*VIOLATION_KINDS, "all"):
+        got = t4[prop2_key(0.1)][kind]
+        assert got["points"] == check.points[kind]
+        assert got["rate"] == pytest.approx(check.rate[kind], abs=1e-12)
+    torch.testing.assert_close(
+        torch.tensor(t4[llm_key(0.1, "samples")], dtype=torch.float64), check.gamma_s
+    )
+    if steps == 0:
+        assert t4[prop2_key(0.1)]["pgd_student"]["rate"] > 0.1
+    else:
+        assert t4[prop2_key(0.1)]["all"]["rate"] == 0.0
+
+
+def test_table4_checks_only_the_first_samples_across_batches(digits_pair):
+    student, teacher, x, y = digits_pair
+    x, y = x[:7], y[:7]
+    kw = dict(radii=(0.05, 0.1), steps=3, restarts=1, batch_size=3, random_points=2)
+    t4 = table4(student, teacher, x, y, check_samples=4, generator=_gen(5), **kw)
+    assert t4["prop2/n"] == 4
+    for r in (0.05, 0.1):
+        points = t4[prop2_key(r)]
+        assert points["pgd_student"]["points"] == points["pgd_teacher"]["points"] == 4
+        assert points["random"]["points"] == 2 * 4
+        assert points["ascent"]["points"] >= 2 * 4  # at least each start of both ascents
+    # no check: no key, and the same γ (the check draws after each batch's student ascent,
+    # and restarts=1 draws nothing)
+    plain = table4(student, teacher, x, y, generator=_gen(5), **kw)
+    assert "prop2/n" not in plain and prop2_key(0.1) not in plain
+    assert plain[llm_key(0.1, "samples")] == t4[llm_key(0.1, "samples")]
+    with pytest.raises(ValueError, match="check_samples"):
+        table4(student, teacher, x, y, check_samples=-1)
 
 
 # --------------------------------------------------------------------------- primitives
