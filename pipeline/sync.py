@@ -46,7 +46,9 @@ def _commit_once(names: list[str]) -> None:
     DVC's command commits its targets one at a time, and each re-reads dvc.yaml and rewrites
     dvc.lock: about 2.5 s a stage for the default study's 54, growing with the grid. Here the
     stages are collected once, each is saved (its deps, params and outs hashed) and committed
-    to the cache, and the lock file is written once, under DVC's repository lock.
+    to the cache, and each lock file is written once (every stage has its own dvcfile object,
+    so they are grouped by path), under DVC's repository lock. Entries of stages that are no
+    longer in their dvc.yaml are dropped from its lock file in the same write.
     """
     from dvc.repo import Repo, lock_repo
 
@@ -59,8 +61,28 @@ def _commit_once(names: list[str]) -> None:
         for stage in chosen:
             stage.save()
             stage.commit()
-        for dvcfile in {id(s.dvcfile): s.dvcfile for s in chosen}.values():
-            dvcfile.dump_stages([s for s in chosen if s.dvcfile is dvcfile], update_pipeline=False)
+        live: dict[str, set[str]] = {}
+        for stage in stages.values():
+            live.setdefault(stage.dvcfile.path, set()).add(stage.name)
+        for path in dict.fromkeys(s.dvcfile.path for s in chosen):
+            group = [s for s in chosen if s.dvcfile.path == path]
+            group[0].dvcfile.dump_stages(group, update_pipeline=False)
+            _prune_lock(repo, path, live[path])
+
+
+def _prune_lock(repo, dvc_yaml: str, keep: set[str]) -> None:
+    """Drop from the lock file of ``dvc_yaml`` the entries of stages not in ``keep``."""
+    from dvc.utils.serialize import load_yaml, modify_yaml
+
+    lock = os.path.splitext(dvc_yaml)[0] + ".lock"
+    if not repo.fs.exists(lock):
+        return
+    if set((load_yaml(lock, fs=repo.fs) or {}).get("stages") or {}) <= keep:
+        return
+    with modify_yaml(lock, fs=repo.fs) as data:
+        recorded = data.get("stages") or {}
+        for name in [n for n in recorded if n not in keep]:
+            del recorded[name]
 
 
 def commit_to_dvc(names: list[str], jobs: dict[str, dag.Job]) -> int:
