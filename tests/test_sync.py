@@ -29,9 +29,7 @@ def _repo(path: Path) -> Path:
     return path
 
 
-def test_recording_writes_the_lock_once_and_drops_stages_gone_from_dvc_yaml(
-    tmp_path, monkeypatch
-):
+def test_recording_writes_the_lock_once_and_drops_stages_gone_from_dvc_yaml(tmp_path, monkeypatch):
     from dvc.dvcfile import Lockfile
 
     repo = _repo(tmp_path)
