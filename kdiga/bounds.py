@@ -909,7 +909,9 @@ def _check_points(
 
 # --------------------------------------------------------------------------- Table 4
 
-TABLE4_PARTS = ("samples", "half", "half_ratio", "converged", "steps")
+TABLE4_PARTS = (
+    "samples", "half", "half_ratio", "converged", "steps", "samples_converged", "samples_steps",
+)  # fmt: skip
 
 
 def llm_key(radius: float, part: str | None = None) -> str:
@@ -970,6 +972,8 @@ def table4(
         that over the mean γ (1 where both are 0): near 1, the second half gained little;
       - `llm_key(r, "converged")`: the fraction of samples whose every run converged;
       - `llm_key(r, "steps")`: the mean number of gradient steps per sample;
+      - `llm_key(r, "samples_converged")` and `llm_key(r, "samples_steps")`: per sample,
+        whether every run converged (bools) and the gradient steps it took (ints);
       - "ce" and "ce/samples": the student's clean CE, mean and per sample;
       - "grad_gap_l2" and "grad_gap_l2/samples": ‖gs − gt‖₂ with `teacher`, mean and per
         sample;
@@ -1056,6 +1060,8 @@ def table4(
         out[llm_key(r, "half_ratio")] = half_mean / mean if mean > 0 else 1.0
         out[llm_key(r, "converged")] = per[llm_key(r, "converged")].mean().item()
         out[llm_key(r, "steps")] = per[llm_key(r, "steps")].mean().item()
+        out[llm_key(r, "samples_converged")] = per[llm_key(r, "converged")].bool().tolist()
+        out[llm_key(r, "samples_steps")] = per[llm_key(r, "steps")].long().tolist()
         if n_check:
             out[prop2_key(r)] = {
                 kind: {

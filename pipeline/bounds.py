@@ -80,7 +80,12 @@ def body(args: argparse.Namespace, params: Study) -> None:
         "grad_gap_l2": row["grad_gap_l2"],
         "convergence": {
             radius_label(r): {
-                part: row[llm_key(r, part)] for part in ("half", "half_ratio", "converged", "steps")
+                **{
+                    part: row[llm_key(r, part)]
+                    for part in ("half", "half_ratio", "converged", "steps")
+                },
+                "converged_per_sample": row[llm_key(r, "samples_converged")],
+                "steps_per_sample": row[llm_key(r, "samples_steps")],
             }
             for r in b.radii
         },

@@ -368,11 +368,17 @@ def test_table4_keys_values_and_determinism():
     assert llm_key(8 / 255) == "llm@0.0313725"
     assert llm_key(8 / 255, "samples") == "llm@0.0313725/samples"
     assert a == b
-    for v in a.values():
+    for key, v in a.items():
         values = v if isinstance(v, list) else [v]
-        assert all(isinstance(u, float) and math.isfinite(u) and u >= 0 for u in values)
+        kind = {"samples_converged": bool, "samples_steps": int}.get(key.rsplit("/")[-1], float)
+        assert all(type(u) is kind and math.isfinite(u) and u >= 0 for u in values), key
     assert a[llm_key(8 / 255)] > 0
     assert all(len(v) == len(x) for v in a.values() if isinstance(v, list))
+    for r in (4 / 255, 8 / 255):  # the per-sample record agrees with its summary
+        steps, converged = a[llm_key(r, "samples_steps")], a[llm_key(r, "samples_converged")]
+        assert sum(steps) / len(x) == pytest.approx(a[llm_key(r, "steps")], rel=1e-12)
+        assert sum(converged) / len(x) == pytest.approx(a[llm_key(r, "converged")], rel=1e-12)
+        assert all(0 < k <= 3 for k in steps)  # restarts=1, steps=3
 
 
 def test_table4_means_match_the_per_sample_functions():

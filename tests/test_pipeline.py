@@ -128,6 +128,28 @@ def test_snakemake_builds_the_report(study):
     assert "s / epoch" not in report
 
 
+def test_bounds_record_each_sample_and_the_check(study):
+    """A bounds file holds, per radius, each sample's γ, steps and convergence, and the
+    Proposition 2 check's rate and points per kind, on the samples the params name."""
+    from pipeline.params import load_params
+
+    params = load_params(study / "params.yaml").bounds  # the defaults included
+    b = json.loads((study / f"data/bounds/{KDIGA}.json").read_text())
+    n, checked = b["n"], b["prop2"]["n"]
+    assert checked == min(params.check_samples, n) > 0
+    assert b["radius_labels"] == list(b["convergence"]) == list(b["prop2"]["radii"])
+    for i, label in enumerate(b["radius_labels"]):
+        conv = b["convergence"][label]
+        steps, converged = conv["steps_per_sample"], conv["converged_per_sample"]
+        assert len(b["llm_per_sample"][i]) == len(steps) == len(converged) == n
+        assert all(0 < k <= params.steps * params.restarts for k in steps)
+        assert sum(steps) / n == pytest.approx(conv["steps"])
+        assert sum(converged) / n == pytest.approx(conv["converged"])
+        check = b["prop2"]["radii"][label]
+        assert check["pgd_student"]["points"] == check["pgd_teacher"]["points"] == checked
+        assert 0 <= check["all"]["rate"] <= 1
+
+
 def test_dvc_sees_snakemake_work_as_done(study):
     assert "up to date" in dvc("status", cwd=study)
     assert planned(study) == []  # and recording it in dvc.lock changed nothing for Snakemake
