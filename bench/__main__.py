@@ -3,6 +3,9 @@
 Each entry of :data:`BENCHMARKS` names a module with ``run(quick: bool) -> str`` (the text to
 print). Modules are imported only when run; a module that does not exist yet is skipped with
 a line saying so. Adding a benchmark is one line here.
+
+Options the runner does not know go to the ``main(argv)`` of the one benchmark named:
+``python -m bench llm_convergence --study .`` is ``python -m bench.llm_convergence --study .``.
 """
 
 from __future__ import annotations
@@ -38,10 +41,21 @@ def main(argv: list[str] | None = None) -> int:
         "names", nargs="*", metavar="name", help=f"benchmarks to run: {', '.join(BENCHMARKS)}"
     )
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+    if extra:
+        module = BENCHMARKS[args.names[0]] if len(args.names) == 1 else None
+        if (
+            module is None
+            or not _find(module)
+            or not hasattr(importlib.import_module(module), "main")
+        ):
+            parser.error(f"unrecognized arguments: {' '.join(extra)} (options of a benchmark's "
+                         "own go after exactly one name whose module has a main)")  # fmt: skip
+        importlib.import_module(module).main([*extra, *(["--quick"] if args.quick else [])])
+        return 0
 
     from bench.common import header
 

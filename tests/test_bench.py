@@ -1,11 +1,15 @@
 """The step-cost benchmark's reimplementation of the authors' KDIGA step computes our loss.
 
 A correctness property of the benchmark (item 1 of issue 5 compares step times only if the
-two formulations compute the same thing); no timing is asserted anywhere.
+two formulations compute the same thing); no timing is asserted anywhere. And the runner
+hands a benchmark's own options to it.
 """
 
 from __future__ import annotations
 
+import sys
+
+import pytest
 import torch
 
 from bench.step_cost import METHOD_CFG, loss_agreement
@@ -32,3 +36,24 @@ def test_authors_formulation_gives_our_loss_and_gradients():
         agree = loss_agreement(student, teacher, x, y, cfg)
         assert agree["rel"] <= 1e-4, agree
         assert agree["grad_rel"] <= 1e-3, agree
+
+
+def test_runner_passes_a_benchmarks_own_options_to_its_main(monkeypatch, capsys):
+    """``python -m bench llm_convergence --study .`` runs that benchmark's own main."""
+    import importlib.machinery
+    import types
+
+    from bench import __main__ as runner
+
+    seen = []
+    fake = types.ModuleType("bench._fake")
+    fake.__spec__ = importlib.machinery.ModuleSpec("bench._fake", None)
+    fake.main = seen.append
+    fake.run = lambda quick: "ran"
+    monkeypatch.setitem(sys.modules, "bench._fake", fake)
+    monkeypatch.setitem(runner.BENCHMARKS, "fake", "bench._fake")
+    assert runner.main(["fake", "--study", ".", "--quick"]) == 0
+    assert seen == [["--study", ".", "--quick"]]
+    with pytest.raises(SystemExit):
+        runner.main(["fake", "step_cost", "--study", "."])
+    assert "unrecognized arguments: --study ." in capsys.readouterr().err
