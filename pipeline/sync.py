@@ -48,7 +48,8 @@ def _commit_once(names: list[str]) -> None:
     stages are collected once, each is saved (its deps, params and outs hashed) and committed
     to the cache, and each lock file is written once (every stage has its own dvcfile object,
     so they are grouped by path), under DVC's repository lock. Entries of stages that are no
-    longer in their dvc.yaml are dropped from its lock file in the same write.
+    longer in their dvc.yaml are then dropped from its lock file, in a second write made only
+    when there are any.
     """
     from dvc.repo import Repo, lock_repo
 
