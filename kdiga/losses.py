@@ -23,6 +23,7 @@ teacher-training losses ``at`` and ``trades`` (:data:`TEACHER_LOSSES`).
   Labels Make Student Better"): α·T²·KL(ft(x)/T ‖ fs(x+δ)/T) + (1−α)·T²·KL(ft(x)/T ‖ fs(x)/T),
   no CE; δ = PGD maximising KL(ft(x)/T ‖ fs(x+δ)/T), the teacher's clean soft labels being
   the only target (the paper: α = 5/6, T = 1). The teacher is needed at x only.
+- ``adaad``, ``iad``, ``igdm``: in :mod:`kdiga.losses_successors`.
 
 Every KL is ``F.kl_div(..., reduction="batchmean")`` (a true KL per sample, averaged over the
 batch), computed from log-probabilities for numerical stability.
@@ -89,6 +90,9 @@ STUDENT_GRAD_MODES = ("train", "eval")
 ATTACK_NORMS = ("linf", "l2")
 
 _ADV_KEYS = ("eps", "steps", "step_size", "norm")
+#: LossConfig's non-negative weights, and its settings in [0, 1].
+_WEIGHTS = ("ce_weight", "kl_weight", "iga_weight", "trades_beta", "iad_beta", "igdm_weight")
+_UNIT_INTERVAL = ("adv_weight", "adaad_alpha", "iad_alpha", "iad_warmup")
 #: The keys the teacher-training losses accept; a distillation method's are its table
 #: entry's ``loss_keys`` (kdiga.methods).
 _TEACHER_KEYS: dict[str, tuple[str, ...]] = {"at": _ADV_KEYS, "trades": (*_ADV_KEYS, "trades_beta")}
@@ -100,7 +104,10 @@ class LossConfig:
 
     Which keys a method accepts is ``ALLOWED_KEYS[method]``; the others keep their defaults
     and are unused. ``step_size=None`` means PGD's rule 2.5·eps/steps. ``adv_weight`` is
-    RSLAD's α in [0, 1], the weight of its KL at x+δ.
+    RSLAD's α in [0, 1], the weight of its KL at x+δ. The ``adaad_*``, ``iad_*`` and ``igdm_*``
+    settings are those of :mod:`kdiga.losses_successors` (each described there): AdaAD's α
+    in [0, 1]; IAD's α in [0, 1], β >= 0, warm-up fraction of the epochs in [0, 1] and whether
+    the reliability also weighs the teacher's term; IGDM's final weight >= 0.
     """
 
     ce_weight: float = 0.5
@@ -115,12 +122,23 @@ class LossConfig:
     norm: str = "linf"
     trades_beta: float = 6.0
     adv_weight: float = 5 / 6
+    adaad_alpha: float = 1.0
+    iad_alpha: float = 1.0
+    iad_beta: float = 0.1
+    iad_warmup: float = 0.3
+    iad_weight_teacher: bool = False
+    igdm_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("ce_weight", "kl_weight", "iga_weight", "trades_beta", "adv_weight"):
+        for name in (*_WEIGHTS, *_UNIT_INTERVAL):
             _check_number(name, getattr(self, name), allow_zero=True)
-        if self.adv_weight > 1:
-            raise ValueError(f"adv_weight must be in [0, 1], got {self.adv_weight!r}")
+        for name in _UNIT_INTERVAL:
+            if getattr(self, name) > 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if not isinstance(self.iad_weight_teacher, bool):
+            raise ValueError(
+                f"iad_weight_teacher must be True or False, got {self.iad_weight_teacher!r}"
+            )
         for name in ("temperature", "eps"):
             _check_number(name, getattr(self, name), allow_zero=False)
         if self.step_size is not None:
@@ -270,6 +288,14 @@ class DistillLoss(nn.Module):
     def extra_repr(self) -> str:
         items = [f"{k}={v!r}" for k, v in self.config_dict().items()]
         return ", ".join([f"method={self.method!r}", *items])
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """Hear that training is at epoch ``epoch`` (0-based) of ``epochs``.
+
+        :func:`kdiga.train.fit` calls it at the start of every epoch, a resumed run's first
+        included, so a loss whose weights follow the epochs (IAD's warm-up, IGDM's ramp in
+        :mod:`kdiga.losses_successors`) needs no state in the checkpoint. A no-op here.
+        """
 
     def forward(
         self,

@@ -8,7 +8,8 @@ the label the report prints, and the keys of the pipeline's ``distill`` params s
 reads; :meth:`Method.settings` turns a validated ``distill`` section into the keyword
 arguments of :func:`kdiga.losses.build_loss`.
 
-``METHODS`` holds the entries in order (st, kd, ard, kdiga, kdiga_ardc, kdiga_arda, rslad).
+``METHODS`` holds the entries in order (st, kd, ard, kdiga, kdiga_ardc, kdiga_arda, rslad,
+adaad, iad, igdm).
 A new method is one :func:`register` call with its loss class; ``build_loss`` accepts it with
 no other edit. ``at`` and ``trades`` train teachers, not students, and are not in this table
 (:data:`kdiga.losses.TEACHER_LOSSES`).
@@ -31,6 +32,7 @@ from kdiga.losses import (
     RSLADLoss,
     STLoss,
 )
+from kdiga.losses_successors import AdaADLoss, IADLoss, IGDMLoss
 
 #: For each key of the ``distill`` section a method may read: the ``build_loss`` keywords it
 #: gives, each from the key's own value (``None``) or from one key of its mapping.
@@ -41,6 +43,14 @@ SECTION_KWARGS: dict[str, dict[str, str | None]] = {
     "iga": {"iga_weight": "weight", "iga_reduction": "reduction", "student_grad_mode": "grad_mode"},
     "adversarial": {"eps": "eps", "steps": "steps", "step_size": "step_size"},
     "rslad": {"adv_weight": "adv_weight"},
+    "adaad": {"adaad_alpha": "alpha"},
+    "iad": {
+        "iad_alpha": "alpha",
+        "iad_beta": "beta",
+        "iad_warmup": "warmup",
+        "iad_weight_teacher": "weight_teacher",
+    },
+    "igdm": {"igdm_weight": "weight"},
 }
 #: ``build_loss`` keywords that come with a section key but that the section does not set, so
 #: :class:`kdiga.losses.LossConfig`'s default holds (the inner attack's norm: L∞).
@@ -291,4 +301,64 @@ RSLAD = register(
 Reads ``distill.temperature`` (1 in the paper), ``distill.adversarial`` (the paper: ε = 8/255,
 step 2/255, 10 steps) and ``distill.rslad``, a mapping ``{adv_weight: 0.8333333333333334}``:
 α, the weight of the KL at x+δ (5/6 in the paper).
+"""
+ADAAD = register(
+    Method(
+        name="adaad",
+        label="AdaAD",
+        description="AdaAD (Huang et al. 2023): α·KL(ft(x') ‖ fs(x')) + (1−α)·KL(ft(x) ‖ fs(x)), "
+        "x' maximising the first KL.",
+        loss=AdaADLoss,
+        needs_teacher=True,
+        teacher_at_adversarial=True,
+        inner_attack=True,
+        iga=False,
+        param_keys=("adversarial", "adaad"),
+    )
+)
+"""AdaAD: the student matches the teacher where the two disagree most in the ball.
+
+Reads ``distill.adversarial`` (the authors' CIFAR-10 command: ε = 8/255, 10 steps of 2/255) and
+``distill.adaad``, ``{alpha: 1.0}``: α, the weight of the KL at x' (1 in the authors' code).
+"""
+IAD = register(
+    Method(
+        name="iad",
+        label="IAD",
+        description="IAD-I (Zhu et al. 2022): ARD's KL at fs(x+δ) vs ft(x) plus "
+        "(1 − P_T(y|x+δ)^β)·KL(fs(x) ‖ fs(x+δ)) after a warm-up.",
+        loss=IADLoss,
+        needs_teacher=True,
+        teacher_at_adversarial=True,
+        inner_attack=True,
+        iga=False,
+        param_keys=("temperature", "adversarial", "iad"),
+    )
+)
+"""IAD: the student trusts the teacher at x+δ as far as the teacher is right there.
+
+Reads ``distill.temperature`` (1 in the authors' code), ``distill.adversarial`` (8/255, 10
+steps of 2/255) and ``distill.iad``, ``{alpha: 1.0, beta: 0.1, warmup: 0.3, weight_teacher:
+false}`` (their IAD-I defaults: introspection from epoch 60 of 200). The teacher is read at x+δ
+for its reliability, so cached signals cannot serve it.
+"""
+IGDM = register(
+    Method(
+        name="igdm",
+        label="IGDM",
+        description="IGDM (Lee et al. 2024) on AdaAD: KL(ft(x+δ) ‖ fs(x+δ)) + γ·(e+1)/E·"
+        "KL(ft(x+δ)−ft(x−δ) ‖ fs(x+δ)−fs(x−δ)).",
+        loss=IGDMLoss,
+        needs_teacher=True,
+        teacher_at_adversarial=True,
+        inner_attack=True,
+        iga=False,
+        param_keys=("adversarial", "igdm"),
+    )
+)
+"""IGDM: the input gradients matched through output differences along ±δ, no double backward.
+
+Reads ``distill.adversarial`` (AdaAD's inner maximisation) and ``distill.igdm``, ``{weight:
+1.0}``: γ, the IGDM term's weight at the last epoch, ramped linearly over the epochs (the
+authors' ``--igdm_alpha`` default).
 """

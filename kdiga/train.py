@@ -458,11 +458,14 @@ def fit(
 
     Each step: ``parts = criterion(student, teacher, x, y)`` with the student in train mode
     and ``x`` ``[B, C, H, W]`` in [0, 1] (augmented per ``cfg.augment``), then
-    ``parts["loss"].backward()`` and an SGD step. After every epoch the model, optimiser,
-    scheduler, RNG state, config and history are saved atomically to ``checkpoint_path``; if
-    that file exists when ``fit`` starts, training resumes from it (``cfg.epochs`` may grow);
-    with ``cfg.checkpoint_every`` = k > 0 also every k steps, and a run killed mid-epoch
-    resumes at the step after its last checkpoint.
+    ``parts["loss"].backward()`` and an SGD step. A criterion with a ``set_epoch(epoch,
+    epochs)`` method (:meth:`kdiga.losses.DistillLoss.set_epoch`) hears the epoch (0-based) and
+    ``cfg.epochs`` before each epoch's first step, the first epoch of a resumed run included
+    (mid-epoch too), so its schedule is the uninterrupted run's. After every epoch the model,
+    optimiser, scheduler, RNG state, config and history are saved atomically to
+    ``checkpoint_path``; if that file exists when ``fit`` starts, training resumes from it
+    (``cfg.epochs`` may grow); with ``cfg.checkpoint_every`` = k > 0 also every k steps, and a
+    run killed mid-epoch resumes at the step after its last checkpoint.
 
     Under torchrun (a process group initialised by :func:`kdiga.distributed.init_from_env`
     with world size W > 1) every rank calls ``fit`` alike: the student is wrapped in DDP, each
@@ -591,7 +594,10 @@ def fit(
             barrier()
 
         model = stack.enter_context(data_parallel(student, device, sync_bn=cfg.sync_bn))
+        set_epoch = getattr(criterion, "set_epoch", None)
         for epoch in range(start, cfg.epochs):
+            if set_epoch is not None:  # epoch-dependent loss weights, resumed runs included
+                set_epoch(epoch, cfg.epochs)
             lr = optimizer.param_groups[0]["lr"]
             t0 = time.perf_counter()
             if stream is not None:

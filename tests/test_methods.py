@@ -32,11 +32,15 @@ DISTILL = {
     "iga": {"weight": 2.0, "reduction": "batch_frobenius", "grad_mode": "eval"},
     "adversarial": {"eps": 0.03, "steps": 5, "step_size": None},
     "rslad": {"adv_weight": 0.8333333333333334},
+    "adaad": {"alpha": 0.9},
+    "iad": {"alpha": 0.8, "beta": 0.2, "warmup": 0.25, "weight_teacher": True},
+    "igdm": {"weight": 2.5},
 }
 _KD = {"ce_weight": 0.3, "kl_weight": 0.7, "temperature": 4.0}
 _IGA = {"iga_weight": 2.0, "iga_reduction": "batch_frobenius", "student_grad_mode": "eval"}
 _ADV = {"eps": 0.03, "steps": 5, "step_size": None}
-#: What the distill stage passed to build_loss before the table existed, and RSLAD's.
+#: What the distill stage passed to build_loss before the table existed, then the later
+#: methods' (RSLAD, AdaAD, IAD, IGDM).
 EXPECTED_SETTINGS = {
     "st": {},
     "kd": _KD,
@@ -45,6 +49,16 @@ EXPECTED_SETTINGS = {
     "kdiga_ardc": {**_KD, **_IGA, **_ADV},
     "kdiga_arda": {**_KD, **_IGA, **_ADV},
     "rslad": {"temperature": 4.0, **_ADV, "adv_weight": 0.8333333333333334},
+    "adaad": {**_ADV, "adaad_alpha": 0.9},
+    "iad": {
+        "temperature": 4.0,
+        **_ADV,
+        "iad_alpha": 0.8,
+        "iad_beta": 0.2,
+        "iad_warmup": 0.25,
+        "iad_weight_teacher": True,
+    },
+    "igdm": {**_ADV, "igdm_weight": 2.5},
 }
 LABELS = {
     "st": "ST",
@@ -54,6 +68,9 @@ LABELS = {
     "kdiga_ardc": "KDIGA-ARDC",
     "kdiga_arda": "KDIGA-ARDA",
     "rslad": "RSLAD",
+    "adaad": "AdaAD",
+    "iad": "IAD",
+    "igdm": "IGDM",
 }
 
 
@@ -181,6 +198,9 @@ def test_flags():
         "kdiga_ardc": (True, False, True, True, True),
         "kdiga_arda": (True, True, True, True, False),
         "rslad": (True, False, True, False, True),
+        "adaad": (True, True, True, False, False),
+        "iad": (True, True, True, False, False),
+        "igdm": (True, True, True, False, False),
     }
 
 
