@@ -586,7 +586,7 @@ class Iga:
 @dataclass(frozen=True, kw_only=True)
 class Adversarial:
     eps: float = key(0.1, parse_radius, "radius of the inner maximisation (ard, kdiga_ardc, "
-                     "kdiga_arda, rslad)")  # fmt: skip
+                     "kdiga_arda, rslad, adaad, iad, igdm)")  # fmt: skip
     steps: int = key(3, integer(1, MAX_STEPS), "its PGD steps")
     step_size: float | None = key(None, optional(parse_radius), "null: 2.5 * eps / steps")
 
@@ -601,6 +601,36 @@ class Rslad:
     )
 
 
+def _epoch_fraction(k: str, v: Any) -> float:
+    if _float(k, v) > 1:
+        raise ParamError(k, v, "expected a fraction of the epochs in [0, 1]")
+    return float(v)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Adaad:
+    alpha: float = key(1.0, _fraction, "weight of KL(T(x+delta) || S(x+delta)); 1 - alpha "
+                       "weighs KL(T(x) || S(x)) (Huang et al. 2023: 1)")  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class Iad:
+    alpha: float = key(1.0, _fraction, "weight of the distillation terms; 1 - alpha weighs "
+                       "CE(S(x), y) (Zhu et al. 2022: 1)")  # fmt: skip
+    beta: float = key(0.1, number(), "the teacher's reliability at x+delta is "
+                      "P_T(y | x+delta) ** beta (0.1)")  # fmt: skip
+    warmup: float = key(0.3, _epoch_fraction, "fraction of the epochs trained as ARD before "
+                        "the introspection term (0.3: epoch 60 of 200)")  # fmt: skip
+    weight_teacher: bool = key(False, flag, "true: the reliability also weighs the teacher's "
+                               "KL (their IAD-II); false: full weight (their IAD-I)")  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class Igdm:
+    weight: float = key(1.0, number(), "gamma: the IGDM term's weight at the last epoch, "
+                        "gamma * epoch / epochs before (Lee et al. 2024: 1)")  # fmt: skip
+
+
 @dataclass(frozen=True, kw_only=True)
 class Distill(Training):
     methods: list = key(check=_methods, doc="distillation methods (kdiga.methods.METHODS)")
@@ -610,6 +640,9 @@ class Distill(Training):
     iga: Iga = section(Iga, "the input gradient alignment term (kdiga, kdiga_ardc, kdiga_arda)")
     adversarial: Adversarial = section(Adversarial, "the inner maximisation")
     rslad: Rslad = section(Rslad, "RSLAD's loss weights")
+    adaad: Adaad = section(Adaad, "AdaAD's loss weights")
+    iad: Iad = section(Iad, "IAD's loss weights and warm-up")
+    igdm: Igdm = section(Igdm, "IGDM's weight and its ramp")
     compile_teacher: bool = key(False, flag, "the teacher's forward and input gradient "
                                 "through torch.compile (CUDA only; a compile of tens of "
                                 "seconds per job against a saving per step)")  # fmt: skip
