@@ -88,9 +88,9 @@ PRESET_JOBS = {
     # bounded against each teacher
     "params.yaml": {"shard": 1, "teacher": 2, "distill": 1 + 2 * 5, "attack": (2 + 11) * 2,
                     "bounds": 1 * 2 + 10, "report": 1},
-    # 1 teacher, 1 student, 6 methods (st + 5), 3 seeds
-    "configs/cifar10.yaml": {"shard": 1, "teacher": 1, "distill": 3 + 5 * 3,
-                             "attack": (1 + 18) * 2, "bounds": 3 + 15, "report": 1},
+    # 1 teacher, 1 student, 9 methods (st + 8), 3 seeds
+    "configs/cifar10.yaml": {"shard": 1, "teacher": 1, "distill": 3 + 8 * 3,
+                             "attack": (1 + 27) * 2, "bounds": 3 + 24, "report": 1},
     # 5 teachers, 5 students, 3 methods (st + 2), 1 seed
     "configs/imagenet.yaml": {"shard": 1, "teacher": 5, "distill": 5 + 5 * 2 * 5,
                               "attack": (5 + 55) * 2, "bounds": 5 * 5 + 50, "report": 1},
