@@ -6,10 +6,12 @@ show` reads.
   radius of the teacher and of every student distilled from it (and the students trained
   without a teacher), the teacher's own numbers in brackets.
 - Table 4 shape, per teacher: LLM at each radius, clean CE and ||g_s - g_t||_2.
-- Every number is a mean with its 95% CI (``kdiga.stats``): over seeds when the study has
-  several, else a bootstrap over the test images.
-- Claims: the paper's claims as paired differences (same images, same seeds) with their CI
-  and a verdict: supported, not supported, or inconclusive at this size.
+- Every number is a mean with its 95% CI (``kdiga.stats``): over the training seeds and the
+  test images when the study has several seeds, else a bootstrap over the test images
+  (images only, one seed).
+- Claims: the paper's claims as paired differences (same images, same seeds) with their CI,
+  the per-seed difference's spread across seeds, the seeds a verdict would take, and a
+  verdict: supported, not supported, inconclusive at this size, or needs ≥ 2 seeds.
 Nothing here is typed by hand: every number is read from the stages' outputs, and every
 output is a function of them alone (the same inputs give the same bytes). Wall-clock cost
 per method, relative to KD, goes to ``logs/cost.md`` beside the logs, outside what DVC hashes.
@@ -253,8 +255,11 @@ def claim_radius(params: Study) -> float:
 
 def claims(params: Study, numbers: Numbers) -> list[dict]:
     """Every claim the study's methods allow, per teacher and student: the paired difference
-    (percentage points for accuracy, the LLM's own unit) with its CI and the verdict."""
-    from kdiga.stats import paired_difference, verdict
+    (percentage points for accuracy, the LLM's own unit) with its CI, the standard deviation
+    across seeds of the per-seed difference (``seed_sd``, None with one seed), the seeds that
+    would make a difference of that size conclusive (``seeds_needed``, None where it cannot
+    be said) and the verdict."""
+    from kdiga.stats import paired_difference, seeds_needed, verdict
 
     attack, radius = claim_attack(params), claim_radius(params)
     ri = numbers.radii.index(radius)
@@ -288,6 +293,8 @@ def claims(params: Study, numbers: Numbers) -> list[dict]:
                         "measure": unit,
                         "difference": diff,
                         "scale": scale,
+                        "seed_sd": diff.seed_sd,
+                        "seeds_needed": seeds_needed(diff),
                         "verdict": verdict(diff, direction),
                         "key": f"{t}/{s}/{claimed}-{base or 'teacher'}/{what}",
                     }
@@ -295,26 +302,57 @@ def claims(params: Study, numbers: Numbers) -> list[dict]:
     return out
 
 
+CLAIMS_HEADER = ["Teacher", "Student", "Claim", "Measure", "Difference", "Seed SD",
+                 "Seeds for a verdict", "Verdict"]  # fmt: skip
+
+
+def _digits(row: dict) -> int:
+    return 1 if row["scale"] == 100 else 3
+
+
+def _difference_cell(row: dict, unit: str = "") -> str:
+    """The difference and its CI (then ``unit``), and what the CI is over when it is not the
+    seeds and the images: "+2.0 [-2.5, +6.5] (images only, one seed)"."""
+    from kdiga.stats import INTERVAL_OVER
+
+    d = row["difference"]
+    text = d.format(scale=row["scale"], digits=_digits(row), signed=True) + unit
+    return text if d.method in ("seeds+images", "single") else f"{text} ({INTERVAL_OVER[d.method]})"
+
+
+def _seed_sd_cell(row: dict) -> str:
+    sd = row["seed_sd"]
+    return "—" if sd is None else f"{sd * row['scale']:.{_digits(row)}f}"
+
+
 def claims_table(rows: list[dict]) -> str:
     body = [
-        [r["teacher"], r["student"], r["claim"], r["measure"],
-         r["difference"].format(scale=r["scale"], digits=1 if r["scale"] == 100 else 3,
-                                signed=True), r["verdict"]]
+        [r["teacher"], r["student"], r["claim"], r["measure"], _difference_cell(r),
+         _seed_sd_cell(r), "—" if r["seeds_needed"] is None else str(r["seeds_needed"]),
+         r["verdict"]]
         for r in rows
     ]  # fmt: skip
-    return _markdown(["Teacher", "Student", "Claim", "Measure", "Difference", "Verdict"], body)
+    return _markdown(CLAIMS_HEADER, body)
+
+
+def _verdict_in_words(row: dict) -> str:
+    v, n = row["verdict"], row["seeds_needed"]
+    if v != "inconclusive":
+        return f"**{v}**"
+    if n is None:
+        return f"**{v}**; no number of seeds would make a difference this size conclusive"
+    return f"**{v}**; a difference this size would need about {n} seeds"
 
 
 def claims_in_words(rows: list[dict]) -> list[str]:
     """One sentence per claim, for the README's generated block."""
     lines = []
     for r in rows:
-        d = r["difference"]
         unit = " points" if r["scale"] == 100 else ""
-        shown = d.format(scale=r["scale"], digits=1 if r["scale"] == 100 else 3, signed=True)
+        sd = "" if r["seed_sd"] is None else f", seed SD {_seed_sd_cell(r)}{unit}"
         lines.append(
             f"- {r['claim']}, teacher {r['teacher']}, student {r['student']}: {r['measure']} "
-            f"differs by {shown}{unit}; **{r['verdict']}**."
+            f"differs by {_difference_cell(r, unit)}{sd}; {_verdict_in_words(r)}."
         )
     return lines
 
@@ -372,7 +410,9 @@ def figure(params: Study, numbers: Numbers, attack: str, path: str) -> list[dict
 
 def metrics(params: Study, numbers: Numbers, claim_rows: list[dict]) -> dict:
     """Nested metrics for `dvc exp show`: per model id its clean and robust accuracy per
-    attack and radius and its bound terms; per claim the paired difference and its CI."""
+    attack and radius and its bound terms; per claim the paired difference, its CI, the
+    per-seed difference's standard deviation across seeds, the seeds a verdict would need
+    and the verdict (a value that does not exist, as the seed SD of one seed, is left out)."""
     out: dict = {"teachers": {t: {"val_acc": m["val_acc"]} for t, m in numbers.teachers.items()}}
     for mid in model_ids(params):
         m: dict = {}
@@ -394,8 +434,9 @@ def metrics(params: Study, numbers: Numbers, claim_rows: list[dict]) -> dict:
     out["claims"] = {}
     for r in claim_rows:  # no nulls: DVC drops them from the metrics it shows
         d = r["difference"]
-        interval = {"lo": d.lo, "hi": d.hi} if d.lo is not None else {}
-        out["claims"][r["key"]] = {"difference": d.mean, **interval, "verdict": r["verdict"]}
+        extra = {"lo": d.lo, "hi": d.hi, "seed_sd": r["seed_sd"], "seeds_needed": r["seeds_needed"]}
+        extra = {k: v for k, v in extra.items() if v is not None}
+        out["claims"][r["key"]] = {"difference": d.mean, **extra, "verdict": r["verdict"]}
     return out
 
 
@@ -471,21 +512,18 @@ def _problems(numbers: Numbers) -> list[str]:
 
 
 def _uncertainty_note(params: Study, n_test: int) -> str:
-    from kdiga.stats import VERDICT_RULE
+    from kdiga.stats import INTERVAL_RULE, ONE_SEED_RULE, VERDICT_RULE
 
-    if len(params.seeds) > 1:
+    seeds = len(params.seeds)
+    if seeds > 1:
         how = (
-            f"over the {len(params.seeds)} training seeds (a Student-t interval of the per-seed "
-            "means on these test images; with few seeds it is wide, and that is the honest "
-            "answer)"
+            f"over the {seeds} training seeds and the {n_test} test images (with few seeds it "
+            f"is wide, and that is the honest answer). {INTERVAL_RULE}"
         )
     else:
-        how = (
-            f"by a bootstrap over the {n_test} test images (one training seed: the interval "
-            "says how much the number moves with the choice of images, not with the seed)"
-        )
+        how = f"over the {n_test} test images. {ONE_SEED_RULE}"
     return (
-        f"Every number is a mean with its 95% confidence interval in square brackets, {how}. "
+        f"Every number is a mean with its 95% confidence interval in square brackets, {how} "
         f"Claims are checked on paired differences (the same images and seeds). {VERDICT_RULE}"
     )
 
@@ -522,6 +560,8 @@ def body(args: argparse.Namespace, params: Study) -> None:
             f"teacher's cached signals ({sig.views} fixed augmented view(s) per image, "
             f"gradients in {sig.grad_dtype}), not from a live teacher."
         )
+    from kdiga.stats import SEEDS_NEEDED_RULE
+
     claim_rows = claims(params, numbers)
     parts += [
         "",
@@ -529,7 +569,8 @@ def body(args: argparse.Namespace, params: Study) -> None:
         "",
         f"The paper's claims at radius {radius_label(claim_radius(params))} under "
         f"{_attack_name(params, claim_attack(params))}, and Table 4's LLM ordering at the "
-        "largest bounds radius, as paired differences with their 95% CI:",
+        "largest bounds radius, as paired differences with their 95% CI. Seed SD is the "
+        "standard deviation across seeds of the per-seed difference. " + SEEDS_NEEDED_RULE,
         "",
         claims_table(claim_rows) if claim_rows else "(no claim applies to these methods)",
         "",
