@@ -21,6 +21,10 @@ interleaved, :func:`bench.common.compare`); absolute times are printed for conte
    ε = 8/255, step 2/255, the paper's CIFAR setting) for two teacher -> student pairs: about
    4x the student's MACs (ResNet-50 -> ResNet-18 shape) and about 70x (WRN-34-10 ->
    MobileNetV2 shape). The MAC ratio actually used is counted and printed.
+3b. Every method of :mod:`kdiga.methods` (the table's entries when this module is imported:
+   ST, the paper's, RSLAD, AdaAD, IAD, IGDM) timed in the same interleaved rounds, its step
+   against KD's; inner maximisations at PGD-10, ε = 8/255, each method's other settings at
+   its authors' defaults, an epoch-scheduled weight at its last epoch's value.
 2b. (with a student that has grouped convolutions, e.g. MobileNetV2) the same KDIGA step with
    the student's :class:`~kdiga.models.GroupedConv2d` layers turned back into ``nn.Conv2d``:
    what the per-group double backward of PyTorch costs.
@@ -56,7 +60,7 @@ from torch import Tensor, nn
 from bench import common
 from kdiga.data import load_dataset
 from kdiga.losses import DistillLoss, build_loss, teacher_signals
-from kdiga.methods import get_method
+from kdiga.methods import get_method, method_names
 from kdiga.models import GroupedConv2d, build_model
 from kdiga.models.batchnorm import IGABatchNorm2d
 from kdiga.signals import SignalCache, compute_signals
@@ -67,7 +71,8 @@ SHAPE = (3, 32, 32)
 #: The distill params section every comparison uses: KDIGA with the authors' scaling (gama =
 #: 1000 / B on the gradients of the batch-mean CE) so that their formulation gives the same
 #: loss value; the inner maximisation at the paper's CIFAR setting (step size 2.5 * eps /
-#: steps = 2/255). Each method's build_loss settings come from the method table.
+#: steps = 2/255); the later methods at their authors' defaults. Each method's build_loss
+#: settings come from the method table.
 DISTILL: dict[str, Any] = {
     "ce_weight": 0.5,
     "kl_weight": 0.5,
@@ -75,10 +80,12 @@ DISTILL: dict[str, Any] = {
     "iga": {"weight": 1000.0, "reduction": "batch_frobenius", "grad_mode": "train"},
     "adversarial": {"eps": 8 / 255, "steps": 10, "step_size": None},
     "rslad": {"adv_weight": 5 / 6},
+    "adaad": {"alpha": 1.0},
+    "iad": {"alpha": 1.0, "beta": 0.1, "warmup": 0.3, "weight_teacher": False},
+    "igdm": {"weight": 1.0},
 }
-METHOD_CFG: dict[str, dict[str, Any]] = {
-    m: get_method(m).settings(DISTILL) for m in ("kd", "ard", "kdiga", "kdiga_ardc")
-}
+#: Every registered method's settings (item 3b times each one's step beside KD's).
+METHOD_CFG: dict[str, dict[str, Any]] = {m: get_method(m).settings(DISTILL) for m in method_names()}
 KD_CFG, IGA_CFG = METHOD_CFG["kd"], METHOD_CFG["kdiga"]
 LR = 1e-3
 #: suffix of the candidates whose student keeps nn.BatchNorm2d ("BN conversion off")
@@ -682,6 +689,22 @@ def report(results: list[dict[str, Any]], mem: dict[str, Any], dev: torch.device
                 "KDIGA/ARD",
             ],
         ),
+        "",
+    ]
+    rows = [
+        [
+            r["pair"].name,
+            get_method(m).label,
+            f"{r['t'][m].median * ms:.1f}",
+            r["t"][m].median / r["t"]["kd"].median,
+        ]
+        for r in results
+        for m in METHOD_CFG
+    ]
+    out += [
+        "3b. Every registered method's step against KD's, timed in the same interleaved rounds "
+        "(inner maximisations: PGD-10, eps 8/255, step 2/255)",
+        common.fmt_table(rows, ["pair", "method", "step ms", "step / KD"]),
         "",
     ]
     rows = []
