@@ -91,6 +91,9 @@ Departures:
   setting IGDM builds on (ε = 8/255, step 2/255 in the CIFAR-10 preset); set eps 2/255 and
   step_size 8/255 to run theirs.
 - Random start as AdaAD's above.
+- Precision: theirs runs in fp32. Under ``fit``'s bf16 autocast (``amp``, on CUDA) the logits
+  are rounded to bf16 (about 0.4% of a logit) before their difference is taken, which a small
+  δ can make a sizeable share of S(x⁺) − S(x⁻); train with ``amp`` off to match theirs.
 """
 
 from __future__ import annotations
