@@ -5,21 +5,30 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CORES  ?= all
 
-.PHONY: run test install lint bench readme clean-study gpu-check
+# pytest-xdist workers for `make test` / `make test-quick` (auto: one per core)
+WORKERS ?= auto
+PYTEST := PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(WORKERS)
+
+.PHONY: run test test-quick install lint bench readme clean-study gpu-check
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c requirements-lock.txt -e ".[pipeline,dev]"
+	$(BIN)/python -m pip install --quiet --no-compile -c requirements-lock.txt -e ".[pipeline,dev]"
 	touch $(STAMP)
 
 run: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES)
 
+# Every test, the 25 slowest listed at the end (CI runs this through .ci/run).
 test: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+	$(PYTEST) --durations=25
+
+# The inner loop while editing: everything not marked slow (about 2 minutes on 2 cores).
+test-quick: $(STAMP)
+	$(PYTEST) -m "not slow" --durations=10
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_pipeline import new_study
-from tiny_study import ROOT
+from tiny_study import ROOT, build_once, new_study
 
 pytestmark = pytest.mark.slow
 
@@ -72,16 +71,20 @@ def imagenet_params(images: Path, teacher_file: Path) -> dict:
     return p
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory) -> Path:
+def _build(base: Path) -> None:
     from torchvision.models import resnet18
 
-    base = tmp_path_factory.mktemp("imagenet")
     images = make_image_folder(base / "images")
     teacher_file = base / "teacher.pt"
     torch.manual_seed(0)
     torch.save(resnet18(num_classes=CLASSES).state_dict(), teacher_file)
-    return new_study(base / "study", params=imagenet_params(images, teacher_file))
+    new_study(base / "study", params=imagenet_params(images, teacher_file))
+
+
+@pytest.fixture(scope="session")
+def study(shared_root) -> Path:
+    """The study, built once per run (whichever worker asks first); the tests only read it."""
+    return build_once(shared_root, "imagenet", _build) / "study"
 
 
 def test_shards_hold_the_original_jpeg_bytes(study):

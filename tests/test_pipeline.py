@@ -1,18 +1,19 @@
 """End to end, as a user runs it: Snakemake, then DVC, on a tiny study in a fresh git repo.
 
-One module-scoped study (digits at 8x8, one epoch, three methods, two radii) is built once
-by Snakemake; the tests then check, in order: the outputs; that DVC sees Snakemake's work as
-done; that a second study from clean writes the same bytes; that targeted runs of either
-tool never leave a stale result called current; that changing an attack radius re-runs only
-the attack stages and after; that `dvc exp show` and `dvc plots diff` compare committed
-experiments by their own numbers; and that a bad params file stops before any job.
+The tiny study (digits at 8x8, one epoch, three methods, two radii) is built once per test
+run by Snakemake and its results committed (``tiny_study_built``); each test works on its
+own copy, so the tests run in any order and side by side. They check: the outputs; that DVC
+sees Snakemake's work as done; that a fresh clone plans every job and writes the same bytes;
+that targeted runs of either tool never leave a stale result called current; that changing
+an attack radius re-runs only the attack stages and after; that `dvc exp show` and
+`dvc plots diff` compare committed experiments by their own numbers; and that a bad params
+file stops before any job.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -20,58 +21,27 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny_study import BIN, ROOT, TINY, env
+from tiny_study import (
+    BIN,
+    TINY,
+    build_once,
+    copy_study,
+    env,
+    run,
+)
 
 KD, KDIGA, ST = "pgdat--kd--small_cnn--s0", "pgdat--kdiga--small_cnn--s0", "st--small_cnn--s0"
 
 pytestmark = pytest.mark.slow
 
-FIRST_RUN: dict[str, bytes] = {}  # files of the study as its first Snakemake run left them
 COMPARED = ("dvc.lock", "reports/report.md", "reports/metrics.json", "reports/figure1.png",
             "reports/robustness.csv", "reports/provenance.json")  # fmt: skip
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        cmd, cwd=cwd, env=env(PYTHONPATH=str(cwd)), capture_output=True, text=True, timeout=900
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-        )
-    return proc
-
-
-def write_params(study: Path, params: dict) -> None:
-    (study / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run([sys.executable, "-m", "pipeline.dag"], study)
-
-
-def new_study(path: Path, source: Path = ROOT, params: dict | None = None) -> Path:
-    """A fresh git + DVC repo holding the tiny study (or ``params``) and the code of
-    ``source``, built by Snakemake."""
-    path.mkdir(parents=True, exist_ok=True)
-    shutil.copy(source / "Snakefile", path / "Snakefile")
-    for code in ("pipeline", "kdiga"):  # a clone: DVC tracks the code as dependencies
-        shutil.copytree(source / code, path / code, ignore=shutil.ignore_patterns("__pycache__"))
-    run(["git", "init", "-q"], path)
-    run(["git", "config", "user.email", "ci@example.invalid"], path)
-    run(["git", "config", "user.name", "ci"], path)
-    run([str(BIN / "dvc"), "init", "-q"], path)
-    shutil.copy(ROOT / ".dvcignore", path / ".dvcignore")
-    (path / ".gitignore").write_text("/data/\n/logs/\n.snakemake/\n__pycache__/\n")
-    write_params(path, TINY if params is None else params)
-    run(["git", "add", "-A"], path)
-    run(["git", "commit", "-qm", "tiny study"], path)
-    run([str(BIN / "snakemake"), "--cores", "2"], path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory) -> Path:
-    path = new_study(tmp_path_factory.mktemp("study"))
-    FIRST_RUN.update({f: (path / f).read_bytes() for f in COMPARED})
-    return path
+@pytest.fixture
+def study(tiny_study_built, tmp_path) -> Path:
+    """This test's own copy of the finished tiny study."""
+    return copy_study(tiny_study_built, tmp_path / "study")
 
 
 def dvc(*args: str, cwd: Path) -> str:
@@ -170,11 +140,47 @@ def test_dvc_repro_forced_rewrites_snakemakes_bytes(study):
     assert planned(study) == []  # the hand-off: Snakemake adopts DVC's (identical) outputs
 
 
-def test_a_second_study_from_clean_writes_the_same_bytes(study, tmp_path):
-    """Same inputs and params, same bytes: dvc.lock's hashes and every report file."""
-    again = new_study(tmp_path / "again", source=study)
-    differ = [f for f in COMPARED if (again / f).read_bytes() != FIRST_RUN[f]]
+@pytest.fixture(scope="session")
+def fresh_clone(shared_root, tiny_study_built) -> Path:
+    """A git clone of the finished study, built from clean by Snakemake (once per run).
+
+    Before the run it records what a user of the clone meets (``before.json``: whether the
+    committed report is there, and the jobs Snakemake plans); then the committed lock and
+    report files are deleted, so every one of them is written again by the run."""
+
+    def build(path: Path) -> None:
+        run(["git", "clone", "-q", str(tiny_study_built), str(path)], shared_root)
+        before = {"report": (path / "reports" / "report.md").exists(), "planned": planned(path)}
+        (path / "before.json").write_text(json.dumps(before))
+        for f in COMPARED:
+            (path / f).unlink()
+        run([str(BIN / "snakemake"), "--cores", "2"], path)
+
+    return build_once(shared_root, "tiny-study-clone", build)
+
+
+def test_a_second_study_from_clean_writes_the_same_bytes(tiny_study_built, fresh_clone):
+    """Same inputs and params, same bytes: dvc.lock's hashes and every report file, all
+    written again by the clone's own run."""
+    differ = [f for f in COMPARED
+              if (fresh_clone / f).read_bytes() != (tiny_study_built / f).read_bytes()]  # fmt: skip
     assert differ == []
+    logs = {p.relative_to(fresh_clone).as_posix() for p in fresh_clone.glob("logs/**/*.log")}
+    assert logs == {j.log for j in _dag_jobs(fresh_clone)}  # every job ran in the clone
+
+
+def test_a_fresh_clone_runs_the_whole_study(fresh_clone):
+    """The report is in git, its models and evaluations are not: in a clone, Snakemake plans
+    every job rather than taking the committed report as done."""
+    before = json.loads((fresh_clone / "before.json").read_text())
+    assert before["report"]
+    jobs = before["planned"]
+    assert [j for j in jobs if j.startswith(("shard", "teacher", "report"))] == [
+        "report",
+        "shard",
+        "teacher:teacher=pgdat",
+    ]
+    assert len(jobs) == len(_dag_jobs(fresh_clone))
 
 
 def test_a_targeted_snakemake_run_blesses_nothing_stale(study):
@@ -218,14 +224,29 @@ def test_a_targeted_dvc_repro_then_snakemake(study):
     assert bounds["provenance"]["inputs"][f"data/models/{KDIGA}.safetensors"] == sha(model)
 
 
-def test_changing_a_radius_reruns_only_attacks_and_after(study):
-    models = study / "data" / "models"
-    before = {p.name: p.stat().st_mtime_ns for p in models.glob("*.safetensors")}
-    set_param(study, "attack.radii", [0.05, 0.15])
-    run([sys.executable, "-m", "pipeline.dag"], study)
-    out = dvc("repro", cwd=study)
-    after = {p.name: p.stat().st_mtime_ns for p in models.glob("*.safetensors")}
-    assert before == after, "distillation or teacher re-ran"
+@pytest.fixture(scope="session")
+def radius_changed(shared_root, tiny_study_built) -> Path:
+    """A copy of the study after a user changed the attack radii and ran `dvc repro` (once
+    per run); ``repro.json`` holds what the run printed and the models' mtimes around it."""
+
+    def build(path: Path) -> None:
+        copy_study(tiny_study_built, path)
+        models = path / "data" / "models"
+        before = {p.name: p.stat().st_mtime_ns for p in models.glob("*.safetensors")}
+        set_param(path, "attack.radii", [0.05, 0.15])
+        run([sys.executable, "-m", "pipeline.dag"], path)
+        out = dvc("repro", cwd=path)
+        after = {p.name: p.stat().st_mtime_ns for p in models.glob("*.safetensors")}
+        (path / "repro.json").write_text(json.dumps({"out": out, "before": before, "after": after}))
+
+    return build_once(shared_root, "tiny-study-radius", build)
+
+
+def test_changing_a_radius_reruns_only_attacks_and_after(radius_changed, tmp_path):
+    study = copy_study(radius_changed, tmp_path / "study")
+    repro = json.loads((study / "repro.json").read_text())
+    out = repro["out"]
+    assert repro["before"] == repro["after"], "distillation or teacher re-ran"
     assert f"Running stage 'attack-{KD}--pgd'" in out
     assert "Running stage 'distill" not in out and "Running stage 'teacher-pgdat'" not in out
     metrics = json.loads((study / "reports" / "metrics.json").read_text())
@@ -233,10 +254,12 @@ def test_changing_a_radius_reruns_only_attacks_and_after(study):
     assert "up to date" in dvc("status", cwd=study)
 
 
-def test_snakemake_after_dvc_has_nothing_to_do(study):
+def test_snakemake_after_dvc_has_nothing_to_do(radius_changed, tmp_path):
     """Snakemake re-runs a job whose params changed since *it* last ran it; after DVC ran
     them, `python -m pipeline.sync --snakemake` (the README's hand-off) adopts DVC's current
     outputs, running nothing."""
+    study = copy_study(radius_changed, tmp_path / "study")
+    assert planned(study) != []  # Snakemake did not run the new radii itself
     before = {p.name: p.read_bytes() for p in (study / "data" / "evals").glob("*.json")}
     run([sys.executable, "-m", "pipeline.sync", "--snakemake", "--quiet"], study)
     after = {p.name: p.read_bytes() for p in (study / "data" / "evals").glob("*.json")}
@@ -291,14 +314,37 @@ def _experiments(show: list) -> dict[str, dict]:
     }
 
 
-def test_dvc_exp_show_compares_committed_experiments(study):
-    """Two experiments and the baseline commit, each with its own numbers: the KDIGA student's
-    differ with the IGA weight, the models the weight does not touch are the same bytes."""
-    run(["git", "add", "-A"], study)
-    run(["git", "commit", "-qm", "baseline"], study)
-    baseline = json.loads((study / "reports" / "metrics.json").read_text())
-    for name, weight in (("w0", 0.0), ("w3", 3.0)):
-        dvc("exp", "run", "-n", name, "-S", f"distill.iga.weight={weight}", cwd=study)
+#: the experiments of ``experiments``: (name, IGA weight, run from the queue)
+EXPERIMENTS = (("w0", 0.0, False), ("w3", 3.0, True), ("q0.5", 0.5, True))
+
+
+@pytest.fixture(scope="session")
+def experiments(shared_root, tiny_study_built) -> Path:
+    """A copy of the committed study after three experiments on the IGA weight (once per
+    run): `dvc exp run -S` in the workspace, then two queued with `dvc exp run --queue` and
+    run side by side by `dvc queue start -j 2`; ``queue.txt`` is the queue's final status."""
+
+    def build(path: Path) -> None:
+        copy_study(tiny_study_built, path)
+        for name, weight, queued in EXPERIMENTS:
+            setting = ["-n", name, "-S", f"distill.iga.weight={weight}"]
+            dvc("exp", "run", *(["--queue"] if queued else []), *setting, cwd=path)
+        dvc("queue", "start", "-j", "2", cwd=path)
+        deadline = time.monotonic() + 600
+        while re.search(r"Queued|Running", status := dvc("queue", "status", cwd=path)):
+            assert time.monotonic() < deadline, status
+            time.sleep(1)
+        (path / "queue.txt").write_text(status)
+
+    return build_once(shared_root, "tiny-study-experiments", build)
+
+
+def test_dvc_exp_show_compares_committed_experiments(tiny_study_built, experiments, tmp_path):
+    """Two experiments (one run in the workspace, one from the queue) and the baseline commit,
+    each with its own numbers: the KDIGA student's differ with the IGA weight, the models the
+    weight does not touch are the same bytes."""
+    study = copy_study(experiments, tmp_path / "study")
+    baseline = json.loads((tiny_study_built / "reports" / "metrics.json").read_text())
     exps = _experiments(json.loads(dvc("exp", "show", "--json", cwd=study)))
     assert exps["baseline"]["metrics"] == baseline
     for name, weight in (("w0", 0.0), ("w3", 3.0)):
@@ -325,21 +371,6 @@ def test_dvc_exp_show_compares_committed_experiments(study):
         assert {k: v for k, v in drawn.items() if k[0] == name} == want
 
 
-def test_a_fresh_clone_runs_the_whole_study(study, tmp_path):
-    """The report is in git, its models and evaluations are not: in a clone, Snakemake plans
-    every job rather than taking the committed report as done."""
-    clone = tmp_path / "clone"
-    run(["git", "clone", "-q", str(study), str(clone)], tmp_path)
-    assert (clone / "reports" / "report.md").exists()
-    jobs = planned(clone)
-    assert [j for j in jobs if j.startswith(("shard", "teacher", "report"))] == [
-        "report",
-        "shard",
-        "teacher:teacher=pgdat",
-    ]
-    assert len(jobs) == len(_dag_jobs(clone))
-
-
 def _dag_jobs(study: Path) -> list:
     from pipeline import dag
     from pipeline.params import load_params
@@ -347,22 +378,19 @@ def _dag_jobs(study: Path) -> list:
     return dag.jobs(load_params(study / "params.yaml"))
 
 
-def test_a_queued_sweep_runs_in_parallel(study):
-    """`dvc exp run --queue` + `dvc queue start -j 2`: whole experiments side by side."""
-    for weight in (0.5, 2.0):
-        dvc("exp", "run", "--queue", "-n", f"q{weight:g}", "-S", f"distill.iga.weight={weight}",
-            cwd=study)  # fmt: skip
-    dvc("queue", "start", "-j", "2", cwd=study)
-    deadline = time.monotonic() + 600
-    while re.search(r"Queued|Running", dvc("queue", "status", cwd=study)):
-        assert time.monotonic() < deadline, dvc("queue", "status", cwd=study)
-        time.sleep(2)
-    assert "Failed" not in dvc("queue", "status", cwd=study)
+def test_a_queued_sweep_runs_in_parallel(experiments, tmp_path):
+    """`dvc exp run --queue` + `dvc queue start -j 2`: whole experiments side by side, each
+    recorded with its own params and numbers."""
+    study = copy_study(experiments, tmp_path / "study")
+    status = (study / "queue.txt").read_text()
+    assert "Failed" not in status
+    assert all(name in status for name, _, queued in EXPERIMENTS if queued), status
     exps = _experiments(json.loads(dvc("exp", "show", "--json", cwd=study)))
-    for weight in (0.5, 2.0):
-        e = exps[f"q{weight:g}"]
-        assert e["params"]["distill"]["iga"]["weight"] == weight
-        assert 0 <= e["metrics"][KDIGA]["pgd"]["0.15"] <= 1
+    for name, weight, queued in EXPERIMENTS:
+        if queued:
+            e = exps[name]
+            assert e["params"]["distill"]["iga"]["weight"] == weight
+            assert 0 <= e["metrics"][KDIGA]["pgd"]["0.1"] <= 1
 
 
 def test_bad_params_stop_before_any_job(study, tmp_path):

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -53,17 +54,21 @@ def failed_cleanly(proc: subprocess.CompletedProcess, *needles: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def sharded(tmp_path_factory) -> Path:
-    """A study directory with the tiny study's shards and teacher."""
+def sharded(tiny_study_built, tmp_path_factory) -> Path:
+    """A study directory with the tiny study's params, shards and teacher (copied from the
+    finished tiny study: the same stages with the same params made them)."""
     study = tmp_path_factory.mktemp("faults")
-    ok(stage(study, "shard", params=TINY))
-    ok(stage(study, "teacher", "--teacher", "pgdat"))
+    shutil.copy(tiny_study_built / "params.yaml", study / "params.yaml")
+    shutil.copytree(tiny_study_built / "data" / "shards", study / "data" / "shards")
+    models = study / "data" / "models"
+    models.mkdir()
+    for name in ("pgdat.safetensors", "pgdat.json"):
+        shutil.copy2(tiny_study_built / "data" / "models" / name, models / name)
+    assert yaml.safe_load((study / "params.yaml").read_text()) == TINY
     return study
 
 
 def _copy_study(src: Path, dst: Path) -> Path:
-    import shutil
-
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints"))
     return dst
 

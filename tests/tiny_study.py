@@ -1,10 +1,22 @@
-"""A tiny study (digits at 8x8, one epoch, narrow models) shared by the end-to-end tests."""
+"""A tiny study (digits at 8x8, one epoch, narrow models) shared by the end-to-end tests.
+
+Studies are expensive to build (every job is a process that imports torch), so each is
+built once per test run and shared: :func:`build_once` makes it under a file lock in the
+run's shared temporary folder, whichever pytest-xdist worker asks first, and a test that
+changes a study works on its own :func:`copy_study` of it.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+import yaml
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -23,6 +35,69 @@ def env(**extra: str) -> dict:
     out.pop("KDIGA_PARAMS", None)
     out.update(extra)
     return out
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in ``cwd`` with the study's environment (its own code importable)."""
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=env(PYTHONPATH=str(cwd)), capture_output=True, text=True, timeout=900
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+def write_params(study: Path, params: dict) -> None:
+    (study / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run([sys.executable, "-m", "pipeline.dag"], study)
+
+
+def new_study(path: Path, source: Path = ROOT, params: dict | None = None) -> Path:
+    """A fresh git + DVC repo holding the tiny study (or ``params``) and the code of
+    ``source``, built by Snakemake."""
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source / "Snakefile", path / "Snakefile")
+    for code in ("pipeline", "kdiga"):  # a clone: DVC tracks the code as dependencies
+        shutil.copytree(source / code, path / code, ignore=shutil.ignore_patterns("__pycache__"))
+    run(["git", "init", "-q"], path)
+    run(["git", "config", "user.email", "ci@example.invalid"], path)
+    run(["git", "config", "user.name", "ci"], path)
+    run([bin_path("dvc"), "init", "-q"], path)
+    shutil.copy(ROOT / ".dvcignore", path / ".dvcignore")
+    (path / ".gitignore").write_text("/data/\n/logs/\n.snakemake/\n__pycache__/\n")
+    write_params(path, TINY if params is None else params)
+    run(["git", "add", "-A"], path)
+    run(["git", "commit", "-qm", "tiny study"], path)
+    run([bin_path("snakemake"), "--cores", "2"], path)
+    return path
+
+
+def git_commit_all(study: Path, message: str) -> None:
+    run(["git", "add", "-A"], study)
+    run(["git", "commit", "-qm", message], study)
+
+
+def copy_study(src: Path, dst: Path, ignore: Callable | None = None) -> Path:
+    """A copy of the study ``src`` (its git and DVC repos, Snakemake's records, every file
+    with its modification time), for a test that changes it."""
+    shutil.copytree(src, dst, symlinks=True, ignore=ignore)
+    return dst
+
+
+def build_once(root: Path, name: str, build: Callable[[Path], object]) -> Path:
+    """``root / name``, made by ``build(path)`` once per test run: the first pytest-xdist
+    worker to ask builds it under a file lock, the others wait and then use it. A build that
+    failed leaves no mark, so the next one to ask builds it again (and fails the same way)."""
+    path, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            if path.exists():
+                shutil.rmtree(path)
+            build(path)
+            done.touch()
+    return path
 
 
 TINY = {
