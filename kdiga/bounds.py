@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdiga.attacks import init_delta, perturbation_norm, pgd, project_delta, step_delta
+from kdiga.progress import ProgressFn, Tracker
 from kdiga.utils import eval_mode
 
 logger = logging.getLogger(__name__)
@@ -959,6 +960,7 @@ def table4(
     pgd_steps: int = 20,
     random_points: int = 8,
     rtol: float = 1e-5,
+    progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Table 4's columns for `student` on the samples x [N, C, H, W], y [N], per sample and
     averaged, with what shows whether the LLM's ascent converged, and Proposition 2 tested
@@ -989,6 +991,8 @@ def table4(
     Means are floats, per-sample values lists of N floats in the order of x. The caller
     picks the samples (`sample_indices`). Batches of `batch_size` are moved to `device`
     (default: the student's parameters' device); the models must already be there.
+    `progress` is called with a `kdiga.progress.Progress` of the task "bounds", counting
+    ascents (batches x radii, each with its Proposition 2 check), at the start and after each.
     """
     for r in radii:
         _check_eps(r, "radius")
@@ -1015,6 +1019,9 @@ def table4(
     def add(key: str, value: Tensor) -> None:
         parts.setdefault(key, []).append(value.detach().double().cpu())
 
+    n_batches = math.ceil(len(x) / batch_size)
+    track = Tracker(progress, "bounds", n_batches * len(radii), "ascents")
+    track.at(0, f"batch 0/{n_batches}")
     with _frozen(student, teacher):
         for start in range(0, len(x), batch_size):
             xb = _plain(x[start : start + batch_size].to(device))
@@ -1033,7 +1040,9 @@ def table4(
                 add(llm_key(r, "half"), st.gamma_half)
                 add(llm_key(r, "converged"), st.converged)
                 add(llm_key(r, "steps"), st.steps_used)
+                where = f"batch {start // batch_size + 1}/{n_batches}, radius {r:g}"
                 if not k:
+                    track.advance(1, where)
                     continue
                 xk, yk = xb[:k], yb[:k]
                 te, _ = _own_ascent(
@@ -1048,6 +1057,7 @@ def table4(
                 for kind in kinds:
                     failed[r][kind] += int(check.violated[kind].sum())
                     tested[r][kind] += check.points[kind]
+                track.advance(1, where)
             logger.debug("table4: %d/%d samples", min(start + batch_size, len(x)), len(x))
     per = {k: torch.cat(v) for k, v in parts.items()}
     out: dict[str, Any] = {}

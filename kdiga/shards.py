@@ -25,6 +25,7 @@ import torch
 import webdataset as wds
 from torch import Tensor
 
+from kdiga.progress import ProgressFn, Tracker
 from kdiga.utils import atomic_path, atomic_write_text, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 FORMATS = ("npy", "png")
 MANIFEST_VERSION = 1
 _MTIME = 0  # fixed int mtime: identical bytes for the same data; a float adds a PAX header
+PROGRESS_EVERY = 256  # images between two progress reports of a shard writer
 
 
 class ShardError(ValueError):
@@ -128,12 +130,15 @@ def write_shards(
     prefix: str,
     max_per_shard: int = 10000,
     fmt: str = "npy",
+    progress: ProgressFn | None = None,
 ) -> list[dict[str, Any]]:
     """Write ``images`` (uint8 ``[N, C, H, W]``) and ``labels`` (``[N]``) as tar shards.
 
     Shards are ``<out_dir>/<prefix>-000000.tar``, ... of at most ``max_per_shard`` samples,
     each written to a temporary file and renamed into place. Member metadata is fixed, so the
-    same data always gives the same bytes.
+    same data always gives the same bytes. ``progress`` is called with a
+    :class:`kdiga.progress.Progress` of the task "shard <prefix>" (images written of N) at
+    the start, every :data:`PROGRESS_EVERY` images and at the end of each shard.
 
     Returns:
         one ``{"path": str, "count": int, "sha256": str}`` per shard, in order.
@@ -163,6 +168,8 @@ def write_shards(
     n = len(ys)
     width = max(9, len(str(n - 1)))
     entries = []
+    track = Tracker(progress, f"shard {prefix}", n, "images")
+    track.at(0)
     for shard, start in enumerate(range(0, n, max_per_shard)):
         stop = min(start + max_per_shard, n)
         path = out / f"{prefix}-{shard:06d}.tar"
@@ -179,6 +186,9 @@ def write_shards(
                         "cls": str(int(ys[i])).encode("ascii"),
                     }
                 )
+                if (i + 1) % PROGRESS_EVERY == 0 and i + 1 < stop:
+                    track.at(i + 1, f"shard {shard + 1}")
+        track.at(stop, f"shard {shard + 1}")
         entries.append({"path": str(path), "count": stop - start, "sha256": sha256_file(path)})
     logger.info("wrote %d samples in %d shards to %s", n, len(entries), out)
     return entries

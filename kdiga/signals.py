@@ -71,6 +71,7 @@ from torch import Tensor, nn
 from kdiga.artifacts import is_safetensors, load_tensors, save_tensors
 from kdiga.data import AUGMENTATIONS, to_float
 from kdiga.losses import TeacherSignals, teacher_signals
+from kdiga.progress import ProgressFn, Tracker
 from kdiga.train import check_data
 
 logger = logging.getLogger(__name__)
@@ -280,6 +281,7 @@ def compute_signals(
     device: str | torch.device = "cpu",
     grad_dtype: str = "float32",
     teacher_sha256: str | None = None,
+    progress: ProgressFn | None = None,
 ) -> SignalSet:
     """Teacher logits and input gradients of ``views`` fixed augmented views of every image.
 
@@ -298,6 +300,8 @@ def compute_signals(
         device: where the teacher runs; results are stored on CPU.
         grad_dtype: "float32", "float16" or "bfloat16" (see the module docstring).
         teacher_sha256: recorded as the teacher's identity; None: :func:`module_sha256`.
+        progress: called with a :class:`kdiga.progress.Progress` of the task "signals",
+            counting images of all views (``views * N``), at the start and after each batch.
 
     Returns:
         the :class:`SignalSet` (on CPU, in memory).
@@ -327,6 +331,8 @@ def compute_signals(
     grads = torch.empty(views, *images.shape, dtype=dtype)
     grad_scale = None if dtype == torch.float32 else torch.empty(views, n)
     logits: Tensor | None = None
+    track = Tracker(progress, "signals", views * n, "images")
+    track.at(0, f"view 1/{views}")
     for v in range(views):
         offsets[v], flips[v] = view_params(n, v, augment, crop_padding, seed)
         for start in range(0, n, batch_size):
@@ -342,6 +348,7 @@ def compute_signals(
             grads[v, sl] = stored.cpu()
             if grad_scale is not None:
                 grad_scale[v, sl] = scale.cpu()
+            track.advance(len(x), f"view {v + 1}/{views}")
         logger.info("teacher signals: view %d/%d done (%d images)", v + 1, views, n)
     meta = {
         "format": SIGNALS_FORMAT,

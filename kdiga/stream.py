@@ -105,7 +105,8 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from kdiga.data import DatasetNotFoundError
-from kdiga.shards import _MTIME, ShardError, _decode_label, read_manifest
+from kdiga.progress import ProgressFn, Tracker
+from kdiga.shards import _MTIME, PROGRESS_EVERY, ShardError, _decode_label, read_manifest
 from kdiga.utils import atomic_path, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -235,16 +236,23 @@ def _check_prefix(prefix: str, max_per_shard: int) -> None:
 
 
 def _write_tars(
-    items: Iterable[tuple[str, bytes, str, int]], out: Path, prefix: str, max_per_shard: int
+    items: Iterable[tuple[str, bytes, str, int]],
+    out: Path,
+    prefix: str,
+    max_per_shard: int,
+    track: Tracker | None = None,
 ) -> list[dict[str, Any]]:
     """Write (key, bytes, ext, label) samples as ``<prefix>-NNNNNN.tar``, streaming.
 
     Each shard is written to a temporary file and renamed into place; at most one sample's
-    bytes are held at a time.
+    bytes are held at a time. ``track`` counts the samples written.
     """
     out.mkdir(parents=True, exist_ok=True)
     it = iter(items)
     entries: list[dict[str, Any]] = []
+    written = 0
+    if track is not None:
+        track.at(0)
     for shard in itertools.count():
         first = next(it, None)
         if first is None:
@@ -261,6 +269,11 @@ def _write_tars(
             ):
                 sink.write({"__key__": key, ext: data, "cls": str(int(label)).encode("ascii")})
                 count += 1
+                if track is not None and (written + count) % PROGRESS_EVERY == 0:
+                    track.at(written + count, f"shard {shard + 1}")
+        written += count
+        if track is not None:
+            track.at(written, f"shard {shard + 1}")
         entries.append({"path": str(path), "count": count, "sha256": sha256_file(path)})
     if not entries:
         raise ValueError("no samples to write")
@@ -364,6 +377,7 @@ def write_image_shards(
     resize_short: int | None = None,
     indices: Sequence[int] | None = None,
     shuffle_seed: int | None = None,
+    progress: ProgressFn | None = None,
 ) -> list[dict[str, Any]]:
     """Write an ImageFolder split as WebDataset shards of the original image file bytes.
 
@@ -385,6 +399,9 @@ def write_image_shards(
         indices: write only these images (indices into the listing), e.g. a fixed test subset.
         shuffle_seed: write the images in an order permuted by this seed (so each shard mixes
             classes); None keeps the listing's (class-sorted) order.
+        progress: called with a :class:`kdiga.progress.Progress` of the task
+            "shard <prefix>" (images written of those listed) at the start, every
+            :data:`kdiga.shards.PROGRESS_EVERY` images and at the end of each shard.
 
     Returns:
         one ``{"path": str, "count": int, "sha256": str}`` per shard, in order, for
@@ -409,7 +426,8 @@ def write_image_shards(
             data, ext = _prepare(Path(path).read_bytes(), path, resize_short)
             yield f"{i:0{width}d}", data, ext, label
 
-    return _write_tars(items(), Path(out_dir), prefix, max_per_shard)
+    track = Tracker(progress, f"shard {prefix}", len(order), "images")
+    return _write_tars(items(), Path(out_dir), prefix, max_per_shard, track)
 
 
 # --- the plan of an epoch -----------------------------------------------------------------

@@ -42,6 +42,7 @@ from kdiga.distributed import (
     shard_indices,
 )
 from kdiga.models import CheckpointError
+from kdiga.progress import ProgressFn, Tracker
 from kdiga.utils import atomic_torch_save, eval_mode
 
 logger = logging.getLogger(__name__)
@@ -387,18 +388,24 @@ def _run_epoch(
     on_batch: Callable[[dict], None] | None,
     pos: _Position,
     save: Callable[[_Position], None] | None = None,
+    track: Tracker | None = None,
 ) -> dict[str, float]:
     """One pass over the data from ``pos``; returns the sample-weighted mean of each loss part.
 
     Under DDP this rank trains on its slice of each global batch and the returned means (and
     ``on_batch`` records) are over the global batch, identical on all ranks. With ``save`` and
     ``cfg.checkpoint_every`` > 0, ``save(position)`` runs after every that many steps (not
-    after the last one: the end of the epoch is checkpointed by the caller).
+    after the last one: the end of the epoch is checkpointed by the caller). ``track`` counts
+    the run's steps (epoch ``epoch`` begins at ``epoch * num_batches``).
     """
     num_batches, steps, aug_state = source
     info = current()
     cuda = device.type == "cuda"
     sums, seen = dict(pos.sums), pos.seen
+    where = f"epoch {epoch + 1}/{cfg.epochs}, step"
+    if track is not None:
+        track.total = cfg.epochs * num_batches
+        track.at(epoch * num_batches + pos.batch, f"{where} {pos.batch}/{num_batches}")
     student.train()
     for b, (x, y, kwargs, n_local) in enumerate(steps, start=pos.batch):
         if cuda and cfg.channels_last:
@@ -430,6 +437,8 @@ def _run_epoch(
         if on_batch is not None:
             on_batch({"epoch": epoch + 1, "batch": b, "num_batches": num_batches, **record})
         done, every = b + 1, cfg.checkpoint_every
+        if track is not None:
+            track.at(epoch * num_batches + done, f"{where} {done}/{num_batches}")
         if save is not None and every and done % every == 0 and done < num_batches:
             save(_Position(done, dict(sums), seen, aug_state()))
     if seen == 0:
@@ -453,6 +462,7 @@ def fit(
     val: tuple[Tensor, Tensor] | None = None,
     teacher_cache: Callable[[Tensor], Any] | None = None,
     batch_source: Callable[[Tensor, int], tuple[Tensor, Any]] | None = None,
+    progress: ProgressFn | None = None,
 ) -> list[dict[str, float]]:
     """Train ``student`` in place for ``cfg.epochs`` epochs; return the per-epoch history.
 
@@ -497,6 +507,9 @@ def fit(
         batch_source: ``(indices [B] on CPU, epoch 0-based) -> (x [B, C, H, W] in [0, 1],
             teacher_out)``: replaces the loop's augmentation and ``teacher_cache`` (e.g. a
             ``kdiga.signals.SignalCache`` of K augmented views; needs augment="none").
+        progress: called with a :class:`kdiga.progress.Progress` of the task "train" (steps
+            of the whole run, ``cfg.epochs`` x steps per epoch; a resumed run starts at its
+            checkpoint's step) at the start of each epoch and after each step.
 
     Returns:
         one dict per epoch: epoch (1-based), lr, the mean of each loss part, time_s, and
@@ -594,6 +607,7 @@ def fit(
             barrier()
 
         model = stack.enter_context(data_parallel(student, device, sync_bn=cfg.sync_bn))
+        track = Tracker(progress, "train", 0, "steps")
         set_epoch = getattr(criterion, "set_epoch", None)
         for epoch in range(start, cfg.epochs):
             if set_epoch is not None:  # epoch-dependent loss weights, resumed runs included
@@ -608,7 +622,7 @@ def fit(
                 )
             means = _run_epoch(
                 model, criterion, teacher, source, cfg, epoch, optimizer, device, on_batch, pos,
-                lambda at, epoch=epoch: save(epoch, at),
+                lambda at, epoch=epoch: save(epoch, at), track,
             )  # fmt: skip
             pos = _Position()
             scheduler.step()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from kdiga.attacks.checks import check_gradients, check_perturbation
 from kdiga.attacks.pgd import check_eps
+from kdiga.progress import ProgressFn, Tracker
 from kdiga.utils import eval_mode
 
 logger = logging.getLogger(__name__)
@@ -205,6 +206,49 @@ def _configure(
         adversary.fab.n_restarts = n_restarts
 
 
+# The adversary's attack objects, and the stage each runs as (from its settings at the call).
+_STAGES: dict[str, Callable[[Any], str]] = {
+    "apgd": lambda a: "apgd-ce" if a.loss == "ce" else "apgd-dlr",
+    "apgd_targeted": lambda a: "apgd-t",
+    "fab": lambda a: "fab-t" if a.targeted else "fab",
+    "square": lambda a: "square",
+}
+
+
+class _StageProgress:
+    """Reports each AutoAttack stage (APGD-CE, APGD-T, FAB-T, Square, ...) as the task
+    "autoattack <stage>": samples attacked of those still robust when the stage began.
+
+    It wraps the ``perturb`` method of the adversary's four attack objects (one call per
+    attack batch); the stage's name is read from the object's settings at the call, as
+    ``run_standard_evaluation`` sets them. The points still robust are counted with one extra
+    forward of each attacked batch through the uncounted model.
+    """
+
+    def __init__(
+        self, adversary: Any, model: nn.Module, robust: int, eps: float, progress: ProgressFn
+    ) -> None:
+        self.model, self.left, self.eps, self.progress = model, robust, eps, progress
+        self.track: Tracker | None = None
+        for attr, name in _STAGES.items():
+            attack = getattr(adversary, attr)
+            attack.perturb = self._wrap(attack, name, attack.perturb)
+
+    def _wrap(self, attack: Any, name: Callable[[Any], str], perturb: Callable) -> Callable:
+        def counted(x: Tensor, y: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            task = f"autoattack {name(attack)}"
+            if self.track is None or self.track.task != task:
+                self.track = Tracker(self.progress, task, self.left, "samples")
+                self.track.at(0, f"eps {self.eps:g}")
+            x_adv = perturb(x, y, *args, **kwargs)
+            with torch.no_grad():
+                self.left -= int((self.model(x_adv).argmax(1) != y).sum())
+            self.track.advance(len(y), f"eps {self.eps:g}")
+            return x_adv
+
+        return counted
+
+
 def _check_positive_int(value: Any, name: str, allow_none: bool = False) -> None:
     if allow_none and value is None:
         return
@@ -228,6 +272,7 @@ def autoattack(
     n_queries: int | None = None,
     n_restarts: int | None = None,
     n_target_classes: int | None = None,
+    progress: ProgressFn | None = None,
 ) -> AutoAttackResult:
     """Run AutoAttack on images ``x`` [N, C, H, W] in [0, 1] with labels ``y`` [N].
 
@@ -244,6 +289,10 @@ def autoattack(
             version uses 1; "custom" keeps AutoAttack's constructor default of 5.
         n_target_classes: override the target classes of APGD-T and FAB-T (default
             min(9, classes - 1)).
+        progress: called with a :class:`kdiga.progress.Progress` of each stage, the task
+            "autoattack <stage>" (e.g. "autoattack apgd-t"), counting the samples attacked
+            of those still robust when the stage began, after each attack batch. It costs
+            one forward of each attacked batch (not counted in ``forward_evals``).
 
     Returns:
         ``AutoAttackResult``; ``flags`` holds pyautoattack's gradient-masking warnings.
@@ -280,6 +329,9 @@ def autoattack(
             _configure(adversary, n_classes, n_iter, n_queries, n_restarts, n_target_classes)
             for k in checks.funcs:  # the dynamic-defence check's counter is never reset
                 checks.funcs[k] = 0
+            if progress is not None:
+                robust = int((clean_pred == y.cpu()).sum())
+                _StageProgress(adversary, model, robust, eps, progress)
             with _capture_flags(flags):
                 x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
             adv_pred = _predict(model, x_adv, batch_size, device)

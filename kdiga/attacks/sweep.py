@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from kdiga.attacks.autoattack import autoattack, canonical_aa_norm
 from kdiga.attacks.checks import check_gradients
 from kdiga.attacks.pgd import canonical_norm, check_eps, perturbation_norm, pgd
+from kdiga.progress import ProgressFn, Tracker
 from kdiga.utils import atomic_torch_save, eval_mode
 
 logger = logging.getLogger(__name__)
@@ -201,11 +202,12 @@ def _autoattack_attack(
     seed: int,
     device: torch.device,
     kwargs: dict[str, Any],
+    progress: ProgressFn | None = None,
 ) -> AttackFn:
     def run(x: Tensor, y: Tensor, radius: float) -> tuple[Tensor, int, list[str]]:
         res = autoattack(
             model, x, y, eps=radius, norm=norm, batch_size=batch_size, seed=seed,
-            device=device, **kwargs,
+            device=device, progress=progress, **kwargs,
         )  # fmt: skip
         return res.x_adv, res.grad_evals, res.flags
 
@@ -220,13 +222,15 @@ def _attack_batch(
     radii: list[float],
     norm: str,
     reuse: bool,
+    on_radius: Callable[[int, float], None] | None = None,
 ) -> dict[str, Any]:
-    """Clean correctness [b] and robustness [R, b] of one batch, with costs and checks."""
+    """Clean correctness [b] and robustness [R, b] of one batch, with costs and checks;
+    ``on_radius(k, r)`` after the k-th radius r is done."""
     with eval_mode(model), torch.no_grad():
         clean = model(x).argmax(dim=1) == y
     still = clean.clone()
     rows, evals, max_pert, in_range, flags = [], [], [], [], []
-    for r in radii:
+    for k, r in enumerate(radii):
         targets = still if reuse else clean
         robust = targets.clone()
         idx = targets.nonzero().squeeze(1)
@@ -245,6 +249,8 @@ def _attack_batch(
         in_range.append(ok)
         if reuse:
             still = robust
+        if on_radius is not None:
+            on_radius(k, r)
     return {
         "clean": clean.cpu(),
         "robust": torch.stack(rows).cpu(),
@@ -338,6 +344,7 @@ def robust_sweep(
     autoattack_kwargs: dict[str, Any] | None = None,
     state_path: str | Path | None = None,
     compile_model: bool = False,
+    progress: ProgressFn | None = None,
 ) -> SweepResult:
     """Per-sample robust accuracy of ``model`` on ``x`` [N, C, H, W] in [0, 1], ``y`` [N].
 
@@ -359,6 +366,10 @@ def robust_sweep(
         compile_model: PGD's steps through ``torch.compile`` (CUDA only; see ``pgd``).
         state_path: save progress after each batch and resume from it on a re-run with
             the same arguments, model and data (ValueError if they differ).
+        progress: called with a :class:`kdiga.progress.Progress` of the task
+            "<attack> sweep", counting attacks (batches x radii, a resumed sweep from its
+            saved batches) at the start and after each radius of each batch; AutoAttack
+            also reports its stages (:func:`kdiga.attacks.autoattack.autoattack`).
 
     Returns:
         ``SweepResult`` (tensors on the CPU).
@@ -387,8 +398,9 @@ def robust_sweep(
         )  # fmt: skip
     else:
         run = _autoattack_attack(
-            model, norm=norm, batch_size=batch_size, seed=seed, device=device, kwargs=aa_kwargs
-        )
+            model, norm=norm, batch_size=batch_size, seed=seed, device=device, kwargs=aa_kwargs,
+            progress=progress,
+        )  # fmt: skip
 
     n, n_batches = x.shape[0], math.ceil(x.shape[0] / batch_size)
     path = Path(state_path) if state_path is not None else None
@@ -411,9 +423,17 @@ def robust_sweep(
         state["flags"] += check_gradients(
             model, x[head][correct.cpu()].to(device), y[head][correct.cpu()].to(device)
         )
+    track = Tracker(progress, f"{attack} sweep", n_batches * len(radii), "attacks")
+    track.at(state["batches_done"] * len(radii), f"batch {state['batches_done']}/{n_batches}")
     for b in range(state["batches_done"], n_batches):
         sl = slice(b * batch_size, min((b + 1) * batch_size, n))
-        part = _attack_batch(model, run, x[sl].to(device), y[sl].to(device), radii, norm, reuse)
+
+        def on_radius(k: int, r: float, b: int = b) -> None:
+            track.at(b * len(radii) + k + 1, f"batch {b + 1}/{n_batches}, radius {r:g}")
+
+        part = _attack_batch(
+            model, run, x[sl].to(device), y[sl].to(device), radii, norm, reuse, on_radius
+        )
         _merge(state, part, sl)
         state["batches_done"] = b + 1
         state["generator_state"] = generator.get_state()
