@@ -63,6 +63,7 @@ def body(args: argparse.Namespace, params: Study) -> None:
             device=dev,
             generator=torch.Generator().manual_seed(params.shard.seed),
             check_samples=b.check_samples,
+            progress=args.progress,
         )
         seconds = time.perf_counter() - start
     n_check = row.get("prop2/n", 0)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline import dag
+from pipeline import dag, progress
 from pipeline.params import (
     ParamError,
     Study,
@@ -105,12 +105,18 @@ def run(
 ) -> int:
     """Parse the CLI, validate params, run ``body(args, params)``. A bad input, or a missing,
     stale or corrupt file, exits 2 with one logged line naming what is wrong (set
-    KDIGA_DEBUG=1 for its traceback); any other error keeps its traceback."""
+    KDIGA_DEBUG=1 for its traceback); any other error keeps its traceback.
+
+    ``args.progress`` is the job's progress callback for kdiga's long loops
+    (:class:`pipeline.progress.JobProgress`): shown as ``$KDIGA_PROGRESS`` says and kept in a
+    progress file beside the ``--log`` file, whose state ends done, or failed with the
+    error's first line."""
     ap = parser(stage, description)
     if add_args:
         add_args(ap)
     args = ap.parse_args(argv)
     _setup_logging(args.log)
+    args.progress = job = progress.start_job(stage, args.log)
     try:
         path = args.params or params_file()
         params = load_params(path)
@@ -126,10 +132,15 @@ def run(
             log.warning("%s", stale)
         body(args, params)
     except _user_errors() as err:
+        job.close(err)
         if os.environ.get("KDIGA_DEBUG"):
             raise
         log.error("%s failed: %s", stage, err)
         return 2
+    except BaseException as err:  # a bug, or an interrupt: recorded, then raised as it was
+        job.close(err)
+        raise
+    job.close()
     return 0
 
 

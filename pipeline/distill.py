@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
 
 from pipeline import dag, launch
 from pipeline.common import (
@@ -158,13 +159,13 @@ def body(args: argparse.Namespace, params: Study) -> None:
                     "number of workers, so that the model's record says how it was trained",
                     info.world_size, args.model, gpus)  # fmt: skip
     try:
-        distill(args.model, params, info)
+        distill(args.model, params, info, args.progress)
         barrier()
     finally:
         shutdown()
 
 
-def distill(model_id: str, params: Study, info) -> None:
+def distill(model_id: str, params: Study, info, progress: Callable | None = None) -> None:
     from kdiga.distributed import is_main
     from kdiga.losses import build_loss
     from kdiga.methods import get_method
@@ -198,7 +199,7 @@ def distill(model_id: str, params: Study, info) -> None:
             cfg = dataclasses.replace(cfg, augment="none")  # the cache holds the views
         start = time.perf_counter()
         history = fit(model, criterion, cfg=cfg, teacher=teacher, checkpoint_path=ckpt,
-                      device=dev, val=val, **data, **extra)  # fmt: skip
+                      device=dev, val=val, progress=progress, **data, **extra)  # fmt: skip
         seconds = time.perf_counter() - start
         # fit measured it after the last epoch; a run of 0 epochs has no history
         val_acc = history[-1]["val_acc"] if history else evaluate(model, *val, device=dev)

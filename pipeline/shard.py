@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline import dag
@@ -39,7 +40,7 @@ def _splits(s: Shard) -> dict:
     }
 
 
-def _folder_splits(s: Shard, out: Path) -> None:
+def _folder_splits(s: Shard, out: Path, progress: Callable | None = None) -> None:
     """ImageNet / an ImageFolder root as shards of its image files, with their manifests."""
     import torch
 
@@ -82,7 +83,7 @@ def _folder_splits(s: Shard, out: Path) -> None:
         entries = write_image_shards(
             folder, out, prefix=split, max_per_shard=s.max_per_shard,
             resize_short=s.resize_short, indices=idx.tolist(),
-            shuffle_seed=s.seed if shuffle else None,
+            shuffle_seed=s.seed if shuffle else None, progress=progress,
         )  # fmt: skip
         ys = labels[idx] if folder.name == "train" else torch.tensor([listing[i][1] for i in idx])
         write_manifest(
@@ -113,7 +114,8 @@ def body(args: argparse.Namespace, params: Study) -> None:
     tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; results are shared
     try:
         for split, (x, y) in ({} if s.streamed else _splits(s)).items():
-            entries = write_shards(x, y, tmp, prefix=split, max_per_shard=s.max_per_shard)
+            entries = write_shards(x, y, tmp, prefix=split, max_per_shard=s.max_per_shard,
+                                   progress=args.progress)  # fmt: skip
             write_manifest(
                 entries,
                 tmp / f"{split}.json",
@@ -126,7 +128,7 @@ def body(args: argparse.Namespace, params: Study) -> None:
             )
             log.info("%s: %d images in %d shard(s)", split, len(y), len(entries))
         if s.streamed:
-            _folder_splits(s, tmp)
+            _folder_splits(s, tmp, args.progress)
         # the manifests' hash, as it will be once the directory is in place
         write_json(provenance | {"outputs": {dag.SHARDS: digest(tmp)}}, tmp / "provenance.json")
         if out.exists():

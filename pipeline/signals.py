@@ -108,6 +108,7 @@ def body(args: argparse.Namespace, params: dict) -> None:
             device=dev,
             grad_dtype=sig.grad_dtype,
             teacher_sha256=sha256_file(teacher_file),
+            progress=args.progress,
         )
         seconds = time.perf_counter() - start
     signal_set.meta["provenance"] = provenance

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 from pipeline import dag
 from pipeline.common import (
@@ -30,7 +31,14 @@ from pipeline.provenance import seal
 
 
 def _train(
-    params: Study, name: str, t: Teacher, info: dict, dev: str, val: tuple, provenance: dict
+    params: Study,
+    name: str,
+    t: Teacher,
+    info: dict,
+    dev: str,
+    val: tuple,
+    provenance: dict,
+    progress: Callable | None = None,
 ):
     from kdiga.losses import build_loss
     from kdiga.models import build_model
@@ -48,7 +56,8 @@ def _train(
     data, cfg, _ = train_data(params, cfg)
     ckpt = checkpoint_path("teacher", name, provenance)  # what makes it; deleted at the end
     start = time.perf_counter()
-    history = fit(model, criterion, cfg=cfg, checkpoint_path=ckpt, device=dev, val=val, **data)
+    history = fit(model, criterion, cfg=cfg, checkpoint_path=ckpt, device=dev, val=val,
+                  progress=progress, **data)  # fmt: skip
     seconds = time.perf_counter() - start
     write_timing("teacher", name, seconds=seconds, epoch_s=[r.pop("time_s", None) for r in history])
     return model, {"history": history}, ckpt
@@ -69,7 +78,7 @@ def body(args: argparse.Namespace, params: dict) -> None:
     info = data_info(manifest)
     with device() as dev:
         if t.source == "train":
-            model, extra, ckpt = _train(params, name, t, info, dev, val, provenance)
+            model, extra, ckpt = _train(params, name, t, info, dev, val, provenance, args.progress)
             source_sha = None
         else:
             model, meta = load_teacher(
