@@ -105,6 +105,8 @@ def duration(seconds: float | None) -> str:
     """``seconds`` as a person reads it: "42 s", "3 min 05 s", "2 h 07 min", "4 d 03 h"."""
     if seconds is None or not math.isfinite(seconds):
         return "-"
+    if 0 < seconds < 0.5:
+        return "<1 s"
     s = max(0, round(seconds))
     if s < 60:
         return f"{s} s"

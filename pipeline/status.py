@@ -85,6 +85,13 @@ def _progress_text(info: dict[str, Any]) -> str:
     return f"{info['task']} {done}/{total} {info.get('unit', '')}{pct}"
 
 
+def _where(info: dict[str, Any]) -> str:
+    """Where the job is (its latest step), without repeating its progress column."""
+    step = info.get("step") or "starting"
+    head = f"{info.get('task')} {info.get('done')}/{info.get('total')} {info.get('unit')} ("
+    return step[len(head) : -1] if step.startswith(head) and step.endswith(")") else step
+
+
 def _running_state(info: dict[str, Any], now: float, host: str) -> tuple[str, str]:
     """(running or stopped, why stopped) of a job whose file says running."""
     if info.get("host") == host and not pid_alive(int(info["pid"])):
@@ -111,7 +118,7 @@ def job_row(params: Study, job: dag.Job, now: float, host: str | None = None) ->
     except (KeyError, TypeError, ValueError):
         return Row(job.name, job.stage, "to run", where="unreadable progress file")
     row = Row(job.name, job.stage, state, _progress_text(info))
-    step = info.get("step") or "starting"
+    step = _where(info)
     if state == "running":
         row.elapsed, row.where = now - started, step
         eta = info.get("eta_s")
@@ -135,7 +142,8 @@ def study_rows(params: Study, now: float, host: str | None = None) -> list[Row]:
         ups = sorted({made_by[d].name for d in j.deps if d in made_by})
         waits = [u for u in ups if out[u].state != "done"]
         if row.state == "done" and waits:
-            row.state, row.where = "to run", f"after {', '.join(waits)}"
+            more = f" (+{len(waits) - 1} more)" if len(waits) > 1 else ""
+            row.state, row.where = "to run", f"after {waits[0]}{more}"
         out[j.name] = row
     return list(out.values())
 

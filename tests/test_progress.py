@@ -439,8 +439,9 @@ def test_only_rank_0_of_a_torchrun_job_reports(tmp_path, monkeypatch):
 
 
 def test_durations_and_rates_read_as_a_person_writes_them():
-    assert [pp.duration(s) for s in (None, math.inf, 4.4, 185, 7620, 4 * 86400 + 3 * 3600)] == [
-        "-", "-", "4 s", "3 min 05 s", "2 h 07 min", "4 d 03 h"
+    seconds = (None, math.inf, 0, 0.3, 4.4, 185, 7620, 4 * 86400 + 3 * 3600)
+    assert [pp.duration(s) for s in seconds] == [
+        "-", "-", "0 s", "<1 s", "4 s", "3 min 05 s", "2 h 07 min", "4 d 03 h"
     ]  # fmt: skip
     assert pp.rate_text(2.5, "steps") == "2.5 steps/s"
     assert pp.rate_text(0.05, "attacks") == "3 attacks/min"

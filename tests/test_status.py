@@ -93,18 +93,17 @@ def test_each_state_from_the_progress_files_and_the_outputs(study):
     running = rows["teacher-pgdat"]
     assert (running.state, running.progress) == ("running", "train 30/100 steps (30%)")
     assert (running.elapsed, running.eta) == (600, 698)  # the ETA as of now, 2 s after the beat
-    assert running.where == "train 30/100 steps (epoch 3/10, step 0/10)"
+    assert running.where == "epoch 3/10, step 0/10"  # the progress column has the rest
     failed = rows["distill-st--small_cnn--s0"]
     assert (failed.state, failed.elapsed) == ("failed", 300)
+    assert failed.progress == "train 3/14 steps (21%)"
     assert failed.where == (
-        "failed at train 3/14 steps (epoch 1/1, step 3/14): NonFiniteLossError: non-finite "
-        "loss at epoch 1, batch 3 (loss=nan)"
+        "failed at epoch 1/1, step 3/14: NonFiniteLossError: non-finite loss at epoch 1, "
+        "batch 3 (loss=nan)"
     )
     silent = rows[f"distill-{KD}"]
     assert silent.state == "stopped"
-    assert silent.where == (
-        "stopped at train 30/100 steps (epoch 3/10, step 0/10); no heartbeat for 31 s"
-    )
+    assert silent.where == "stopped at epoch 3/10, step 0/10; no heartbeat for 31 s"
     gone = rows["distill-pgdat--kdiga--small_cnn--s0"]
     assert gone.state == "stopped" and gone.where.endswith(" is gone") and gone.eta is None
     assert rows["attack-pgdat--pgd"].state == "to run"
@@ -205,7 +204,7 @@ def test_a_running_job_shows_its_progress_and_a_killed_one_shows_stopped(distill
     cmd = [sys.executable, "-m", "pipeline.distill", "--model", KD, "--log", dag.log_path(
         "distill", KD)]  # fmt: skip
     progress = study / progress_path("distill", KD)
-    proc = subprocess.Popen(cmd, cwd=study, env=env(PYTHONPATH=str(ROOT), KDIGA_HEARTBEAT="1"),
+    proc = subprocess.Popen(cmd, cwd=study, env=env(PYTHONPATH=str(ROOT), KDIGA_HEARTBEAT="2"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     try:
         deadline = time.monotonic() + 60
@@ -216,16 +215,17 @@ def test_a_running_job_shows_its_progress_and_a_killed_one_shows_stopped(distill
         assert (info["state"], info["task"], info["unit"]) == ("running", "train", "steps")
         row = _row(_status(study), name)
         assert row.split()[1:3] == ["distill", "running"] and " train " in row
-        assert "steps (" in row and "(epoch " in row  # progress, then where it is
+        assert " steps (" in row and "  epoch " in row  # progress, then where it is
     finally:
         proc.send_signal(signal.SIGKILL)  # no word: no handler runs, no file is written
         proc.wait()
     last = read_progress(progress)
     assert last["state"] == "running" and 0 < last["done"] < last["total"]
-    row = _row(_status(study), name)
-    assert row.split()[2] == "stopped"
-    assert f"stopped at {last['step']}; pid {last['pid']} is gone" in row
     step = re.fullmatch(r"train (\d+)/(\d+) steps \(epoch (\d+)/1000, step (\d+)/(\d+)\)",
                         last["step"])  # fmt: skip
     done, total, epoch, at, per_epoch = map(int, step.groups())
     assert total == 1000 * per_epoch and done == (epoch - 1) * per_epoch + at
+    row = _row(_status(study), name)
+    assert row.split()[2:6] == ["stopped", "train", f"{done}/{total}", "steps"]
+    assert row.endswith(f"stopped at epoch {epoch}/1000, step {at}/{per_epoch}; "
+                        f"pid {last['pid']} is gone")  # fmt: skip
