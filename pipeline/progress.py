@@ -375,7 +375,7 @@ class JobProgress:
                 "heartbeat_s": self.heartbeat,
                 "state": self.state,
                 **fields,
-                "error": self.error or self._carried.get("error"),
+                "error": self._carried.get("error") or self.error,
             }
 
     def write(self, now: float | None = None) -> None:
@@ -435,7 +435,7 @@ class JobProgress:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if not self.tasks and self.path is not None:  # a launcher: keep its worker's account
+        if not self.tasks and self.path is not None:  # a launcher: its worker's account stays
             info = read_progress(self.path)
             if info and info.get("pid") != self.pid:
                 self._carried = {k: info.get(k) for k in (*_TASK_FIELDS, "error")}

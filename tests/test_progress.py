@@ -8,7 +8,11 @@ import io
 import json
 import logging
 import math
+import os
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -356,6 +360,32 @@ def test_the_heartbeat_thread_keeps_the_file_fresh_while_the_job_is_busy(tmp_pat
     job.close()
     assert beat.is_set() and json.loads(path.read_text())["state"] == "done"
     assert not job._thread.is_alive()
+
+
+def test_a_launcher_leaves_the_file_to_its_worker_and_keeps_its_account(tmp_path):
+    """A distill job run again as torchrun workers: rank 0 keeps the file while it beats;
+    the launcher's last write keeps where the worker got and the worker's error."""
+    path, clock = tmp_path / "d.progress.json", Clock(time.time())
+    launcher = pp.JobProgress("distill", path, clock=clock)
+    launcher.write()
+    assert launcher._other_writer() is None  # its own file
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        worker = pp.JobProgress("distill", path, clock=clock)
+        worker.pid = sleeper.pid  # another live process of this host
+        worker(Progress("train", 5, 10, "steps", "epoch 1/2, step 5/5"))
+        assert launcher._other_writer()["done"] == 5  # the launcher's heartbeat stands aside
+        clock.t += 2 * worker.heartbeat + 1
+        assert launcher._other_writer() is None  # a silent worker: the launcher beats again
+        worker.close(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    launcher.close(RuntimeError("torchrun failed with exit code 1"))
+    info = pp.read_progress(path)
+    assert (info["pid"], info["state"], info["done"]) == (os.getpid(), "failed", 5)
+    assert info["step"] == "train 5/10 steps (epoch 1/2, step 5/5)"
+    assert info["error"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
 
 
 def test_the_main_task_is_the_first_unfinished_one():
