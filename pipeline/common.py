@@ -137,6 +137,9 @@ def run(
             raise
         log.error("%s failed: %s", stage, err)
         return 2
+    except SystemExit as err:
+        job.close(None if err.code in (0, None) else err)
+        raise
     except BaseException as err:  # a bug, or an interrupt: recorded, then raised as it was
         job.close(err)
         raise

@@ -453,6 +453,17 @@ def test_run_marks_a_failed_job_with_its_step_and_first_error_line(tmp_path, mon
     )
 
 
+@pytest.mark.parametrize(("code", "state"), [(0, "done"), (None, "done"), (3, "failed")])
+def test_a_body_that_exits_ends_by_its_exit_code(tmp_path, monkeypatch, code, state):
+    def leaves(args, params):
+        raise SystemExit(code)
+
+    with pytest.raises(SystemExit):
+        _stage(tmp_path, monkeypatch, leaves)
+    info = json.loads((tmp_path / "logs" / "bounds" / "m.progress.json").read_text())
+    assert (info["state"], info["error"]) == (state, "SystemExit: 3" if code == 3 else None)
+
+
 def test_only_rank_0_of_a_torchrun_job_reports(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     job = pp.start_job("distill", str(tmp_path / "logs" / "distill" / "m.log"))
