@@ -7,7 +7,7 @@ CORES  ?= all
 
 # pytest-xdist workers for `make test` / `make test-quick` (auto: one per core)
 WORKERS ?= auto
-PYTEST := PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(WORKERS)
+PYTEST := PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(WORKERS) --dist worksteal
 
 .PHONY: run test test-quick install lint bench readme clean-study gpu-check
 

@@ -18,6 +18,7 @@ from snakemake.exceptions import WorkflowError
 
 from pipeline import dag
 from pipeline.params import (
+    check_models,
     check_paths,
     load_params,
     model_ids,
@@ -29,8 +30,10 @@ from pipeline.params import (
 
 PARAMS = params_file()  # params.yaml, or a preset: KDIGA_PARAMS=configs/cifar10.yaml snakemake
 # The one schema, before Snakemake parses the file itself: a key given twice, bytes that are
-# not UTF-8 or a bad value stop here with one line, before any job runs.
-P = load_params(PARAMS)
+# not UTF-8 or a bad value stop here with one line, before any job runs. The models are built
+# (on the meta device, which imports torch) only before a real run, in onstart: a dry run
+# reads the tables alone.
+P = load_params(PARAMS, build=False)
 configfile: PARAMS
 
 if config != read_yaml(PARAMS):
@@ -193,6 +196,7 @@ rule report:
 
 onstart:
     check_paths(P)  # a missing dataset root, teacher or student file stops the run before any job
+    check_models(P)  # so does a model its params cannot build (a bad kwargs)
 
 
 onsuccess:

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 
 from bench.common import header, num_threads
 from kdiga.data import load_dataset, to_float
-from kdiga.losses import build_loss
+from kdiga.methods import build_loss
 from kdiga.models import build_model
 from kdiga.shards import load_sharded, shard_dataset, write_manifest, write_shards
 from kdiga.train import TrainConfig, fit

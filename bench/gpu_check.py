@@ -74,7 +74,8 @@ from bench.step_cost import (
 )
 from kdiga.attacks import pgd
 from kdiga.data import load_dataset
-from kdiga.losses import DistillLoss, build_loss, teacher_signals
+from kdiga.losses import DistillLoss, teacher_signals
+from kdiga.methods import build_loss
 from kdiga.models import build_model
 from kdiga.train import TrainConfig, fit, maybe_compile_teacher
 

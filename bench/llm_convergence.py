@@ -52,7 +52,7 @@ from bench.common import compare, fmt_table, header, num_threads, time_call
 from kdiga.attacks import pgd
 from kdiga.bounds import local_linearity, proposition2_violations
 from kdiga.data import load_dataset, to_float
-from kdiga.losses import build_loss
+from kdiga.methods import build_loss
 from kdiga.models import build_model
 from kdiga.train import TrainConfig, fit
 

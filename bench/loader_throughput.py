@@ -47,7 +47,7 @@ import torch
 
 from bench.common import compare, device, fmt_table, header, num_threads
 from kdiga.data import to_float
-from kdiga.losses import build_loss
+from kdiga.methods import build_loss
 from kdiga.models import build_model
 from kdiga.shards import write_manifest
 from kdiga.stream import list_image_folder, stream_loader, write_image_shards

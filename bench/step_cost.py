@@ -59,8 +59,8 @@ from torch import Tensor, nn
 
 from bench import common
 from kdiga.data import load_dataset
-from kdiga.losses import DistillLoss, build_loss, teacher_signals
-from kdiga.methods import get_method, method_names
+from kdiga.losses import DistillLoss, teacher_signals
+from kdiga.methods import build_loss, get_method, method_names
 from kdiga.models import GroupedConv2d, build_model
 from kdiga.models.batchnorm import IGABatchNorm2d
 from kdiga.signals import SignalCache, compute_signals

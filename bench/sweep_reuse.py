@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from bench.common import header, num_threads
 from kdiga.attacks import robust_sweep
 from kdiga.data import load_dataset, to_float
-from kdiga.losses import build_loss
+from kdiga.methods import build_loss
 from kdiga.models import build_model, load_model
 from kdiga.train import TrainConfig, fit
 

@@ -42,11 +42,11 @@ from torch import Tensor, nn
 from bench.common import compare, count_macs, fmt_table, header
 from kdiga.attacks import pgd
 from kdiga.data import load_dataset, to_float
-from kdiga.losses import build_loss
+from kdiga.files import sha256_file
+from kdiga.methods import build_loss
 from kdiga.models import build_model, load_model
 from kdiga.signals import SignalCache, compute_signals
 from kdiga.train import TrainConfig, evaluate, fit, predict
-from kdiga.utils import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER_PATH = ROOT / "data" / "models" / "teacher.safetensors"

@@ -3,41 +3,57 @@
 KDIGA (KD with input gradient alignment) adds ‖∇x CE(fs(x), y) − ∇x CE(ft(x), y)‖₂ to the
 KD loss so the student learns the teacher's input gradients as well as its logits. This
 package is the core: losses, attacks, bounds, models, teachers, data and the training loop.
+
+The names below are loaded on first use (PEP 562), so that importing one module of the
+package (the method table, the model names, the file helpers) does not import torch: the
+params schema and the DAG read those tables, and a Snakemake dry run pays no torch import.
 """
 
-from kdiga.attacks import autoattack, pgd, robust_sweep
-from kdiga.bounds import local_linearity, proposition2, table4
-from kdiga.losses import TeacherSignals, build_loss, iga_term, teacher_signals
-from kdiga.methods import METHODS, Method, get_method, method_names, register
-from kdiga.models import build_model, list_models, load_model, save_model
-from kdiga.teachers import TeacherMeta, load_teacher
-from kdiga.train import TrainConfig, evaluate, fit
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "METHODS",
-    "Method",
-    "TeacherMeta",
-    "TeacherSignals",
-    "TrainConfig",
-    "autoattack",
-    "build_loss",
-    "build_model",
-    "evaluate",
-    "fit",
-    "get_method",
-    "iga_term",
-    "list_models",
-    "load_model",
-    "load_teacher",
-    "local_linearity",
-    "method_names",
-    "pgd",
-    "proposition2",
-    "register",
-    "robust_sweep",
-    "save_model",
-    "table4",
-    "teacher_signals",
-]
+#: public name -> the module that defines it
+_EXPORTS = {
+    "METHODS": "kdiga.methods",
+    "Method": "kdiga.methods",
+    "TeacherMeta": "kdiga.teachers",
+    "TeacherSignals": "kdiga.losses",
+    "TrainConfig": "kdiga.train",
+    "autoattack": "kdiga.attacks",
+    "build_loss": "kdiga.methods",
+    "build_model": "kdiga.models",
+    "evaluate": "kdiga.train",
+    "fit": "kdiga.train",
+    "get_method": "kdiga.methods",
+    "iga_term": "kdiga.losses",
+    "list_models": "kdiga.models",
+    "load_model": "kdiga.models",
+    "load_teacher": "kdiga.teachers",
+    "local_linearity": "kdiga.bounds",
+    "method_names": "kdiga.methods",
+    "pgd": "kdiga.attacks",
+    "proposition2": "kdiga.bounds",
+    "register": "kdiga.methods",
+    "robust_sweep": "kdiga.attacks",
+    "save_model": "kdiga.models",
+    "table4": "kdiga.bounds",
+    "teacher_signals": "kdiga.losses",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kdiga' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # the next access is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -8,7 +8,8 @@ the same tensors and metadata always give the same bytes, and reading one runs n
 
 :func:`save_tensors` writes named tensors plus a JSON-able ``meta`` dict (stored, with sorted
 keys, under the header's ``__metadata__["kdiga"]``) atomically; :func:`load_tensors` reads
-them back, optionally memory-mapped; :func:`read_meta` reads only the header. Files written
+them back, optionally memory-mapped; :func:`kdiga.files.read_meta` reads only the header,
+without torch. Files written
 here are ordinary safetensors files: ``safetensors.torch.load_file`` reads them too.
 """
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,10 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdiga.utils import atomic_path
+from kdiga.files import META_KEY, ArtifactError, atomic_path, read_header, read_meta
 
-META_KEY = "kdiga"
-_HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -40,20 +38,6 @@ DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-
-
-class ArtifactError(ValueError):
-    """A tensor file that is missing, truncated, corrupt or not what was expected."""
-
-
-def is_safetensors(path: str | os.PathLike) -> bool:
-    """Whether ``path`` starts like a safetensors file (an 8-byte length, then ``{``)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(9)
-    except OSError:
-        return False
-    return len(head) == 9 and head[8:9] == b"{"
 
 
 def save_tensors(
@@ -85,44 +69,6 @@ def save_tensors(
         save_file(data, tmp, metadata={META_KEY: text})
 
 
-def _header(path: Path) -> tuple[dict, int, int]:
-    """The parsed JSON header, where the data starts and the file's size."""
-    if not path.is_file():
-        raise ArtifactError(f"{path} does not exist (or is not a file)")
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise ArtifactError(f"{path}: truncated ({size} bytes): not a safetensors file")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(_HEADER_LIMIT, size - 8):
-            raise ArtifactError(f"{path}: not a safetensors file, or truncated (header of {n} B)")
-        raw = fh.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path}: corrupt safetensors header ({exc})") from None
-    if not isinstance(header, dict):
-        raise ArtifactError(f"{path}: corrupt safetensors header (not a JSON object)")
-    return header, 8 + n, size
-
-
-def read_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``meta`` dict of a :func:`save_tensors` file, reading only its header."""
-    path = Path(path)
-    header, _, _ = _header(path)
-    text = (header.get("__metadata__") or {}).get(META_KEY)
-    if text is None:
-        raise ArtifactError(f"{path}: a safetensors file without kdiga metadata")
-    try:
-        meta = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path}: corrupt kdiga metadata ({exc})") from None
-    if not isinstance(meta, dict):
-        raise ArtifactError(f"{path}: corrupt kdiga metadata (not a JSON object)")
-    return meta
-
-
 def load_tensors(
     path: str | os.PathLike, *, mmap: bool = False
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -135,7 +81,7 @@ def load_tensors(
         ArtifactError: the file is missing, truncated, or its header is corrupt.
     """
     path = Path(path)
-    header, start, size = _header(path)
+    header, start, size = read_header(path)
     meta = read_meta(path)
     if mmap:
         buf = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)

@@ -63,8 +63,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from kdiga.losses import KDIGALoss
-
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("nccl", "gloo")
@@ -300,7 +298,8 @@ def check_run(
             f"the final batch has {last} sample(s) (N={n}, batch_size={batch_size}), fewer "
             f"than the {world} ranks: use drop_last=True"
         )
-    iga = isinstance(criterion, KDIGALoss) and criterion.config.iga_weight > 0
+    method = getattr(criterion, "method", None)
+    iga = getattr(method, "iga", False) and criterion.config.iga_weight > 0
     if iga and criterion.config.iga_reduction == "batch_frobenius":
         raise ValueError(
             "iga_reduction='batch_frobenius' is a norm over the whole batch, not a mean of "

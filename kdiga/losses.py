@@ -1,13 +1,14 @@
 """Distillation losses: ST, PGD-AT, TRADES, KD, ARD, KDIGA (paper eq. 1, 2, 3, 5, 6, 7), RSLAD.
 
-``build_loss(method, **cfg)`` returns a :class:`DistillLoss`, a small ``nn.Module`` whose
-``forward(student, teacher, x, y, teacher_out=None)`` returns a dict: ``"loss"`` (scalar with
-grad) and the detached parts (``"ce"``, ``"kl"``, ``"iga"``, ``"adv_ce"``, ``"robust_kl"``).
-Inputs ``x`` are images [B, C, H, W] in [0, 1]; labels ``y`` are [B]; logits are [B, N].
+:func:`kdiga.methods.build_loss` (or a method entry's ``build``) returns a
+:class:`DistillLoss`, a small ``nn.Module`` whose ``forward(student, teacher, x, y,
+teacher_out=None)`` returns a dict: ``"loss"`` (scalar with grad) and the detached parts
+(``"ce"``, ``"kl"``, ``"iga"``, ``"adv_ce"``, ``"robust_kl"``). Inputs ``x`` are images
+[B, C, H, W] in [0, 1]; labels ``y`` are [B]; logits are [B, N].
 
-Methods (``METHODS``): the distillation methods of :mod:`kdiga.methods`, whose table says
-what each needs (teacher, inner attack, IGA term) and which settings it takes, and the two
-teacher-training losses ``at`` and ``trades`` (:data:`TEACHER_LOSSES`).
+Methods: the distillation methods of :mod:`kdiga.methods`, whose table says what each needs
+(teacher, inner attack, IGA term) and which settings it takes, and the two teacher-training
+losses ``at`` and ``trades`` (:data:`kdiga.methods.TEACHER_METHODS`).
 
 - ``st``: CE(f(x), y).
 - ``at``: Madry PGD-AT, CE(f(x+δ), y), δ = PGD on the model's CE.
@@ -71,95 +72,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdiga.attacks import pgd
+from kdiga.loss_config import IGA_REDUCTIONS, LossConfig, check_choice
 from kdiga.utils import eval_mode, math_attention
 
+if TYPE_CHECKING:
+    from kdiga.methods import Method
+
 logger = logging.getLogger(__name__)
-
-IGA_REDUCTIONS = ("per_sample_mean", "batch_frobenius")
-STUDENT_GRAD_MODES = ("train", "eval")
-ATTACK_NORMS = ("linf", "l2")
-
-_ADV_KEYS = ("eps", "steps", "step_size", "norm")
-#: LossConfig's non-negative weights, and its settings in [0, 1].
-_WEIGHTS = ("ce_weight", "kl_weight", "iga_weight", "trades_beta", "iad_beta", "igdm_weight")
-_UNIT_INTERVAL = ("adv_weight", "adaad_alpha", "iad_alpha", "iad_warmup")
-#: The keys the teacher-training losses accept; a distillation method's are its table
-#: entry's ``loss_keys`` (kdiga.methods).
-_TEACHER_KEYS: dict[str, tuple[str, ...]] = {"at": _ADV_KEYS, "trades": (*_ADV_KEYS, "trades_beta")}
-
-
-@dataclass(frozen=True)
-class LossConfig:
-    """Every weight and setting of the losses, with defaults; validated on construction.
-
-    Which keys a method accepts is ``ALLOWED_KEYS[method]``; the others keep their defaults
-    and are unused. ``step_size=None`` means PGD's rule 2.5·eps/steps. ``adv_weight`` is
-    RSLAD's α in [0, 1], the weight of its KL at x+δ. The ``adaad_*``, ``iad_*`` and ``igdm_*``
-    settings are those of :mod:`kdiga.losses_successors` (each described there): AdaAD's α
-    in [0, 1]; IAD's α in [0, 1], β >= 0, warm-up fraction of the epochs in [0, 1] and whether
-    the reliability also weighs the teacher's term; IGDM's final weight >= 0.
-    """
-
-    ce_weight: float = 0.5
-    kl_weight: float = 0.5
-    temperature: float = 1.0
-    iga_weight: float = 1.0
-    iga_reduction: str = "per_sample_mean"
-    student_grad_mode: str = "train"
-    eps: float = 8 / 255
-    steps: int = 10
-    step_size: float | None = None
-    norm: str = "linf"
-    trades_beta: float = 6.0
-    adv_weight: float = 5 / 6
-    adaad_alpha: float = 1.0
-    iad_alpha: float = 1.0
-    iad_beta: float = 0.1
-    iad_warmup: float = 0.3
-    iad_weight_teacher: bool = False
-    igdm_weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        for name in (*_WEIGHTS, *_UNIT_INTERVAL):
-            _check_number(name, getattr(self, name), allow_zero=True)
-        for name in _UNIT_INTERVAL:
-            if getattr(self, name) > 1:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
-        if not isinstance(self.iad_weight_teacher, bool):
-            raise ValueError(
-                f"iad_weight_teacher must be True or False, got {self.iad_weight_teacher!r}"
-            )
-        for name in ("temperature", "eps"):
-            _check_number(name, getattr(self, name), allow_zero=False)
-        if self.step_size is not None:
-            _check_number("step_size", self.step_size, allow_zero=False)
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
-        _check_choice("iga_reduction", self.iga_reduction, IGA_REDUCTIONS)
-        _check_choice("student_grad_mode", self.student_grad_mode, STUDENT_GRAD_MODES)
-        _check_choice("norm", self.norm, ATTACK_NORMS)
-
-
-def _check_number(name: str, value: Any, *, allow_zero: bool) -> None:
-    bound = ">= 0" if allow_zero else "> 0"
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 @dataclass
@@ -219,7 +147,7 @@ def iga_term(gs: Tensor, gt: Tensor, reduction: str = "per_sample_mean") -> Tens
     ``"batch_frobenius"`` -> (1/B²)·sqrt(Σ_i ‖gs_i − gt_i‖²), the authors' (1/B)·‖Gs − Gt‖_F
     with G the gradients of the batch-mean CE. See the module docstring for the conversion.
     """
-    _check_choice("reduction", reduction, IGA_REDUCTIONS)
+    check_choice("reduction", reduction, IGA_REDUCTIONS)
     if gs.shape != gt.shape or gs.dim() < 1 or gs.shape[0] == 0:
         raise ValueError(
             f"gs and gt must be per-sample gradients of one non-empty shape [B, ...], "
@@ -265,7 +193,8 @@ def _check_batch(x: Tensor, y: Tensor) -> None:
 
 
 class DistillLoss(nn.Module):
-    """Base of all losses: holds ``method``, ``config`` and ``requires_teacher``.
+    """Base of all losses: holds its ``method`` (the :class:`kdiga.methods.Method` entry it
+    was built from, whose flags say what it needs) and its ``config``.
 
     ``forward(student, teacher, x, y, teacher_out=None) -> dict[str, Tensor]`` with ``"loss"``
     (scalar with grad) and detached scalar parts. The student is expected in train mode; inner
@@ -273,21 +202,27 @@ class DistillLoss(nn.Module):
     at x) replaces the teacher call where the method needs the teacher only at x.
     """
 
-    requires_teacher: bool = False
-    accepts_teacher_cache: bool = False
-
-    def __init__(self, method: str, config: LossConfig) -> None:
+    def __init__(self, method: Method, config: LossConfig) -> None:
         super().__init__()
         self.method = method
         self.config = config
 
+    @property
+    def requires_teacher(self) -> bool:
+        return self.method.needs_teacher
+
+    @property
+    def accepts_teacher_cache(self) -> bool:
+        """Cached teacher signals at the clean x can replace the teacher call."""
+        return self.method.cacheable
+
     def config_dict(self) -> dict[str, Any]:
         """The settings this method uses, e.g. for run metadata."""
-        return {k: getattr(self.config, k) for k in allowed_keys(self.method)}
+        return {k: getattr(self.config, k) for k in self.method.loss_keys}
 
     def extra_repr(self) -> str:
         items = [f"{k}={v!r}" for k, v in self.config_dict().items()]
-        return ", ".join([f"method={self.method!r}", *items])
+        return ", ".join([f"method={self.method.name!r}", *items])
 
     def set_epoch(self, epoch: int, epochs: int) -> None:
         """Hear that training is at epoch ``epoch`` (0-based) of ``epochs``.
@@ -311,7 +246,7 @@ class DistillLoss(nn.Module):
             and teacher is None
             and (teacher_out is None or not self.accepts_teacher_cache)
         ):
-            raise ValueError(f"method {self.method!r} needs a teacher (or cached teacher_out)")
+            raise ValueError(f"method {self.method.name!r} needs a teacher (or cached teacher_out)")
         if teacher_out is not None and self.accepts_teacher_cache:
             teacher_out = self._check_cache(teacher_out, x)
         return self._compute(student, teacher, x, y, teacher_out)
@@ -335,7 +270,7 @@ class DistillLoss(nn.Module):
                 f"got {tuple(teacher_out.logits.shape)}"
             )
         grad = teacher_out.input_grad
-        if isinstance(self, KDIGALoss) and (grad is None or grad.shape != x.shape):
+        if self.method.iga and (grad is None or grad.shape != x.shape):
             shape = None if grad is None else tuple(grad.shape)
             raise ValueError(
                 f"teacher_out.input_grad must have x's shape {tuple(x.shape)}, got {shape}"
@@ -406,9 +341,6 @@ class TRADESLoss(DistillLoss):
 class KDLoss(DistillLoss):
     """KD (eq. 1): λCE·CE(fs(x), y) + λKL·T²·KL(ft(x)/T ‖ fs(x)/T). Parts: ``ce``, ``kl``."""
 
-    requires_teacher = True
-    accepts_teacher_cache = True
-
     def _compute(self, student, teacher, x, y, teacher_out):
         c = self.config
         t_logits = self._teacher_logits(teacher, x, teacher_out)
@@ -426,9 +358,6 @@ class ARDLoss(DistillLoss):
     Parts: ``ce``, ``kl``.
     """
 
-    requires_teacher = True
-    accepts_teacher_cache = True
-
     def _compute(self, student, teacher, x, y, teacher_out):
         c = self.config
         x_adv = self._attack(student, x, y)
@@ -442,6 +371,9 @@ class ARDLoss(DistillLoss):
 class KDIGALoss(DistillLoss):
     """KDIGA and its ARD combinations (eq. 5, 6, 7; Algorithm 1). Parts: ``ce``, ``kl``, ``iga``.
 
+    Which one is the entry's flags: no inner attack is KDIGA; an inner attack with the teacher
+    at x is KDIGA-ARDC; with the teacher at x+δ, KDIGA-ARDA.
+
     - ``kdiga``: λCE·CE(fs(x),y) + λKL·T²·KL(fs(x)/T, ft(x)/T) + λIGA·IGA at x; one student
       forward, its logits reused for CE, KL and gs.
     - ``kdiga_ardc``: KL uses fs(x+δ) against ft(x); IGA at x (the forward at x also gives CE).
@@ -452,12 +384,6 @@ class KDIGALoss(DistillLoss):
     gs is ∇x of the student's summed CE with ``create_graph=True`` (double backprop); the
     ``student_grad_mode`` and cost are described in the module docstring.
     """
-
-    requires_teacher = True
-
-    def __init__(self, method: str, config: LossConfig) -> None:
-        super().__init__(method, config)
-        self.accepts_teacher_cache = method != "kdiga_arda"
 
     def _student_grad(self, student: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """One student forward at x: (logits [B, N], gs [B, C, H, W] with graph if IGA on)."""
@@ -477,19 +403,20 @@ class KDIGALoss(DistillLoss):
     def _compute(self, student, teacher, x, y, teacher_out):
         c = self.config
         eval_grad = c.student_grad_mode == "eval"
-        x_adv = self._attack(student, x, y) if self.method != "kdiga" else None
-        x_iga = x_adv if self.method == "kdiga_arda" else x
-        if teacher_out is None or self.method == "kdiga_arda":
+        adversarial, at_adv = self.method.inner_attack, self.method.teacher_at_adversarial
+        x_adv = self._attack(student, x, y) if adversarial else None
+        x_iga = x_adv if at_adv else x
+        if teacher_out is None or at_adv:
             teacher_out = teacher_signals(teacher, x_iga, y)
         # Train-mode forwards first; the one at x_iga also yields gs in "train" mode.
         logits_iga, gs = (
             (student(x_iga), None) if eval_grad else self._student_grad(student, x_iga, y)
         )
-        if self.method == "kdiga":
+        if not adversarial:  # KDIGA
             logits_clean, logits_kl = logits_iga, logits_iga
-        elif self.method == "kdiga_ardc":
+        elif not at_adv:  # KDIGA-ARDC
             logits_clean, logits_kl = logits_iga, student(x_adv)
-        else:
+        else:  # KDIGA-ARDA
             logits_clean, logits_kl = student(x), logits_iga
         if eval_grad:
             gs = self._eval_grad(student, x_iga, y)
@@ -510,9 +437,6 @@ class RSLADLoss(DistillLoss):
     x + 0.001·N(0, I)). Parts: ``kl`` (at x), ``robust_kl`` (at x+δ).
     """
 
-    requires_teacher = True
-    accepts_teacher_cache = True
-
     def _compute(self, student, teacher, x, y, teacher_out):
         c = self.config
         t_logits = self._teacher_logits(teacher, x, teacher_out)
@@ -522,59 +446,3 @@ class RSLADLoss(DistillLoss):
         robust_kl = kd_kl(student(x_adv), t_logits, c.temperature)
         loss = c.adv_weight * robust_kl + (1 - c.adv_weight) * kl
         return {"loss": loss, "kl": kl.detach(), "robust_kl": robust_kl.detach()}
-
-
-#: The teacher-training losses: not distillation methods, so not in kdiga.methods' table.
-TEACHER_LOSSES: dict[str, type[DistillLoss]] = {"at": ATLoss, "trades": TRADESLoss}
-
-
-def loss_names() -> tuple[str, ...]:
-    """Every name ``build_loss`` accepts: the registered methods, then ``at`` and ``trades``."""
-    from kdiga.methods import method_names
-
-    return (*method_names(), *TEACHER_LOSSES)
-
-
-def allowed_keys(method: str) -> tuple[str, ...]:
-    """The settings ``build_loss(method, ...)`` accepts; ``ValueError`` for an unknown method."""
-    return _lookup(method)[1]
-
-
-def _lookup(method: str) -> tuple[type[DistillLoss], tuple[str, ...]]:
-    from kdiga.methods import METHODS as table
-
-    if isinstance(method, str) and method in TEACHER_LOSSES:
-        return TEACHER_LOSSES[method], _TEACHER_KEYS[method]
-    if isinstance(method, str) and method in table:
-        return table[method].loss, table[method].loss_keys
-    raise ValueError(f"unknown loss method {method!r}; allowed: {', '.join(loss_names())}")
-
-
-def __getattr__(name: str) -> Any:
-    """``METHODS`` (a tuple) and ``ALLOWED_KEYS`` (method -> keys), derived from the table in
-    :mod:`kdiga.methods` at each access, so they cannot disagree with it."""
-    if name == "METHODS":
-        return loss_names()
-    if name == "ALLOWED_KEYS":
-        return {m: allowed_keys(m) for m in loss_names()}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def build_loss(method: str, **cfg: Any) -> DistillLoss:
-    """The loss for ``method`` (a registered method of :mod:`kdiga.methods`, or ``at`` or
-    ``trades``) with settings ``cfg``.
-
-    Allowed keys per method: ``ALLOWED_KEYS[method]`` (defaults in :class:`LossConfig`).
-    Unknown method or key, negative weight, temperature <= 0 etc. raise ``ValueError``.
-    """
-    cls, allowed = _lookup(method)
-    for key in cfg:
-        if key not in allowed:
-            raise ValueError(
-                f"unknown setting {key!r} for method {method!r}; allowed keys: "
-                f"{', '.join(allowed) if allowed else '(none)'}"
-            )
-    config = LossConfig(**cfg)
-    loss = cls(method, config)
-    logger.debug("built loss %r", loss)
-    return loss

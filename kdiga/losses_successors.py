@@ -166,9 +166,6 @@ class AdaADLoss(DistillLoss):
     Parts: ``robust_kl`` (at x'), and ``kl`` (at x) when α < 1. See the module docstring.
     """
 
-    requires_teacher = True
-    accepts_teacher_cache = False
-
     def _adaptive_point(
         self, student: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor
     ) -> Tensor:
@@ -195,9 +192,6 @@ class IADLoss(_EpochSchedule, DistillLoss):
     w = P_T(y | x')^β. Parts: ``ce``, ``kl`` (τ²·KL(T(x)/τ ‖ S(x')/τ)), ``introspection``
     (KL(S(x) ‖ S(x')), unweighted), ``reliability`` (the batch mean of w). See the module
     docstring."""
-
-    requires_teacher = True
-    accepts_teacher_cache = False
 
     @property
     def introspecting(self) -> bool:

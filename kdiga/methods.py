@@ -1,38 +1,39 @@
-"""The distillation methods, one entry each: what a method needs and which settings it reads.
+"""The distillation methods, one entry each: what a method needs, which settings it reads,
+and how its loss is built.
 
-Every layer that treats methods differently (the loss factory, the params schema, the DAG,
-the distill stage, the report, the benchmarks) reads this table instead of keeping its own
-list. An entry (:class:`Method`) names the method's loss class, whether it needs the teacher
-and where (at x only, or at x+δ too), whether it has an inner maximisation and the IGA term,
-the label the report prints, and the keys of the pipeline's ``distill`` params section it
-reads; :meth:`Method.settings` turns a validated ``distill`` section into the keyword
-arguments of :func:`kdiga.losses.build_loss`.
+Every layer that treats methods differently (the params schema, the DAG, the distill stage,
+the report, the benchmarks) reads this table instead of keeping its own list. An entry
+(:class:`Method`) names the method's loss class, whether it needs the teacher and where (at
+x only, or at x+δ too), whether it has an inner maximisation and the IGA term, the label the
+report prints, and the keys of the pipeline's ``distill`` params section it reads.
+:meth:`Method.settings` turns a validated ``distill`` section into loss settings, and
+:meth:`Method.build` (or :func:`build_loss` by name) builds the loss: the loss class gets
+its entry and reads its flags from it, so no loss branches on a method's name.
 
 ``METHODS`` holds the entries in order (st, kd, ard, kdiga, kdiga_ardc, kdiga_arda, rslad,
-adaad, iad, igdm).
-A new method is one :func:`register` call with its loss class; ``build_loss`` accepts it with
-no other edit. ``at`` and ``trades`` train teachers, not students, and are not in this table
-(:data:`kdiga.losses.TEACHER_LOSSES`).
+adaad, iad, igdm). A new method is one :func:`register` call with its loss class.
+``TEACHER_METHODS`` holds ``at`` and ``trades``, which train teachers, not students.
+
+The table loads without torch: a built-in entry names its loss class as ``"module:Class"``,
+imported when a loss is built, because the params schema and the DAG read the table on
+every Snakemake call and must not pay torch's import (about 2 s) for it.
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kdiga.losses import (
-    TEACHER_LOSSES,
-    ARDLoss,
-    DistillLoss,
-    KDIGALoss,
-    KDLoss,
-    LossConfig,
-    RSLADLoss,
-    STLoss,
-)
-from kdiga.losses_successors import AdaADLoss, IADLoss, IGDMLoss
+from kdiga.loss_config import LossConfig
+
+if TYPE_CHECKING:
+    from kdiga.losses import DistillLoss
+
+logger = logging.getLogger(__name__)
 
 #: For each key of the ``distill`` section a method may read: the ``build_loss`` keywords it
 #: gives, each from the key's own value (``None``) or from one key of its mapping.
@@ -53,10 +54,11 @@ SECTION_KWARGS: dict[str, dict[str, str | None]] = {
     "igdm": {"igdm_weight": "weight"},
 }
 #: ``build_loss`` keywords that come with a section key but that the section does not set, so
-#: :class:`kdiga.losses.LossConfig`'s default holds (the inner attack's norm: L∞).
+#: :class:`kdiga.loss_config.LossConfig`'s default holds (the inner attack's norm: L∞).
 _DEFAULT_ONLY: dict[str, tuple[str, ...]] = {"adversarial": ("norm",)}
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
+_LOSS_REF = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
 @dataclass(frozen=True)
@@ -65,23 +67,26 @@ class Method:
 
     ``name``: the id in params and student ids (lower case, digits, ``_``). ``label``: the
     report's name. ``description``: one line, with the paper's equation where there is one.
-    ``loss``: its :class:`kdiga.losses.DistillLoss` subclass, built as ``loss(name, config)``.
+    ``loss``: its :class:`kdiga.losses.DistillLoss` subclass, or ``"module:Class"`` naming it
+    (imported when built), built as ``loss(entry, config)``.
     ``needs_teacher``: the loss reads the teacher. ``teacher_at_adversarial``: it reads the
     teacher at x+δ, not only at the clean x. ``inner_attack``: it has an inner maximisation
     (reads ``distill.adversarial``). ``iga``: it has the IGA term (reads ``distill.iga``).
     ``param_keys``: the keys of the ``distill`` section it reads besides the training keys
-    every method reads, each a key of :data:`SECTION_KWARGS`.
+    every method reads, each a key of :data:`SECTION_KWARGS`. ``extra_keys``: loss settings it
+    accepts that no ``distill`` key gives (a teacher loss's TRADES β).
     """
 
     name: str
     label: str
     description: str
-    loss: type[DistillLoss]
+    loss: type[DistillLoss] | str
     needs_teacher: bool
     teacher_at_adversarial: bool
     inner_attack: bool
     iga: bool
     param_keys: tuple[str, ...]
+    extra_keys: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
@@ -93,11 +98,14 @@ class Method:
             value = getattr(self, field)
             if not isinstance(value, str) or not value.strip() or "\n" in value:
                 raise ValueError(f"method {self.name!r}: {field} must be one non-empty line")
-        if not (isinstance(self.loss, type) and issubclass(self.loss, DistillLoss)):
-            raise ValueError(
-                f"method {self.name!r}: loss must be a kdiga.losses.DistillLoss subclass, "
-                f"got {self.loss!r}"
-            )
+        if isinstance(self.loss, str):
+            if not _LOSS_REF.fullmatch(self.loss):
+                raise ValueError(
+                    f"method {self.name!r}: loss must be a DistillLoss subclass or "
+                    f"'module:Class', got {self.loss!r}"
+                )
+        else:
+            self._check_loss_class(self.loss)
         for field in ("needs_teacher", "teacher_at_adversarial", "inner_attack", "iga"):
             if not isinstance(getattr(self, field), bool):
                 raise ValueError(f"method {self.name!r}: {field} must be a bool")
@@ -124,6 +132,45 @@ class Method:
                     f"{'not ' if key not in keys else ''}in param_keys; they go together"
                 )
 
+    def _check_loss_class(self, cls: Any) -> None:
+        from kdiga.losses import DistillLoss  # a class was given: torch is loaded already
+
+        if not (isinstance(cls, type) and issubclass(cls, DistillLoss)):
+            raise ValueError(
+                f"method {self.name!r}: loss must be a kdiga.losses.DistillLoss subclass, "
+                f"got {cls!r}"
+            )
+
+    @property
+    def loss_class(self) -> type[DistillLoss]:
+        """The loss class (imported here when the entry names it as ``"module:Class"``)."""
+        if not isinstance(self.loss, str):
+            return self.loss
+        module, _, name = self.loss.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(
+                f"method {self.name!r}: cannot load its loss {self.loss}: {exc}"
+            ) from exc
+        self._check_loss_class(cls)
+        return cls
+
+    def build(self, **settings: Any) -> DistillLoss:
+        """The method's loss with ``settings`` (keywords of :attr:`loss_keys`; the others keep
+        :class:`~kdiga.loss_config.LossConfig`'s defaults). An unknown key, a negative weight,
+        a temperature <= 0 etc. raise ``ValueError``."""
+        allowed = self.loss_keys
+        for key in settings:
+            if key not in allowed:
+                raise ValueError(
+                    f"unknown setting {key!r} for method {self.name!r}; allowed keys: "
+                    f"{', '.join(allowed) if allowed else '(none)'}"
+                )
+        loss = self.loss_class(self, LossConfig(**settings))
+        logger.debug("built loss %r", loss)
+        return loss
+
     @property
     def cacheable(self) -> bool:
         """Cached teacher signals at the clean (augmented) input can serve it."""
@@ -134,7 +181,8 @@ class Method:
         """The keywords ``build_loss`` accepts for it: those of :meth:`settings`, then the
         ones its params keys leave at their default (the inner attack's ``norm``)."""
         keys = [kw for key in self.param_keys for kw in SECTION_KWARGS[key]]
-        return (*keys, *(kw for key in self.param_keys for kw in _DEFAULT_ONLY.get(key, ())))
+        defaults = [kw for key in self.param_keys for kw in _DEFAULT_ONLY.get(key, ())]
+        return (*keys, *defaults, *self.extra_keys)
 
     def settings(self, distill: Mapping[str, Any]) -> dict[str, Any]:
         """The ``build_loss`` keyword arguments from a validated ``distill`` params section,
@@ -155,31 +203,22 @@ class Method:
 
 
 METHODS: dict[str, Method] = {}
+#: The teacher-training losses (PGD-AT, TRADES): not distillation methods, so not in METHODS.
+TEACHER_METHODS: dict[str, Method] = {}
 
 
 def register(method: Method) -> Method:
     """Add ``method`` to :data:`METHODS` (last) and return it.
 
-    A taken name (or ``at``/``trades``), a non-:class:`Method`, or a loss class that disagrees
-    with the entry (its ``requires_teacher`` vs ``needs_teacher``, its
-    ``accepts_teacher_cache`` vs ``cacheable``) raises ``ValueError``.
+    A taken name (or ``at``/``trades``) or a non-:class:`Method` raises ``ValueError``. The
+    loss reads its flags from the entry, so there is nothing else to agree on.
     """
     if not isinstance(method, Method):
         raise ValueError(f"register takes a kdiga.methods.Method, got {type(method).__name__}")
     if method.name in METHODS:
         raise ValueError(f"method {method.name!r} is already registered")
-    if method.name in TEACHER_LOSSES:
-        raise ValueError(f"{method.name!r} is taken by a teacher-training loss (kdiga.losses)")
-    probe = method.loss(method.name, LossConfig())
-    for flag, attr, want in (
-        ("needs_teacher", "requires_teacher", method.needs_teacher),
-        ("cacheable", "accepts_teacher_cache", method.cacheable),
-    ):
-        if bool(getattr(probe, attr)) != want:
-            raise ValueError(
-                f"method {method.name!r}: {flag}={want} but {method.loss.__name__}."
-                f"{attr} is {getattr(probe, attr)}"
-            )
+    if method.name in TEACHER_METHODS:
+        raise ValueError(f"{method.name!r} is taken by a teacher-training loss (TEACHER_METHODS)")
     METHODS[method.name] = method
     return method
 
@@ -203,6 +242,55 @@ def method_names() -> tuple[str, ...]:
     return tuple(METHODS)
 
 
+def loss_names() -> tuple[str, ...]:
+    """Every name :func:`build_loss` accepts: the registered methods, then ``at``, ``trades``."""
+    return (*METHODS, *TEACHER_METHODS)
+
+
+def _entry(name: str) -> Method:
+    if isinstance(name, str) and name in TEACHER_METHODS:
+        return TEACHER_METHODS[name]
+    if isinstance(name, str) and name in METHODS:
+        return METHODS[name]
+    raise ValueError(f"unknown loss method {name!r}; allowed: {', '.join(loss_names())}")
+
+
+def allowed_keys(name: str) -> tuple[str, ...]:
+    """The settings ``build_loss(name, ...)`` accepts; ``ValueError`` for an unknown name."""
+    return _entry(name).loss_keys
+
+
+def build_loss(name: str, **settings: Any) -> DistillLoss:
+    """The loss of method ``name`` (a registered method, or ``at`` or ``trades``) with
+    ``settings``: :meth:`Method.build` of its entry."""
+    return _entry(name).build(**settings)
+
+
+TEACHER_METHODS["at"] = Method(
+    name="at",
+    label="PGD-AT",
+    description="Madry PGD-AT: CE(f(x+δ), y), δ = PGD on the model's CE (trains a teacher).",
+    loss="kdiga.losses:ATLoss",
+    needs_teacher=False,
+    teacher_at_adversarial=False,
+    inner_attack=True,
+    iga=False,
+    param_keys=("adversarial",),
+)
+TEACHER_METHODS["trades"] = Method(
+    name="trades",
+    label="TRADES",
+    description="TRADES: CE(f(x), y) + β·KL(f(x) ‖ f(x+δ)), δ maximising the KL (a teacher).",
+    loss="kdiga.losses:TRADESLoss",
+    needs_teacher=False,
+    teacher_at_adversarial=False,
+    inner_attack=True,
+    iga=False,
+    param_keys=("adversarial",),
+    extra_keys=("trades_beta",),
+)
+
+
 _KD = ("ce_weight", "kl_weight", "temperature")
 
 ST = register(
@@ -210,7 +298,7 @@ ST = register(
         name="st",
         label="ST",
         description="Standard training: CE(f(x), y); no teacher.",
-        loss=STLoss,
+        loss="kdiga.losses:STLoss",
         needs_teacher=False,
         teacher_at_adversarial=False,
         inner_attack=False,
@@ -223,7 +311,7 @@ KD = register(
         name="kd",
         label="KD",
         description="KD (eq. 1): λCE·CE(fs(x), y) + λKL·T²·KL(ft(x)/T ‖ fs(x)/T).",
-        loss=KDLoss,
+        loss="kdiga.losses:KDLoss",
         needs_teacher=True,
         teacher_at_adversarial=False,
         inner_attack=False,
@@ -236,7 +324,7 @@ ARD = register(
         name="ard",
         label="ARD",
         description="ARD (eq. 2, 3): KD's KL at fs(x+δ) vs ft(x), δ = PGD on the student's CE.",
-        loss=ARDLoss,
+        loss="kdiga.losses:ARDLoss",
         needs_teacher=True,
         teacher_at_adversarial=False,
         inner_attack=True,
@@ -249,7 +337,7 @@ KDIGA = register(
         name="kdiga",
         label="KDIGA",
         description="KDIGA (eq. 5, Algorithm 1): KD + λIGA·‖∇x CE(fs) − ∇x CE(ft)‖ at x.",
-        loss=KDIGALoss,
+        loss="kdiga.losses:KDIGALoss",
         needs_teacher=True,
         teacher_at_adversarial=False,
         inner_attack=False,
@@ -262,7 +350,7 @@ KDIGA_ARDC = register(
         name="kdiga_ardc",
         label="KDIGA-ARDC",
         description="KDIGA-ARDC (eq. 6): ARD's KL at fs(x+δ) vs ft(x), IGA at the clean x.",
-        loss=KDIGALoss,
+        loss="kdiga.losses:KDIGALoss",
         needs_teacher=True,
         teacher_at_adversarial=False,
         inner_attack=True,
@@ -275,7 +363,7 @@ KDIGA_ARDA = register(
         name="kdiga_arda",
         label="KDIGA-ARDA",
         description="KDIGA-ARDA (eq. 7): KL(fs(x+δ)/T, ft(x+δ)/T) and IGA, both at x+δ.",
-        loss=KDIGALoss,
+        loss="kdiga.losses:KDIGALoss",
         needs_teacher=True,
         teacher_at_adversarial=True,
         inner_attack=True,
@@ -288,7 +376,7 @@ RSLAD = register(
         name="rslad",
         label="RSLAD",
         description="RSLAD (Zi et al. 2021): α·KL(ft(x) ‖ fs(x+δ)) + (1−α)·KL(ft(x) ‖ fs(x)).",
-        loss=RSLADLoss,
+        loss="kdiga.losses:RSLADLoss",
         needs_teacher=True,
         teacher_at_adversarial=False,
         inner_attack=True,
@@ -308,7 +396,7 @@ ADAAD = register(
         label="AdaAD",
         description="AdaAD (Huang et al. 2023): α·KL(ft(x') ‖ fs(x')) + (1−α)·KL(ft(x) ‖ fs(x)), "
         "x' maximising the first KL.",
-        loss=AdaADLoss,
+        loss="kdiga.losses_successors:AdaADLoss",
         needs_teacher=True,
         teacher_at_adversarial=True,
         inner_attack=True,
@@ -327,7 +415,7 @@ IAD = register(
         label="IAD",
         description="IAD-I (Zhu et al. 2022): ARD's KL at fs(x+δ) vs ft(x) plus "
         "(1 − P_T(y|x+δ)^β)·KL(fs(x) ‖ fs(x+δ)) after a warm-up.",
-        loss=IADLoss,
+        loss="kdiga.losses_successors:IADLoss",
         needs_teacher=True,
         teacher_at_adversarial=True,
         inner_attack=True,
@@ -348,7 +436,7 @@ IGDM = register(
         label="IGDM",
         description="IGDM (Lee et al. 2024) on AdaAD: KL(ft(x+δ) ‖ fs(x+δ)) + γ·(e+1)/E·"
         "KL(ft(x+δ)−ft(x−δ) ‖ fs(x+δ)−fs(x−δ)).",
-        loss=IGDMLoss,
+        loss="kdiga.losses_successors:IGDMLoss",
         needs_teacher=True,
         teacher_at_adversarial=True,
         inner_attack=True,

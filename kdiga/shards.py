@@ -25,8 +25,8 @@ import torch
 import webdataset as wds
 from torch import Tensor
 
+from kdiga.files import atomic_path, atomic_write_text, sha256_file
 from kdiga.progress import ProgressFn, Tracker
-from kdiga.utils import atomic_path, atomic_write_text, sha256_file
 
 logger = logging.getLogger(__name__)
 

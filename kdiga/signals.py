@@ -68,8 +68,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdiga.artifacts import is_safetensors, load_tensors, save_tensors
+from kdiga.artifacts import load_tensors, save_tensors
 from kdiga.data import AUGMENTATIONS, to_float
+from kdiga.files import is_safetensors
 from kdiga.losses import TeacherSignals, teacher_signals
 from kdiga.progress import ProgressFn, Tracker
 from kdiga.train import check_data

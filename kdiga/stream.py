@@ -105,9 +105,9 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from kdiga.data import DatasetNotFoundError
+from kdiga.files import atomic_path, sha256_file
 from kdiga.progress import ProgressFn, Tracker
 from kdiga.shards import _MTIME, PROGRESS_EVERY, ShardError, _decode_label, read_manifest
-from kdiga.utils import atomic_path, sha256_file
 
 logger = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kdiga.artifacts import ArtifactError, is_safetensors, read_meta
+from kdiga.files import ArtifactError, atomic_path, is_safetensors, read_meta, sha256_file
 from kdiga.models import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -60,7 +60,6 @@ from kdiga.models import (
     read_model_record,
 )
 from kdiga.models.io import WeightsUnavailableError
-from kdiga.utils import atomic_path, sha256_file
 
 logger = logging.getLogger(__name__)
 

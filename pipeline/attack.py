@@ -40,7 +40,7 @@ def autoattack_settings(aa: AutoAttackSettings) -> dict:
 def body(args: argparse.Namespace, params: dict) -> None:
     from kdiga.attacks import check_gradients, check_sweep, robust_sweep
     from kdiga.data import to_float
-    from kdiga.utils import sha256_file
+    from kdiga.files import sha256_file
 
     if args.model not in model_ids(params):
         raise ParamError("--model", args.model, f"known: {', '.join(model_ids(params))}")

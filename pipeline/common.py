@@ -69,13 +69,12 @@ class MissingInputError(FileNotFoundError):
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The project's own error types: a bad input or a stale, missing or corrupt file. Each
     gets one line; anything else is a bug and keeps its traceback."""
-    from kdiga.artifacts import ArtifactError
     from kdiga.data import DatasetNotFoundError
+    from kdiga.files import ArtifactError, ArtifactWriteError
     from kdiga.models import CheckpointError
     from kdiga.shards import ShardError
     from kdiga.signals import SignalError
     from kdiga.train import NonFiniteLossError
-    from kdiga.utils import ArtifactWriteError
     from pipeline.gpu import GpuSlotsError
     from pipeline.launch import LaunchError
     from pipeline.provenance import ProvenanceError
@@ -261,7 +260,7 @@ def train_config(section: Any, seed: int):
 
 
 def write_json(obj: Any, path: str | Path) -> None:
-    from kdiga.utils import atomic_write_text
+    from kdiga.files import atomic_write_text
 
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", path)
 

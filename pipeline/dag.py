@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from kdiga.files import atomic_write_text
+from kdiga.methods import get_method
 from pipeline.params import (
     TRAIN_KEYS,
     ParamError,
@@ -139,15 +141,9 @@ def _cmd(stage: str, key: str | None = None, **args: str) -> str:
     return " ".join(parts)
 
 
-def method_of(name: str):
-    from kdiga.methods import get_method
-
-    return get_method(name)
-
-
 def uses_signals(params: Study, method: str) -> bool:
     """Whether ``method``'s students train from their teacher's cached signals."""
-    return params.signals.enabled and method_of(method).cacheable
+    return params.signals.enabled and get_method(method).cacheable
 
 
 def signals_param_keys() -> list[str]:
@@ -173,7 +169,7 @@ def distill_param_keys(params: Study, model_id: str) -> list[str]:
     """The params a student's job reads, so that only a real change re-runs it."""
     job = parse_student_id(params, model_id)
     keys = [*(f"distill.{k}" for k in TRAIN_KEYS), f"students.{job.student}"]
-    keys += [f"distill.{k}" for k in method_of(job.method).param_keys]
+    keys += [f"distill.{k}" for k in get_method(job.method).param_keys]
     if job.teacher is not None and not uses_signals(params, job.method):
         keys += ["distill.compile_teacher"]  # the teacher runs: compiled or not
     if uses_signals(params, job.method):
@@ -382,7 +378,7 @@ def check_fresh(params_path: str = "params.yaml", dvc_path: str = "dvc.yaml") ->
     path = Path(dvc_path)
     if not path.exists():
         return f"{dvc_path} is missing: run `python -m pipeline.dag`"
-    if path.read_text() != dvc_yaml(load_params(params_path)):
+    if path.read_text() != dvc_yaml(load_params(params_path, build=False)):
         return (
             f"{dvc_path} does not match {params_path} (teachers, students, methods, seeds or "
             "attacks, signals.enabled, or which keys the file sets, changed): run "
@@ -404,12 +400,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {problem}", file=sys.stderr)
                 return 1
             return 0
-        text = dvc_yaml(load_params(args.params))
+        text = dvc_yaml(load_params(args.params, build=False))
     except ParamError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from kdiga.utils import atomic_write_text
-
     atomic_write_text(text, args.output)
     return 0
 

@@ -122,8 +122,7 @@ def check_world(params: Study, job: StudentJob, world: int) -> None:
     import torch
 
     from kdiga.distributed import check_run
-    from kdiga.losses import build_loss
-    from kdiga.methods import get_method
+    from kdiga.methods import build_loss, get_method
 
     method = get_method(job.method)
     criterion = build_loss(method.name, **method.settings(params.value("distill")))
@@ -167,11 +166,11 @@ def body(args: argparse.Namespace, params: Study) -> None:
 
 def distill(model_id: str, params: Study, info, progress: Callable | None = None) -> None:
     from kdiga.distributed import is_main
-    from kdiga.losses import build_loss
-    from kdiga.methods import get_method
+    from kdiga.files import sha256_file
+    from kdiga.methods import build_loss, get_method
     from kdiga.models import save_model
     from kdiga.train import evaluate, fit
-    from kdiga.utils import seed_everything, sha256_file
+    from kdiga.utils import seed_everything
 
     job = parse_student_id(params, model_id)
     method = get_method(job.method)

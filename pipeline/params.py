@@ -28,15 +28,17 @@ from typing import Any
 
 import yaml
 
+# The library's tables, without torch (validating params imports none; see validate's build).
+from kdiga.loss_config import IGA_REDUCTIONS, STUDENT_GRAD_MODES
+from kdiga.methods import TEACHER_METHODS, get_method, method_names
+from kdiga.models.catalog import BUILTIN as BUILTIN_MODELS
+from kdiga.options import NORMS
+
 DATASETS = ("digits", "cifar10", "imagenet", "synthetic")
-TEACHER_METHODS = ("at", "trades")
 ATTACKS = ("pgd", "autoattack")
-NORMS = ("linf", "l2")
 AUGMENTS = ("none", "crop", "crop_flip")
-IGA_REDUCTIONS = ("per_sample_mean", "batch_frobenius")
 GRAD_DTYPES = ("float32", "float16", "bfloat16")
 SCHEDULES = ("cycle", "random")
-GRAD_MODES = ("train", "eval")
 AA_VERSIONS = ("standard", "plus", "rand", "custom")
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 TEACHER_SCHEMES = ("train", "file:", "url:", "timm:")
@@ -156,9 +158,7 @@ def _mapping(key: str, v: Any) -> dict:
 
 
 def _arch(key: str, v: Any) -> str:
-    from kdiga.models import list_models
-
-    names = tuple(list_models())
+    names = tuple(sorted(BUILTIN_MODELS))
     if not isinstance(v, str) or not (v in names or v.startswith(("timm:", "torchvision:"))):
         raise ParamError(key, v, f"allowed: {', '.join(names)}, timm:<name>, torchvision:<name>")
     return v
@@ -417,8 +417,6 @@ def _student_init(k: str, v: Any) -> str:
 
 
 def _methods(k: str, v: Any) -> list[str]:
-    from kdiga.methods import method_names
-
     names = method_names()
     return _list(k, v, lambda kk, x: _choice(kk, x, names))
 
@@ -577,10 +575,16 @@ class Student:
 @dataclass(frozen=True, kw_only=True)
 class Iga:
     weight: float = key(1.0, number(), "lambda_IGA")
-    reduction: str = key("per_sample_mean", choice(*IGA_REDUCTIONS), "per_sample_mean | "
-                         "batch_frobenius (the authors' code)")  # fmt: skip
-    grad_mode: str = key("train", choice(*GRAD_MODES), "the student's BatchNorm mode for its "
-                         "input gradient: train (the authors' code) | eval")  # fmt: skip
+    reduction: str = key(
+        "per_sample_mean",
+        choice(*IGA_REDUCTIONS),
+        "per_sample_mean | batch_frobenius (the authors' code)",
+    )
+    grad_mode: str = key(
+        "train",
+        choice(*STUDENT_GRAD_MODES),
+        "the student's BatchNorm mode for its input gradient: train (the authors' code) | eval",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -786,17 +790,24 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def validate(raw: Any) -> Study:
-    """Check a whole params mapping; the :class:`Study` it describes (defaults filled in)."""
+def validate(raw: Any, *, build: bool = True) -> Study:
+    """Check a whole params mapping; the :class:`Study` it describes (defaults filled in).
+
+    ``build``: also build every model on PyTorch's meta device (:func:`check_models`), so a
+    bad ``kwargs`` stops here. That imports torch (about 2 s): the DAG and the hand-offs,
+    which build no model, pass False, and the Snakefile checks the models at the start of a
+    real run instead; every stage job checks them (it imports torch anyway).
+    """
     study = _parse(Study, "", raw)
     object.__setattr__(study, "raw", copy.deepcopy(dict(raw)))
+    if build:
+        check_models(study)
     return study
 
 
 def _check_study(p: Study) -> None:
-    """Checks across sections: the grid, the data fit, the figure's attack, the models."""
-    from kdiga.methods import get_method
-
+    """Checks across sections: the grid, the data fit, the figure's attack (the models:
+    :func:`check_models`)."""
     methods = [get_method(m) for m in p.distill.methods]
     needy = [m.name for m in methods if m.needs_teacher]
     if needy and not p.teachers:
@@ -833,7 +844,6 @@ def _check_study(p: Study) -> None:
                 sig.views,
                 "distill.augment is crop with crop_padding 0 (no augmentation): use views: 1",
             )
-    _check_models(p)
 
 
 def _check_data_fit(p: Study) -> None:
@@ -884,7 +894,7 @@ def _check_data_fit(p: Study) -> None:
         )
 
 
-def _check_models(p: Study) -> None:
+def check_models(p: Study) -> None:
     """Build every student and every teacher with an arch on PyTorch's meta device, as the
     stages call ``build_model``: a bad ``*kwargs`` stops here, not when the job runs.
     Nothing is allocated or downloaded."""
@@ -1053,9 +1063,10 @@ def read_yaml(path: str | Path) -> Any:
         ) from None
 
 
-def load_params(path: str | Path | None = None) -> Study:
-    """Read and validate ``params.yaml``; raises :class:`ParamError` on the first bad value."""
-    return validate(read_yaml(params_file() if path is None else path))
+def load_params(path: str | Path | None = None, *, build: bool = True) -> Study:
+    """Read and validate ``params.yaml``; raises :class:`ParamError` on the first bad value.
+    ``build``: as for :func:`validate`."""
+    return validate(read_yaml(params_file() if path is None else path), build=build)
 
 
 def check_paths(params: Study, stages: tuple[str, ...] = ("shard", "teacher", "distill")) -> None:
@@ -1100,8 +1111,6 @@ class StudentJob:
 def student_jobs(params: Study) -> list[StudentJob]:
     """Every distillation job, in report order: students without a teacher first, then per
     teacher, method, student and seed."""
-    from kdiga.methods import get_method
-
     methods = [get_method(m) for m in params.distill.methods]
     out = [
         StudentJob(None, m.name, s, seed)

@@ -9,7 +9,7 @@ process's CPU time is timed, which leaves out the waits for a core of a shared m
 
 - A training step (a distillation, a ``train`` teacher's PGD-AT or TRADES) is timed as the
   stages run it: ``kdiga.train.fit`` with the method's own loss (``kdiga.methods`` settings,
-  ``kdiga.losses.build_loss``) on random images, the model built by ``kdiga.models.build_model``
+  ``kdiga.methods.build_loss``) on random images, the model built by ``kdiga.models.build_model``
   without pretrained weights (nothing is downloaded). One warm-up step, then K timed steps (at
   most one when a step exceeds :data:`STEP_BUDGET_S`), at the params' batch, or at a smaller
   batch scaled linearly when a step at the full batch would exceed that budget (the plan says
@@ -451,7 +451,8 @@ class Calibrator:
         batch that fits the budget after one timed step (0: none)."""
         import torch
 
-        from kdiga.losses import TeacherSignals, build_loss
+        from kdiga.losses import TeacherSignals
+        from kdiga.methods import build_loss
         from kdiga.train import fit
 
         gen = torch.Generator().manual_seed(0)

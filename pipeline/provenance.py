@@ -26,6 +26,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from kdiga.files import read_meta, sha256_file
 from pipeline import dag
 
 RECORD_KEY = "provenance"
@@ -43,8 +44,6 @@ def _file_sha256(path: Path) -> str:
 
 @cache
 def _cached_sha256(path: str, mtime_ns: int, size: int) -> str:
-    from kdiga.utils import sha256_file
-
     return sha256_file(path)
 
 
@@ -103,8 +102,6 @@ def read_record(job: dag.Job) -> dict[str, Any] | None:
             return json.loads(path.read_text())
         if path.suffix == ".json":
             return json.loads(path.read_text()).get(RECORD_KEY)
-        from kdiga.artifacts import read_meta
-
         meta = read_meta(path)
         return meta.get(RECORD_KEY) or (meta.get("meta") or {}).get(RECORD_KEY)
     except (OSError, ValueError, AttributeError):

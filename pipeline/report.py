@@ -395,7 +395,7 @@ def figure(params: Study, numbers: Numbers, attack: str, path: str) -> list[dict
         ax.set_title(f"Teacher {teacher}" if teacher else "Students")
     fig.suptitle("Clean (radius 0) and robust accuracy, mean and 95% CI", fontsize=10)
     fig.tight_layout()
-    from kdiga.utils import atomic_path
+    from kdiga.files import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
@@ -450,7 +450,7 @@ def write_cost(params: Study) -> None:
     and the ratio to KD's (same teacher, student and seed)."""
     import json
 
-    from kdiga.utils import atomic_write_text
+    from kdiga.files import atomic_write_text
 
     per_epoch = {}
     for j in student_jobs(params):
@@ -481,7 +481,7 @@ def write_cost(params: Study) -> None:
 def _write_csv(rows: list[dict], path: str) -> None:
     import polars as pl
 
-    from kdiga.utils import atomic_path
+    from kdiga.files import atomic_path
 
     with atomic_path(path) as tmp:
         pl.DataFrame(rows).write_csv(tmp)
@@ -651,7 +651,7 @@ def body(args: argparse.Namespace, params: Study) -> None:
         "clean nor rising with the radius, perturbations inside the ball and "
         "[0, 1], no gradient-masking flag)."
     ]
-    from kdiga.utils import atomic_write_text
+    from kdiga.files import atomic_write_text
 
     atomic_write_text("\n".join(parts) + "\n", dag.REPORT_MD)
     table = figure(params, numbers, params.report.figure_attack, dag.REPORT_PNG)

@@ -102,8 +102,8 @@ def _folder_splits(s: Shard, out: Path, progress: Callable | None = None) -> Non
 
 
 def body(args: argparse.Namespace, params: Study) -> None:
+    from kdiga.files import current_umask
     from kdiga.shards import write_manifest, write_shards
-    from kdiga.utils import current_umask
 
     s = params.shard
     classes = s.classes

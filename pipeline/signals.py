@@ -73,8 +73,8 @@ def _train_manifest() -> dict:
 
 
 def body(args: argparse.Namespace, params: dict) -> None:
+    from kdiga.files import sha256_file
     from kdiga.signals import compute_signals, save_signals
-    from kdiga.utils import sha256_file
 
     sig, d = params.signals, params.distill
     name = args.teacher

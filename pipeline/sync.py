@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         path = args.params or params_file()
-        params = load_params(path)
+        params = load_params(path, build=False)  # nothing is built: no torch needed
     except ParamError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -40,7 +40,7 @@ def _train(
     provenance: dict,
     progress: Callable | None = None,
 ):
-    from kdiga.losses import build_loss
+    from kdiga.methods import build_loss
     from kdiga.models import build_model
     from kdiga.train import fit
     from kdiga.utils import seed_everything
@@ -64,11 +64,11 @@ def _train(
 
 
 def body(args: argparse.Namespace, params: dict) -> None:
+    from kdiga.files import sha256_file
     from kdiga.models import save_model
     from kdiga.models.io import model_spec
     from kdiga.teachers import load_teacher
     from kdiga.train import evaluate
-    from kdiga.utils import sha256_file
 
     name = args.teacher
     t = check_teacher(params, name)

@@ -20,8 +20,7 @@ from pipeline.params import ParamError, StudentJob, Study, check_teacher
 def body(args: argparse.Namespace, params: Study) -> None:
     from kdiga.attacks import robust_sweep
     from kdiga.data import to_float
-    from kdiga.losses import build_loss
-    from kdiga.methods import get_method, method_names
+    from kdiga.methods import build_loss, get_method, method_names
     from kdiga.train import fit
     from kdiga.utils import seed_everything
     from pipeline.distill import build_student

@@ -29,12 +29,31 @@ settings.load_profile(os.environ.get("KDIGA_HYPOTHESIS", "ci"))
 
 
 def pytest_collection_modifyitems(config, items):
+    _longest_first(items)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def _longest_first(items: list) -> None:
+    """Order the tests so that the long chains start first on both workers.
+
+    ``make test`` hands each xdist worker half of this list (``--dist worksteal``), and an
+    idle worker takes tests from the end of the other's. The tests of the tiny study (its
+    build, then the end-to-end tests on copies of it) open the first half; the other slow
+    tests (the ImageNet-path study, the DDP runs) open the second; the quick tests fill both
+    ends, where they are the first to move. Tests are independent, so any order is correct.
+    """
+    tiny = [i for i in items if "tiny_study_built" in getattr(i, "fixturenames", ())]
+    taken = {id(i) for i in tiny}
+    slow = [i for i in items if id(i) not in taken and i.get_closest_marker("slow")]
+    taken |= {id(i) for i in slow}
+    quick = [i for i in items if id(i) not in taken]
+    first = max(len(items) // 2 - len(tiny), 0)
+    items[:] = [*tiny, *quick[:first], *slow, *quick[first:]]
 
 
 @pytest.fixture(autouse=True)

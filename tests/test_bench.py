@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bench.step_cost import METHOD_CFG, loss_agreement
-from kdiga.losses import build_loss
+from kdiga.methods import build_loss
 from kdiga.models import build_model
 
 # The benchmark's setting (IGA-dominated) and one where CE and KL at T=4 dominate, so that

@@ -7,7 +7,7 @@ import torch
 
 from bench.sweep_reuse import Comparison, RadiusRow, compare_sweeps, format_comparison
 from kdiga.data import load_dataset, to_float
-from kdiga.losses import build_loss
+from kdiga.methods import build_loss
 from kdiga.models import build_model
 from kdiga.train import TrainConfig, fit
 

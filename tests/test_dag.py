@@ -392,3 +392,24 @@ def test_a_new_method_flows_through_schema_dag_and_report():
         unregister("halfkd")
     with pytest.raises(ParamError, match=r"distill\.methods\[2\] = 'halfkd' is not allowed"):
         validate(raw)
+
+
+def test_the_schema_and_the_dag_load_without_torch():
+    """A dry run, `python -m pipeline.dag` and the hand-offs read tables (the method table,
+    the model names, the option lists) and build nothing: importing torch would cost them
+    about 2 s each, several times per Snakemake run."""
+    code = (
+        "import sys\n"
+        "from pipeline import dag, provenance, sync\n"
+        "from pipeline.params import load_params\n"
+        "for f in ('params.yaml', 'configs/cifar10.yaml', 'configs/imagenet.yaml'):\n"
+        "    p = load_params(f, build=False)\n"
+        "    dag.dvc_yaml(p)\n"
+        "    provenance.freshness(p)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"

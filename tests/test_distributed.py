@@ -25,7 +25,7 @@ from torch import nn
 
 from kdiga import distributed as kd_dist
 from kdiga.data import load_dataset
-from kdiga.losses import build_loss
+from kdiga.methods import build_loss
 from kdiga.models import build_model
 from kdiga.train import TrainConfig, fit
 

@@ -17,7 +17,7 @@ from bench import gpu_check
 from bench.common import REPO_ROOT
 from kdiga.attacks import pgd
 from kdiga.data import load_dataset
-from kdiga.losses import build_loss
+from kdiga.methods import build_loss
 from kdiga.models import build_model
 from kdiga.train import TrainConfig, fit, maybe_compile_teacher
 

@@ -14,7 +14,7 @@ from torch.autograd import gradcheck, gradgradcheck
 from torch.profiler import ProfilerActivity, profile
 
 from kdiga.distributed import sync_batchnorm
-from kdiga.losses import build_loss
+from kdiga.methods import build_loss
 from kdiga.models import (
     GroupedConv2d,
     build_model,

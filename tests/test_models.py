@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from kdiga.artifacts import read_meta, save_tensors
+from kdiga.artifacts import save_tensors
+from kdiga.files import read_meta, sha256_file
 from kdiga.models import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -24,7 +25,7 @@ from kdiga.models import (
     save_model,
 )
 from kdiga.models.io import model_spec
-from kdiga.utils import math_attention, sha256_file
+from kdiga.utils import math_attention
 
 BUILTIN = ["mobilenet_v2", "resnet18", "resnet34", "resnet50", "small_cnn", "wrn_34_10"]
 

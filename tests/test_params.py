@@ -12,6 +12,7 @@ import yaml
 
 from pipeline.params import (
     ParamError,
+    check_models,
     check_paths,
     describe,
     parse_radius,
@@ -533,3 +534,14 @@ def test_study_values_are_plain_data_for_provenance():
     assert p.value("distill.iga") == {"weight": 1.0, "reduction": "per_sample_mean",
                                       "grad_mode": "train"}  # fmt: skip
     assert p.value("students.small_cnn")["init"] == "scratch"
+
+
+def test_models_are_built_only_when_asked():
+    """validate(build=False), for the DAG and the hand-offs, skips the model builds; the same
+    bad kwargs is refused by check_models with the message validate gives."""
+    raw = _set(RAW, "students.small_cnn.kwargs", {"depth": 3})
+    study = validate(raw, build=False)
+    with pytest.raises(ParamError) as info:
+        check_models(study)
+    assert str(info.value) == _message(raw)
+    assert "unexpected keyword argument 'depth'" in str(info.value)

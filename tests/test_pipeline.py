@@ -78,7 +78,7 @@ def set_param(study: Path, key: str, value) -> None:
 
 
 def sha(path: Path) -> str:
-    from kdiga.utils import sha256_file
+    from kdiga.files import sha256_file
 
     return sha256_file(path)
 
@@ -409,6 +409,30 @@ def test_bad_params_stop_before_any_job(study, tmp_path):
     )
     assert proc.returncode != 0
     assert "distill.methods[1] = 'kdgia' is not allowed" in proc.stdout + proc.stderr
+
+
+def test_a_model_the_params_cannot_build_stops_a_real_run_before_any_job(study, tmp_path):
+    """The models are built (on the meta device) before a real run, not at a dry run, which
+    reads the tables alone: a bad kwargs stops `snakemake` before any job, naming the key."""
+    bad = json.loads(json.dumps(TINY))
+    bad["students"]["small_cnn"]["kwargs"] = {"depth": 3}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    logs = sorted(p.relative_to(study) for p in study.glob("logs/**/*.log"))
+    proc = subprocess.run(
+        [str(BIN / "snakemake"), "--cores", "1", "--forceall"],
+        cwd=study,
+        env=env(PYTHONPATH=str(study), KDIGA_PARAMS=str(path)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "students.small_cnn.kwargs = {'depth': 3} is not allowed" in out, out[-2000:]
+    assert "unexpected keyword argument 'depth'" in out
+    assert sorted(p.relative_to(study) for p in study.glob("logs/**/*.log")) == logs
+    assert all(p.stat().st_mtime_ns < path.stat().st_mtime_ns for p in study.glob("logs/**/*.log"))
 
 
 def test_duplicate_key_and_bad_bytes_stop_snakemake_with_one_line(study, tmp_path):

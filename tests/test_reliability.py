@@ -20,8 +20,9 @@ import torch
 import yaml
 from tiny_study import TINY, env
 
-from kdiga import utils
-from kdiga.utils import ArtifactWriteError, atomic_path, atomic_torch_save, atomic_write_text
+from kdiga import files, utils
+from kdiga.files import ArtifactWriteError, atomic_path, atomic_write_text
+from kdiga.utils import atomic_torch_save
 
 KD, KDIGA, ST = "pgdat--kd--small_cnn--s0", "pgdat--kdiga--small_cnn--s0", "st--small_cnn--s0"
 
@@ -169,7 +170,7 @@ def test_read_only_directory_names_the_file_and_keeps_the_old_one(tmp_path, monk
                 name = os.path.join(dir, f"{prefix}abc123{suffix}")
                 raise PermissionError(errno.EACCES, "Permission denied", name)
 
-            monkeypatch.setattr(utils.tempfile, "mkstemp", refuse)
+            monkeypatch.setattr(files.tempfile, "mkstemp", refuse)
         with pytest.raises(ArtifactWriteError) as info:
             atomic_write_text("new", target)
     finally:
@@ -228,7 +229,7 @@ def test_nan_loss_names_epoch_and_batch(sharded, tmp_path):
 def test_same_seed_same_params_same_bytes(sharded, tmp_path):
     """Training and evaluation on CPU are deterministic to the byte: two fresh runs write
     identical model and evaluation files (no wall clock, no per-save id in them)."""
-    from kdiga.utils import sha256_file
+    from kdiga.files import sha256_file
 
     runs = []
     for i in range(2):
@@ -261,7 +262,7 @@ def test_a_model_file_written_for_another_model_is_refused(sharded, tmp_path):
 def test_a_finished_run_leaves_no_checkpoint_and_a_replaced_output_is_caught(sharded, tmp_path):
     """The resume checkpoint goes once the model is written (a later run with other code or
     data can never resume it); an output replaced after its job ran no longer passes."""
-    from kdiga.utils import sha256_file
+    from kdiga.files import sha256_file
 
     study = _copy_study(sharded, tmp_path / "s")
     ok(stage(study, "distill", "--model", ST))
@@ -296,7 +297,7 @@ def test_a_model_of_another_architecture_is_refused_at_load(tmp_path, monkeypatc
 def test_a_stale_input_stops_the_stage_naming_both_hashes(sharded, tmp_path):
     """A model re-trained with other params after its evaluation: bounds and the report would
     mix generations; the stage reading them stops and names the two hashes."""
-    from kdiga.utils import sha256_file
+    from kdiga.files import sha256_file
 
     study = _copy_study(sharded, tmp_path / "s")
     ok(stage(study, "distill", "--model", ST))

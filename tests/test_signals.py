@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from kdiga.data import augment, load_dataset, to_float
-from kdiga.losses import build_loss, teacher_signals
+from kdiga.losses import teacher_signals
+from kdiga.methods import build_loss
 from kdiga.models import build_model
 from kdiga.signals import (
     SignalCache,

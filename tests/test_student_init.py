@@ -9,8 +9,8 @@ import pytest
 import torch
 from tiny_study import TINY
 
+from kdiga.files import sha256_file
 from kdiga.models import CheckpointError, build_model, save_model
-from kdiga.utils import sha256_file
 from pipeline.distill import build_student
 from pipeline.params import parse_student_id, validate
 

@@ -20,8 +20,8 @@ from torch import nn
 from kdiga import losses
 from kdiga.attacks import pgd
 from kdiga.data import load_dataset
-from kdiga.losses import build_loss
 from kdiga.losses_successors import kl_rows
+from kdiga.methods import build_loss
 from kdiga.train import TrainConfig, fit
 from pipeline.params import ParamError, validate
 

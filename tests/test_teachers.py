@@ -16,9 +16,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kdiga.files import sha256_file
 from kdiga.models import CheckpointError, build_model, save_model
 from kdiga.teachers import TeacherMeta, cache_path, freeze, load_teacher, split_checkpoint
-from kdiga.utils import sha256_file
 
 WRN = {"depth": 10, "widen_factor": 2}
 

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdiga.data import load_dataset
+from kdiga.files import sha256_file
 from kdiga.models import CheckpointError
 from kdiga.train import NonFiniteLossError, TrainConfig, evaluate, fit, predict
-from kdiga.utils import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 

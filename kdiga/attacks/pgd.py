@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdiga.options import NORMS
 from kdiga.utils import eval_mode
 
 logger = logging.getLogger(__name__)
 
-NORMS = ("linf", "l2")
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 

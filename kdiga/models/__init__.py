@@ -10,42 +10,48 @@ Double backward (the IGA term) works through every architecture here; models wit
 (timm ViTs) need the student's forward under :func:`kdiga.utils.math_attention`. Grouped
 convolutions are built as :class:`GroupedConv2d`, whose double backward makes one call per
 layer rather than one per group (:mod:`kdiga.models.layers`).
+
+The names below are loaded on first use (PEP 562), so :mod:`kdiga.models.catalog` (the names
+the params schema checks) loads without torch.
 """
 
-from kdiga.models import cifar_resnet, mobilenetv2, small_cnn, wideresnet  # noqa: F401 (register)
-from kdiga.models.io import (
-    FORMAT,
-    CheckpointError,
-    CheckpointNotFoundError,
-    WeightsUnavailableError,
-    is_model_record,
-    load_model,
-    model_from_record,
-    read_checkpoint,
-    read_model_record,
-    save_model,
-)
-from kdiga.models.layers import GroupedConv2d, grouped_conv2d, use_grouped_double_backward
-from kdiga.models.normalized import NormalizedModel, resolve_stats
-from kdiga.models.registry import build_model, list_models, register_model
+from __future__ import annotations
 
-__all__ = [
-    "FORMAT",
-    "CheckpointError",
-    "CheckpointNotFoundError",
-    "GroupedConv2d",
-    "NormalizedModel",
-    "WeightsUnavailableError",
-    "build_model",
-    "grouped_conv2d",
-    "is_model_record",
-    "list_models",
-    "load_model",
-    "model_from_record",
-    "read_checkpoint",
-    "read_model_record",
-    "register_model",
-    "resolve_stats",
-    "save_model",
-    "use_grouped_double_backward",
-]
+import importlib
+from typing import Any
+
+#: public name -> the module that defines it
+_EXPORTS = {
+    "FORMAT": "kdiga.models.io",
+    "CheckpointError": "kdiga.models.io",
+    "CheckpointNotFoundError": "kdiga.models.io",
+    "GroupedConv2d": "kdiga.models.layers",
+    "NormalizedModel": "kdiga.models.normalized",
+    "WeightsUnavailableError": "kdiga.models.io",
+    "build_model": "kdiga.models.registry",
+    "grouped_conv2d": "kdiga.models.layers",
+    "is_model_record": "kdiga.models.io",
+    "list_models": "kdiga.models.registry",
+    "load_model": "kdiga.models.io",
+    "model_from_record": "kdiga.models.io",
+    "read_checkpoint": "kdiga.models.io",
+    "read_model_record": "kdiga.models.io",
+    "register_model": "kdiga.models.registry",
+    "resolve_stats": "kdiga.models.normalized",
+    "save_model": "kdiga.models.io",
+    "use_grouped_double_backward": "kdiga.models.layers",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'kdiga.models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # the next access is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

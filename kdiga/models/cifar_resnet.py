@@ -11,8 +11,6 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdiga.models.registry import register_model
-
 
 def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
     if stride == 1 and in_planes == out_planes:
@@ -107,21 +105,18 @@ def _check_width(width: int) -> None:
         raise ValueError(f"width must be >= 1, got {width}")
 
 
-@register_model("resnet18")
 def resnet18(num_classes: int, in_chans: int, image_size: int, *, width: int = 64) -> CifarResNet:
     """CIFAR ResNet-18 (BasicBlock, 2-2-2-2); 0.56 GMACs per 32x32 image at width 64."""
     _check_width(width)
     return CifarResNet(BasicBlock, (2, 2, 2, 2), num_classes, in_chans, width)
 
 
-@register_model("resnet34")
 def resnet34(num_classes: int, in_chans: int, image_size: int, *, width: int = 64) -> CifarResNet:
     """CIFAR ResNet-34 (BasicBlock, 3-4-6-3)."""
     _check_width(width)
     return CifarResNet(BasicBlock, (3, 4, 6, 3), num_classes, in_chans, width)
 
 
-@register_model("resnet50")
 def resnet50(num_classes: int, in_chans: int, image_size: int, *, width: int = 64) -> CifarResNet:
     """CIFAR ResNet-50 (Bottleneck, 3-4-6-3)."""
     _check_width(width)

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from kdiga.artifacts import ArtifactError, is_safetensors, load_tensors, save_tensors
+from kdiga.artifacts import load_tensors, save_tensors
+from kdiga.files import ArtifactError, is_safetensors
 from kdiga.models.normalized import NormalizedModel
 from kdiga.models.registry import build_model
 

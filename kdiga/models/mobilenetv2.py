@@ -13,8 +13,6 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdiga.models.registry import register_model
-
 #: (expansion, out channels, blocks, stride of the first block)
 STAGES = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1))
 STAGES += ((6, 160, 3, 2), (6, 320, 1, 1))
@@ -85,7 +83,6 @@ class CifarMobileNetV2(nn.Module):
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-@register_model("mobilenet_v2")
 def mobilenet_v2(
     num_classes: int, in_chans: int, image_size: int, *, width_mult: float = 1.0
 ) -> CifarMobileNetV2:

@@ -1,8 +1,10 @@
 """Model registry: ``build_model(name, ...)`` for every architecture kdiga knows.
 
-Built-in names are registered by their modules with ``@register_model``; ``"timm:<name>"`` and
-``"torchvision:<name>"`` are resolved by :mod:`kdiga.models.external`. Every model comes back
-wrapped in :class:`~kdiga.models.normalized.NormalizedModel`, inputs in [0, 1].
+Built-in names are listed, with their builders, in :mod:`kdiga.models.catalog` (no torch, so
+the params schema reads it cheaply); ``@register_model`` adds architectures of one's own;
+``"timm:<name>"`` and ``"torchvision:<name>"`` are resolved by :mod:`kdiga.models.external`.
+Every model comes back wrapped in :class:`~kdiga.models.normalized.NormalizedModel`, inputs
+in [0, 1].
 
 Default normalisation: the identity (mean 0, std 1) unless ``mean``/``std`` are given, except
 for ``pretrained=True`` timm and torchvision models, which take the mean/std their weights
@@ -20,6 +22,7 @@ converted too: in eval mode IGABatchNorm2d is nn.BatchNorm2d's forward, and with
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,6 +30,7 @@ from typing import Any
 from torch import nn
 
 from kdiga.models.batchnorm import use_batchnorm_double_backward
+from kdiga.models.catalog import BUILTIN, EXTERNAL_PREFIXES
 from kdiga.models.layers import use_grouped_double_backward
 from kdiga.models.normalized import NormalizedModel, resolve_stats
 
@@ -35,8 +39,7 @@ logger = logging.getLogger(__name__)
 #: builder(num_classes, in_chans, image_size, **kwargs) -> raw nn.Module giving logits [B, N].
 Builder = Callable[..., nn.Module]
 
-_BUILDERS: dict[str, Builder] = {}
-EXTERNAL_PREFIXES = ("timm:", "torchvision:")
+_BUILDERS: dict[str, Builder] = {}  # architectures registered at run time
 
 
 def register_model(name: str) -> Callable[[Builder], Builder]:
@@ -45,7 +48,7 @@ def register_model(name: str) -> Callable[[Builder], Builder]:
         raise ValueError(f"built-in model names may not contain ':' (reserved), got {name!r}")
 
     def deco(builder: Builder) -> Builder:
-        if name in _BUILDERS:
+        if name in _BUILDERS or name in BUILTIN:
             raise ValueError(f"model {name!r} is already registered")
         _BUILDERS[name] = builder
         return builder
@@ -54,8 +57,16 @@ def register_model(name: str) -> Callable[[Builder], Builder]:
 
 
 def list_models() -> list[str]:
-    """Sorted built-in architecture names (``"timm:<name>"``/``"torchvision:<name>"`` also work)."""
-    return sorted(_BUILDERS)
+    """Sorted architecture names: the built-in ones and those registered at run time
+    (``"timm:<name>"``/``"torchvision:<name>"`` also work)."""
+    return sorted({*BUILTIN, *_BUILDERS})
+
+
+def _builder(name: str) -> Builder:
+    if name in _BUILDERS:
+        return _BUILDERS[name]
+    module, _, function = BUILTIN[name].partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def _check_positive(**values: int) -> None:
@@ -106,7 +117,7 @@ def build_model(
             pretrained=pretrained,
             **kwargs,
         )
-    elif name in _BUILDERS:
+    elif name in _BUILDERS or name in BUILTIN:
         if pretrained:
             raise ValueError(
                 f"{name!r} has no pretrained weights to download; build it with "
@@ -114,7 +125,7 @@ def build_model(
                 "kdiga.teachers.load_teacher('file:...'))"
             )
         try:
-            net = _BUILDERS[name](num_classes, in_chans, image_size, **kwargs)
+            net = _builder(name)(num_classes, in_chans, image_size, **kwargs)
         except TypeError as exc:
             raise ValueError(f"bad options for {name!r}: {exc}") from exc
     else:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdiga.models.registry import register_model
-
 
 class SmallCNN(nn.Module):
     """conv3x3(C, w)-ReLU-conv3x3(w, w)-ReLU-maxpool-conv3x3(w, 2w)-ReLU-maxpool-pool4x4-linear.
@@ -32,7 +30,6 @@ class SmallCNN(nn.Module):
         return self.fc(x.flatten(1))
 
 
-@register_model("small_cnn")
 def small_cnn(num_classes: int, in_chans: int, image_size: int, *, width: int = 32) -> SmallCNN:
     """The digits default; ``width`` sets the channels (2 * width in the last conv)."""
     if width < 1:

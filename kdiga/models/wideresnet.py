@@ -23,8 +23,6 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdiga.models.registry import register_model
-
 logger = logging.getLogger(__name__)
 
 UNUSED_PREFIXES = ("sub_block1.",)
@@ -122,7 +120,6 @@ class WideResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-@register_model("wrn_34_10")
 def wrn_34_10(
     num_classes: int,
     in_chans: int,
