@@ -22,6 +22,7 @@ from pipeline.common import (
     write_json,
     write_timing,
 )
+from pipeline.forkserver import stage_main
 from pipeline.params import AutoAttackSettings, ParamError, model_ids, radius_label
 
 
@@ -101,4 +102,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(stage_main("pipeline.attack", main))

@@ -21,6 +21,7 @@ from pipeline.common import (
     write_json,
     write_timing,
 )
+from pipeline.forkserver import stage_main
 from pipeline.params import Study, check_teacher, parse_student_id, radius_label
 
 
@@ -116,4 +117,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(stage_main("pipeline.bounds", main))

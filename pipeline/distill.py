@@ -42,6 +42,7 @@ from pipeline.common import (
     write_json,
     write_timing,
 )
+from pipeline.forkserver import stage_main
 from pipeline.params import ParamError, StudentJob, Study, parse_student_id
 from pipeline.provenance import seal
 
@@ -240,4 +241,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(stage_main("pipeline.distill", main))

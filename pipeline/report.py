@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pipeline import dag
 from pipeline.common import begin, log, read_json, run, write_json
+from pipeline.forkserver import stage_main
 from pipeline.params import StudentJob, Study, model_ids, radius_label, student_jobs
 from pipeline.provenance import seal
 
@@ -669,4 +670,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(stage_main("pipeline.report", main))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pipeline import dag
 from pipeline.common import begin, log, run, write_json
+from pipeline.forkserver import stage_main
 from pipeline.params import ParamError, Shard, Study
 from pipeline.provenance import digest
 
@@ -144,4 +145,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(stage_main("pipeline.shard", main))

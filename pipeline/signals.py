@@ -31,6 +31,7 @@ from pipeline.common import (
     run,
     write_timing,
 )
+from pipeline.forkserver import stage_main
 from pipeline.params import ParamError, Signals, check_teacher
 
 
@@ -125,4 +126,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(stage_main("pipeline.signals", main))

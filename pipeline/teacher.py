@@ -26,6 +26,7 @@ from pipeline.common import (
     write_json,
     write_timing,
 )
+from pipeline.forkserver import stage_main
 from pipeline.params import Study, Teacher, check_teacher
 from pipeline.provenance import seal
 
@@ -126,4 +127,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(stage_main("pipeline.teacher", main))

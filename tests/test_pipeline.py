@@ -44,8 +44,8 @@ def study(tiny_study_built, tmp_path) -> Path:
     return copy_study(tiny_study_built, tmp_path / "study")
 
 
-def dvc(*args: str, cwd: Path) -> str:
-    return run([str(BIN / "dvc"), *args], cwd).stdout
+def dvc(*args: str, cwd: Path, **extra: str) -> str:
+    return run([str(BIN / "dvc"), *args], cwd, **extra).stdout
 
 
 def planned(study: Path) -> list[str]:
@@ -127,12 +127,12 @@ def test_dvc_sees_snakemake_work_as_done(study):
 
 def test_dvc_repro_forced_rewrites_snakemakes_bytes(study):
     """DVC re-running the teacher and a student over Snakemake's outputs (a job Snakemake ran
-    single-threaded, DVC with every core, were they not pinned) writes the same bytes, so
-    nothing downstream goes stale."""
+    single-threaded in a child of the fork server, DVC with every core in a process of its
+    own, were they not pinned) writes the same bytes, so nothing downstream goes stale."""
     models = study / "data" / "models"
     before = {p.name: sha(p) for p in models.glob("*.safetensors")}
     for stage in ("teacher-pgdat", f"distill-{KDIGA}"):
-        out = dvc("repro", "--force", "--single-item", stage, cwd=study)
+        out = dvc("repro", "--force", "--single-item", stage, cwd=study, KDIGA_FORKSERVER="0")
         assert f"Running stage '{stage}'" in out
     assert {p.name: sha(p) for p in models.glob("*.safetensors")} == before
     assert "up to date" in dvc("status", cwd=study)

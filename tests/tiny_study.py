@@ -27,20 +27,27 @@ def bin_path(name: str) -> str:
 
 
 def env(**extra: str) -> dict:
-    """The environment of a stage run: the venv first, the repo importable, CPU only."""
+    """The environment of a stage run: the venv first, the repo importable, CPU only, jobs
+    handed to the fork server (pipeline.forkserver) whichever tool starts them."""
     out = dict(os.environ)
     out["PATH"] = f"{BIN}:{out['PATH']}"
     out["PYTHONPATH"] = str(ROOT)
     out["KDIGA_GPU_SLOTS"] = "0"  # CPU, whatever the machine has
+    out["KDIGA_FORKSERVER"] = "1"
     out.pop("KDIGA_PARAMS", None)
     out.update(extra)
     return out
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+def run(cmd: list[str], cwd: Path, check: bool = True, **extra: str) -> subprocess.CompletedProcess:
     """Run ``cmd`` in ``cwd`` with the study's environment (its own code importable)."""
     proc = subprocess.run(
-        cmd, cwd=cwd, env=env(PYTHONPATH=str(cwd)), capture_output=True, text=True, timeout=900
+        cmd,
+        cwd=cwd,
+        env=env(PYTHONPATH=str(cwd), **extra),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     if check and proc.returncode != 0:
         raise AssertionError(
