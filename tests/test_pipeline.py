@@ -12,8 +12,11 @@ file stops before any job.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -329,11 +332,26 @@ def experiments(shared_root, tiny_study_built) -> Path:
         for name, weight, queued in EXPERIMENTS:
             setting = ["-n", name, "-S", f"distill.iga.weight={weight}"]
             dvc("exp", "run", *(["--queue"] if queued else []), *setting, cwd=path)
-        dvc("queue", "start", "-j", "2", cwd=path)
-        deadline = time.monotonic() + 600
-        while re.search(r"Queued|Running", status := dvc("queue", "status", cwd=path)):
-            assert time.monotonic() < deadline, status
-            time.sleep(1)
+        # `dvc queue start` may wait on its first worker, which a race in celery's file broker
+        # can leave running after the queue is empty: follow the queue, then stop the workers.
+        start = subprocess.Popen(
+            [str(BIN / "dvc"), "queue", "start", "-j", "2"],
+            cwd=path,
+            env=env(PYTHONPATH=str(path)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 600
+            while re.search(r"Queued|Running", status := dvc("queue", "status", cwd=path)):
+                assert time.monotonic() < deadline, status
+                time.sleep(1)
+        finally:
+            run([str(BIN / "dvc"), "queue", "stop", "--kill"], path, check=False)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(start.pid, signal.SIGKILL)  # the workers it started, if any is left
+            start.wait()
         (path / "queue.txt").write_text(status)
 
     return build_once(shared_root, "tiny-study-experiments", build)
