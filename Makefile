@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --no-compile -c requirements-lock.txt -e ".[pipeline,dev]"
+	$(BIN)/python -m pip install --quiet -c requirements-lock.txt -e ".[pipeline,dev]"
 	touch $(STAMP)
 
 run: $(STAMP)
