@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,11 @@ from pipeline.params import (
 STAGES = ("shard", "teacher", "signals", "distill", "attack", "bounds", "report")
 GPU_STAGES = ("teacher", "signals", "distill", "attack", "bounds")
 
+#: what the DVC guard stage (``dag``) records: the DAG's jobs, each with its command,
+#: inputs and outputs. Every DVC stage reads it, so none runs before the guard has checked
+#: that dvc.yaml still describes params.yaml.
+DAG_RECORD = "data/dag.json"
+GUARD = "dag"
 SHARDS = "data/shards"
 SHARDS_RECORD = f"{SHARDS}/provenance.json"
 # The report and its metrics live in git (not gitignored, not in the DVC cache), so that
@@ -319,30 +325,30 @@ def _out(path: str) -> str | dict:
     return {path: {"cache": False}} if path.startswith("reports/") else path
 
 
-def dvc_params(params: Study, keys: list[str]) -> list[str]:
-    """The keys DVC tracks for a stage: those written in the params file. A key left to its
-    default is not in the file (DVC would call it missing); its value lives in the code
-    (pipeline/params.py), which every stage depends on."""
-    out = []
-    for dotted in keys:
-        node: object = params.raw
-        for part in dotted.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-            if node is None:
-                break
-        if node is not None:
-            out.append(dotted)
-    return out
+def _is_set(raw: dict, dotted: str) -> bool:
+    """Whether the params file itself sets ``dotted`` (to any value, null included)."""
+    node: object = raw
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def unset_keys(params: Study) -> list[str]:
+    """The keys some job reads that the params file leaves to their defaults. DVC reads
+    params from the file alone: it can track a key only once the file sets it."""
+    keys = dict.fromkeys(k for job in jobs(params) for k in job.params)
+    return [k for k in keys if not _is_set(params.raw, k)]
 
 
 def _dvc_stage(params: Study, job: Job) -> dict:
     """One explicit dvc.yaml stage: what a DVC user would write by hand for the job."""
     stage: dict = {"cmd": job.cmd}
-    deps = [*job.deps, *code_deps(job.stage)]
+    deps = [DAG_RECORD, *job.deps, *code_deps(job.stage)]
     stage["deps"] = list(dict.fromkeys(deps))
-    keys = dvc_params(params, job.params)
-    if keys:
-        stage["params"] = keys
+    if job.params:
+        stage["params"] = list(job.params)
     stage["outs"] = [_out(o) for o in job.outs]
     if job.metrics:
         stage["metrics"] = [_out(m) for m in job.metrics]
@@ -351,10 +357,32 @@ def _dvc_stage(params: Study, job: Job) -> dict:
     return stage
 
 
-def dvc_yaml(params: dict) -> str:
-    """The text of dvc.yaml for ``params``: one explicit stage per job (``dvc repro --glob
-    'distill-*'`` runs every student)."""
-    stages = {job.name: _dvc_stage(params, job) for job in jobs(params)}
+def _guard_stage() -> dict:
+    """The first DVC stage: it runs whenever params.yaml (or the code that reads it) changes,
+    stops the run with one line when dvc.yaml no longer describes params.yaml (the DAG's
+    shape changed, or the file no longer sets a key a job reads), and otherwise records the
+    DAG (:data:`DAG_RECORD`), which is the same unless the shape changed."""
+    return {
+        "cmd": f"python -m pipeline.dag --guard --output dvc.yaml --record {DAG_RECORD}",
+        "deps": ["params.yaml", "pipeline/dag.py", "pipeline/params.py", "kdiga"],
+        "outs": [DAG_RECORD],
+    }
+
+
+def dvc_yaml(params: Study) -> str:
+    """The text of dvc.yaml for ``params``: the guard stage, then one explicit stage per job
+    (``dvc repro --glob 'distill-*'`` runs every student), each listing every params key the
+    job reads (the file must set them all: :func:`complete_params_file`)."""
+    unset = unset_keys(params)
+    if unset:
+        raise ParamError(
+            "params file",
+            ", ".join(unset[:5]) + (", ..." if len(unset) > 5 else ""),
+            "DVC reads params from the file alone, and the file leaves these keys the jobs "
+            "read to their defaults: `python -m pipeline.dag` writes them into it",
+        )
+    stages = {GUARD: _guard_stage()}
+    stages |= {job.name: _dvc_stage(params, job) for job in jobs(params)}
     plots = [
         {
             PLOT_CSV: {
@@ -373,34 +401,150 @@ def dvc_yaml(params: dict) -> str:
     return header + body
 
 
-def check_fresh(params_path: str = "params.yaml", dvc_path: str = "dvc.yaml") -> str | None:
-    """None when dvc.yaml matches params.yaml; else a message saying how to regenerate it."""
-    path = Path(dvc_path)
-    if not path.exists():
-        return f"{dvc_path} is missing: run `python -m pipeline.dag`"
-    if path.read_text() != dvc_yaml(load_params(params_path, build=False)):
-        return (
-            f"{dvc_path} does not match {params_path} (teachers, students, methods, seeds or "
-            "attacks, signals.enabled, or which keys the file sets, changed): run "
-            "`python -m pipeline.dag` to regenerate it"
-        )
+def dag_record(params: Study) -> str:
+    """The DAG's shape as canonical JSON: each job's name, command, inputs and outputs."""
+    shape = {j.name: {"cmd": j.cmd, "deps": j.deps, "outs": j.outputs} for j in jobs(params)}
+    return json.dumps(shape, indent=1, sort_keys=True) + "\n"
+
+
+def complete_params_file(path: str | Path, params: Study) -> list[str]:
+    """Write into the params file, with their default values, the keys a job reads that it
+    leaves out; the keys written. Each goes at the end of its section's block (a missing
+    section at the end of its parent's), so the file's comments and order stay as they are."""
+    unset = unset_keys(params)
+    if not unset:
+        return []
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for dotted in unset:
+        lines = _insert_key(lines, dotted.split("."), params.value(dotted))
+    atomic_write_text("\n".join(lines) + "\n", path)
+    return unset
+
+
+def _insert_key(lines: list[str], parts: list[str], value: object) -> list[str]:
+    """``lines`` of a block-style YAML file with ``parts[-1]: value`` added under the mapping
+    at ``parts[:-1]`` (created where missing)."""
+    start, end, indent = 0, len(lines), 0
+    for depth, part in enumerate(parts[:-1]):
+        found = _find_key(lines, start, end, indent, part)
+        if found is None:  # the section is missing: write it whole, with the value inside
+            nested: object = value
+            for name in reversed(parts[depth + 1 :]):
+                nested = {name: nested}
+            return _insert_block(lines, end, indent, {part: nested})
+        start, end = found + 1, _block_end(lines, found + 1, indent)
+        indent += 2
+    return _insert_block(lines, end, indent, {parts[-1]: value})
+
+
+def _find_key(lines: list[str], start: int, end: int, indent: int, key: str) -> int | None:
+    for i in range(start, end):
+        line = lines[i]
+        if len(line) - len(line.lstrip(" ")) == indent and line.strip().startswith(f"{key}:"):
+            return i
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Write dvc.yaml from params.yaml.")
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--output", default="dvc.yaml")
-    ap.add_argument("--check", action="store_true", help="exit 1 if the file is stale")
-    args = ap.parse_args(argv)
+def _block_end(lines: list[str], start: int, indent: int) -> int:
+    """The index after the last line indented deeper than ``indent`` from ``start`` on
+    (trailing blank lines and comments at the block's end stay outside it)."""
+    end = start
+    for i in range(start, len(lines)):
+        text = lines[i].strip()
+        if not text or text.startswith("#"):
+            continue
+        if len(lines[i]) - len(lines[i].lstrip(" ")) <= indent:
+            break
+        end = i + 1
+    return end
+
+
+def _insert_block(lines: list[str], at: int, indent: int, mapping: dict) -> list[str]:
+    text = yaml.safe_dump(mapping, sort_keys=False, default_flow_style=False, width=100)
+    block = [" " * indent + line for line in text.splitlines()]
+    return [*lines[:at], *block, *lines[at:]]
+
+
+def check_fresh(params_path: str = "params.yaml", dvc_path: str = "dvc.yaml") -> str | None:
+    """None when dvc.yaml describes params.yaml; else a one-line message saying what differs
+    and how to regenerate it."""
+    path = Path(dvc_path)
+    if not path.exists():
+        return f"{dvc_path} is missing: run `python -m pipeline.dag`"
+    params = load_params(params_path, build=False)
+    unset = unset_keys(params)
+    if unset:
+        shown = ", ".join(unset[:5]) + (", ..." if len(unset) > 5 else "")
+        return (
+            f"{params_path} leaves keys the jobs read to their defaults ({shown}), which DVC "
+            "cannot track: run `python -m pipeline.dag` (it writes them into the file), commit "
+            "and run again"
+        )
+    if path.read_text() == dvc_yaml(params):
+        return None
+    now = {j.name for j in jobs(params)}
     try:
-        if args.check:
-            problem = check_fresh(args.params, args.output)
+        then = set((yaml.safe_load(path.read_text()) or {}).get("stages") or {}) - {GUARD}
+    except yaml.YAMLError:
+        then = set()
+    added, gone = sorted(now - then), sorted(then - now)
+    what = "; ".join(
+        f"{len(names)} job(s) {verb} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+        for names, verb in ((added, "to add"), (gone, "gone"))
+        if names
+    )
+    return (
+        f"{dvc_path} does not describe {params_path}"
+        + (f": {what}" if what else " (the params a job reads changed)")
+        + ": run `python -m pipeline.dag`, commit, and run again"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m pipeline.dag",
+        description="Write dvc.yaml from params.yaml (the params keys the jobs read that the file "
+        "leaves out are written into it with their defaults, so that DVC can track them).",
+    )
+    ap.add_argument("--params", default=None, help="default: params.yaml, which DVC reads")
+    ap.add_argument("--output", default="dvc.yaml")
+    ap.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml is stale")
+    ap.add_argument(
+        "--guard",
+        action="store_true",
+        help="dvc.yaml's first stage: exit 2 with one line if dvc.yaml is stale, else write "
+        "--record",
+    )
+    ap.add_argument("--record", default=DAG_RECORD, help="with --guard: the DAG record to write")
+    args = ap.parse_args(argv)
+    named = os.environ.get("KDIGA_PARAMS")
+    if args.params is None and named and Path(named).resolve() != Path("params.yaml").resolve():
+        print(
+            f"error: KDIGA_PARAMS names {named}, but dvc.yaml describes params.yaml, the file "
+            "DVC reads: copy it over params.yaml, or pass --params to describe it anyway",
+            file=sys.stderr,
+        )
+        return 2
+    params_path = args.params or "params.yaml"
+    try:
+        if args.check or args.guard:
+            problem = check_fresh(params_path, args.output)
             if problem:
                 print(f"error: {problem}", file=sys.stderr)
-                return 1
+                return 1 if args.check else 2
+            if args.guard:
+                text = dag_record(load_params(params_path, build=False))
+                if not Path(args.record).exists() or Path(args.record).read_text() != text:
+                    atomic_write_text(text, args.record)
             return 0
-        text = dvc_yaml(load_params(args.params, build=False))
+        params = load_params(params_path, build=False)
+        added = complete_params_file(params_path, params)
+        if added:
+            print(f"{params_path}: wrote {len(added)} key(s) left to their defaults, so that DVC "
+                  f"tracks them: {', '.join(added)}")  # fmt: skip
+            params = load_params(params_path, build=False)
+        text = dvc_yaml(params)
     except ParamError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

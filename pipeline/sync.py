@@ -18,12 +18,16 @@ view of what is newer than what does not change.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
+from kdiga.files import atomic_write_text
 from pipeline import dag
 from pipeline.params import ParamError, load_params, params_file
 from pipeline.provenance import freshness
@@ -41,18 +45,21 @@ def _mtimes(paths: list[str]) -> dict[Path, tuple[int, int]]:
 
 
 def _commit_once(names: list[str]) -> None:
-    """What ``dvc commit --force <names>`` does, with dvc.lock read and written once.
+    """What ``dvc commit --force <names>`` does, with dvc.lock read once and written once,
+    whole or not at all.
 
     DVC's command commits its targets one at a time, and each re-reads dvc.yaml and rewrites
-    dvc.lock: about 2.5 s a stage for the default study's 54, growing with the grid. Here the
-    stages are collected once, each is saved (its deps, params and outs hashed) and committed
-    to the cache, and each lock file is written once (every stage has its own dvcfile object,
-    so they are grouped by path), under DVC's repository lock. Entries of stages that are no
-    longer in their dvc.yaml are then dropped from its lock file, in a second write made only
-    when there are any.
+    dvc.lock in place: about 2.5 s a stage, and a process killed while writing leaves a
+    partial (or empty) lock. Here the stages are collected once, each is saved (its deps,
+    params and outs hashed) and committed to the cache, under DVC's repository lock; then the
+    lock file is written once, beside itself and renamed over it, with the entries of stages
+    no longer in dvc.yaml dropped. A lock left empty or unreadable (by an older run, or
+    another tool) is set aside with a warning and written again.
     """
     from dvc.repo import Repo, lock_repo
 
+    _repair_rwlock(Path(".dvc/tmp"))
+    _set_aside_broken_lock(Path("dvc.lock"))
     with Repo() as repo, lock_repo(repo):
         stages = {s.addressing: s for s in repo.index.stages}
         missing = [n for n in names if n not in stages]
@@ -67,23 +74,62 @@ def _commit_once(names: list[str]) -> None:
             live.setdefault(stage.dvcfile.path, set()).add(stage.name)
         for path in dict.fromkeys(s.dvcfile.path for s in chosen):
             group = [s for s in chosen if s.dvcfile.path == path]
-            group[0].dvcfile.dump_stages(group, update_pipeline=False)
-            _prune_lock(repo, path, live[path])
+            _write_lock(os.path.splitext(path)[0] + ".lock", group, live[path])
 
 
-def _prune_lock(repo, dvc_yaml: str, keep: set[str]) -> None:
-    """Drop from the lock file of ``dvc_yaml`` the entries of stages not in ``keep``."""
-    from dvc.utils.serialize import load_yaml, modify_yaml
+def _write_lock(lock: str, stages: list, keep: set[str]) -> None:
+    """Record ``stages`` in ``lock`` and drop entries not in ``keep``: one atomic write, in
+    DVC's own format (its serializer and its YAML writer)."""
+    from dvc.stage.serialize import to_lockfile
+    from dvc.utils.serialize import dumps_yaml, parse_yaml_for_update
 
-    lock = os.path.splitext(dvc_yaml)[0] + ".lock"
-    if not repo.fs.exists(lock):
+    path = Path(lock)
+    data = parse_yaml_for_update(path.read_text(encoding="utf-8"), lock) if path.exists() else {}
+    if not data:
+        data = {"schema": "2.0"}
+    recorded = data.get("stages") or {}
+    for stage in stages:
+        recorded.update(to_lockfile(stage))
+    for name in [n for n in recorded if n not in keep]:
+        del recorded[name]
+    data["stages"] = recorded
+    atomic_write_text(dumps_yaml(data), path)
+
+
+def _set_aside_broken_lock(path: Path) -> None:
+    """Move an empty or unreadable lock file aside (DVC refuses to load one), saying so."""
+    if not path.exists():
         return
-    if set((load_yaml(lock, fs=repo.fs) or {}).get("stages") or {}) <= keep:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        broken = not isinstance(data, dict) or not isinstance(data.get("stages"), dict)
+    except (yaml.YAMLError, UnicodeDecodeError):
+        broken = True
+    if broken:
+        aside = path.with_name(f"{path.name}.broken")
+        os.replace(path, aside)
+        print(
+            f"warning: {path} was empty or unreadable (moved to {aside}); it is written again "
+            "from the current jobs",
+            file=sys.stderr,
+        )
+
+
+def _repair_rwlock(tmp: Path) -> None:
+    """Reset DVC's stage lock table (``.dvc/tmp/rwlock``) when a killed DVC process left it
+    unreadable: every DVC command would refuse to run until it is fixed by hand. Done under
+    DVC's own guard of that file."""
+    from dvc.lock import make_lock
+
+    path = tmp / "rwlock"
+    if not path.exists():
         return
-    with modify_yaml(lock, fs=repo.fs) as data:
-        recorded = data.get("stages") or {}
-        for name in [n for n in recorded if n not in keep]:
-            del recorded[name]
+    with make_lock(str(tmp / "rwlock.lock"), tmp_dir=str(tmp)):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            atomic_write_text("{}", path)
+            print(f"warning: {path} was unreadable (a killed DVC run): reset", file=sys.stderr)
 
 
 def commit_to_dvc(names: list[str], jobs: dict[str, dag.Job]) -> int:
@@ -92,7 +138,7 @@ def commit_to_dvc(names: list[str], jobs: dict[str, dag.Job]) -> int:
     dvc = shutil.which("dvc")
     if dvc is None or not Path(".dvc").is_dir() or not names:
         return 0
-    times = _mtimes([o for n in names for o in jobs[n].outputs])
+    times = _mtimes([o for n in names if n in jobs for o in jobs[n].outputs])
     try:
         from dvc.exceptions import DvcException
     except ImportError:  # dvc installed as a separate tool, not importable here: its command
@@ -152,7 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"not recorded in dvc.lock: {stale}", file=sys.stderr)
         rc |= 1
     elif args.dvc:
-        rc |= commit_to_dvc(current, jobs)
+        # The guard stage's record, as `dvc repro` would have written it: dvc.yaml is fresh.
+        record = dag.dag_record(params)
+        if not Path(dag.DAG_RECORD).exists() or Path(dag.DAG_RECORD).read_text() != record:
+            atomic_write_text(record, dag.DAG_RECORD)
+        rc |= commit_to_dvc([dag.GUARD, *current], jobs)
         if len(current) < len(state):
             print(
                 f"recorded {len(current)} of {len(state)} jobs in dvc.lock; the others are not "

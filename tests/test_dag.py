@@ -141,18 +141,21 @@ def test_dvc_reads_the_same_jobs():
     stages = _dvc_stages(ROOT)
     params = load_params(ROOT / "params.yaml")
     jobs = {j.name: j for j in dag.jobs(params)}
-    assert set(stages) == set(jobs)
+    assert set(stages) == {*jobs, dag.GUARD}  # the jobs, and DVC's guard stage first
     for name, job in jobs.items():
         stage = stages[name]
         assert stage.cmd == job.cmd
         paths = [d.def_path for d in stage.deps if not str(d.def_path).endswith("params.yaml")]
         assert len(paths) == len(set(paths)), name
-        assert set(paths) == {*job.deps, *dag.code_deps(job.stage)}
+        assert set(paths) == {dag.DAG_RECORD, *job.deps, *dag.code_deps(job.stage)}
         (tracked,) = [d for d in stage.deps if str(d.def_path).endswith("params.yaml")]
         keys = list(tracked.params)
         assert len(keys) == len(set(keys)), name
-        assert set(keys) == set(dag.dvc_params(params, job.params)), name
+        assert set(keys) == set(job.params), name  # every key it reads, none left to code
         assert {o.def_path for o in stage.outs} == set(job.outputs)
+    guard = stages[dag.GUARD]
+    assert {o.def_path for o in guard.outs} == {dag.DAG_RECORD}
+    assert "params.yaml" in {d.def_path for d in guard.deps}  # the whole file: any change
 
 
 def test_dvc_yaml_is_plain_stages():
@@ -168,18 +171,33 @@ def test_dvc_yaml_is_plain_stages():
         assert "${" not in json.dumps(stage), name
 
 
-def test_a_key_left_to_its_default_is_not_a_dvc_param(tmp_path):
-    """DVC tracks the keys the file sets; a key left out takes its default from the code."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["distill"]["methods"].append("rslad")
-    del raw["distill"]["rslad"]
-    params = validate(raw)
-    by_name = {j.name: j for j in dag.jobs(params)}
-    job = by_name["distill-pgdat--rslad--small_cnn--s0"]
-    assert "distill.rslad" in job.params
-    assert "distill.rslad" not in dag.dvc_params(params, job.params)
-    assert dag.params_view(params, ["distill.rslad"]) == '{"distill.rslad": {"adv_weight": %r}}' % (
-        5 / 6
+def test_a_key_left_to_its_default_is_written_into_the_file_for_dvc(tmp_path):
+    """DVC reads params from the file alone: `python -m pipeline.dag` writes the keys the
+    jobs read that the file leaves out, with their defaults, keeping its comments; dvc.yaml
+    then tracks them, and a file that leaves one out again is reported as stale."""
+    text = (ROOT / "params.yaml").read_text()
+    text = text.replace("methods: [st, kd,", "methods: [st, rslad, kd,", 1)
+    start = text.index("  rslad:\n")
+    end = text.index("\n  compile_teacher:")
+    text = text[:start] + text[end + 1 :]  # no distill.rslad section
+    path, out = tmp_path / "params.yaml", tmp_path / "dvc.yaml"
+    path.write_text(text)
+    assert dag.unset_keys(load_params(path, build=False)) == ["distill.rslad"]
+    with pytest.raises(ParamError, match="leaves these keys the jobs read to their defaults"):
+        dag.dvc_yaml(load_params(path, build=False))
+    assert dag.main(["--params", str(path), "--output", str(out)]) == 0
+    written = path.read_text()
+    assert "  rslad:\n    adv_weight: 0.8333333333333334\n" in written
+    assert "# each (teacher, method, student) is trained once per seed" in written  # comments
+    params = load_params(path, build=False)
+    assert params.distill.rslad.adv_weight == 5 / 6 and dag.unset_keys(params) == []
+    stages = yaml.safe_load(out.read_text())["stages"]
+    assert "distill.rslad" in stages["distill-pgdat--rslad--small_cnn--s0"]["params"]
+    assert "distill.rslad" not in stages["distill-pgdat--kd--small_cnn--s0"]["params"]
+    assert dag.check_fresh(path, out) is None
+    path.write_text(text)
+    assert "leaves keys the jobs read to their defaults (distill.rslad)" in dag.check_fresh(
+        path, out
     )
 
 
@@ -189,6 +207,9 @@ def test_stale_dvc_yaml_is_reported(tmp_path):
     (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
     problem = dag.check_fresh(tmp_path / "params.yaml", tmp_path / "dvc.yaml")
     assert problem is not None and "python -m pipeline.dag" in problem
+    assert (
+        "job(s) gone (" in problem and "distill-st--small_cnn--s0" not in problem.split("gone")[0]
+    )  # what changed: ST's jobs are gone, none added
 
 
 def _grid(**change) -> dict:

@@ -56,7 +56,7 @@ def test_gpus_per_job_reaches_the_distill_jobs_only():
     for name, job in four.items():
         if job.stage == "distill":
             assert job.gpus == 4 and "distill.gpus_per_job" in job.params, name
-            assert "distill.gpus_per_job" in dag.dvc_params(params, job.params)
+            assert "distill.gpus_per_job" in dag._dvc_stage(params, job)["params"]
         else:
             assert (job.gpus, job.params, job.cmd) == (base[name].gpus, base[name].params,
                                                        base[name].cmd), name  # fmt: skip

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pipeline import sync
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 
 STAGES = {
     "stages": {
@@ -30,22 +36,20 @@ def _repo(path: Path) -> Path:
 
 
 def test_recording_writes_the_lock_once_and_drops_stages_gone_from_dvc_yaml(tmp_path, monkeypatch):
-    from dvc.dvcfile import Lockfile
-
     repo = _repo(tmp_path)
     stale = {"cmd": "echo gone", "outs": [{"path": "gone.txt", "md5": "0" * 32, "size": 1}]}
     (repo / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"gone": stale}}))
     writes = []
-    dump = Lockfile.dump_stages
+    write = sync.atomic_write_text
 
-    def counted(self, stages, **kwargs):
-        writes.append([s.name for s in stages])
-        return dump(self, stages, **kwargs)
+    def counted(text, path):
+        writes.append(str(path))
+        return write(text, path)
 
-    monkeypatch.setattr(Lockfile, "dump_stages", counted)
+    monkeypatch.setattr(sync, "atomic_write_text", counted)
     monkeypatch.chdir(repo)
     sync._commit_once(["a", "b", "c"])
-    assert writes == [["a", "b", "c"]]  # one write for the three stages
+    assert [Path(w).name for w in writes] == ["dvc.lock"]  # one write for the three stages
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert sorted(lock["stages"]) == ["a", "b", "c"]  # "gone" is not in dvc.yaml any more
     assert lock["stages"]["a"]["deps"][0]["path"] == "in.txt"
@@ -66,3 +70,51 @@ def test_recording_some_stages_keeps_the_others_entries(tmp_path, monkeypatch):
     after = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     assert after["b"] == before["b"] and after["c"] == before["c"]
     assert after["a"] != before["a"]
+
+
+@pytest.mark.slow
+def test_a_recording_killed_at_any_point_leaves_the_old_lock_or_the_new(tmp_path):
+    """kill -9 of the recording at any moment: dvc.lock is the old file or the new one, byte
+    for byte, never a part of either."""
+    repo = _repo(tmp_path)
+    record = [sys.executable, "-c", "from pipeline import sync; sync._commit_once(['a', 'b', 'c'])"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    subprocess.run(record, cwd=repo, env=env, check=True)
+    versions = {(repo / "dvc.lock").read_bytes()}
+    for i, delay in enumerate([0.3, 0.6, 0.8, 0.9, 1.0, 1.1, 1.3, 1.6, 2.0, 3.0]):
+        (repo / "in.txt").write_text(f"version {i}\n")
+        proc = subprocess.Popen(record, cwd=repo, env=env)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        lock = (repo / "dvc.lock").read_bytes()
+        assert yaml.safe_load(lock)["stages"].keys() == {"a", "b", "c"}
+        versions.add(lock)
+    subprocess.run(record, cwd=repo, env=env, check=True)  # and the next recording works
+    assert yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["a"]["deps"][0]["size"] == 10
+    assert len(versions) > 1  # some recordings got through before they were killed
+
+
+@pytest.mark.parametrize("broken", [b"", b"stages: [\n", b"just text\n"])
+def test_an_empty_or_broken_lock_is_set_aside_and_written_again(
+    tmp_path, monkeypatch, capsys, broken
+):
+    repo = _repo(tmp_path)
+    monkeypatch.chdir(repo)
+    (repo / "dvc.lock").write_bytes(broken)
+    sync._commit_once(["a", "b", "c"])
+    assert (repo / "dvc.lock.broken").read_bytes() == broken
+    assert "dvc.lock was empty or unreadable (moved to dvc.lock.broken)" in capsys.readouterr().err
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert sorted(lock["stages"]) == ["a", "b", "c"]
+
+
+def test_an_unreadable_rwlock_left_by_a_killed_dvc_is_reset(tmp_path, monkeypatch, capsys):
+    repo = _repo(tmp_path)
+    monkeypatch.chdir(repo)
+    (repo / ".dvc" / "tmp").mkdir(exist_ok=True)
+    (repo / ".dvc" / "tmp" / "rwlock").write_text('{"write": {"a.txt": {"pid"')
+    sync._commit_once(["a", "b", "c"])
+    json.loads((repo / ".dvc" / "tmp" / "rwlock").read_text())  # readable again
+    assert "rwlock was unreadable (a killed DVC run): reset" in capsys.readouterr().err
+    assert sorted(yaml.safe_load((repo / "dvc.lock").read_text())["stages"]) == ["a", "b", "c"]
