@@ -57,8 +57,18 @@ DIR_ENV = "KDIGA_FORKSERVER_DIR"  # the servers' folder (default: see _folder)
 #: set in a child: a job it starts (``python -m pipeline.<stage>`` again) runs itself
 CHILD_ENV = "KDIGA_FORKSERVER_CHILD"
 STARTUP_S = 30.0  # the most a job waits for a server that is starting (importing torch)
-#: imported once by the server; each may be missing (torchvision is optional to kdiga)
-PRELOAD = ("numpy", "yaml", "torch", "torch.nn.functional", "safetensors.torch", "torchvision")
+#: imported once by the server; each may be missing (torchvision is optional to kdiga).
+#: torch._dynamo: torch.optim imports it (with sympy) on a model's first optimiser, about
+#: 1.5 s of every training job.
+PRELOAD = (
+    "numpy",
+    "yaml",
+    "torch",
+    "torch.nn.functional",
+    "torch._dynamo",
+    "safetensors.torch",
+    "torchvision",
+)
 #: the project's packages: imported by each child from its own job's path
 PROJECT = ("pipeline", "kdiga")
 _RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
