@@ -150,11 +150,12 @@ class TrainConfig:
 
 
 def _epoch_generators(seed: int, epoch: int) -> tuple[torch.Generator, torch.Generator]:
-    """(data order, augmentation) generators of epoch ``epoch`` (0-based)."""
-    base = int(seed) * 1000003 + int(epoch)
+    """(data order, augmentation) generators of epoch ``epoch`` (0-based), for any seed >= 0:
+    the generator seeds wrap at 2**64 (no wrap below seed 1.8e13: runs keep their bytes)."""
+    base = (int(seed) * 1000003 + int(epoch)) % 2**64
     return (
         torch.Generator().manual_seed(base),
-        torch.Generator().manual_seed(base + _AUG_SEED_OFFSET),
+        torch.Generator().manual_seed((base + _AUG_SEED_OFFSET) % 2**64),
     )
 
 

@@ -17,10 +17,14 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import datetime
+import functools
 import math
+import os
 import re
+import stat
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -41,9 +45,17 @@ GRAD_DTYPES = ("float32", "float16", "bfloat16")
 SCHEDULES = ("cycle", "random")
 AA_VERSIONS = ("standard", "plus", "rand", "custom")
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+#: what each version other than custom runs (fra31/auto-attack's AutoAttack.set_version)
+AA_VERSION_ATTACKS = {
+    "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
+    "plus": ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"),
+    "rand": ("apgd-ce", "apgd-dlr"),
+}
 TEACHER_SCHEMES = ("train", "file:", "url:", "timm:")
 STUDENT_INITS = ("scratch", "pretrained", "file:")
 ID_SEP = "--"
+BOUNDS_SEP = "vs"  # a bounds job of a student without a teacher: <id>--vs--<teacher>
+MAX_NAME = 64  # characters of a teacher's or student's name: ids and file names stay short
 NAME_RE = r"[A-Za-z0-9]([A-Za-z0-9_-]*[A-Za-z0-9_])?"
 
 # What the shard stage writes for each dataset (kdiga.data's defaults): the models are built for it.
@@ -51,10 +63,21 @@ DATASET_CHANNELS = {"digits": 1, "cifar10": 3, "imagenet": 3, "synthetic": 3}
 DATASET_CLASSES = {"digits": 10, "cifar10": 10, "imagenet": 1000, "synthetic": 10}
 #: datasets written as shards of their image files and streamed while training (kdiga.stream)
 STREAMED_DATASETS = ("imagenet",)
+#: images per class of the train split before the validation cut, and of the test split, as
+#: kdiga.data loads them (digits: its fixed split of the 1,797 images; synthetic: 512 train
+#: images, ``shard.test_samples`` test images); an ImageFolder's are known at the shard stage
+TRAIN_CLASS_COUNTS = {
+    "digits": (119, 121, 118, 122, 121, 121, 121, 119, 116, 120),
+    "cifar10": (5_000,) * 10,
+    "synthetic": (52, 52, 51, 51, 51, 51, 51, 51, 51, 51),
+}
+TEST_IMAGES = {"digits": 599, "cifar10": 10_000, "synthetic": 512}
 MAX_CLASSES = 100_000
 
 # Upper bounds where a huge value would only waste a run (or overflow later).
-SEED_MAX = 2**63 - 1
+#: seeds are mixed with epoch and view numbers into torch's 64-bit generator seeds
+#: (``seed * 1000003 + epoch``, kdiga.train, kdiga.signals, kdiga.data): 32 bits keep that exact
+SEED_MAX = 2**32 - 1
 MAX_EPOCHS = 10_000
 MAX_STEPS = 100_000
 MAX_RESTARTS = 1_000
@@ -64,34 +87,94 @@ MAX_IMAGE_SIZE = 4_096
 MAX_GPUS = 1_024  # devices one student trains on (pipeline.gpu.MAX_SLOTS)
 
 
+MAX_SHOWN = 200  # characters of a value (or key) an error message shows at most
+
+
 class ParamError(ValueError):
     """A value in params.yaml that is not allowed."""
 
     def __init__(self, key: str, value: Any, allowed: str) -> None:
         self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"params: {key} = {value!r} is not allowed; {allowed}")
+        what = f"{shown(key, repr_=False)} = {shown(value)}"
+        super().__init__(f"params: {what} is not allowed; {allowed}")
+
+
+def shown(value: Any, limit: int = MAX_SHOWN, *, repr_: bool = True) -> str:
+    """``repr(value)`` (``str`` with ``repr_=False``) cut at ``limit`` characters, built lazily:
+    a value of any size (a YAML alias bomb, a 100,000-digit integer) costs ``limit``."""
+    parts = _repr_parts(value, 0) if repr_ else iter([str(value)[: limit + 1]])
+    text, size = [], 0
+    for part in parts:
+        text.append(part)
+        size += len(part)
+        if size > limit:
+            return "".join(text)[:limit] + "..."
+    return "".join(text)
+
+
+def _repr_parts(v: Any, depth: int) -> Iterator[str]:
+    if isinstance(v, dict | list | tuple | set | frozenset):
+        if depth > 20:
+            yield "..."
+            return
+        opening, closing = {dict: "{}", list: "[]", tuple: "()"}.get(type(v), "{}")
+        yield opening
+        for i, item in enumerate(v.items() if isinstance(v, dict) else v):
+            yield ", " if i else ""
+            if isinstance(v, dict):
+                yield from _repr_parts(item[0], depth + 1)
+                yield ": "
+                item = item[1]
+            yield from _repr_parts(item, depth + 1)
+        yield closing
+    elif isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 512:
+        yield f"<an integer of {v.bit_length()} bits>"
+    elif isinstance(v, str | bytes) and len(v) > MAX_SHOWN:
+        yield repr(v[: MAX_SHOWN + 1])
+    else:
+        yield repr(v)
 
 
 # -- leaf checks -------------------------------------------------------------------------
 
 
+#: a number as YAML 1.1 may leave it as text: ``1e-5`` (no dot) and ``1_000`` are strings there
+NUMBER_TEXT = re.compile(r"\s*[-+]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)([eE][-+]?\d+)?\s*")
+
+
+def as_number(v: Any) -> float | None:
+    """``v`` as a float: a YAML number, or text that reads as one (``"1e-5"``, which YAML 1.1
+    leaves as text); None for anything else. Every real-valued key reads its value with this
+    (radii also take fractions, ``"8/255"``); ``inf`` or ``nan`` come back as they are."""
+    if isinstance(v, str):
+        if len(v) > 64 or not NUMBER_TEXT.fullmatch(v):
+            return None
+        return float(v.replace("_", ""))  # 1e999 reads as inf
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    try:
+        return float(v)
+    except OverflowError:  # an integer beyond a float's range
+        return math.inf
+
+
 def _int(key: str, v: Any, lo: int = 0, hi: int | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
-        top = "" if hi is None else f" and <= {'2**63 - 1' if hi == SEED_MAX else hi}"
+        top = "" if hi is None else f" and <= {'2**32 - 1' if hi == SEED_MAX else hi}"
         hint = ""
         if isinstance(v, float) and math.isfinite(v):
             hint = f" ({v!r} is a float, not an integer)"
-        elif isinstance(v, str) and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", v):
+        elif isinstance(v, str) and len(v) <= 64 and NUMBER_TEXT.fullmatch(v):
             hint = f" (YAML reads {v} as text, not a number: write the digits)"
         raise ParamError(key, v, f"expected an integer >= {lo}{top}{hint}")
     return v
 
 
 def _float(key: str, v: Any, lo: float = 0.0, *, strict: bool = False) -> float:
-    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-    if not ok or v < lo or (strict and v == lo):
+    x = as_number(v)
+    if x is None or not math.isfinite(x) or x < lo or (strict and x == lo):
         raise ParamError(key, v, f"expected a finite number {'>' if strict else '>='} {lo}")
-    return float(v)
+    return x
 
 
 def _choice(key: str, v: Any, allowed: tuple[str, ...]) -> str:
@@ -115,13 +198,14 @@ def _optional(check: Callable[..., Any]) -> Callable[..., Any]:
 
 def parse_radius(key: str, v: Any) -> float:
     """A radius in [0, 1] pixel units: a number or a fraction string such as ``"8/255"``."""
-    if isinstance(v, str) and re.fullmatch(r"\s*\d+(\.\d*)?\s*/\s*\d+(\.\d*)?\s*", v):
+    fraction = r"\s*\d{1,20}(\.\d{0,20})?\s*/\s*\d{1,20}(\.\d{0,20})?\s*"
+    if isinstance(v, str) and re.fullmatch(fraction, v):
         num, den = (float(p) for p in v.split("/"))
         if den == 0:
             raise ParamError(key, v, "a fraction's denominator must not be 0")
         r = num / den
-    elif isinstance(v, int | float) and not isinstance(v, bool):
-        r = float(v)
+    elif as_number(v) is not None:
+        r = as_number(v)
     else:
         raise ParamError(
             key, v, "expected a radius in (0, 1] for [0, 1] images, e.g. 0.03 or 8/255"
@@ -161,6 +245,8 @@ def _arch(key: str, v: Any) -> str:
     names = tuple(sorted(BUILTIN_MODELS))
     if not isinstance(v, str) or not (v in names or v.startswith(("timm:", "torchvision:"))):
         raise ParamError(key, v, f"allowed: {', '.join(names)}, timm:<name>, torchvision:<name>")
+    if v in ("timm:", "torchvision:"):
+        raise ParamError(key, v, f"name the model: {v}<model name>")
     return v
 
 
@@ -169,12 +255,12 @@ def _norm_stats(key: str, v: Any, *, positive: bool = False) -> list[float] | No
         return None
 
     def std_entry(k: str, x: Any) -> float:
-        ok = isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-        if not ok or x <= 0:
+        number = as_number(x)
+        if number is None or not math.isfinite(number) or number <= 0:
             raise ParamError(
                 k, x, "std entries must be finite numbers > 0 (inputs are divided by them)"
             )
-        return float(x)
+        return number
 
     return _list(key, v, std_entry if positive else lambda k, x: _float(k, x), unique=False)
 
@@ -192,10 +278,21 @@ def _model_kwargs(key: str, v: Any) -> dict:
     return kwargs
 
 
+def _text(key: str, v: Any) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise ParamError(key, v, "expected a path, as text")
+    return v
+
+
 def _path_exists(key: str, v: Any, what: str) -> str:
     if not isinstance(v, str) or not Path(v).exists():
         raise ParamError(key, v, f"{what} does not exist; give the path to an existing {what}")
     return v
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+               (stat.S_ISSOCK, "a socket"))  # fmt: skip
 
 
 # -- the declarative schema ----------------------------------------------------------------
@@ -233,12 +330,21 @@ def entries(cls: type, doc: str = "", *, default: dict | None = None) -> Any:
 
 
 def _name(key: str, v: Any) -> str:
-    if not isinstance(v, str) or not re.fullmatch(NAME_RE, v) or ID_SEP in v:
+    ok = isinstance(v, str) and len(v) <= MAX_NAME and re.fullmatch(NAME_RE, v) is not None
+    if not ok or ID_SEP in v:
         raise ParamError(
             key,
             v,
-            "a name is letters, digits, '_' and single '-' (starting with a letter or digit): "
-            "it is part of file names, model ids and DVC stage names",
+            f"a name is up to {MAX_NAME} letters, digits, '_' and single '-' (starting with a "
+            "letter or digit): it is part of file names, model ids and DVC stage names",
+        )
+    if v in method_names() or v == BOUNDS_SEP or re.fullmatch(r"s\d+", v):
+        raise ParamError(
+            key,
+            v,
+            "a teacher or student may not be named after a method ("
+            f"{', '.join(method_names())}), '{BOUNDS_SEP}' or a seed (s<digits>): ids such as "
+            "<teacher>--<method>--<student>--s<seed> would read alike",
         )
     return v
 
@@ -344,6 +450,15 @@ def listing(item: Check, *, unique: bool = True) -> Check:
     return lambda k, v: _list(k, v, item, unique=unique)
 
 
+def _epochs(k: str, v: Any) -> int:
+    if v == 0 and isinstance(v, int) and not isinstance(v, bool):
+        raise ParamError(
+            k, v, f"expected an integer >= 1 and <= {MAX_EPOCHS}: 0 epochs leaves the model "
+            "untrained, and the report would show it under its method's name",
+        )  # fmt: skip
+    return _int(k, v, 1, MAX_EPOCHS)
+
+
 def _milestones(k: str, ms: Any) -> list[int]:
     if not isinstance(ms, list) or any(isinstance(m, bool) or not isinstance(m, int) for m in ms):
         raise ParamError(k, ms, "expected a list of epoch numbers")
@@ -353,9 +468,10 @@ def _milestones(k: str, ms: Any) -> list[int]:
 
 
 def _momentum(k: str, v: Any) -> float:
-    if _float(k, v) >= 1:
+    m = _float(k, v)
+    if m >= 1:
         raise ParamError(k, v, "momentum must be in [0, 1), e.g. 0.9 (1 or more diverges)")
-    return float(v)
+    return m
 
 
 def _radii(k: str, v: Any) -> list[float]:
@@ -366,9 +482,10 @@ def _radii(k: str, v: Any) -> list[float]:
 
 
 def _fraction(k: str, v: Any) -> float:
-    if _float(k, v) > 1:
+    w = _float(k, v)
+    if w > 1:
         raise ParamError(k, v, "expected a weight in [0, 1]")
-    return float(v)
+    return w
 
 
 def _sha256(k: str, v: Any) -> str | None:
@@ -378,8 +495,8 @@ def _sha256(k: str, v: Any) -> str | None:
 
 
 def _val_fraction(k: str, v: Any) -> float:
-    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-    if not ok or not 0 < v < 1:
+    f = as_number(v)
+    if f is None or not 0 < f < 1:
         raise ParamError(
             k,
             v,
@@ -387,12 +504,15 @@ def _val_fraction(k: str, v: Any) -> float:
             "needed (each epoch's and the teacher's validation accuracy, attack.split: val, "
             "python -m pipeline.tune)",
         )
-    return float(v)
+    return f
 
 
 def _teacher_source(k: str, src: Any) -> str:
     if not isinstance(src, str) or not (src == "train" or src.startswith(TEACHER_SCHEMES[1:])):
         raise ParamError(k, src, f"allowed: {', '.join(TEACHER_SCHEMES)}<...>")
+    if src in ("file:", "timm:"):
+        what = {"file:": "the checkpoint's path: file:<path>", "timm:": "a model: timm:<name>"}
+        raise ParamError(k, src, f"name {what[src]}")
     if src.startswith("url:"):
         url = src[4:]
         if url.lower().startswith("http://"):
@@ -412,7 +532,7 @@ def _student_init(k: str, v: Any) -> str:
         raise ParamError(k, v, "allowed: scratch, pretrained (timm or torchvision weights), "
                          "file:<checkpoint>")  # fmt: skip
     if v == "file:":
-        raise ParamError(k, v, "give the checkpoint's path: file:<path>")
+        raise ParamError(k, v, "name the checkpoint's path: file:<path>")
     return v
 
 
@@ -437,8 +557,8 @@ TRAIN_KEYS = (*OPTIMISER_KEYS, "augment", "crop_padding")
 class Shard:
     dataset: str = key("digits", choice(*DATASETS), "the dataset: digits, cifar10, imagenet, "
                        "synthetic")  # fmt: skip
-    root: str | None = key(None, None, "dataset root (cifar10: torchvision layout; imagenet: "
-                           "ImageFolder)")  # fmt: skip
+    root: str | None = key(None, optional(_text), "dataset root (cifar10: torchvision layout; "
+                           "imagenet: ImageFolder)")  # fmt: skip
     image_size: int = key(16, integer(4, MAX_IMAGE_SIZE), "images are resized to this side")
     val_fraction: float = key(0.2, _val_fraction, "held out of train for tuning; the test split "
                               "is never used to tune")  # fmt: skip
@@ -490,7 +610,7 @@ class Shard:
 class Training:
     """The training settings a teacher's training and the students' share (TRAIN_KEYS)."""
 
-    epochs: int = key(15, integer(0, MAX_EPOCHS), "training epochs")
+    epochs: int = key(15, _epochs, "training epochs")
     batch_size: int = key(64, integer(1, MAX_BATCH), "training batch size")
     lr: float = key(0.05, number(strict=True), "SGD learning rate")
     momentum: float = key(0.9, _momentum, "SGD momentum, in [0, 1)")
@@ -529,6 +649,12 @@ class Teacher:
     train: TeacherTrain = section(TeacherTrain, "how a `train` teacher is trained")
 
     def check(self, prefix: str) -> None:
+        if self.source == "train" and self.sha256 is not None:
+            raise ParamError(
+                f"{prefix}.sha256",
+                self.sha256,
+                "a sha256 checks a teacher's file: a train teacher reads none; use sha256: null",
+            )
         if self.source.startswith("url:") and self.sha256 is None:
             raise ParamError(f"{prefix}.sha256", None, "a url: teacher needs its expected sha256")
         if (self.source == "train" or self.source.startswith(("file:", "url:"))) and (
@@ -554,7 +680,7 @@ class Student:
                     "weights) | file:<checkpoint>")  # fmt: skip
     sha256: str | None = key(None, _sha256, "checked for a file: init")
     kwargs: dict = key({}, lambda k, v: _model_kwargs(k, v), "architecture options")
-    epochs: int | None = key(None, optional(integer(0, MAX_EPOCHS)), "null: distill.epochs")
+    epochs: int | None = key(None, optional(_epochs), "null: distill.epochs")
     batch_size: int | None = key(None, optional(integer(1, MAX_BATCH)), "null: distill's")
     lr: float | None = key(None, optional(number(strict=True)), "null: distill.lr (the paper "
                            "fine-tunes ViT-S/16 at 1e-5)")  # fmt: skip
@@ -563,6 +689,13 @@ class Student:
     milestones: list | None = key(None, optional(_milestones), "null: distill.milestones")
 
     def check(self, prefix: str) -> None:
+        if self.sha256 is not None and not self.init.startswith("file:"):
+            raise ParamError(
+                f"{prefix}.sha256",
+                self.sha256,
+                f"a sha256 checks an init file: {prefix}.init is {self.init}, which reads no "
+                "file; use init: file:<path>, or sha256: null",
+            )
         if self.init == "pretrained" and not self.arch.startswith(("timm:", "torchvision:")):
             raise ParamError(
                 f"{prefix}.init",
@@ -606,9 +739,10 @@ class Rslad:
 
 
 def _epoch_fraction(k: str, v: Any) -> float:
-    if _float(k, v) > 1:
+    f = _float(k, v)
+    if f > 1:
         raise ParamError(k, v, "expected a fraction of the epochs in [0, 1]")
-    return float(v)
+    return f
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -744,9 +878,16 @@ class Study:
     bounds: Bounds = section(Bounds, "local-linearity bound terms of every student (Table 4)")
     report: Report = section(Report, "the report")
     raw: dict = field(default_factory=dict, repr=False, compare=False, init=False)
+    #: settings that are allowed but change less than they seem (:func:`param_warnings`)
+    warnings: tuple = field(default=(), repr=False, compare=False, init=False)
 
     def check(self, prefix: str) -> None:
         _check_study(self)
+
+    @functools.cached_property
+    def seed_set(self) -> frozenset[int]:
+        """``seeds`` as a set, for lookups."""
+        return frozenset(self.seeds)
 
     # -- typed access ----------------------------------------------------------------------
 
@@ -798,11 +939,194 @@ def validate(raw: Any, *, build: bool = True) -> Study:
     which build no model, pass False, and the Snakefile checks the models at the start of a
     real run instead; every stage job checks them (it imports torch anyway).
     """
+    check_plain(raw)
     study = _parse(Study, "", raw)
     object.__setattr__(study, "raw", copy.deepcopy(dict(raw)))
+    object.__setattr__(study, "warnings", tuple(param_warnings(study)))
     if build:
         check_models(study)
     return study
+
+
+#: values in a params file, counting each use of a YAML alias (the presets hold about 500)
+MAX_VALUES = 100_000
+#: what YAML's types other than text, numbers, booleans, null, lists and mappings are called
+_YAML_TYPES = {
+    datetime.datetime: "a YAML timestamp",
+    datetime.date: "a YAML date",
+    bytes: "YAML binary data (!!binary)",
+    set: "a YAML set (!!set)",
+    frozenset: "a YAML set (!!set)",
+    tuple: "YAML pairs (!!omap or !!pairs)",
+}
+
+
+def check_plain(raw: Any) -> None:
+    """Refuse, naming the key, a value that is not plain YAML (text, a number, true/false,
+    null, a list, a mapping with text keys), and a document of more than :data:`MAX_VALUES`
+    values, counting each use of a YAML alias: every later step (the checks, the provenance
+    hashes, Snakemake's JSON, DVC) reads plain data of a bounded size."""
+    todo: list[tuple[Any, str]] = [(raw, "")]
+    seen = 0
+    while todo:
+        v, at = todo.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise ParamError(
+                at or "params", v, f"the file holds more than {MAX_VALUES:,} values (counting "
+                "each use of a YAML alias): a params file needs far fewer; write them out",
+            )  # fmt: skip
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if not isinstance(k, str):
+                    where = f"{at}.{shown(k, repr_=False)}" if at else shown(k, repr_=False)
+                    raise ParamError(where, x, f"a key must be text, not {type(k).__name__}: "
+                                     "quote it")  # fmt: skip
+                todo.append((x, f"{at}.{k}" if at else k))
+        elif isinstance(v, list):
+            todo.extend((x, f"{at}[{i}]") for i, x in enumerate(v))
+        elif v is not None and not isinstance(v, str | int | float | bool):
+            kind = next((n for t, n in _YAML_TYPES.items() if isinstance(v, t)), None)
+            kind = kind or f"a {type(v).__name__}"
+            raise ParamError(
+                at or "params", v, f"{kind} is not a plain value: params take text, numbers, "
+                "true/false, null, lists and mappings (quote a date or a path to give text)",
+            )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ParamWarning:
+    """A setting that is allowed but changes less than it seems: ``python -m pipeline.params``
+    prints it, and the jobs of ``stage`` log it (those of the teacher, student or attack
+    ``name`` only, when given)."""
+
+    key: str
+    text: str
+    stage: str
+    name: str | None = None
+
+    def __str__(self) -> str:
+        return f"params: {self.key}: {self.text}"
+
+
+def param_warnings(p: Study) -> list[ParamWarning]:
+    """Milestones after the last epoch, an AutoAttack list its version ignores, more
+    Proposition 2 samples than the bounds use."""
+    out = []
+    trained = [
+        ("teachers", n, t.train, f"teachers.{n}.train", "teacher")
+        for n, t in p.teachers.items()
+        if t.source == "train"
+    ]
+    students = [("students", n, p.train_settings(n), None, "distill") for n in p.students]
+    for kind, name, settings, where, stage in [*trained, *students]:
+        if not isinstance(settings, dict):
+            settings = {k: getattr(settings, k) for k in ("epochs", "milestones")}
+        epochs = settings["epochs"]
+        late = [m for m in settings["milestones"] if m >= epochs]
+        if not late:
+            continue
+        if where is None:  # a student: its own milestones, else distill's
+            own = p.students[name].milestones is not None
+            where = f"students.{name}" if own else "distill"
+        out.append(ParamWarning(
+            f"{where}.milestones",
+            f"{', '.join(map(str, late))} {'is' if len(late) == 1 else 'are'} not below the "
+            f"{epochs} epochs: the learning rate would drop after the last epoch, so no effect "
+            f"on {kind[:-1]} {name}'s training",
+            stage, name,
+        ))  # fmt: skip
+    aa = p.attack.autoattack
+    runs = AA_VERSION_ATTACKS.get(aa.version)
+    written = "attacks" in ((p.raw.get("attack") or {}).get("autoattack") or {})  # no default
+    if "autoattack" in p.attack.attacks and runs and written and set(aa.attacks) != set(runs):
+        out.append(ParamWarning(
+            "attack.autoattack.attacks",
+            f"[{', '.join(aa.attacks)}] is not used: version {aa.version} runs its own "
+            f"attacks ({', '.join(runs)}); the list is for version custom",
+            "attack", "autoattack",
+        ))  # fmt: skip
+    b, n_test = p.bounds, test_images(p.shard)
+    used = b.samples if n_test is None else min(b.samples, n_test)
+    if b.check_samples > used:
+        why = "bounds.samples" if used == b.samples else f"the {used} test images"
+        out.append(ParamWarning(
+            "bounds.check_samples",
+            f"{b.check_samples} is more than the {used} images the bounds use ({why}): "
+            f"Proposition 2 is tested on all {used}",
+            "bounds",
+        ))  # fmt: skip
+    return out
+
+
+def test_images(s: Shard) -> int | None:
+    """The images of the test split the shard stage writes; None for an ImageFolder root."""
+    if s.dataset not in TEST_IMAGES:
+        return None
+    if s.dataset == "synthetic":  # as many as asked
+        return TEST_IMAGES["synthetic"] if s.test_samples is None else s.test_samples
+    n = TEST_IMAGES[s.dataset]
+    return n if s.test_samples is None else min(n, s.test_samples)
+
+
+def val_fraction_problem(fraction: float, class_counts: list[int] | tuple[int, ...]) -> str | None:
+    """Why ``fraction`` leaves the validation or the train split empty, with the fractions
+    that work, or None. The cut takes ``round(fraction * n)`` images of each class of ``n``
+    (kdiga.data.split_indices): some class must give one, and some class keep one."""
+    counts = [int(c) for c in class_counts if c > 0]
+    if not counts:
+        return "the train split holds no images"
+    biggest = max(counts)
+    lo = _round_up(0.5 / biggest, lambda f: round(f * biggest) >= 1)
+    hi = _round_down(1 - 0.5 / biggest, lambda f: round(f * biggest) < biggest)
+    if not any(round(fraction * n) for n in counts):
+        side = "validation"
+    elif all(round(fraction * n) == n for n in counts):
+        side = "train"
+    else:
+        return None
+    return (
+        f"it leaves the {side} split empty (at most {biggest} images of a class are cut from "
+        f"round(fraction x images)): use a fraction from {lo:g} to {hi:g}"
+    )
+
+
+def _round_up(x: float, ok: Callable[[float], bool]) -> float:
+    """The shortest decimal >= ``x`` (2 significant digits) that satisfies ``ok``."""
+    step = 10 ** (math.floor(math.log10(x)) - 1)
+    f = math.ceil(x / step) * step
+    while not ok(round(f, 12)):
+        f += step
+    return round(f, 12)
+
+
+def _round_down(x: float, ok: Callable[[float], bool]) -> float:
+    """The shortest decimal <= ``x`` (2 significant digits of 1 - x) that satisfies ``ok``."""
+    step = 10 ** (math.floor(math.log10(1 - x)) - 1)
+    f = math.floor(x / step) * step
+    while not ok(round(f, 12)):
+        f -= step
+    return round(f, 12)
+
+
+def check_train_shards(p: Study, manifest: Mapping, ranks: int) -> None:
+    """Refuse streamed training that cannot give every DataLoader worker of every rank a
+    shard of its own (kdiga.stream reads whole shards): the train split's ``manifest`` (the
+    shard stage's) for ``ranks`` processes of ``shard.workers`` workers."""
+    s = p.shard
+    shards = sum(1 for entry in manifest.get("shards", []) if entry.get("count", 0) > 0)
+    workers = max(s.workers, 1)
+    if shards >= ranks * workers:
+        return
+    fewer = f"shard.workers: {shards // ranks} or fewer, or " if shards >= ranks else ""
+    raise ParamError(
+        "shard.workers",
+        s.workers,
+        f"the train split is {shards} shard(s), fewer than {ranks} rank(s) x {workers} "
+        f"worker(s) = {ranks * workers}, and each worker of each rank reads whole shards: use "
+        f"{fewer}a smaller shard.max_per_shard (now {s.max_per_shard}) and run the shard stage "
+        "again, so that it writes more shards",
+    )
 
 
 def _check_study(p: Study) -> None:
@@ -830,6 +1154,7 @@ def _check_study(p: Study) -> None:
             f"must be one of attack.radii: {', '.join(map(radius_label, p.attack.radii))}",
         )
     _check_data_fit(p)
+    _check_losses(p)
     sig, d = p.signals, p.distill
     if sig.enabled and sig.views > 1:
         if d.augment == "none":
@@ -846,9 +1171,36 @@ def _check_study(p: Study) -> None:
             )
 
 
+#: for each ``distill`` key a method may read that weighs a term of its loss, that weight
+_TERM_WEIGHTS = {"ce_weight": "ce_weight", "kl_weight": "kl_weight", "iga": "iga.weight"}
+_NO_TERM = ("temperature", "adversarial")  # keys that shape terms without weighing any
+
+
+def _check_losses(p: Study) -> None:
+    """Refuse a method whose every term has weight 0 (kd with ce_weight and kl_weight 0): a
+    loss identically zero trains nothing. The method table says which keys each reads; a
+    method with other keys (rslad, adaad, iad, igdm) always keeps a term of weight > 0."""
+    for m in (get_method(name) for name in p.distill.methods):
+        weights = [_TERM_WEIGHTS[k] for k in m.param_keys if k in _TERM_WEIGHTS]
+        only = set(m.param_keys) <= {*_TERM_WEIGHTS, *_NO_TERM}
+        if weights and only and all(p.value(f"distill.{w}") == 0 for w in weights):
+            names = " and ".join(f"distill.{w}" for w in weights)
+            raise ParamError(
+                f"distill.{weights[0]}",
+                p.value(f"distill.{weights[0]}"),
+                f"method {m.name}'s loss is weighted by {names}, all 0: it would be "
+                "identically zero and train nothing; give one of them a weight > 0",
+            )
+
+
 def _check_data_fit(p: Study) -> None:
-    """Checks that need the dataset: crop padding vs image size, normalisation lengths, classes."""
+    """Checks that need the dataset: crop padding vs image size, normalisation lengths,
+    classes, a validation cut that leaves both splits some images."""
     dataset, size = p.shard.dataset, p.shard.image_size
+    if dataset in TRAIN_CLASS_COUNTS:
+        problem = val_fraction_problem(p.shard.val_fraction, TRAIN_CLASS_COUNTS[dataset])
+        if problem:
+            raise ParamError("shard.val_fraction", p.shard.val_fraction, f"{dataset}: {problem}")
     chans, classes = DATASET_CHANNELS[dataset], p.shard.classes
     sections = [(f"teachers.{n}.train", t.train) for n, t in p.teachers.items()]
     for k, sec in [*sections, ("distill", p.distill)]:
@@ -969,10 +1321,26 @@ class _DuplicateKeyError(yaml.YAMLError):
     pass
 
 
+class _TooLargeError(yaml.YAMLError):
+    """A document beyond what a params file needs (aliases expanding, a huge number)."""
+
+
+MAX_PARAMS_BYTES = 2**20  # a params file is a few KB
+MAX_DEPTH = 64  # nested lists and mappings (the schema's deepest key is 4 levels down)
+MAX_DIGITS = 64  # characters of one number (a seed has at most 10 digits)
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a mapping key given twice (plain YAML keeps the last)."""
 
     def construct_document(self, node: yaml.Node) -> Any:
+        size = _expanded_size(node)  # before anything is built: merges (<<) copy keys
+        if size > MAX_VALUES:
+            count = f"{size:,}" if size < 10**18 else "more than 10**18"
+            raise _TooLargeError(
+                f"its aliases (*name) expand it to {count} values; a params file holds at "
+                f"most {MAX_VALUES:,}: write the values out"
+            )
         self._checked: set[int] = set()
         self._where: dict[int, str] = {}
         self._pairs: dict[int, list] = {}  # as written: flatten_mapping rewrites merged nodes
@@ -1013,6 +1381,43 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 lines[key] = line
         return super().construct_mapping(node, deep)
 
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        if len(node.value) > MAX_DIGITS:  # Python refuses more than 4,300 digits deep inside
+            raise _TooLargeError(
+                f"the number at line {node.start_mark.line + 1} has {len(node.value):,} "
+                f"characters; a params number has at most {MAX_DIGITS}"
+            )
+        return super().construct_yaml_int(node)
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """The number of values ``root`` stands for, each alias counted as a copy of what it
+    names (a YAML alias bomb: kilobytes of text for billions of values). A node that holds
+    itself (``&a [*a]``) is refused."""
+    size: dict[int, int] = {}
+    todo: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while todo:
+        node, closing = todo.pop()
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+        if closing:
+            size[id(node)] = 1 + sum(size[id(c)] for c in children)
+        elif size.get(id(node), 0) < 0:  # open: met again before it closes
+            raise _TooLargeError(
+                f"the value at line {node.start_mark.line + 1} holds itself (an alias inside "
+                "its own anchor)"
+            )
+        elif id(node) not in size:
+            size[id(node)] = -1
+            todo.append((node, True))
+            todo.extend((c, False) for c in children)
+    return size[id(root)]
+
 
 def _yaml_problem(err: yaml.YAMLError, text: str) -> str:
     """A YAML error on one line: what and where, without PyYAML's source excerpts."""
@@ -1029,16 +1434,67 @@ def _yaml_problem(err: yaml.YAMLError, text: str) -> str:
     return ": ".join(parts) or _one_line(err)
 
 
-def read_yaml(path: str | Path) -> Any:
-    """The YAML file at ``path``; a ParamError naming the file for a missing file, bytes that
-    are not UTF-8, invalid YAML or a mapping key given twice."""
-    path = Path(path)
-    if not path.exists():
-        raise ParamError("params file", str(path), "the file does not exist")
+def _file_problem(mode: int, size: int) -> str | None:
+    """Why a file of this ``mode`` and ``size`` is not one to read as a params file."""
+    if not stat.S_ISREG(mode):
+        kind = next((k for test, k in _FILE_KINDS if test(mode)), "not a regular file")
+        return f"it is {kind}: a params file must be a regular file"
+    if size > MAX_PARAMS_BYTES:
+        return (
+            f"it is {size:,} bytes; a params file is at most {MAX_PARAMS_BYTES:,} bytes "
+            "(1 MiB): a study's settings take a few KB"
+        )
+    return None
+
+
+def _read_bounded(path: Path) -> bytes:
+    """The bytes of the regular file ``path``, at most :data:`MAX_PARAMS_BYTES` of them: a
+    device, a FIFO or a huge file is refused before a byte is read (and the open does not
+    wait for a FIFO's writer)."""
     try:
-        data = path.read_bytes()
+        st = path.stat()
+        problem = _file_problem(st.st_mode, st.st_size)
+        if problem:
+            raise ParamError("params file", str(path), problem)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())  # the file opened, should it have been swapped meanwhile
+            problem = _file_problem(st.st_mode, st.st_size)
+            if problem:
+                raise ParamError("params file", str(path), problem)
+            data = f.read(MAX_PARAMS_BYTES + 1)
+    except FileNotFoundError:
+        raise ParamError("params file", str(path), "the file does not exist") from None
     except OSError as err:
         raise ParamError("params file", str(path), f"it cannot be read ({err.strerror})") from None
+    if len(data) > MAX_PARAMS_BYTES:  # it grew while being read
+        raise ParamError("params file", str(path), _file_problem(stat.S_IFREG, len(data)))
+    return data
+
+
+def _depth_problem(text: str) -> str | None:
+    """Lists and mappings nested deeper than :data:`MAX_DEPTH`, found from the parser's events
+    before anything is built (PyYAML builds nested values recursively)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                line = event.start_mark.line + 1
+                return f"lists and mappings nest more than {MAX_DEPTH} deep at line {line}"
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    return None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The YAML file at ``path``; a ParamError naming the file for a missing file, one that
+    is not a regular file or is over 1 MiB, bytes that are not UTF-8, invalid YAML, a
+    mapping key given twice, or a document too large for a params file (aliases expanding to
+    more than :data:`MAX_VALUES` values, nesting deeper than :data:`MAX_DEPTH`, a number of
+    more than :data:`MAX_DIGITS` characters)."""
+    path = Path(path)
+    data = _read_bounded(path)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -1050,12 +1506,15 @@ def read_yaml(path: str | Path) -> Any:
             "the file must be UTF-8 text",
         ) from None
     try:
+        deep = _depth_problem(text)
+        if deep:
+            raise _TooLargeError(deep)
         loader = _UniqueKeyLoader(text)
         try:
             return loader.get_single_data()
         finally:
             loader.dispose()
-    except _DuplicateKeyError as err:
+    except (_DuplicateKeyError, _TooLargeError) as err:
         raise ParamError("params file", str(path), str(err)) from None
     except yaml.YAMLError as err:
         raise ParamError(
@@ -1145,10 +1604,12 @@ def model_ids(params: Study) -> list[str]:
 
 
 def parse_student_id(params: Study, model_id: str) -> StudentJob:
-    """The job of a student id; a clear error for an id that is not in the grid."""
-    for job in student_jobs(params):
-        if job.id == model_id:
-            return job
+    """The job of a student id; a clear error for an id that is not in the grid. Read from
+    the id's parts (names never equal a method, nor look like a seed: :func:`_name`), in time
+    independent of the grid's size: the DAG parses every student's id."""
+    job = _student_job(params, model_id)
+    if job is not None:
+        return job
     known = student_ids(params)
     shown = ", ".join(known[:6]) + (f", ... ({len(known)} in all)" if len(known) > 6 else "")
     raise ParamError(
@@ -1157,6 +1618,21 @@ def parse_student_id(params: Study, model_id: str) -> StudentJob:
         "not a student of this study; ids are <teacher>--<method>--<student>--s<seed> (or "
         f"st--<student>--s<seed>): {shown}",
     )
+
+
+def _student_job(params: Study, model_id: Any) -> StudentJob | None:
+    parts = model_id.split(ID_SEP) if isinstance(model_id, str) else []
+    if len(parts) not in (3, 4) or not re.fullmatch(r"s(0|[1-9]\d{0,9})", parts[-1]):
+        return None
+    teacher = parts[0] if len(parts) == 4 else None
+    method, student, seed = parts[-3], parts[-2], int(parts[-1][1:])
+    if method not in params.distill.methods or student not in params.students:
+        return None
+    if (teacher is None) == get_method(method).needs_teacher:
+        return None
+    if (teacher is not None and teacher not in params.teachers) or seed not in params.seed_set:
+        return None
+    return StudentJob(teacher, method, student, seed)
 
 
 def check_teacher(params: Study, name: str) -> Teacher:
@@ -1188,6 +1664,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(p.distill.methods)} method(s), {len(p.seeds)} seed(s): "
         f"{len(student_ids(p))} distillation jobs"
     )
+    for warning in p.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
