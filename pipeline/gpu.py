@@ -227,11 +227,35 @@ def _lock_path(lock_dir: Path, device: str) -> Path:
     return lock_dir / f"gpu{re.sub(r'[^A-Za-z0-9._-]', '_', device)}.lock"
 
 
+def _lock_dir_error(lock_dir: Path, err: OSError) -> GpuSlotsError:
+    """One line naming the lock directory (and the variable that chose it) and what it must be."""
+    env = os.environ.get(LOCK_DIR_ENV)
+    named = f"{LOCK_DIR_ENV}={env!r}" if env and Path(env) == lock_dir else f"lock dir {lock_dir}"
+    shown = named if len(named) <= 200 else f"{named[:200]}..."
+    return GpuSlotsError(
+        f"{shown}: cannot keep GPU lock files there ({err.strerror or err}); expected a "
+        f"directory (or a path where one can be made) that every job of this machine can "
+        f"write, on a local file system (default /tmp/kdiga-gpu-locks-<uid>)"
+    )
+
+
+def _make_lock_dir(lock_dir: Path) -> None:
+    try:
+        lock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as err:
+        raise _lock_dir_error(lock_dir, err) from None
+    if not lock_dir.is_dir():  # mkdir(exist_ok) accepts a symlink to a file on some systems
+        raise _lock_dir_error(lock_dir, NotADirectoryError(errno.ENOTDIR, "not a directory"))
+
+
 def _open_lock(path: Path) -> int:
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except PermissionError:  # someone else's file in a shared lock dir: flock needs only read
-        return os.open(path, os.O_RDONLY)
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:  # someone else's file in a shared lock dir: flock needs read
+            return os.open(path, os.O_RDONLY)
+    except OSError as err:
+        raise _lock_dir_error(path.parent, err) from None
 
 
 def _try_lock(path: Path, *, record: bool = True) -> int | None:
@@ -279,7 +303,7 @@ def acquire_slot(
     Raises ``TimeoutError`` if none frees up within ``timeout`` seconds (None: wait forever).
     The caller releases the slot by closing the descriptor.
     """
-    lock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _make_lock_dir(lock_dir)
     start = time.monotonic()
     waiting_logged = False
     while True:
@@ -373,7 +397,7 @@ def acquire_slots(
     if n == 1:
         device, fd = acquire_slot(ids, lock_dir, timeout=timeout, poll=poll)
         return [device], [fd]
-    lock_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _make_lock_dir(lock_dir)
     order = sorted(ids, key=_device_order)
     start = time.monotonic()
     delay, waiting_logged = poll, False
@@ -520,6 +544,21 @@ def _hold(
         for fd in fds:
             os.close(fd)  # releases the flock (the kernel also does it if we die first)
         logger.info("GPU slot%s %s released", "s" if len(devices) > 1 else "", held)
+
+
+def check_cuda(devices: Sequence[str]) -> None:
+    """Refuse to run a job on ``devices`` (held from the pool) when CUDA sees none of them:
+    no NVIDIA driver, or ids this machine lacks. Raises a :class:`GpuSlotsError` naming the
+    variable that chose them, its value and what is allowed."""
+    if _cuda_device_count() > 0:
+        return
+    spec = os.environ.get(SLOTS_ENV, "").strip()
+    named = f"{SLOTS_ENV}={spec!r}" if spec else f"{VISIBLE_ENV}={','.join(devices)!r}"
+    raise GpuSlotsError(
+        f"{named} gives this job GPU {','.join(devices)}, but CUDA sees no such device here "
+        f"(no NVIDIA driver, or no device with that id); allowed: {SLOTS_ENV}=0 to run on the "
+        f"CPU, or the ids of devices this machine has"
+    )
 
 
 def _warn_if_cuda_initialised() -> None:

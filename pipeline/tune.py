@@ -11,6 +11,7 @@ log; put the chosen weight in params.yaml.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 from pipeline.common import data_info, device, load_split, load_stage_model, log, run, train_config
@@ -28,6 +29,7 @@ def body(args: argparse.Namespace, params: Study) -> None:
     iga = [m for m in method_names() if get_method(m).iga]
     if args.method not in iga:
         raise ParamError("--method", args.method, f"tuning the IGA weight needs one of {iga}")
+    check_weights(args.weights)
     student = args.student or next(iter(params.students))
     if student not in params.students:
         raise ParamError("--student", student, f"known students: {', '.join(params.students)}")
@@ -65,6 +67,21 @@ def body(args: argparse.Namespace, params: Study) -> None:
     lines += [f"| {w:g} | {c:.3f} | " + " | ".join(f"{v:.3f}" for v in rob) + " |"
               for w, c, rob in rows]  # fmt: skip
     print("\n".join(lines))
+
+
+def check_weights(weights: list[float]) -> None:
+    """Refuse IGA weights that are not finite numbers >= 0, or given twice (each trains a
+    student: a repeat trains the same one again)."""
+    for w in weights:
+        if not math.isfinite(w) or w < 0:
+            raise ParamError("--weights", w, "each weight must be a finite number >= 0")
+    repeated = sorted({w for w in weights if weights.count(w) > 1})
+    if repeated:
+        raise ParamError(
+            "--weights",
+            repeated[0],
+            f"it is given {weights.count(repeated[0])} times: list each weight once",
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
