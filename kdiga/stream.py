@@ -509,9 +509,9 @@ def _plan(
             for w, s in enumerate(rank)
             if s.batches > 0 and s.samples == 0
         ]
-        if empty:
+        if empty:  # a ShardError: one line in a stage, not a traceback
             nonempty = sum(1 for c in counts if c > 0)
-            raise ValueError(
+            raise ShardError(
                 f"training needs at least world_size x max(workers, 1) = {world_size * k} "
                 f"non-empty shards (each worker stream of each rank reads whole shards); got "
                 f"{nonempty}: write smaller shards or use fewer workers"

@@ -36,6 +36,7 @@ from pipeline.common import (
     load_split,
     load_stage_model,
     log,
+    manifest_path,
     run,
     train_config,
     train_data,
@@ -43,7 +44,7 @@ from pipeline.common import (
     write_timing,
 )
 from pipeline.forkserver import stage_main
-from pipeline.params import ParamError, StudentJob, Study, parse_student_id
+from pipeline.params import ParamError, StudentJob, Study, check_train_shards, parse_student_id
 from pipeline.provenance import seal
 
 
@@ -170,6 +171,7 @@ def distill(model_id: str, params: Study, info, progress: Callable | None = None
     from kdiga.files import sha256_file
     from kdiga.methods import build_loss, get_method
     from kdiga.models import save_model
+    from kdiga.shards import read_manifest
     from kdiga.train import evaluate, fit
     from kdiga.utils import seed_everything
 
@@ -178,6 +180,8 @@ def distill(model_id: str, params: Study, info, progress: Callable | None = None
     provenance = begin(params, "distill", model_id)
     cfg = train_config(params.train_settings(job.student), job.seed)
     cfg = dataclasses.replace(cfg, compile_teacher=params.distill.compile_teacher)
+    if params.shard.streamed:  # before the loader, which would refuse it in a traceback
+        check_train_shards(params, read_manifest(manifest_path("train")), info.world_size)
     data, cfg, manifest = train_data(params, cfg)
     val = load_split("val")[:2]
     seed_everything(job.seed)  # the student's seed: its init and every draw of its training

@@ -22,7 +22,7 @@ from pathlib import Path
 from pipeline import dag
 from pipeline.common import begin, log, run, write_json
 from pipeline.forkserver import stage_main
-from pipeline.params import ParamError, Shard, Study
+from pipeline.params import ParamError, Shard, Study, val_fraction_problem
 from pipeline.provenance import digest
 
 
@@ -66,6 +66,9 @@ def _folder_splits(s: Shard, out: Path, progress: Callable | None = None) -> Non
             f"{root / 'train'} (labels are their sorted order); they differ at {missing}",
         )  # fmt: skip
     labels = torch.tensor([c for _, c in train])
+    problem = val_fraction_problem(s.val_fraction, labels.bincount().tolist())
+    if problem:  # the schema knows the sizes of the other datasets; this one's are known now
+        raise ParamError("shard.val_fraction", s.val_fraction, f"{root / 'train'}: {problem}")
     keep, val = split_indices(labels, s.val_fraction, seed=s.seed)
     n_test = len(test) if s.test_samples is None else min(s.test_samples, len(test))
     gen = torch.Generator().manual_seed(int(s.seed))

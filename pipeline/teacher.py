@@ -20,6 +20,7 @@ from pipeline.common import (
     device,
     load_split,
     log,
+    manifest_path,
     run,
     train_config,
     train_data,
@@ -27,7 +28,7 @@ from pipeline.common import (
     write_timing,
 )
 from pipeline.forkserver import stage_main
-from pipeline.params import Study, Teacher, check_teacher
+from pipeline.params import Study, Teacher, check_teacher, check_train_shards
 from pipeline.provenance import seal
 
 
@@ -43,6 +44,7 @@ def _train(
 ):
     from kdiga.methods import build_loss
     from kdiga.models import build_model
+    from kdiga.shards import read_manifest
     from kdiga.train import fit
     from kdiga.utils import seed_everything
 
@@ -54,6 +56,8 @@ def _train(
         loss_cfg["trades_beta"] = tr.trades_beta
     criterion = build_loss(tr.method, **loss_cfg)
     cfg = train_config(tr, tr.seed)
+    if params.shard.streamed:  # before the loader, which would refuse it in a traceback
+        check_train_shards(params, read_manifest(manifest_path("train")), ranks=1)
     data, cfg, _ = train_data(params, cfg)
     ckpt = checkpoint_path("teacher", name, provenance)  # what makes it; deleted at the end
     start = time.perf_counter()
