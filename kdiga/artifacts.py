@@ -11,13 +11,18 @@ keys, under the header's ``__metadata__["kdiga"]``) atomically; :func:`load_tens
 them back, optionally memory-mapped; :func:`kdiga.files.read_meta` reads only the header,
 without torch. Files written
 here are ordinary safetensors files: ``safetensors.torch.load_file`` reads them too.
+
+:func:`tensors_sha256` is the checksum a file's metadata records of its tensors (names,
+dtypes, shapes and bytes), so a reader can tell that the weights are the ones written with
+the header: model files (:mod:`kdiga.models.io`) and teacher signals (:mod:`kdiga.signals`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +43,23 @@ DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+def hash_tensors(h: Any, items: Iterable[tuple[str, Tensor]]) -> None:
+    """Feed ``items`` (name, tensor) to the hash ``h``: each name, dtype, shape and the bytes."""
+    for name, t in items:
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            flat = t.detach().cpu().contiguous().reshape(-1)
+            h.update(memoryview(flat.view(torch.uint8).numpy()))
+
+
+def tensors_sha256(tensors: Mapping[str, Tensor]) -> str:
+    """sha256 of named tensors (in name order: a file's and a module's agree), see
+    :func:`hash_tensors`."""
+    h = hashlib.sha256()
+    hash_tensors(h, sorted(tensors.items()))
+    return h.hexdigest()
 
 
 def save_tensors(

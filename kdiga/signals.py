@@ -59,7 +59,7 @@ import hashlib
 import logging
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdiga.artifacts import load_tensors, save_tensors
+from kdiga.artifacts import hash_tensors, load_tensors, save_tensors
 from kdiga.data import AUGMENTATIONS, to_float
 from kdiga.files import is_safetensors
 from kdiga.losses import TeacherSignals, teacher_signals
@@ -219,36 +219,24 @@ def signals_nbytes(
     return int(views) * int(n) * per_sample
 
 
-def _tensor_bytes(t: Tensor) -> memoryview:
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
-
-
-def _hash_tensors(h: Any, items: Iterable[tuple[str, Tensor]]) -> None:
-    for name, t in items:
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        if t.numel():
-            h.update(_tensor_bytes(t))
-
-
 def module_sha256(model: nn.Module) -> str:
     """sha256 of a module's state_dict (names, dtypes, shapes and bytes, in key order)."""
     h = hashlib.sha256()
-    _hash_tensors(h, model.state_dict().items())
+    hash_tensors(h, model.state_dict().items())
     return h.hexdigest()
 
 
 def data_sha256(images: Tensor, labels: Tensor) -> str:
     """sha256 of uint8 images ``[N, C, H, W]`` and labels ``[N]`` (as int64)."""
     h = hashlib.sha256()
-    _hash_tensors(h, [("images", images), ("labels", torch.as_tensor(labels).long())])
+    hash_tensors(h, [("images", images), ("labels", torch.as_tensor(labels).long())])
     return h.hexdigest()
 
 
 def _content_sha256(s: SignalSet) -> str:
     h = hashlib.sha256()
     items = [(k, getattr(s, k)) for k in _TENSORS if getattr(s, k) is not None]
-    _hash_tensors(h, items)
+    hash_tensors(h, items)
     return h.hexdigest()
 
 

@@ -359,16 +359,19 @@ def test_saving_is_byte_stable(tmp_path):
     assert len(digests) == 1
 
 
-def test_legacy_torch_save_model_files_still_load(tmp_path):
-    """kdiga-model/1 files (one torch.save'd dict) load with weights_only=True."""
+def test_older_model_files_are_refused_naming_the_job_to_rerun(tmp_path):
+    """kdiga-model/1 files (one torch.save'd dict), like the first kdiga-model/2 files, carry
+    no hash of their tensors: they are refused, with the job that wrote them to re-run."""
     model = build_model("small_cnn", 10, width=4).eval()
-    _randomise(model.net)
+    meta = {"provenance": {"job": "distill-pgdat--kd--small_cnn--s0"}}
     record = {"format": "kdiga-model/1", **model_spec(model), "kwargs": {"width": 4},
-              "state_dict": model.net.state_dict(), "meta": {"a": 1}}  # fmt: skip
+              "state_dict": model.net.state_dict(), "meta": meta}  # fmt: skip
     torch.save(record, tmp_path / "old.pt")
-    loaded, meta = load_model(tmp_path / "old.pt")
-    x = torch.rand(2, 3, 32, 32)
-    assert meta == {"a": 1} and torch.equal(loaded.eval()(x), model(x))
+    with pytest.raises(
+        CheckpointError, match=r"format 'kdiga-model/1'.*reads 'kdiga-model/2'"
+    ) as e:
+        load_model(tmp_path / "old.pt")
+    assert "re-run its job 'distill-pgdat--kd--small_cnn--s0'" in str(e.value)
 
 
 def test_a_file_of_another_architecture_is_refused(tmp_path):

@@ -23,6 +23,7 @@ from tiny_study import TINY, env
 from kdiga import files, utils
 from kdiga.files import ArtifactWriteError, atomic_path, atomic_write_text
 from kdiga.utils import atomic_torch_save
+from pipeline.params import validate
 
 KD, KDIGA, ST = "pgdat--kd--small_cnn--s0", "pgdat--kdiga--small_cnn--s0", "st--small_cnn--s0"
 
@@ -65,7 +66,8 @@ def sharded(tiny_study_built, tmp_path_factory) -> Path:
     models.mkdir()
     for name in ("pgdat.safetensors", "pgdat.json"):
         shutil.copy2(tiny_study_built / "data" / "models" / name, models / name)
-    assert yaml.safe_load((study / "params.yaml").read_text()) == TINY
+    written = validate(yaml.safe_load((study / "params.yaml").read_text()), build=False)
+    assert written == validate(TINY, build=False)  # the tiny study, its unset keys at their defaults
     return study
 
 
@@ -288,7 +290,8 @@ def test_a_model_of_another_architecture_is_refused_at_load(tmp_path, monkeypatc
     save_model(build_model("resnet18", 10, in_chans=1, image_size=8), path)
     with pytest.raises(CheckpointError, match="holds a 'resnet18' model, but 'small_cnn' is exp"):
         load_stage_model(params, KD)
-    save_model(build_model("small_cnn", 10, in_chans=1, image_size=8), path, meta={"model_id": "x"})
+    student = build_model("small_cnn", 10, in_chans=1, image_size=8, width=8)  # as declared
+    save_model(student, path, meta={"model_id": "x"})
     with pytest.raises(CheckpointError, match=f"written for model 'x', not '{KD}'"):
         load_stage_model(params, KD)
 

@@ -27,7 +27,9 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from kdiga.models.batchnorm import use_batchnorm_double_backward
 from kdiga.models.catalog import BUILTIN, EXTERNAL_PREFIXES
@@ -157,3 +159,34 @@ def build_model(
 def external_only_kwargs() -> frozenset[str]:
     """Keyword arguments that only matter when downloading weights (not kept for reloading)."""
     return frozenset({"pretrained_cfg", "pretrained_cfg_overlay", "weights"})
+
+
+_RANDOM_FILLS = frozenset({"normal_", "uniform_", "random_", "exponential_", "bernoulli_"})
+
+
+class _NoRandomInit(TorchFunctionMode):
+    """Random fills of meta tensors are skipped: they are no-ops there, and torch's meta
+    ``normal_`` alone imports torch._dynamo (about a second)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in _RANDOM_FILLS and args and getattr(args[0], "is_meta", False):
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def state_shapes(name: str, num_classes: int, **build: Any) -> dict[str, tuple[int, ...]] | None:
+    """Names and shapes of the raw net's state_dict that ``build_model(name, num_classes,
+    **build)`` would build, found on PyTorch's meta device: nothing is allocated, initialised
+    or downloaded. What a file's header describes can so be checked against its tensors
+    before the model is built. None when the meta device cannot build it (an op it lacks).
+
+    Raises:
+        ValueError: as :func:`build_model` (unknown name, bad options).
+    """
+    try:
+        with torch.device("meta"), _NoRandomInit():
+            net = build_model(name, num_classes, **build).net
+    except RuntimeError:
+        return None
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
