@@ -215,7 +215,50 @@ def _short(text: object, limit: int = 200) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def _load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{"a.b.c": leaf}`` (a leaf: anything but a non-empty mapping)."""
+    if not isinstance(value, Mapping) or not value:
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for k, v in value.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _check_record(path: Path, theirs: Any, mine: Mapping[str, Any] | None) -> None:
+    """Refuse a checkpoint made for another record than this run's (its job, params, inputs,
+    code): a checkpoint copied under another run's name is not that run."""
+    if mine is None:
+        return
+    if theirs is None:
+        raise CheckpointError(
+            f"{path}: resume checkpoint records no run (made by an older kdiga), so it cannot "
+            f"be told to be this run's; {_START_OVER}"
+        )
+    old, new = _flat(theirs), _flat(_plain(mine))
+    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if differ:
+        key = differ[0]
+        more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
+        raise CheckpointError(
+            f"{path}: resume checkpoint was made for another run: {key} is "
+            f"{_short(repr(old.get(key)), 80)} in it, {_short(repr(new.get(key)), 80)} now{more}; "
+            f"{_START_OVER}"
+        )
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as a checkpoint holds it (tuples become lists)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _load_checkpoint(
+    path: Path, cfg: TrainConfig, record: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types on a bad file
@@ -244,6 +287,7 @@ def _load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
             f"{path}: checkpoint was made with another config ({shown}); only "
             f"{sorted(_RESUMABLE_CHANGES)} may change on resume: delete it to start over"
         )
+    _check_record(path, ckpt.get("record"), record)
     if ckpt["epoch"] > cfg.epochs:
         raise CheckpointError(
             f"{path}: checkpoint is at epoch {ckpt['epoch']}, past the requested "
@@ -457,6 +501,7 @@ def fit(
     teacher: nn.Module | None = None,
     stream: BatchStream | None = None,
     checkpoint_path: str | Path | None = None,
+    checkpoint_record: Mapping[str, Any] | None = None,
     device: str | torch.device = "cpu",
     on_epoch: Callable[[dict], None] | None = None,
     on_batch: Callable[[dict], None] | None = None,
@@ -498,6 +543,10 @@ def fit(
             from shards) instead of ``images``/``labels``; needs augment="none", no
             ``teacher_cache`` and no ``batch_source``. Under DDP each rank passes its own.
         checkpoint_path: where to checkpoint and resume; None: no checkpoints.
+        checkpoint_record: what the run is made for (plain JSON values, e.g. the pipeline
+            job's params, input hashes and code): stored in every checkpoint, and a checkpoint
+            made for another record (or for none) is not resumed: CheckpointError naming the
+            first key that differs.
         device: where to train; bf16 autocast and channels_last apply on CUDA only.
         on_epoch: called with each epoch's history record, after its checkpoint is saved.
         on_batch: called after each step with {epoch, batch, num_batches, loss parts...}
@@ -586,7 +635,7 @@ def fit(
     ):
         start, history, pos = 0, [], _Position()
         if resume:
-            ckpt = _load_checkpoint(path, cfg)
+            ckpt = _load_checkpoint(path, cfg, checkpoint_record)
             _restore_states(path, ckpt, student, optimizer, scheduler)
             start, history = ckpt["epoch"], list(ckpt["history"])
             pos = _position(ckpt)
@@ -603,7 +652,7 @@ def fit(
             if info.rank == 0:
                 _save_checkpoint(
                     path, student, optimizer, scheduler, cfg, epochs_done, history, cuda_index,
-                    rngs, at,
+                    rngs, at, checkpoint_record,
                 )  # fmt: skip
             barrier()
 
@@ -688,6 +737,7 @@ def _save_checkpoint(
     cuda_index: int | None,
     rank_rngs: list[dict[str, Any]] | None = None,
     position: _Position | None = None,
+    record: Mapping[str, Any] | None = None,
 ) -> None:
     rng = _rng_state(cuda_index)
     if rank_rngs is not None:  # DDP: every rank's stream, rank 0's also as the plain one
@@ -702,6 +752,8 @@ def _save_checkpoint(
         "config": dataclasses.asdict(cfg),
         "history": history,
     }
+    if record is not None:
+        state["record"] = _plain(record)
     if position is not None and position.batch:  # mid-epoch: how far epoch `epoch` + 1 got
         state["position"] = {
             "batch": position.batch,

@@ -38,6 +38,7 @@ from pipeline.common import (
     log,
     manifest_path,
     run,
+    run_record,
     train_config,
     train_data,
     write_json,
@@ -101,8 +102,8 @@ def build_student(params: Study, job: StudentJob, info: dict):
             ) from None
     from kdiga.teachers import load_teacher
 
-    model, _ = load_teacher(s.init, arch=s.arch, sha256=s.sha256,
-                            model_kwargs=s.kwargs or None, **info)  # fmt: skip
+    model, _ = load_teacher(s.init, arch=s.arch, sha256=s.sha256, model_kwargs=s.kwargs,
+                            sha256_key=f"students.{job.student}.sha256", **info)  # fmt: skip
     return model.requires_grad_(True)  # loaded frozen, as a teacher: train it
 
 
@@ -203,7 +204,8 @@ def distill(model_id: str, params: Study, info, progress: Callable | None = None
             cfg = dataclasses.replace(cfg, augment="none")  # the cache holds the views
         start = time.perf_counter()
         history = fit(model, criterion, cfg=cfg, teacher=teacher, checkpoint_path=ckpt,
-                      device=dev, val=val, progress=progress, **data, **extra)  # fmt: skip
+                      checkpoint_record=run_record(provenance), device=dev, val=val,
+                      progress=progress, **data, **extra)  # fmt: skip
         seconds = time.perf_counter() - start
         # fit measured it after the last epoch; a run of 0 epochs has no history
         val_acc = history[-1]["val_acc"] if history else evaluate(model, *val, device=dev)
