@@ -3,6 +3,8 @@ the DAG and the provenance checks load without it.
 
 :func:`atomic_path` writes through a temporary file and an atomic rename (no partial file is
 ever left where a complete one is expected); :func:`atomic_write_text` is its text form;
+:func:`remove_stale_temporaries` removes the temporary files and folders that a killed writer
+left (``kill -9`` runs no cleanup): each is named after its target and the writer's process;
 :func:`sha256_file` hashes a file's bytes; :func:`read_meta` reads the kdiga metadata of a
 safetensors file (:mod:`kdiga.artifacts`) from its header alone.
 """
@@ -13,6 +15,9 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import shutil
+import socket
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -76,13 +81,72 @@ def current_umask() -> int:
     return old
 
 
+def _host() -> str:
+    """This machine's name as it goes into a temporary file's name (at most 32 characters)."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
+
+
+def temporary_prefix(name: str) -> str:
+    """The name prefix of this process's temporary files and folders for ``name`` (a file or
+    folder beside them): ``.<name>.<pid>@<host>.``; :func:`remove_stale_temporaries` reads
+    the writer back from it."""
+    return f".{name}.{os.getpid()}@{_host()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike, suffix: str = ".tmp") -> list[Path]:
+    """Remove what killed writers of ``path`` left beside it; return what was removed.
+
+    A temporary is ``<dir>/.<name>.<pid>@<host>.<random><suffix>`` (:func:`temporary_prefix`,
+    ``<name>`` being ``path``'s): those of a process of this host that is no longer running
+    are removed (files, or folders with their contents). Those of a running process, of
+    another host (its processes cannot be seen from here), and any other file are left.
+    Those an older kdiga left (``.<name>.<8 random characters><suffix>``, as ``tempfile``
+    names them, with no writer in the name) are removed too: only a writer of that older
+    kdiga writing the same file at this moment could still be using one.
+    """
+    path = Path(path)
+    name, end = re.escape(path.name), re.escape(suffix)
+    pattern = re.compile(rf"\.{name}\.(\d+)@([A-Za-z0-9-]+)\.[A-Za-z0-9_]+{end}")
+    unnamed = re.compile(rf"\.{name}\.[a-z0-9_]{{8}}{end}")
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:  # no folder yet: nothing left there
+        return removed
+    host = _host()
+    for entry in entries:
+        found = pattern.fullmatch(entry.name)
+        gone = found is not None and found[2] == host and not _alive(int(found[1]))
+        if not (gone or unnamed.fullmatch(entry.name)):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed.append(Path(entry.path))
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
 
     No partial file is ever left at ``path``: on an exception the temporary file is removed
     and an earlier file at ``path`` stays as it was. The file gets the permissions of a newly
-    created one (``0o666`` less the umask), not the ``0o600`` of a temporary file.
+    created one (``0o666`` less the umask), not the ``0o600`` of a temporary file. The
+    temporary is named by :func:`temporary_prefix`; those of earlier writers of ``path``
+    that were killed (``kill -9``) are removed first (:func:`remove_stale_temporaries`).
 
     Raises:
         ArtifactWriteError: an ``OSError`` (disk full, no permission, ...) while creating the
@@ -94,8 +158,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     step = "creating its directory"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)
         step = "creating a temporary file beside it"
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(
+            dir=path.parent, prefix=temporary_prefix(path.name), suffix=".tmp"
+        )
         os.close(fd)
         tmp_path = Path(tmp)
         step = "writing"

@@ -7,6 +7,10 @@ Keys are the zero-padded sample indices, so shards read back in write order.
 Small datasets are read whole into memory (``read_shards``), verifying checksums and counts;
 large ones (ImageNet) stream through ``shard_dataset``, split by node and by DataLoader
 worker at shard granularity.
+
+A shard is input like any other, even one whose manifest matches it: a member's declared size
+is checked against what is left of the shard before it is read, and labels against the
+number of classes (``load_sharded``: the manifest's; ``read_shards``: ``num_classes=``).
 """
 
 from __future__ import annotations
@@ -115,11 +119,18 @@ def _decode_image(data: bytes, ext: str) -> np.ndarray:
     return arr
 
 
-def _decode_label(data: bytes) -> int:
+def _decode_label(data: bytes, num_classes: int | None = None) -> int:
+    """A ``.cls`` member's label; ValueError if it is not an integer (or, given
+    ``num_classes``, not in ``[0, num_classes)``)."""
     try:
-        return int(data.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError) as err:
-        raise ValueError(f"label is not an integer: {data[:20]!r}") from err
+        label = int(data[:32].decode("ascii").strip()) if len(data) <= 32 else None
+    except (UnicodeDecodeError, ValueError):
+        label = None
+    if label is None:
+        raise ValueError(f"label is not an integer: {data[:20]!r}")
+    if num_classes is not None and not 0 <= label < num_classes:
+        raise ValueError(f"label {label} is not a class of this data (0 to {num_classes - 1})")
+    return label
 
 
 def write_shards(
@@ -206,10 +217,17 @@ def _lookup(table: Mapping[str, Any] | None, path: Path) -> Any:
 def _read_members(path: Path) -> Iterator[tuple[str, str, bytes]]:
     """(key, extension, bytes) for each file member of a tar, with tar errors as ShardError."""
     try:
+        end = path.stat().st_size
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
+                if member.size > end - member.offset_data:
+                    raise ShardError(
+                        f"{path}: member {member.name[:100]} declares {member.size} bytes, more "
+                        f"than the {max(end - member.offset_data, 0)} left in the shard (corrupt "
+                        "or altered header)"
+                    )
                 fh = tar.extractfile(member)
                 data = fh.read() if fh is not None else b""
                 if len(data) != member.size:
@@ -232,7 +250,7 @@ def _read_members(path: Path) -> Iterator[tuple[str, str, bytes]]:
         raise ShardError(f"{path}: not a readable tar shard ({type(err).__name__}: {err})") from err
 
 
-def _read_one(path: Path) -> tuple[list[np.ndarray], list[int]]:
+def _read_one(path: Path, num_classes: int | None = None) -> tuple[list[np.ndarray], list[int]]:
     samples: dict[str, dict[str, bytes]] = {}
     for key, ext, data in _read_members(path):
         samples.setdefault(key, {})[ext] = data
@@ -246,7 +264,7 @@ def _read_one(path: Path) -> tuple[list[np.ndarray], list[int]]:
             )
         try:
             images.append(_decode_image(parts[ext], ext))
-            labels.append(_decode_label(parts["cls"]))
+            labels.append(_decode_label(parts["cls"], num_classes))
         except Exception as err:  # numpy/PIL raise many types on corrupt bytes
             raise ShardError(f"{path}: sample {key!r} does not decode ({err})") from err
     return images, labels
@@ -257,12 +275,14 @@ def read_shards(
     *,
     sha256: Mapping[str, str] | None = None,
     counts: Mapping[str, int] | None = None,
+    num_classes: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Read shards whole into memory: uint8 images ``[N, C, H, W]``, int64 labels ``[N]``.
 
     Samples come in the order of ``paths``, then of the members in each shard. ``sha256`` and
     ``counts`` map a shard (its path as given, or its file name) to the expected checksum and
-    sample count; every shard must then have an entry.
+    sample count; every shard must then have an entry. ``num_classes``: labels must lie in
+    ``[0, num_classes)``.
 
     Raises:
         ShardError: a missing, unreadable, truncated or corrupt shard, a sample without an
@@ -279,7 +299,7 @@ def read_shards(
         expected = _lookup(sha256, path)
         if expected is not None and sha256_file(path) != expected:
             raise ShardError(f"{path}: sha256 mismatch (expected {expected}); the file changed")
-        images, labels = _read_one(path)
+        images, labels = _read_one(path, num_classes)
         want = _lookup(counts, path)
         if want is not None and len(labels) != int(want):
             raise ShardError(f"{path}: {len(labels)} samples, expected {want} (truncated?)")
@@ -402,16 +422,26 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_sharded(manifest_path: str | os.PathLike) -> tuple[Tensor, Tensor, dict[str, Any]]:
-    """Read every shard of a manifest into memory, verifying checksums and counts.
+    """Read every shard of a manifest into memory, verifying checksums and counts, labels
+    against its ``num_classes`` and the images' shape against its ``channels`` and
+    ``image_size`` (when it declares them).
 
     Returns:
         images uint8 ``[N, C, H, W]``, labels int64 ``[N]``, and the manifest dict.
     """
     doc = read_manifest(manifest_path)
     paths = [s["path"] for s in doc["shards"]]
+    classes = doc.get("num_classes")
     images, labels = read_shards(
         paths,
         sha256={s["path"]: s["sha256"] for s in doc["shards"]},
         counts={s["path"]: s["count"] for s in doc["shards"]},
+        num_classes=classes if isinstance(classes, int) and not isinstance(classes, bool) else None,
     )
+    want = (doc.get("channels"), doc.get("image_size"), doc.get("image_size"))
+    if None not in want and tuple(images.shape[1:]) != want:
+        raise ShardError(
+            f"{manifest_path}: its shards hold images of shape {list(images.shape[1:])}, the "
+            f"manifest declares {list(want)} (channels, image_size): run the shard stage again"
+        )
     return images, labels, doc

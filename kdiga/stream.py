@@ -87,6 +87,7 @@ import math
 import operator
 import os
 import random
+import stat
 import tarfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -100,7 +101,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 # imported here, not where used, so that DataLoader workers forked per epoch find them loaded
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
@@ -336,20 +337,101 @@ def list_image_folder(split_dir: str | os.PathLike) -> tuple[list[tuple[str, int
     """(``[(path, class index)]``, class names) of an ImageFolder split, as torchvision lists it.
 
     Classes are the sorted sub-folder names; files are those with an image extension, in
-    torchvision's ``make_dataset`` order, so the list equals ``ImageFolder(split_dir).samples``.
+    torchvision's ``make_dataset`` order, so the list equals ``ImageFolder(split_dir).samples``
+    for a folder of plain files and folders. What torchvision would follow or open blindly is
+    refused, naming it (nothing is opened while listing): a symlinked folder (its images would
+    be trained under the class holding the link; one to ``/`` walks the whole filesystem), a
+    symlink leading out of ``split_dir``, and an image name that is not a regular file (a
+    FIFO would hang the shard job). A symlink to a regular file inside ``split_dir`` is read.
 
     Raises:
         DatasetNotFoundError: no such directory, no class folders, or a class without images.
+        ShardError: a symlinked folder, a symlink out of ``split_dir``, or a special file.
     """
     root = Path(split_dir)
     if not root.is_dir():
         raise DatasetNotFoundError(f"{root}: no such directory (expected <split_dir>/<class>/*)")
-    try:
-        classes, class_to_idx = find_classes(str(root))
-        samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
-    except FileNotFoundError as err:
-        raise DatasetNotFoundError(f"{root}: not an ImageFolder split ({err})") from err
+    real = os.path.realpath(root)
+    with os.scandir(root) as it:
+        entries = sorted(it, key=operator.attrgetter("name"))
+    classes = [e.name for e in entries if e.is_dir()]
+    if not classes:
+        raise DatasetNotFoundError(f"{root}: not an ImageFolder split (no class folders)")
+    samples, empty = [], []
+    for index, name in enumerate(classes):
+        folder = os.path.join(root, name)
+        if os.path.islink(folder):
+            raise _link_error(folder, real)
+        found = [
+            (os.path.join(where, f), index)
+            for where, files in sorted(_image_files(folder, real))
+            for f in sorted(files)
+        ]
+        samples += found
+        if not found:
+            empty.append(name)
+    if empty:
+        raise DatasetNotFoundError(
+            f"{root}: not an ImageFolder split (no image files for the classes "
+            f"{', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}; extensions: "
+            f"{', '.join(IMG_EXTENSIONS)})"
+        )
     return samples, classes
+
+
+def _image_files(top: str, real_root: str) -> Iterator[tuple[str, list[str]]]:
+    """(folder, names of its image files) for ``top`` and every folder below it, following
+    no symlinked folder; an image name that is a special file or a symlink leaving
+    ``real_root`` raises ShardError."""
+    stack = [top]
+    while stack:
+        where = stack.pop()
+        files = []
+        with os.scandir(where) as it:
+            for e in it:
+                if e.is_symlink():
+                    if os.path.isdir(e.path):
+                        raise _link_error(e.path, real_root)
+                    if e.name.lower().endswith(IMG_EXTENSIONS):
+                        _check_linked_file(e.path, real_root)
+                        files.append(e.name)
+                elif e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                elif e.name.lower().endswith(IMG_EXTENSIONS):
+                    if not e.is_file(follow_symlinks=False):
+                        raise ShardError(
+                            f"{e.path}: {_kind(e.path)} named like an image, not a regular file: "
+                            "remove it from the ImageFolder (reading it could block forever)"
+                        )
+                    files.append(e.name)
+        yield where, files
+
+
+def _kind(path: str) -> str:
+    mode = os.lstat(path).st_mode
+    kinds = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))  # fmt: skip
+    return next((name for test, name in kinds if test(mode)), "a special file")
+
+
+def _link_error(path: str, real_root: str) -> ShardError:
+    return ShardError(
+        f"{path}: a symlink to the folder {os.path.realpath(path)}; an ImageFolder class holds "
+        f"files, and symlinked folders are not followed (under {real_root} its images would "
+        "be trained as this class): remove the link, or copy the images in"
+    )
+
+
+def _check_linked_file(path: str, real_root: str) -> None:
+    target = os.path.realpath(path)
+    if os.path.commonpath([real_root, target]) != real_root:
+        raise ShardError(
+            f"{path}: a symlink to {target}, out of the ImageFolder {real_root}; no link out "
+            "of it is followed: copy the file in, or remove the link"
+        )
+    if not os.path.isfile(target):
+        what = "nothing (a broken link)" if not os.path.lexists(target) else _kind(target)
+        raise ShardError(f"{path}: a symlink to {what}, not an image file: remove it")
 
 
 def _write_order(n: int, indices: Sequence[int] | None, shuffle_seed: int | None) -> list[int]:
@@ -609,6 +691,7 @@ def _tar_members(path: str) -> Iterator[tuple[str, str, bytes]]:
 
 def _tar_blocks(path: str, fh: io.BufferedReader) -> Iterator[tuple[str, str, bytes]]:
     long_name, pax = None, {}
+    end = os.fstat(fh.fileno()).st_size
     while True:
         offset = fh.tell()
         block = fh.read(_BLOCK)
@@ -622,8 +705,15 @@ def _tar_blocks(path: str, fh: io.BufferedReader) -> Iterator[tuple[str, str, by
                 raise ShardError(f"{path}: data after the end-of-archive marker at byte {offset}")
             return
         name, size, kind = _header(path, block, offset)
-        size = int(pax.get("size", size))
+        size = pax.get("size", size)
         name = pax.get("path", long_name or name)
+        left = end - offset - _BLOCK
+        if not (isinstance(size, int) or size.isdigit()) or int(size) > left:
+            raise ShardError(
+                f"{path}: member {name[:100]} declares {str(size)[:20]} bytes at byte {offset}, "
+                f"more than the {left} left in the shard (corrupt or altered header)"
+            )
+        size = int(size)
         data = fh.read(size)
         if len(data) < size:
             raise ShardError(f"{path}: member {name} is truncated ({len(data)} of {size} bytes)")
@@ -652,8 +742,9 @@ def _pax_records(path: str, data: bytes) -> dict[str, str]:
     return records
 
 
-def _read_shard(path: str, count: int) -> Iterator[_Raw]:
-    """The samples of one shard, in order, checked against the declared ``count``."""
+def _read_shard(path: str, count: int, num_classes: int | None = None) -> Iterator[_Raw]:
+    """The samples of one shard, in order, checked against the declared ``count`` (and their
+    labels against ``num_classes``, when given)."""
     members = _tar_members(path)
     n, last = 0, None
     key: str | None = None
@@ -667,7 +758,7 @@ def _read_shard(path: str, count: int) -> Iterator[_Raw]:
                 f"{sorted(parts)}"
             )
         try:
-            label = _decode_label(parts["cls"])
+            label = _decode_label(parts["cls"], num_classes)
         except ValueError as err:
             raise ShardError(f"{path}: sample {key!r}: {err}") from err
         return _Raw(path, key, _READ_EXTS[image[0]], parts[image[0]], label)
@@ -730,6 +821,14 @@ def _resolve(source: Any) -> list[tuple[str, int]]:
     if not shards:
         raise ValueError("no shards given")
     return shards
+
+
+def _manifest_classes(source: Any) -> int | None:
+    """The number of classes a manifest declares (None for other sources, or none declared)."""
+    if not isinstance(source, str | os.PathLike) or Path(source).suffix != ".json":
+        return None
+    classes = read_manifest(source).get("num_classes")
+    return classes if isinstance(classes, int) and not isinstance(classes, bool) else None
 
 
 def _crop_params(height: int, width: int, rng: random.Random) -> tuple[int, int, int, int]:
@@ -841,6 +940,7 @@ class _Settings:
     shuffle_buffer: int
     start_batch: int
     on_device: bool
+    num_classes: int | None = None  # labels are checked against it
 
 
 class _EpochStream(IterableDataset):
@@ -867,7 +967,7 @@ class _EpochStream(IterableDataset):
 
     def _samples(self, stream: _Stream, rep: int) -> Iterator[_Raw]:
         for i in stream.shards:
-            for raw in _read_shard(*self.shards[i]):
+            for raw in _read_shard(*self.shards[i], self.cfg.num_classes):
                 yield raw if rep == 0 else dataclasses.replace(raw, rep=rep)
 
     def _slots(self, stream: _Stream, w: int) -> Iterator[_Raw | None]:
@@ -1169,6 +1269,7 @@ def stream_loader(
         shuffle_buffer=shuffle_buffer,
         start_batch=start_batch,
         on_device=device is not None,
+        num_classes=_manifest_classes(source),
     )
     return StreamLoader(_resolve(source), cfg, device=device, keys=keys, pin_memory=pin_memory)
 

@@ -11,7 +11,10 @@ A teacher is named by a source string:
   given.
 - ``url:<https://...>``: downloaded once into ``cache_dir`` (atomically), verified against
   the required ``sha256`` and reused from the cache afterwards without network. Only
-  ``https://`` (and ``file://``, for local mirrors and tests); ``http://`` is refused.
+  ``https://`` (and ``file://`` of a regular file, for local mirrors and tests); ``http://``
+  is refused. A download stops at ``max_download_mb`` (a server that sends without end, a
+  ``file:///dev/zero``), and a temporary file left by a killed download is removed by the
+  next one.
 - ``timm:<name>``: a timm model with its pretrained weights (downloaded by timm), or with
   ``weights=<local file>`` offline.
 - ``train:...`` teachers are trained by the pipeline (``teacher`` stage), not here.
@@ -19,6 +22,11 @@ A teacher is named by a source string:
 Every teacher comes back frozen (``requires_grad_(False)``) and in eval mode, with a
 :class:`TeacherMeta` (architecture, normalisation, source, sha256; ``clean_acc`` and
 ``robust_acc`` are filled by the evaluation and stored with the teacher artifact).
+
+A kdiga model file is checked before anything is built from it (:mod:`kdiga.models.io`):
+the hash of its tensors, and its header against what the caller asks for (``arch``,
+``num_classes``, ``in_chans``, ``image_size``, ``model_kwargs``, when given): a header
+cannot make the loader build another or a larger model than the study declares.
 
 No code is ever run from a checkpoint: every file is read with
 ``torch.load(weights_only=True)`` (or safetensors), which unpickles only tensors, plain
@@ -35,7 +43,6 @@ import logging
 import os
 import pickle
 import re
-import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -59,7 +66,12 @@ from kdiga.models import (
     read_checkpoint,
     read_model_record,
 )
-from kdiga.models.io import WeightsUnavailableError
+from kdiga.models.io import (
+    WeightsUnavailableError,
+    check_model_path,
+    check_tensors,
+    path_problem,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +81,10 @@ URL_SCHEMES = ("https", "file")  # file:// is for local mirrors and tests
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")
 _NORMALIZER_PREFIXES = ("normalizer.", "normalize.")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+#: built for a raw checkpoint when the caller gives no num_classes, in_chans, image_size
+RAW_DEFAULTS = {"num_classes": 10, "in_chans": 3, "image_size": 32}
+MAX_DOWNLOAD_MB = 2048.0
+_CHUNK = 1 << 20
 
 # The only globals a checkpoint may name beyond tensors and plain containers (applied with
 # torch.serialization.safe_globals around each load). Each builds inert data, and runs no
@@ -163,12 +179,12 @@ def _check_sha256(sha256: str | None) -> str | None:
     return digest
 
 
-def _verify(path: Path, expected: str | None) -> str:
+def _verify(path: Path, expected: str | None, sha256_key: str = "sha256") -> str:
     actual = sha256_file(path)
     if expected is not None and actual != expected:
         raise CheckpointError(
             f"sha256 mismatch for {path}: expected {expected}, actual {actual} (another file "
-            "than the one named: check teacher.sha256 and the file)"
+            f"than the one named: check {sha256_key} and the file)"
         )
     return actual
 
@@ -177,9 +193,9 @@ def load_teacher(
     source: str,
     *,
     arch: str | None = None,
-    num_classes: int = 10,
-    in_chans: int = 3,
-    image_size: int = 32,
+    num_classes: int | None = None,
+    in_chans: int | None = None,
+    image_size: int | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     sha256: str | None = None,
@@ -188,6 +204,8 @@ def load_teacher(
     model_kwargs: Mapping[str, Any] | None = None,
     weights: str | os.PathLike | None = None,
     timeout: float = 60.0,
+    max_download_mb: float = MAX_DOWNLOAD_MB,
+    sha256_key: str = "sha256",
 ) -> tuple[NormalizedModel, TeacherMeta]:
     """Load the teacher named by ``source``, frozen and in eval mode, with its metadata.
 
@@ -195,17 +213,21 @@ def load_teacher(
         source: ``"file:<path>"``, ``"url:<https://...>"`` or ``"timm:<name>"``.
         arch: registry name for raw checkpoints (required unless the file is a kdiga model
             file, whose stored architecture must then equal ``arch`` if given).
-        num_classes, in_chans, image_size: what to build ``arch`` for (a kdiga model file
-            stores its own, which win).
+        num_classes, in_chans, image_size: what to build ``arch`` for (None: 10, 3 and 32,
+            see :data:`RAW_DEFAULTS`). A kdiga model file stores its own: those given must
+            equal them (None: any).
         mean, std: input normalisation; default: the checkpoint's own (robustness-library
             normalizer, kdiga file), timm's pretrained config, else mean 0, std 1.
         sha256: expected digest of the weights file (required for ``url:``).
         cache_dir: where ``url:`` downloads are kept.
         checkpoint_format: ``"auto"``, ``"kdiga"`` (must be a kdiga model file) or
             ``"state_dict"`` (a raw / RobustBench-style checkpoint for ``arch``).
-        model_kwargs: extra architecture options for ``build_model`` (e.g. ``depth``).
+        model_kwargs: extra architecture options for ``build_model`` (e.g. ``depth``); a kdiga
+            model file's stored options must equal them (None: any).
         weights: for ``timm:``, a local weights file to use instead of downloading.
         timeout: seconds to wait for the network (``url:``).
+        max_download_mb: a ``url:`` download larger than this stops (MB of 10^6 bytes).
+        sha256_key: how a wrong ``sha256`` is named in the message (the params key).
 
     Returns:
         (model, meta): model maps images [B, C, H, W] in [0, 1] to logits [B, N].
@@ -228,22 +250,24 @@ def load_teacher(
     if weights is not None and scheme != "timm":
         raise ValueError(f"weights= is for 'timm:' sources; for {scheme}: the file is the source")
     digest = _check_sha256(sha256)
+    given = {"num_classes": num_classes, "in_chans": in_chans, "image_size": image_size}
+    expect = {**given, "kwargs": None if model_kwargs is None else dict(model_kwargs)}
     spec = dict(
         arch=arch,
-        num_classes=num_classes,
-        in_chans=in_chans,
-        image_size=image_size,
+        **{k: RAW_DEFAULTS[k] if v is None else v for k, v in given.items()},
         mean=mean,
         std=std,
         checkpoint_format=checkpoint_format,
         model_kwargs=dict(model_kwargs or {}),
+        expect=expect,
+        sha256_key=sha256_key,
     )
     if scheme == "file":
         model, meta = _from_file(Path(rest).expanduser(), source, digest, **spec)
     elif scheme == "url":
         if digest is None:
             raise ValueError(f"{source!r}: url sources need sha256= (the file's hex digest)")
-        path = fetch_url(rest, digest, cache_dir, timeout=timeout)
+        path = fetch_url(rest, digest, cache_dir, timeout=timeout, max_mb=max_download_mb)
         model, meta = _from_file(path, source, digest, **spec)
     else:
         model, meta = _from_timm(rest, source, digest, weights, **spec)
@@ -276,26 +300,33 @@ def _from_file(
     checkpoint_format: str,
     mean: Sequence[float] | None,
     std: Sequence[float] | None,
+    expect: Mapping[str, Any],
+    sha256_key: str,
     default_stats: tuple[Sequence[float], Sequence[float]] | None = None,
     **build: Any,
 ) -> tuple[NormalizedModel, TeacherMeta]:
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise CheckpointNotFoundError(
             f"teacher file {path} does not exist: put the checkpoint there or give another "
             "'file:<path>' (with arch= for a raw state_dict, and its sha256=)"
         )
-    digest = _verify(path, expected)
+    check_model_path(path, "checkpoint")  # a directory, a device, a FIFO: said as such
+    digest = _verify(path, expected, sha256_key)
     obj = _read_weights(path)
     if is_model_record(obj) and checkpoint_format != "state_dict":
-        model = model_from_record(obj, path)
-        if arch is not None and arch != model.arch:
-            raise CheckpointError(f"{path} holds a {model.arch!r} model, not arch={arch!r}")
+        if arch is not None and arch != obj.get("arch"):
+            raise CheckpointError(
+                f"{path} holds a {str(obj.get('arch'))[:80]!r} model, not arch={arch!r}"
+            )
+        model = model_from_record(obj, path, expect={"arch": arch, **expect})
         for given, stored, what in ((mean, model.mean, "mean"), (std, model.std, "std")):
             if given is not None and [float(v) for v in given] != stored.flatten().tolist():
                 raise CheckpointError(
                     f"{path} stores {what} {stored.flatten().tolist()}, not {given}"
                 )
         return model, _meta(model, source, digest, obj.get("meta") or {})
+    if is_model_record(obj):  # read as a raw state_dict: its tensors must still be its own
+        check_tensors(obj, path)
     if checkpoint_format == "kdiga":
         raise CheckpointError(f"{path} is not a kdiga model file (checkpoint_format='kdiga')")
     if arch is None:
@@ -431,25 +462,40 @@ def cache_path(url: str, sha256: str, cache_dir: str | os.PathLike) -> Path:
     return Path(cache_dir) / f"{sha256[:16]}-{name}"
 
 
+class DownloadTooLargeError(WeightsUnavailableError):
+    """A download went past its size cap (``max_mb``) and was stopped; nothing was kept."""
+
+
 def fetch_url(
-    url: str, sha256: str, cache_dir: str | os.PathLike, *, timeout: float = 60.0
+    url: str,
+    sha256: str,
+    cache_dir: str | os.PathLike,
+    *,
+    timeout: float = 60.0,
+    max_mb: float = MAX_DOWNLOAD_MB,
 ) -> Path:
     """Download ``url`` once into ``cache_dir`` (atomically), verify ``sha256``, return the path.
 
-    Only ``https://`` and ``file://`` (local mirrors, tests) URLs; ``http://`` is refused.
+    Only ``https://`` and ``file://`` (local mirrors, tests; a regular file only, not a
+    device, FIFO or directory) URLs; ``http://`` is refused. At most ``max_mb`` MB (10^6
+    bytes) are read: a larger file (or a server that sends without end) stops the download
+    with :class:`DownloadTooLargeError`, and nothing is kept. The temporary file of a
+    download killed earlier is removed (:func:`kdiga.files.atomic_path`).
 
     A cached file with the right digest is reused without network. Unreachable -> a
     ``RuntimeError`` saying where to put the file by hand.
     """
     sha256 = _check_sha256(sha256) or ""
-    scheme = urllib.parse.urlparse(url).scheme
-    if scheme == "http":
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme == "http":
         raise ValueError(
             f"url {url!r}: plain http is refused; use its https:// address (or download the "
             "file yourself and load it with 'file:<path>')"
         )
-    if scheme not in URL_SCHEMES:
-        raise ValueError(f"url {url!r}: scheme {scheme!r} not in {URL_SCHEMES}")
+    if parsed.scheme not in URL_SCHEMES:
+        raise ValueError(f"url {url!r}: scheme {parsed.scheme!r} not in {URL_SCHEMES}")
+    if isinstance(max_mb, bool) or not isinstance(max_mb, int | float) or not max_mb > 0:
+        raise ValueError(f"max_mb={max_mb!r} must be a number of MB > 0")
     dest = cache_path(url, sha256, cache_dir)
     if dest.is_file():
         if sha256_file(dest) == sha256:
@@ -457,11 +503,18 @@ def fetch_url(
             return dest
         logger.warning("cached %s has a wrong sha256; downloading again", dest)
         dest.unlink()
+    local = urllib.request.url2pathname(parsed.path) if parsed.scheme == "file" else None
+    if local is not None and path_problem(local) not in (None, "does not exist"):
+        raise CheckpointError(f"url {url}: {local} {path_problem(local)}; a url reads a file")
     logger.info("downloading %s to %s", url, dest)
+    cap = int(max_mb * 1e6)
     with atomic_path(dest) as tmp:
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as fh:
-                shutil.copyfileobj(response, fh)
+                size = response.headers.get("Content-Length")
+                if size is not None and size.isdigit() and int(size) > cap:
+                    raise _too_large(url, f"its size is {int(size) / 1e6:.1f} MB", max_mb)
+                _copy_at_most(response, fh, cap, url, max_mb)
         except (OSError, urllib.error.URLError) as exc:
             raise WeightsUnavailableError(
                 f"could not reach {url} ({type(exc).__name__}: {exc}). Offline? Download the "
@@ -469,6 +522,23 @@ def fetch_url(
             ) from exc
         _verify(tmp, sha256)
     return dest
+
+
+def _too_large(url: str, what: str, max_mb: float) -> DownloadTooLargeError:
+    return DownloadTooLargeError(
+        f"download of {url} stopped: {what}, over the cap of {max_mb:g} MB (max_mb); nothing "
+        "was kept. Raise the cap if the weights file is really that large"
+    )
+
+
+def _copy_at_most(src: Any, dst: Any, cap: int, url: str, max_mb: float) -> None:
+    """Copy ``src`` to ``dst`` in chunks, stopping once more than ``cap`` bytes came."""
+    done = 0
+    while chunk := src.read(min(_CHUNK, cap + 1 - done)):
+        dst.write(chunk)
+        done += len(chunk)
+        if done > cap:
+            raise _too_large(url, "it sent more than that", max_mb)
 
 
 def _from_timm(

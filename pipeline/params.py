@@ -295,6 +295,17 @@ _FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device
                (stat.S_ISSOCK, "a socket"))  # fmt: skip
 
 
+def _regular_file(key: str, v: Any, what: str) -> str:
+    """``v`` names an existing regular file (a symlink: its target), else ParamError saying
+    what it is (a directory, a device, ...)."""
+    _path_exists(key, v, what)
+    mode = Path(v).stat().st_mode
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+        raise ParamError(key, v, f"it is {kind}, not a file: give the path to the {what}")
+    return v
+
+
 # -- the declarative schema ----------------------------------------------------------------
 
 _REQUIRED = dataclasses.MISSING
@@ -575,6 +586,9 @@ class Shard:
                        "augment streamed shards (the batch order depends on it)")  # fmt: skip
     shuffle_buffer: int = key(1000, integer(0, 10_000_000), "imagenet: samples in each "
                               "worker's shuffle buffer while training")  # fmt: skip
+    max_gb: float = key(16.0, number(strict=True), "the shard stage refuses data whose images "
+                        "held in memory would be larger (GB: images x channels x image_size^2 "
+                        "bytes; every stage holds them)", results=False)  # fmt: skip
     seed: int = key(
         0,
         integer(0, SEED_MAX),
@@ -646,6 +660,8 @@ class Teacher:
     mean: list | None = key(None, lambda k, v: _norm_stats(k, v), "input normalisation inside "
                             "the model (null: identity or the checkpoint's own)")  # fmt: skip
     std: list | None = key(None, lambda k, v: _norm_stats(k, v, positive=True), "see mean")
+    max_mb: float = key(2048.0, number(strict=True), "url: a download larger than this (MB) "
+                        "stops, and nothing is kept", results=False)  # fmt: skip
     train: TeacherTrain = section(TeacherTrain, "how a `train` teacher is trained")
 
     def check(self, prefix: str) -> None:
@@ -1542,11 +1558,11 @@ def check_paths(params: Study, stages: tuple[str, ...] = ("shard", "teacher", "d
     if "teacher" in stages:
         for name, t in params.teachers.items():
             if t.source.startswith("file:"):
-                _path_exists(f"teachers.{name}.source", t.source[5:], "teacher checkpoint file")
+                _regular_file(f"teachers.{name}.source", t.source[5:], "teacher checkpoint file")
     if "distill" in stages:
         for name, st in params.students.items():
             if st.init.startswith("file:"):
-                _path_exists(f"students.{name}.init", st.init[5:], "student checkpoint file")
+                _regular_file(f"students.{name}.init", st.init[5:], "student checkpoint file")
 
 
 # -- the grid's model ids, shared by the DAG and the stages ----------------------------------

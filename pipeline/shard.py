@@ -1,9 +1,12 @@
 """Stage shard: a dataset into WebDataset tar shards (train / val / test) with manifests.
 
 The validation split is cut from train (for tuning); the test split is only ever evaluated.
-The output directory appears whole or not at all: shards are written beside it and moved in.
+The output directory appears whole or not at all: shards are written beside it and moved in;
+the folder a killed run (``kill -9``) left there is removed by the next run.
 
-Small datasets are written as arrays of their resized pixels and read whole into memory.
+Small datasets are written as arrays of their resized pixels and read whole into memory, by
+this stage and every stage after it: before loading one, the stage estimates its images' size
+(images x channels x image_size^2 bytes) and refuses it over ``shard.max_gb``.
 ImageNet (any ImageFolder root, ``<root>/train/<class>/*`` and ``<root>/val/<class>/*``) is
 written as shards of its original image files (``kdiga.stream``; ``shard.resize_short`` to
 store them smaller): train and val from the train folder, the test subset from the val
@@ -22,13 +25,42 @@ from pathlib import Path
 from pipeline import dag
 from pipeline.common import begin, log, run, write_json
 from pipeline.forkserver import stage_main
-from pipeline.params import ParamError, Shard, Study, val_fraction_problem
+from pipeline.params import (
+    DATASET_CHANNELS,
+    TRAIN_CLASS_COUNTS,
+    ParamError,
+    Shard,
+    Study,
+    test_images,
+    val_fraction_problem,
+)
 from pipeline.provenance import digest
+
+
+def in_memory_images(s: Shard) -> int:
+    """The images of the splits a small dataset holds in memory: train (with its validation
+    cut) and the test subset."""
+    return sum(TRAIN_CLASS_COUNTS[s.dataset]) + test_images(s)
+
+
+def check_memory(s: Shard, images: int) -> None:
+    """Refuse, before they are loaded, ``images`` held in memory at ``shard.image_size`` that
+    would pass ``shard.max_gb`` (images x channels x image_size^2 bytes)."""
+    need = images * DATASET_CHANNELS[s.dataset] * s.image_size**2 / 1e9
+    if need > s.max_gb:
+        raise ParamError(
+            "shard.image_size", s.image_size,
+            f"{images} {s.dataset} images at {s.image_size}x{s.image_size} hold about "
+            f"{need:.1f} GB in memory (images x channels x size^2 bytes), over the budget "
+            f"shard.max_gb = {s.max_gb:g}: use a smaller image_size, or raise shard.max_gb "
+            "where the memory is",
+        )  # fmt: skip
 
 
 def _splits(s: Shard) -> dict:
     from kdiga.data import load_dataset, split_indices
 
+    check_memory(s, in_memory_images(s))
     seed = s.seed
     kw = {"root": s.root, "image_size": s.image_size}
     train_x, train_y = load_dataset(s.dataset, "train", seed=seed, **kw)
@@ -71,6 +103,7 @@ def _folder_splits(s: Shard, out: Path, progress: Callable | None = None) -> Non
         raise ParamError("shard.val_fraction", s.val_fraction, f"{root / 'train'}: {problem}")
     keep, val = split_indices(labels, s.val_fraction, seed=s.seed)
     n_test = len(test) if s.test_samples is None else min(s.test_samples, len(test))
+    check_memory(s, val.numel() + n_test)  # val and test are decoded into memory to evaluate
     gen = torch.Generator().manual_seed(int(s.seed))
     test_idx = torch.randperm(len(test), generator=gen)[:n_test].sort().values
     plan = {  # split: (folder, listing, indices, shuffled write order)
@@ -105,8 +138,28 @@ def _folder_splits(s: Shard, out: Path, progress: Callable | None = None) -> Non
         log.info("%s: %d images in %d shard(s)", split, len(idx), len(entries))
 
 
+#: the temporary folders of an older kdiga's shard jobs, which named no writer
+_UNNAMED_TEMPORARIES = ".shards-*"
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove the temporary folders that killed shard jobs left beside ``out``: those of a
+    writer no longer running (:func:`kdiga.files.remove_stale_temporaries`), and the
+    ``.shards-*`` of an older kdiga, which did not name their writer (a study has one shard
+    job, and a run of it waits for no other: what is there was left behind)."""
+    from kdiga.files import remove_stale_temporaries
+
+    gone = remove_stale_temporaries(out, suffix="")
+    for old in sorted(out.parent.glob(_UNNAMED_TEMPORARIES)):
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+            gone.append(old)
+    for path in gone:
+        log.info("removed %s, left by an interrupted shard job", path)
+
+
 def body(args: argparse.Namespace, params: Study) -> None:
-    from kdiga.files import current_umask
+    from kdiga.files import current_umask, temporary_prefix
     from kdiga.shards import write_manifest, write_shards
 
     s = params.shard
@@ -114,7 +167,8 @@ def body(args: argparse.Namespace, params: Study) -> None:
     provenance = begin(params, "shard")
     out = Path(dag.SHARDS)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".shards-"))
+    _remove_stale(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=temporary_prefix(out.name)))
     tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; results are shared
     try:
         for split, (x, y) in ({} if s.streamed else _splits(s)).items():

@@ -22,13 +22,14 @@ from pipeline.common import (
     log,
     manifest_path,
     run,
+    run_record,
     train_config,
     train_data,
     write_json,
     write_timing,
 )
 from pipeline.forkserver import stage_main
-from pipeline.params import Study, Teacher, check_teacher, check_train_shards
+from pipeline.params import ParamError, Study, Teacher, check_teacher, check_train_shards
 from pipeline.provenance import seal
 
 
@@ -62,17 +63,37 @@ def _train(
     ckpt = checkpoint_path("teacher", name, provenance)  # what makes it; deleted at the end
     start = time.perf_counter()
     history = fit(model, criterion, cfg=cfg, checkpoint_path=ckpt, device=dev, val=val,
-                  progress=progress, **data)  # fmt: skip
+                  checkpoint_record=run_record(provenance), progress=progress,
+                  **data)  # fmt: skip
     seconds = time.perf_counter() - start
     write_timing("teacher", name, seconds=seconds, epoch_s=[r.pop("time_s", None) for r in history])
     return model, {"history": history}, ckpt
+
+
+def _fetch(name: str, t: Teacher, info: dict):
+    """A file, url or timm teacher, checked against what the study declares for it (its
+    arch, arch_kwargs and the data's classes, channels and image size)."""
+    from kdiga.models import CheckpointError
+    from kdiga.teachers import DownloadTooLargeError, load_teacher
+
+    try:
+        return load_teacher(
+            t.source, arch=t.arch, mean=t.mean, std=t.std, sha256=t.sha256,
+            cache_dir="data/teachers/cache", model_kwargs=t.arch_kwargs,
+            max_download_mb=t.max_mb, sha256_key=f"teachers.{name}.sha256", **info,
+        )  # fmt: skip
+    except DownloadTooLargeError as err:
+        raise ParamError(f"teachers.{name}.max_mb", t.max_mb, str(err)) from None
+    except CheckpointError:  # a ValueError too, whose line already names the file
+        raise
+    except ValueError as err:  # a source that names nothing loadable (an unknown timm model)
+        raise ParamError(f"teachers.{name}.source", t.source, str(err)) from None
 
 
 def body(args: argparse.Namespace, params: dict) -> None:
     from kdiga.files import sha256_file
     from kdiga.models import save_model
     from kdiga.models.io import model_spec
-    from kdiga.teachers import load_teacher
     from kdiga.train import evaluate
 
     name = args.teacher
@@ -86,16 +107,7 @@ def body(args: argparse.Namespace, params: dict) -> None:
             model, extra, ckpt = _train(params, name, t, info, dev, val, provenance, args.progress)
             source_sha = None
         else:
-            model, meta = load_teacher(
-                t.source,
-                arch=t.arch,
-                mean=t.mean,
-                std=t.std,
-                sha256=t.sha256,
-                cache_dir="data/teachers/cache",
-                model_kwargs=t.arch_kwargs or None,
-                **info,
-            )
+            model, meta = _fetch(name, t, info)
             extra, source_sha, ckpt = {}, meta.sha256, None
         accs = {
             s: evaluate(model, *d, device=dev)
