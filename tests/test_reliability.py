@@ -67,7 +67,7 @@ def sharded(tiny_study_built, tmp_path_factory) -> Path:
     for name in ("pgdat.safetensors", "pgdat.json"):
         shutil.copy2(tiny_study_built / "data" / "models" / name, models / name)
     written = validate(yaml.safe_load((study / "params.yaml").read_text()), build=False)
-    assert written == validate(TINY, build=False)  # the tiny study, its unset keys at their defaults
+    assert written == validate(TINY, build=False)  # the tiny study, unset keys at their defaults
     return study
 
 
