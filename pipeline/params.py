@@ -1344,19 +1344,26 @@ class _TooLargeError(yaml.YAMLError):
 MAX_PARAMS_BYTES = 2**20  # a params file is a few KB
 MAX_DEPTH = 64  # nested lists and mappings (the schema's deepest key is 4 levels down)
 MAX_DIGITS = 64  # characters of one number (a seed has at most 10 digits)
+#: characters of text a params file's values stand for, counting each use of an alias: without
+#: aliases they are at most the file's size
+MAX_EXPANDED_CHARS = 4 * MAX_PARAMS_BYTES
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a mapping key given twice (plain YAML keeps the last)."""
 
     def construct_document(self, node: yaml.Node) -> Any:
-        size = _expanded_size(node)  # before anything is built: merges (<<) copy keys
-        if size > MAX_VALUES:
-            count = f"{size:,}" if size < 10**18 else "more than 10**18"
-            raise _TooLargeError(
-                f"its aliases (*name) expand it to {count} values; a params file holds at "
-                f"most {MAX_VALUES:,}: write the values out"
-            )
+        values, chars = _expanded_size(node)  # before anything is built: merges (<<) copy keys
+        for count, what, cap in [
+            (values, "values", MAX_VALUES),
+            (chars, "characters of text", MAX_EXPANDED_CHARS),
+        ]:
+            if count > cap:
+                amount = f"{count:,}" if count < 10**18 else "more than 10**18"
+                raise _TooLargeError(
+                    f"its aliases (*name) expand it to {amount} {what}; a params file holds "
+                    f"at most {cap:,}: write the values out"
+                )
         self._checked: set[int] = set()
         self._where: dict[int, str] = {}
         self._pairs: dict[int, list] = {}  # as written: flatten_mapping rewrites merged nodes
@@ -1409,11 +1416,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
 
 
-def _expanded_size(root: yaml.Node) -> int:
-    """The number of values ``root`` stands for, each alias counted as a copy of what it
-    names (a YAML alias bomb: kilobytes of text for billions of values). A node that holds
-    itself (``&a [*a]``) is refused."""
-    size: dict[int, int] = {}
+def _expanded_size(root: yaml.Node) -> tuple[int, int]:
+    """(values, characters of text) that ``root`` stands for, each alias counted as a copy of
+    what it names (a YAML alias bomb: kilobytes of text for billions of values, or a long
+    string named a million times). A node that holds itself (``&a [*a]``) is refused."""
+    size: dict[int, tuple[int, int]] = {}
     todo: list[tuple[yaml.Node, bool]] = [(root, False)]
     while todo:
         node, closing = todo.pop()
@@ -1422,17 +1429,24 @@ def _expanded_size(root: yaml.Node) -> int:
         else:
             children = node.value if isinstance(node, yaml.SequenceNode) else []
         if closing:
-            size[id(node)] = 1 + sum(size[id(c)] for c in children)
-        elif size.get(id(node), 0) < 0:  # open: met again before it closes
+            text = len(node.value) if isinstance(node, yaml.ScalarNode) else 0
+            size[id(node)] = (
+                1 + sum(size[id(c)][0] for c in children),
+                text + sum(size[id(c)][1] for c in children),
+            )
+        elif size.get(id(node)) == _OPEN:  # met again before it closes
             raise _TooLargeError(
                 f"the value at line {node.start_mark.line + 1} holds itself (an alias inside "
                 "its own anchor)"
             )
         elif id(node) not in size:
-            size[id(node)] = -1
+            size[id(node)] = _OPEN
             todo.append((node, True))
             todo.extend((c, False) for c in children)
     return size[id(root)]
+
+
+_OPEN = (-1, -1)  # _expanded_size: a node whose children are still being counted
 
 
 def _yaml_problem(err: yaml.YAMLError, text: str) -> str:

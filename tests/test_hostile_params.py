@@ -122,6 +122,18 @@ def test_a_merge_key_bomb_and_an_alias_inside_itself_are_refused(tmp_path):
     )
 
 
+def test_a_long_text_named_by_many_aliases_is_refused(tmp_path):
+    """Few values, but a 100 KB string named 10,000 times: a gigabyte once expanded."""
+    lines = [f"s: &s {'x' * 100_000}", "a0: &a0 [" + ", ".join(["*s"] * 10) + "]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 4)]
+    path = tmp_path / "wide.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    msg = _file_refused(path)
+    expanded = 100_000 * 11_111 + 9  # the string at each of its uses, and the keys' text
+    assert f"its aliases (*name) expand it to {expanded:,} characters of text; a params " in msg
+    assert "file holds at most 4,194,304: write the values out" in msg
+
+
 def test_aliases_a_params_file_uses_are_still_read(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("d: &d {epochs: 3}\ndistill:\n  <<: *d\n  lr: 0.1\nr: [*d, *d]\n")
