@@ -75,21 +75,35 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine(dev: torch.device | str) -> dict[str, Any]:
+    """Date, CPU model, GPU name (None unless ``dev`` is CUDA), torch and python versions."""
+    cuda = torch.device(dev).type == "cuda"
+    return {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "gpu": torch.cuda.get_device_name() if cuda else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
 def header() -> str:
     """Machine (CPU model, GPU name), torch version, threads and date, one line each."""
-    lines = [
-        f"date:    {_dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"cpu:     {cpu_model()} ({os.cpu_count()} logical cores)",
-    ]
-    if torch.cuda.is_available():
-        lines.append(f"gpu:     {torch.cuda.get_device_name()}")
-    else:
-        lines.append("gpu:     none (CPU run)")
-    lines += [
-        f"torch:   {torch.__version__} (python {platform.python_version()})",
-        f"threads: {torch.get_num_threads()} intra-op",
-    ]
-    return "\n".join(lines)
+    m = machine(device())
+    return "\n".join(
+        [
+            f"date:    {m['date']}",
+            f"cpu:     {m['cpu']} ({os.cpu_count()} logical cores)",
+            f"gpu:     {m['gpu'] or 'none (CPU run)'}",
+            f"torch:   {m['torch']} (python {m['python']})",
+            f"threads: {torch.get_num_threads()} intra-op",
+        ]
+    )
+
+
+def progress(tag: str, msg: str) -> None:
+    """A progress line on stderr, ``[tag] msg`` (stdout is for the tables)."""
+    print(f"[{tag}] {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -142,6 +156,33 @@ def compare(
     return out
 
 
+def with_cpu_time(
+    fns: dict[str, Callable[[], Any]], warmup: int
+) -> tuple[dict[str, Callable[[], Any]], Callable[[], dict[str, Timing]]]:
+    """The candidates wrapped to also record the process CPU time of each call, and a
+    function returning those times (the ``warmup`` first calls dropped) as Timings.
+
+    On a machine whose cores are shared with other work, wall times include waiting for a
+    core; CPU time does not, so its ratios stay close to the quiet machine's wall-time ratios
+    (on CPU; on CUDA it measures only the host side).
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+
+    def wrap(name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+        def call() -> Any:
+            start = time.process_time()
+            out = fn()
+            times[name].append(time.process_time() - start)
+            return out
+
+        return call
+
+    def timings() -> dict[str, Timing]:
+        return {name: Timing(name, t[warmup:]) for name, t in times.items()}
+
+    return {name: wrap(name, fn) for name, fn in fns.items()}, timings
+
+
 def cuda_peak_bytes(fn: Callable[[], Any]) -> int:
     """Peak bytes of tensors allocated during ``fn()`` above what was allocated before (CUDA)."""
     torch.cuda.synchronize()
@@ -150,6 +191,19 @@ def cuda_peak_bytes(fn: Callable[[], Any]) -> int:
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base
+
+
+def peak_bytes(fn: Callable[[], Any], dev: torch.device | str) -> int:
+    """Peak bytes above those held before ``fn()``: CUDA's allocator counter
+    (:func:`cuda_peak_bytes`); on the CPU the process's RSS high-water mark over the call, in
+    this process (a rougher number than :func:`rss_peak_probes`: it includes what the C
+    allocator keeps)."""
+    if torch.device(dev).type == "cuda":
+        return cuda_peak_bytes(fn)
+    before = current_rss_bytes()
+    reset_peak_rss()
+    fn()
+    return max(0, peak_rss_bytes() - before)
 
 
 def _status_kib(key: str) -> int | None:

@@ -177,7 +177,7 @@ def time_loaders(loaders: dict[str, Callable[[int], int]], repeats: int) -> dict
 
 def step_rate(s: Sizes, dev: torch.device) -> float:
     """Images/s of a KDIGA step (teacher ResNet-50 -> student ResNet-18) at batch B, S px."""
-    from bench.step_cost import METHOD_CFG
+    from bench.pairs import METHOD_CFG
 
     torch.manual_seed(0)
     teacher = build_model(TEACHER, STEP_CLASSES, image_size=s.crop).to(dev).eval()
