@@ -18,6 +18,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from pipeline import dag, forkserver
+from pipeline.common import REUSE_ENV
 from pipeline.params import (
     check_models,
     check_paths,
@@ -32,6 +33,13 @@ from pipeline.params import (
 # The jobs this run starts hand themselves to a fork server that has imported torch once
 # (pipeline/forkserver.py): about 1.5 s less CPU per job. KDIGA_FORKSERVER=0 turns it off.
 os.environ.setdefault(forkserver.ENABLE_ENV, "1")
+# Snakemake re-runs every job below one it re-runs (it judges by mtimes); a job whose outputs
+# are already what it would make (same params, input bytes and code, by their provenance)
+# keeps them and ends at once. Hence the outputs flagged update(): Snakemake keeps them for the
+# job to look at (and restores them if the job fails) instead of deleting them first; every
+# stage writes its outputs whole, through a temporary file and a rename.
+# KDIGA_REUSE_CURRENT=0 (with --forceall) recomputes them.
+os.environ.setdefault(REUSE_ENV, "1")
 
 PARAMS = params_file()  # params.yaml, or a preset: KDIGA_PARAMS=configs/cifar10.yaml snakemake
 # The one schema, before Snakemake parses the file itself: a key given twice, bytes that are
@@ -106,8 +114,8 @@ rule teacher:
     input:
         lambda w: made_or_present(job("teacher", w.teacher).deps),
     output:
-        model=dag.model_path("{teacher}"),
-        meta=dag.teacher_meta_path("{teacher}"),
+        model=update(dag.model_path("{teacher}")),
+        meta=update(dag.teacher_meta_path("{teacher}")),
     params:
         values=lambda w: values("teacher", w.teacher),
     log:
@@ -122,7 +130,7 @@ rule signals:
     input:
         lambda w: job("signals", w.teacher).deps,
     output:
-        dag.signals_path("{teacher}"),
+        update(dag.signals_path("{teacher}")),
     params:
         values=lambda w: values("signals", w.teacher),
     log:
@@ -137,8 +145,8 @@ rule distill:
     input:
         lambda w: made_or_present(job("distill", w.sid).deps),
     output:
-        model=dag.model_path("{sid}"),
-        history=dag.history_path("{sid}"),
+        model=update(dag.model_path("{sid}")),
+        history=update(dag.history_path("{sid}")),
     params:
         values=lambda w: values("distill", w.sid),
     log:
@@ -154,7 +162,7 @@ rule attack:
         dag.SHARDS,
         dag.model_path("{model}"),
     output:
-        dag.eval_path("{model}", "{attack}"),
+        update(dag.eval_path("{model}", "{attack}")),
     params:
         values=lambda w: values("attack", f"{w.model}--{w.attack}"),
     log:
@@ -169,7 +177,7 @@ rule bounds:
     input:
         lambda w: job("bounds", w.bkey).deps,
     output:
-        dag.bounds_path("{bkey}"),
+        update(dag.bounds_path("{bkey}")),
     params:
         values=lambda w: values("bounds", w.bkey),
         # --model <id>, and --teacher <name> for a student trained without a teacher
@@ -186,11 +194,11 @@ rule report:
     input:
         job("report", None).deps,
     output:
-        md=dag.REPORT_MD,
-        png=dag.REPORT_PNG,
-        record=dag.REPORT_RECORD,
-        metrics=dag.METRICS,
-        plot=dag.PLOT_CSV,
+        md=update(dag.REPORT_MD),
+        png=update(dag.REPORT_PNG),
+        record=update(dag.REPORT_RECORD),
+        metrics=update(dag.METRICS),
+        plot=update(dag.PLOT_CSV),
     params:
         values=values("report"),
     log:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import platform
 import random
 import re
 from collections.abc import Iterator
@@ -42,6 +43,34 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
                 raise
             reason = "torch.save could not write the file (is the disk full or over quota?)"
             raise write_error(Path(path), reason, "writing", None) from exc
+
+
+def machine_info() -> dict[str, Any]:
+    """What computes here: the CPU's model and cores, the Python, torch and thread count (a
+    GPU, when one is used, is added by whoever picks it: :func:`gpu_name`). The same code on
+    another processor, another torch or another thread count adds in another order, so its
+    numbers differ in the last bits and its trained models differ more."""
+    return {
+        "cpu": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def gpu_name(device: str | torch.device) -> str | None:
+    """The name of CUDA ``device`` (None for another device)."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
 
 
 def seed_everything(seed: int) -> None:

@@ -8,7 +8,9 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,24 +44,93 @@ def parser(stage: str, description: str) -> argparse.ArgumentParser:
 LOG_APPEND_ENV = "KDIGA_LOG_APPEND"
 
 
-def _setup_logging(log_file: str | None) -> None:
+LOG_LEVEL_ENV = "KDIGA_LOG_LEVEL"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _setup_logging(log_file: str | None) -> ParamError | None:
     """Log to stderr and to ``log_file``. Under torchrun (``RANK`` set) only rank 0 writes the
     file, and every line names its rank; the file is opened for appending, so a launcher's
-    lines and its workers' never overwrite each other."""
+    lines and its workers' never overwrite each other.
+
+    A bad ``$KDIGA_LOG_LEVEL`` or a ``log_file`` that cannot be written is returned, not
+    raised: logging then goes to stderr at INFO, and :func:`run` reports it in one line."""
     rank = os.environ.get("RANK")
+    problem = None
+    level = os.environ.get(LOG_LEVEL_ENV, "INFO")
+    if level.strip().upper() not in LOG_LEVELS:
+        problem = ParamError(LOG_LEVEL_ENV, level, f"allowed: {', '.join(LOG_LEVELS)} (any case)")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file and rank in (None, "0"):
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        if not os.environ.get(LOG_APPEND_ENV):
-            Path(log_file).write_bytes(b"")
-        handlers.append(logging.FileHandler(log_file, mode="a"))
+        try:
+            handlers.append(_log_file(log_file))
+        except ParamError as err:
+            problem = problem or err
     where = "" if rank is None else f"[rank {rank}] "
     logging.basicConfig(
-        level=os.environ.get("KDIGA_LOG_LEVEL", "INFO"),
+        level=logging.INFO if problem else level.strip().upper(),
         format=f"%(asctime)s %(levelname)s {where}%(name)s: %(message)s",
         handlers=handlers,
         force=True,
     )
+    return problem
+
+
+def _log_file(log_file: str) -> logging.Handler:
+    """A handler appending to ``log_file`` (emptied first, unless a launcher started it)."""
+    path = Path(log_file)
+    if path.is_dir():
+        raise ParamError("--log", log_file, "it is a directory: give a file, e.g. logs/x.log")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.environ.get(LOG_APPEND_ENV):
+            path.write_bytes(b"")
+        return logging.FileHandler(path, mode="a")
+    except OSError as err:
+        raise ParamError(
+            "--log", log_file, f"the log cannot be written there ({err.strerror or err}): give "
+            "a file in a directory this job can write",
+        ) from None  # fmt: skip
+
+
+#: what an interrupted job of each stage keeps for the next run of it
+RESUMES = {
+    "teacher": "its training checkpoint (the last finished epoch, or checkpoint_every step) "
+    "is kept: run the job again to resume from it",
+    "distill": "its training checkpoint (the last finished epoch, or checkpoint_every step) "
+    "is kept: run the job again to resume from it",
+    "attack": "the batches it finished are kept: run the job again to resume after them",
+}
+
+
+def _interrupted(stage: str, job: progress.JobProgress) -> str:
+    """One line saying where an interrupted job stopped and what its next run resumes."""
+    latest = job.latest
+    if latest is None:
+        at = "before it started its work"
+    else:
+        e = latest.event
+        at = f"at {e.detail or f'{e.task} {e.done}/{e.total} {e.unit}'}"
+    return f"{stage} interrupted {at}; {RESUMES.get(stage, 'run the job again to redo it')}"
+
+
+def _interruptible() -> None:
+    """SIGINT raises KeyboardInterrupt, as in a plain ``python`` process, also where the job
+    was started with SIGINT at its default action (a pipeline.forkserver child), which would
+    end the job without a line and keep nothing for the progress file; an ignored SIGINT
+    (a background job of a shell) stays ignored."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_DFL:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _job_warnings(params: Study, stage: str, args: argparse.Namespace) -> list:
+    """The params warnings about this job: its stage's, and of those about one teacher,
+    student or attack only this job's."""
+    names = {getattr(args, "teacher", None), getattr(args, "attack", None)}
+    if stage == "distill":
+        with contextlib.suppress(ParamError):  # a bad --model is the stage's to report
+            names.add(parse_student_id(params, args.model).student)
+    return [w for w in params.warnings if w.stage == stage and (w.name is None or w.name in names)]
 
 
 class MissingInputError(FileNotFoundError):
@@ -114,11 +185,17 @@ def run(
     if add_args:
         add_args(ap)
     args = ap.parse_args(argv)
-    _setup_logging(args.log)
-    args.progress = job = progress.start_job(stage, args.log)
+    _interruptible()
+    problem = _setup_logging(args.log)
+    log_ok = problem is None or problem.key != "--log"
+    args.progress = job = progress.start_job(stage, args.log if log_ok else None)
     try:
+        if problem:
+            raise problem
         path = args.params or params_file()
         params = load_params(path)
+        for warning in _job_warnings(params, stage, args):
+            log.warning("%s", warning)
         check_paths(params, (stage,))
         from kdiga.utils import seed_everything
 
@@ -130,16 +207,24 @@ def run(
         if stale:
             log.warning("%s", stale)
         body(args, params)
+    except JobIsCurrent as done:
+        log.info("%s", done)
     except _user_errors() as err:
         job.close(err)
         if os.environ.get("KDIGA_DEBUG"):
             raise
         log.error("%s failed: %s", stage, err)
         return 2
+    except KeyboardInterrupt as err:  # SIGINT: one line, and the shell's code for it
+        job.close(err)
+        if os.environ.get("KDIGA_DEBUG"):
+            raise
+        log.error("%s", _interrupted(stage, job))
+        return 130
     except SystemExit as err:
         job.close(None if err.code in (0, None) else err)
         raise
-    except BaseException as err:  # a bug, or an interrupt: recorded, then raised as it was
+    except BaseException as err:  # a bug: recorded, then raised as it was
         job.close(err)
         raise
     job.close()
@@ -168,13 +253,18 @@ def set_cpu_threads() -> int:
 def device() -> Iterator[str]:
     """A device for this job: its own GPU when there are any (a slot from pipeline.gpu), else
     the CPU. Held for the whole job."""
-    from pipeline.gpu import gpu_slot
+    from pipeline.gpu import check_cuda, gpu_slot
 
     with gpu_slot() as slot:
         if slot is None:
             yield "cpu"
         else:
+            from kdiga.utils import gpu_name
+
+            check_cuda([slot])  # KDIGA_GPU_SLOTS names a GPU: refuse one CUDA cannot see
             log.info("running on GPU %s", slot)
+            if "record" in _RECORD:
+                _RECORD["record"]["machine"]["gpu"] = gpu_name("cuda")
             yield "cuda"
 
 
@@ -282,29 +372,64 @@ def write_timing(stage: str, key: str | None, **figures: Any) -> None:
     write_json(figures, dag.timing_path(stage, key))
 
 
+#: the provenance record of this process's job (one job a process): :func:`device` adds the
+#: GPU it picks to its machine
+_RECORD: dict[str, Any] = {}
+#: "1": a job whose outputs are already what it would make (its provenance: the same params,
+#: the same input bytes, the same code) keeps them and ends at once, moving their mtimes
+#: forward. The Snakefile sets it: Snakemake judges by mtimes and re-runs everything below a
+#: job it re-runs, even when that job's outputs come back byte-identical. DVC, which compares
+#: hashes, runs a job only when something changed (or when forced, to recompute).
+REUSE_ENV = "KDIGA_REUSE_CURRENT"
+
+
+class JobIsCurrent(Exception):
+    """Raised by :func:`begin` when the job's outputs are current and may be reused."""
+
+
 def begin(params: Study, stage: str, key: str | None = None) -> dict:
     """Check that every artifact this job reads is current (else raise ProvenanceError
-    naming both hashes), and return the provenance record its outputs will carry."""
-    from pipeline.provenance import current_job, make_record, require_current_inputs
+    naming both hashes), and return the provenance record its outputs will carry, with the
+    machine that makes them (a record, not an input: nothing is stale because it changed)."""
+    from kdiga.utils import machine_info
+    from pipeline.provenance import current_job, make_record, problems, require_current_inputs
 
     job = current_job(params, stage, key)
     require_current_inputs(params, job)
-    return make_record(params, job)
+    stale = problems(params, job) if os.environ.get(REUSE_ENV) == "1" else ["not asked"]
+    if not stale:
+        now = time.time()
+        for out in job.outputs:
+            os.utime(out, (now, now))
+        raise JobIsCurrent(
+            f"{job.name}: its outputs are current (made with these params, from these inputs "
+            f"by this code: {', '.join(job.outputs)}); nothing to do"
+        )
+    if stale != ["not asked"]:
+        log.info("%s: running (%s)", job.name, stale[0])
+    record = make_record(params, job) | {"machine": machine_info()}
+    _RECORD.clear()
+    _RECORD["record"] = record
+    return record
 
 
 def load_stage_model(params: Study, model_id: str):
-    """A model of the study (a teacher's name or a student id), refused if the file holds
-    another architecture or was written for another model id."""
+    """A model of the study (a teacher's name or a student id), refused if its tensors are
+    not those its job wrote, if its header holds another model than the study declares
+    (architecture, options, classes, input shape), or if it was written for another model id."""
     from kdiga.models import CheckpointError, load_model
 
     path = dag.model_path(model_id)
     if model_id in params.teachers:
-        arch = params.teachers[model_id].arch
+        t = params.teachers[model_id]
+        arch = t.arch if t.arch is not None else t.source  # a timm: teacher: the source's model
+        kwargs = t.arch_kwargs
     else:
-        arch = params.students[parse_student_id(params, model_id).student].arch
+        s = params.students[parse_student_id(params, model_id).student]
+        arch, kwargs = s.arch, s.kwargs
     if not Path(path).exists():
         raise MissingInputError(f"{path} is missing: run the job that writes it first")
-    model, meta = load_model(path, arch=arch)
+    model, meta = load_model(path, arch=arch, expect={"kwargs": kwargs, **params.data})
     made_for = meta.get("model_id")
     if made_for is not None and made_for != model_id:
         raise CheckpointError(
@@ -321,5 +446,18 @@ def config_hash(*objs: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def checkpoint_path(kind: str, key: str, *identity: Any) -> Path:
-    return dag.checkpoint_dir() / kind / f"{key}-{config_hash(*identity)}.pt"
+#: what makes a job's outputs, in its provenance record: a resume checkpoint carries it and
+#: is resumed only by the run it was made for (kdiga.train.fit's checkpoint_record)
+RUN_KEYS = ("job", "params", "inputs", "code")
+
+
+def run_record(provenance: dict) -> dict:
+    """The part of a job's provenance record that says which run it is (:data:`RUN_KEYS`)."""
+    return {k: provenance[k] for k in RUN_KEYS if k in provenance}
+
+
+def checkpoint_path(kind: str, key: str, provenance: dict) -> Path:
+    """Where job ``key`` of stage ``kind`` keeps its resumable state: named by the job's
+    :func:`run_record`, not by the machine in its provenance (a run resumed on another GPU
+    or thread count finds its checkpoint; the checkpoint's own record is checked on resume)."""
+    return dag.checkpoint_dir() / kind / f"{key}-{config_hash(run_record(provenance))}.pt"

@@ -10,7 +10,9 @@ fresh.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -18,11 +20,12 @@ from pathlib import Path
 
 import yaml
 
-from kdiga.files import atomic_write_text
+from kdiga.files import ArtifactWriteError, atomic_write_text
 from kdiga.methods import get_method
 from pipeline.params import (
     TRAIN_KEYS,
     ParamError,
+    Shard,
     Study,
     load_params,
     model_ids,
@@ -30,6 +33,8 @@ from pipeline.params import (
     student_jobs,
     teacher_ids,
 )
+
+log = logging.getLogger("kdiga.pipeline.dag")
 
 STAGES = ("shard", "teacher", "signals", "distill", "attack", "bounds", "report")
 GPU_STAGES = ("teacher", "signals", "distill", "attack", "bounds")
@@ -185,6 +190,17 @@ def distill_param_keys(params: Study, model_id: str) -> list[str]:
     return keys + stream_param_keys(params)
 
 
+#: the shard keys only a streamed (ImageNet) study reads
+STREAM_SHARD_KEYS = ("resize_short", "workers", "shuffle_buffer")
+
+
+def shard_param_keys(params: Study) -> list[str]:
+    """The params the shard job reads: the shard section, less the keys of streamed data in
+    a study that holds its data in memory (changing them there changes no shard)."""
+    keys = [f.name for f in dataclasses.fields(Shard) if f.init]
+    return [f"shard.{k}" for k in keys if params.shard.streamed or k not in STREAM_SHARD_KEYS]
+
+
 def stream_param_keys(params: Study) -> list[str]:
     """What the order of streamed training batches depends on (none for in-memory data)."""
     return ["shard.workers", "shard.shuffle_buffer"] if params.shard.streamed else []
@@ -222,7 +238,12 @@ def params_view(params: Study, keys: list[str]) -> str:
 
 def jobs(params: Study) -> list[Job]:
     """Every job of the study described by validated ``params``, in dependency order."""
-    out = [Job("shard", None, _cmd("shard"), [], [SHARDS], ["shard"], record=SHARDS_RECORD, gpus=0)]
+    out = [
+        Job(
+            "shard", None, _cmd("shard"), [], [SHARDS], shard_param_keys(params),
+            record=SHARDS_RECORD, gpus=0,
+        )
+    ]  # fmt: skip
     for t in teacher_ids(params):
         out.append(
             Job(
@@ -316,7 +337,58 @@ def jobs(params: Study) -> list[Job]:
             gpus=0,
         )
     )
+    _check_read_files(params, out)
+    _warn_if_many(len(out))
     return out
+
+
+#: a study of more jobs than this gets a warning: Snakemake and DVC plan every job each run
+MANY_JOBS = 10_000
+_warned: set[int] = set()  # job counts warned about in this process
+
+
+def _warn_if_many(count: int) -> None:
+    if count > MANY_JOBS and count not in _warned:
+        _warned.add(count)
+        log.warning(
+            "the study has %s jobs (more than %s): Snakemake and DVC check every job at each "
+            "run and slow down at this size; fewer seeds, students or methods per study keep "
+            "it quick",
+            f"{count:,}",
+            f"{MANY_JOBS:,}",
+        )
+
+
+def _check_read_files(params: Study, table: list[Job]) -> None:
+    """Refuse a student's ``init: file:`` or a teacher's ``source: file:`` that names a file a
+    job of the study writes: the job would read its own output or one made after it (a cycle
+    Snakemake refuses, and a dvc.yaml that runs in a loop)."""
+    writers = {out: job.name for job in table for out in job.outputs}
+    named = [(f"students.{n}.init", s.init) for n, s in params.students.items()]
+    named += [(f"teachers.{n}.source", t.source) for n, t in params.teachers.items()]
+    for key, value in named:
+        path = _in_study(value.removeprefix("file:")) if value.startswith("file:") else None
+        for at in () if path is None else (path, *path.parents):
+            if at.as_posix() in writers:
+                raise ParamError(
+                    key,
+                    value,
+                    f"{at.as_posix()} is an output of this study (job {writers[at.as_posix()]} "
+                    "writes it), and a file the study reads may not be one it writes: copy it "
+                    "out of the study's outputs (e.g. outside data/) and name the copy",
+                )
+
+
+def _in_study(path: str) -> Path | None:
+    """``path`` relative to the study's root (the working directory), normalised; None
+    outside it."""
+    p = Path(os.path.normpath(path))
+    if not p.is_absolute():
+        return p
+    try:
+        return p.relative_to(Path.cwd())
+    except ValueError:
+        return None
 
 
 def _out(path: str) -> str | dict:
@@ -545,10 +617,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"tracks them: {', '.join(added)}")  # fmt: skip
             params = load_params(params_path, build=False)
         text = dvc_yaml(params)
-    except ParamError as err:
+        if Path(args.output).is_dir():
+            raise ParamError("--output", args.output, "it is a directory: give a file (dvc.yaml)")
+        atomic_write_text(text, args.output)
+    except (ParamError, ArtifactWriteError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    atomic_write_text(text, args.output)
     return 0
 
 

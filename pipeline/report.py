@@ -27,7 +27,7 @@ from pipeline import dag
 from pipeline.common import begin, log, read_json, run, write_json
 from pipeline.forkserver import stage_main
 from pipeline.params import StudentJob, Study, model_ids, radius_label, student_jobs
-from pipeline.provenance import seal
+from pipeline.provenance import read_record, seal
 
 BOOT = {"n_boot": 2000, "seed": 0}  # the bootstrap's own fixed draw: the same bytes every run
 #: an LLM value counts as converged when half the ascent's budget already reached this
@@ -225,8 +225,22 @@ def training_table(params: Study, numbers: Numbers) -> str:
     for j in student_jobs(params):
         h = numbers.histories[j.id]
         last = h[-1].get("val_acc") if h else None
-        rows.append([j.id, str(len(h)), "-" if last is None else f"{100 * last:.1f}"])
-    return _markdown(["Student", "epochs", "val acc (last epoch)"], rows)
+        settings = params.train_settings(j.student)
+        acc = "-" if last is None else f"{100 * last:.1f}"
+        rows.append([j.id, str(len(h)), milestones_cell(settings), acc])
+    header = ["Student", "epochs", "lr milestones", "val acc (last epoch)"]
+    return _markdown(header, rows)
+
+
+def milestones_cell(settings: dict) -> str:
+    """The epochs after which the learning rate drops; one not below the number of epochs is
+    marked: it would drop after the last epoch, and changes nothing."""
+    epochs = settings["epochs"]
+    cells = [
+        f"{m}" if m < epochs else f"{m} (no effect: after the last epoch)"
+        for m in settings["milestones"]
+    ]
+    return ", ".join(cells) or "-"
 
 
 # -- claims ------------------------------------------------------------------------------
@@ -238,6 +252,10 @@ CLAIMS = (
     ("kdiga_ardc", "ard", "robust", "greater", "KDIGA-ARDC is more robust than ARD"),
     ("kdiga_arda", "ard", "robust", "greater", "KDIGA-ARDA is more robust than ARD"),
     ("kdiga", "kd", "llm", "less", "KDIGA is more locally linear than KD (Table 4: LLM)"),
+    # KDIGA among its successors (not the paper's claims: "not supported" means the successor
+    # was the more robust)
+    ("kdiga", "igdm", "robust", "greater", "KDIGA is more robust than IGDM (KDIGA − IGDM)"),
+    ("kdiga_arda", "adaad", "robust", "greater", "KDIGA-ARDA is more robust than AdaAD"),
 )
 
 
@@ -515,17 +533,47 @@ def _problems(numbers: Numbers) -> list[str]:
 def _uncertainty_note(params: Study, n_test: int) -> str:
     from kdiga.stats import INTERVAL_RULE, ONE_SEED_RULE, VERDICT_RULE
 
-    seeds = len(params.seeds)
+    seeds, split = len(params.seeds), params.attack.split
     if seeds > 1:
         how = (
-            f"over the {seeds} training seeds and the {n_test} test images (with few seeds it "
-            f"is wide, and that is the honest answer). {INTERVAL_RULE}"
+            f"over the {seeds} training seeds and the {n_test} {split} images (with few seeds "
+            f"it is wide, and that is the honest answer). {INTERVAL_RULE}"
         )
     else:
-        how = f"over the {n_test} test images. {ONE_SEED_RULE}"
-    return (
+        how = f"over the {n_test} {split} images. {ONE_SEED_RULE}"
+    note = (
         f"Every number is a mean with its 95% confidence interval in square brackets, {how} "
         f"Claims are checked on paired differences (the same images and seeds). {VERDICT_RULE}"
+    )
+    return note.replace(" test images", f" {split} images")  # kdiga.stats' rules say test
+
+
+def machine_text(machine: dict) -> str:
+    """One machine of a provenance record, as the report names it."""
+    gpu = f", GPU {machine['gpu']}" if machine.get("gpu") else ""
+    threads = machine.get("threads")
+    return (
+        f"{machine.get('cpu', 'unknown CPU')} ({machine.get('cpu_cores', '?')} cores){gpu}, "
+        f"torch {machine.get('torch', '?')} on {threads} thread{'s' if threads != 1 else ''}, "
+        f"Python {machine.get('python', '?')}"
+    )
+
+
+def machines_note(params: Study) -> str:
+    """Which machines computed the study's artifacts (each artifact's provenance record names
+    the one that made it), and what another machine would change."""
+    made: dict[str, int] = {}
+    for job in dag.jobs(params):
+        if job.stage == "report":
+            continue
+        machine = (read_record(job) or {}).get("machine")
+        what = machine_text(machine) if machine else "a machine not recorded (an older kdiga)"
+        made[what] = made.get(what, 0) + 1
+    where = "; ".join(f"{what} ({n} job{'s' if n != 1 else ''})" for what, n in made.items())
+    return (
+        f"Computed on {where}. Another processor, thread count or torch computes other bytes: "
+        "its floating-point sums run in another order, so its trained models differ as another "
+        "training seed's would, and its numbers should agree with these within their intervals."
     )
 
 
@@ -561,6 +609,7 @@ def body(args: argparse.Namespace, params: Study) -> None:
             f"teacher's cached signals ({sig.views} fixed augmented view(s) per image, "
             f"gradients in {sig.grad_dtype}), not from a live teacher."
         )
+    parts += ["", machines_note(params)]
     from kdiga.stats import SEEDS_NEEDED_RULE
 
     claim_rows = claims(params, numbers)

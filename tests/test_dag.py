@@ -62,7 +62,8 @@ def snakemake_jobs(params_file: str = "params.yaml") -> list[dict]:
             job = {"rule": m.group(1), "input": set(), "output": set(), "cmd": None}
             jobs.append(job)
         elif job and (m := re.match(r"^\s+(input|output): (.*)$", line)):
-            job[m.group(1)] = {p.strip() for p in m.group(2).split(",")}
+            # an output kept for its job to reuse (update()) is printed "<path> (update)"
+            job[m.group(1)] = {p.strip().removesuffix(" (update)") for p in m.group(2).split(",")}
         elif job and line.startswith("Shell command: "):
             job["cmd"] = line[len("Shell command: ") :].strip()
     return [j for j in jobs if j["rule"] != "all"]

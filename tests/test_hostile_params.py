@@ -792,3 +792,20 @@ def test_a_study_of_more_than_10000_jobs_is_warned_of(caplog, monkeypatch):
         "at each run and slow down at this size; fewer seeds, students or methods per study "
         "keep it quick"
     ]
+
+
+def test_the_dag_cli_refuses_an_output_that_is_a_directory(tmp_path):
+    """`python -m pipeline.dag --output <a directory>`: one line, exit 2, nothing written."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.dag", "--output", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: params: --output = {str(tmp_path)!r} is not allowed; it is a directory: give a "
+        "file (dvc.yaml)"
+    ]
+    assert list(tmp_path.iterdir()) == []

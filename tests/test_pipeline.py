@@ -30,8 +30,11 @@ from tiny_study import (
     build_once,
     copy_study,
     env,
+    git_commit_all,
     run,
 )
+
+from pipeline import dag, provenance
 
 KD, KDIGA, ST = "pgdat--kd--small_cnn--s0", "pgdat--kdiga--small_cnn--s0", "st--small_cnn--s0"
 
@@ -474,3 +477,72 @@ def test_duplicate_key_and_bad_bytes_stop_snakemake_with_one_line(study, tmp_pat
         assert proc.returncode != 0
         assert message in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-2000:]
         assert str(tmp_path / name) in proc.stdout + proc.stderr
+
+
+def test_a_teacher_retrained_to_the_same_bytes_reruns_nothing_below_it(study):
+    """Snakemake re-runs every job below a job it re-runs (it judges by mtimes); a job whose
+    outputs are already what it would make (its provenance: the same params, input bytes and
+    code) keeps them and ends at once, so nothing below the teacher is recomputed."""
+    models = study / "data" / "models"
+    before = {p.name: p.read_bytes() for p in models.glob("*.safetensors")}
+    for name in ("pgdat.safetensors", "pgdat.json"):
+        (models / name).unlink()
+    proc = run([str(BIN / "snakemake"), "--cores", "2"], study)
+    ran = re.findall(r"^(?:local)?rule (\w+):", proc.stdout + proc.stderr, re.M)
+    assert ran.count("teacher") == 1 and "distill" in ran  # Snakemake scheduled them all
+    assert {p.name: p.read_bytes() for p in models.glob("*.safetensors")} == before
+    for sid in (KD, KDIGA):  # a student of the teacher: reused, not retrained
+        log = (study / "logs" / "distill" / f"{sid}.log").read_text()
+        assert "its outputs are current" in log and "epoch 1/1" not in log, log[-2000:]
+    report = (study / "logs" / "report.log").read_text()
+    assert "its outputs are current" in report
+    assert changed_stages(study) == set() and planned(study) == []
+
+
+def test_a_key_only_streamed_data_reads_changes_no_job_of_a_digits_study(study):
+    """shard.workers orders the batches of streamed (ImageNet) data; digits are held in
+    memory, so no job of this study reads it: neither tool plans anything."""
+    set_param(study, "shard.workers", 7)
+    assert planned(study) == []
+    assert changed_stages(study) == {dag.GUARD}  # the guard re-reads params.yaml, nothing else
+
+
+def test_the_machine_is_recorded_with_every_artifact_and_named_in_the_report(
+    tiny_study_built, monkeypatch
+):
+    """Each artifact's record names the machine that made it (a record, not an input: the
+    report says another machine computes other bytes)."""
+    from kdiga.utils import machine_info
+    from pipeline.params import load_params
+
+    params = load_params(tiny_study_built / "params.yaml", build=False)
+    here = machine_info()
+    monkeypatch.chdir(tiny_study_built)  # records are read relative to the study
+    records = [provenance.read_record(j) for j in dag.jobs(params)]
+    for rec in records:
+        machine = rec["machine"]
+        assert machine["cpu"] == here["cpu"] and machine["torch"] == here["torch"]
+        assert machine["threads"] == 1 and "gpu" not in machine  # KDIGA_THREADS, on the CPU
+    report = (tiny_study_built / "reports" / "report.md").read_text()
+    assert f"Computed on {here['cpu']} ({here['cpu_cores']} cores), torch {here['torch']}" in report
+    assert f"({len(records) - 1} jobs)" in report  # every job but the report itself
+    assert "Another processor, thread count or torch computes other bytes" in report
+
+
+def test_sharing_a_study_through_a_dvc_remote_reuses_its_bytes(tiny_study_built, tmp_path):
+    """README's "Share a study": push the artifacts to a DVC remote; a clone pulls them and,
+    after `python -m pipeline.sync --snakemake`, neither tool has anything to do."""
+    origin = copy_study(tiny_study_built, tmp_path / "origin")
+    remote = tmp_path / "remote"
+    dvc("remote", "add", "-d", "store", str(remote), cwd=origin)
+    git_commit_all(origin, "a DVC remote")
+    dvc("push", cwd=origin)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(origin), str(clone)], tmp_path)
+    dvc("pull", cwd=clone)
+    run([sys.executable, "-m", "pipeline.sync", "--snakemake", "--quiet"], clone)
+    assert "up to date" in dvc("status", cwd=clone)
+    assert planned(clone) == []
+    for path in origin.glob("data/**/*"):
+        if path.is_file():
+            assert (clone / path.relative_to(origin)).read_bytes() == path.read_bytes(), path
