@@ -11,10 +11,13 @@ replaces the inner maximisation, or both run it from the same start).
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
+from tiny_study import TINY, bin_path, copy_study, run, write_params
 from torch import nn
 
 from kdiga import losses
@@ -22,6 +25,7 @@ from kdiga.attacks import pgd
 from kdiga.data import load_dataset
 from kdiga.losses_successors import kl_rows
 from kdiga.methods import build_loss
+from kdiga.stats import NEEDS_SEEDS
 from kdiga.train import TrainConfig, fit
 from pipeline.params import ParamError, validate
 
@@ -628,3 +632,33 @@ def test_bad_params_name_the_key(section, value, needle):
     with pytest.raises(ParamError) as err:
         _params(**section)
     assert str(err.value).startswith(f"params: {value}") and needle in str(err.value)
+
+
+# -- in a study ------------------------------------------------------------------------------
+
+SUCCESSORS = ["kd", "kdiga", "kdiga_arda", "adaad", "iad", "igdm"]
+
+
+@pytest.mark.slow
+def test_the_successors_run_through_a_tiny_study(tiny_study_built, tmp_path):
+    """adaad, iad and igdm train, are attacked and bounded like any method, and the report
+    puts KDIGA beside them: KDIGA against IGDM, KDIGA-ARDA against AdaAD (one seed: no
+    verdict, the intervals over the images only)."""
+    study = copy_study(tiny_study_built, tmp_path / "study")
+    params = yaml.safe_load((study / "params.yaml").read_text())
+    params["distill"]["methods"] = SUCCESSORS
+    write_params(study, params)
+    run([bin_path("snakemake"), "--cores", "2"], study)
+    metrics = json.loads((study / "reports" / "metrics.json").read_text())
+    for method in ("adaad", "iad", "igdm"):
+        model = f"pgdat--{method}--small_cnn--s0"
+        bounds = json.loads((study / "data" / "bounds" / f"{model}.json").read_text())
+        assert len(bounds["llm_per_sample"][0]) == bounds["n"] == TINY["bounds"]["samples"]
+        assert model in (study / "reports" / "report.md").read_text()
+    claims = metrics["claims"]
+    for key in ("pgdat/small_cnn/kdiga-igdm/robust", "pgdat/small_cnn/kdiga_arda-adaad/robust"):
+        assert claims[key]["verdict"] == NEEDS_SEEDS, claims[key]
+        assert -100 <= claims[key]["difference"] <= 100
+    report = (study / "reports" / "report.md").read_text()
+    assert "KDIGA is more robust than IGDM (KDIGA − IGDM)" in report
+    assert "KDIGA-ARDA is more robust than AdaAD" in report
