@@ -78,6 +78,16 @@ def split_indices(
     return torch.nonzero(~held).flatten(), torch.nonzero(held).flatten()
 
 
+def seeded_subset(n_total: int, n: int, seed: int) -> Tensor:
+    """``n`` distinct indices into ``range(n_total)``, sorted, int64 ``[n]``, fixed by ``seed``:
+    the first ``n`` of a permutation drawn by a generator seeded with ``seed``, so a larger
+    ``n`` keeps the smaller one's draw (the fixed test subsets, the bounds' samples)."""
+    if not (isinstance(n_total, int) and isinstance(n, int) and 1 <= n <= n_total):
+        raise ValueError(f"need ints 1 <= n <= n_total, got n={n!r}, n_total={n_total!r}")
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(n_total, generator=gen)[:n].sort().values
+
+
 def _subset(images: Tensor, labels: Tensor, n: int | None, seed: int) -> tuple[Tensor, Tensor]:
     """A fixed random subset of ``n`` samples (in their original order); all when n is None."""
     if n is None:
@@ -86,8 +96,7 @@ def _subset(images: Tensor, labels: Tensor, n: int | None, seed: int) -> tuple[T
         raise ValueError(f"n={n!r} must be >= 1 or None (all samples)")
     if n >= labels.numel():
         return images, labels
-    gen = torch.Generator().manual_seed(int(seed))
-    idx = torch.randperm(labels.numel(), generator=gen)[:n].sort().values
+    idx = seeded_subset(labels.numel(), n, seed)
     return images[idx], labels[idx]
 
 

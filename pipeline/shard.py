@@ -77,7 +77,7 @@ def _folder_splits(s: Shard, out: Path, progress: Callable | None = None) -> Non
     """ImageNet / an ImageFolder root as shards of its image files, with their manifests."""
     import torch
 
-    from kdiga.data import split_indices
+    from kdiga.data import seeded_subset, split_indices
     from kdiga.shards import write_manifest
     from kdiga.stream import list_image_folder, write_image_shards
 
@@ -104,8 +104,7 @@ def _folder_splits(s: Shard, out: Path, progress: Callable | None = None) -> Non
     keep, val = split_indices(labels, s.val_fraction, seed=s.seed)
     n_test = len(test) if s.test_samples is None else min(s.test_samples, len(test))
     check_memory(s, val.numel() + n_test)  # val and test are decoded into memory to evaluate
-    gen = torch.Generator().manual_seed(int(s.seed))
-    test_idx = torch.randperm(len(test), generator=gen)[:n_test].sort().values
+    test_idx = seeded_subset(len(test), n_test, s.seed)
     plan = {  # split: (folder, listing, indices, shuffled write order)
         "train": (root / "train", train, keep, True),
         "val": (root / "train", train, val, False),
