@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdiga.errors import KdigaError
+
 if TYPE_CHECKING:
     from torchvision.datasets import ImageFolder
 
@@ -35,7 +37,7 @@ DIGITS_TEST_FRACTION = 1 / 3
 DIGITS_SPLIT_SEED = 0
 
 
-class DatasetNotFoundError(FileNotFoundError, ValueError):
+class DatasetNotFoundError(KdigaError, FileNotFoundError, ValueError):
     """A dataset's files are not where they were looked for (a ``ValueError`` too)."""
 
 

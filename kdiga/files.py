@@ -24,12 +24,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kdiga.errors import KdigaError
+
 #: where kdiga's metadata sits in a safetensors header (``__metadata__["kdiga"]``)
 META_KEY = "kdiga"
 _HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 
-class ArtifactWriteError(OSError):
+class ArtifactWriteError(KdigaError, OSError):
     """An artifact could not be written (disk full, no permission, ...).
 
     Raised by :func:`atomic_path` (and the helpers built on it) with one line naming the
@@ -204,7 +206,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-class ArtifactError(ValueError):
+class ArtifactError(KdigaError, ValueError):
     """A tensor file that is missing, truncated, corrupt or not what was expected."""
 
 

@@ -70,6 +70,7 @@ from torch import Tensor, nn
 
 from kdiga.artifacts import hash_tensors, load_tensors, save_tensors
 from kdiga.data import AUGMENTATIONS, to_float
+from kdiga.errors import KdigaError
 from kdiga.files import is_safetensors
 from kdiga.losses import TeacherSignals, teacher_signals
 from kdiga.progress import ProgressFn, Tracker
@@ -88,7 +89,7 @@ _VIEW_SEED_MULT = 1000003
 _TENSORS = ("offsets", "flips", "logits", "grads", "grad_scale")
 
 
-class SignalError(ValueError):
+class SignalError(KdigaError, ValueError):
     """A signal file is missing, unreadable, truncated or fails its checksum."""
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from kdiga.errors import KdigaError
 from pipeline import dag, progress
 from pipeline.params import (
     ParamError,
@@ -133,37 +134,20 @@ def _job_warnings(params: Study, stage: str, args: argparse.Namespace) -> list:
     return [w for w in params.warnings if w.stage == stage and (w.name is None or w.name in names)]
 
 
-class MissingInputError(FileNotFoundError):
+class MissingInputError(KdigaError, FileNotFoundError):
     """A file a stage reads is not there (its stage has not run)."""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """The project's own error types: a bad input or a stale, missing or corrupt file. Each
-    gets one line; anything else is a bug and keeps its traceback."""
-    from kdiga.data import DatasetNotFoundError
-    from kdiga.files import ArtifactError, ArtifactWriteError
-    from kdiga.models import CheckpointError
+    """The project's own error types (:class:`kdiga.errors.KdigaError`): a bad input or a
+    stale, missing or corrupt file. Each gets one line; anything else is a bug and keeps its
+    traceback."""
+    # ShardError and NonFiniteLossError do not derive from KdigaError yet; their modules
+    # import torch, so they are imported when a stage fails, not when params are checked.
     from kdiga.shards import ShardError
-    from kdiga.signals import SignalError
     from kdiga.train import NonFiniteLossError
-    from pipeline.gpu import GpuSlotsError
-    from pipeline.launch import LaunchError
-    from pipeline.provenance import ProvenanceError
 
-    return (
-        ParamError,
-        ProvenanceError,
-        MissingInputError,
-        DatasetNotFoundError,
-        ShardError,
-        CheckpointError,
-        SignalError,
-        ArtifactError,
-        ArtifactWriteError,
-        GpuSlotsError,
-        LaunchError,
-        NonFiniteLossError,
-    )
+    return (KdigaError, ShardError, NonFiniteLossError)
 
 
 def run(

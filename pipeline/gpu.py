@@ -73,6 +73,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from kdiga.errors import KdigaError
+
 logger = logging.getLogger(__name__)
 
 SLOTS_ENV = "KDIGA_GPU_SLOTS"
@@ -116,7 +118,7 @@ def default_lock_dir() -> Path:
     return tmp / f"kdiga-gpu-locks-{os.getuid()}"
 
 
-class GpuSlotsError(ValueError):
+class GpuSlotsError(KdigaError, ValueError):
     """A ``KDIGA_GPU_SLOTS`` value (or ``n_slots``) that is not a valid pool."""
 
 

@@ -42,13 +42,14 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+from kdiga.errors import KdigaError
 from pipeline.common import LOG_APPEND_ENV, log
 
 TORCHRUN = ("-m", "torch.distributed.run")
 RDZV_PORT = 29500  # torchrun's default master port
 
 
-class LaunchError(RuntimeError):
+class LaunchError(KdigaError, RuntimeError):
     """A stage's torchrun job failed; its workers logged why."""
 
 

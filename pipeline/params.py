@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 # The library's tables, without torch (validating params imports none; see validate's build).
+from kdiga.errors import KdigaError
 from kdiga.loss_config import IGA_REDUCTIONS, STUDENT_GRAD_MODES
 from kdiga.methods import TEACHER_METHODS, get_method, method_names
 from kdiga.models.catalog import BUILTIN as BUILTIN_MODELS
@@ -90,7 +91,7 @@ MAX_GPUS = 1_024  # devices one student trains on (pipeline.gpu.MAX_SLOTS)
 MAX_SHOWN = 200  # characters of a value (or key) an error message shows at most
 
 
-class ParamError(ValueError):
+class ParamError(KdigaError, ValueError):
     """A value in params.yaml that is not allowed."""
 
     def __init__(self, key: str, value: Any, allowed: str) -> None:

@@ -26,6 +26,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from kdiga.errors import KdigaError
 from kdiga.files import read_meta, sha256_file
 from pipeline import dag
 
@@ -33,7 +34,7 @@ RECORD_KEY = "provenance"
 _SHORT = 16  # hex digits of a sha256 shown in messages
 
 
-class ProvenanceError(RuntimeError):
+class ProvenanceError(KdigaError, RuntimeError):
     """An input was made from other data or params than those on disk now."""
 
 

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from kdiga.artifacts import load_tensors, save_tensors, tensors_sha256
+from kdiga.errors import KdigaError
 from kdiga.files import ArtifactError, is_safetensors
 from kdiga.models.normalized import NormalizedModel
 from kdiga.models.registry import build_model, external_only_kwargs, state_shapes
@@ -51,7 +52,7 @@ EXPECTED_FIELDS = ("arch", "num_classes", "in_chans", "image_size", "kwargs")
 _SHOWN = 80  # characters of a header value quoted in a message
 
 
-class CheckpointError(ValueError):
+class CheckpointError(KdigaError, ValueError):
     """A model file that does not load (missing, corrupt, truncated, wrong format or keys)."""
 
 
