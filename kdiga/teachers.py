@@ -66,8 +66,8 @@ from kdiga.models import (
     read_checkpoint,
     read_model_record,
 )
+from kdiga.models.errors import WeightsUnavailableError
 from kdiga.models.io import (
-    WeightsUnavailableError,
     check_model_path,
     check_tensors,
     path_problem,

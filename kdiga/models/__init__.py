@@ -23,11 +23,11 @@ from typing import Any
 #: public name -> the module that defines it
 _EXPORTS = {
     "FORMAT": "kdiga.models.io",
-    "CheckpointError": "kdiga.models.io",
-    "CheckpointNotFoundError": "kdiga.models.io",
+    "CheckpointError": "kdiga.models.errors",
+    "CheckpointNotFoundError": "kdiga.models.errors",
     "GroupedConv2d": "kdiga.models.layers",
     "NormalizedModel": "kdiga.models.normalized",
-    "WeightsUnavailableError": "kdiga.models.io",
+    "WeightsUnavailableError": "kdiga.models.errors",
     "build_model": "kdiga.models.registry",
     "grouped_conv2d": "kdiga.models.layers",
     "is_model_record": "kdiga.models.io",

@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import nn
 
+from kdiga.models.errors import WeightsUnavailableError
+
 logger = logging.getLogger(__name__)
 
 Stats = tuple[Sequence[float], Sequence[float]]
@@ -42,8 +44,6 @@ def build_external(
 
 
 def _offline_error(arch: str, exc: BaseException) -> RuntimeError:
-    from kdiga.models.io import WeightsUnavailableError
-
     return WeightsUnavailableError(
         f"pretrained weights for {arch!r} could not be downloaded ({type(exc).__name__}: "
         f"{exc}). Offline? Download the weights file elsewhere, copy it here and load it with "

@@ -36,8 +36,8 @@ from typing import Any
 import torch
 
 from kdiga.artifacts import load_tensors, save_tensors, tensors_sha256
-from kdiga.errors import KdigaError
 from kdiga.files import ArtifactError, is_safetensors
+from kdiga.models.errors import CheckpointError, CheckpointNotFoundError
 from kdiga.models.normalized import NormalizedModel
 from kdiga.models.registry import build_model, external_only_kwargs, state_shapes
 
@@ -50,19 +50,6 @@ FIELDS = ("arch", "num_classes", "in_chans", "image_size", "mean", "std", "kwarg
 #: the header fields a reader may require (:func:`load_model`'s ``expect``)
 EXPECTED_FIELDS = ("arch", "num_classes", "in_chans", "image_size", "kwargs")
 _SHOWN = 80  # characters of a header value quoted in a message
-
-
-class CheckpointError(KdigaError, ValueError):
-    """A model file that does not load (missing, corrupt, truncated, wrong format or keys)."""
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """The model file does not exist."""
-
-
-class WeightsUnavailableError(CheckpointError, RuntimeError):
-    """Weights to download (a ``url:`` teacher, timm or torchvision pretrained weights) could
-    not be had: offline, or the server refused."""
 
 
 def _plain(value: Any, what: str) -> Any:

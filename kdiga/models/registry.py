@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from kdiga.models import external
 from kdiga.models.batchnorm import use_batchnorm_double_backward
 from kdiga.models.catalog import BUILTIN, EXTERNAL_PREFIXES
 from kdiga.models.layers import use_grouped_double_backward
@@ -109,8 +110,6 @@ def build_model(
     _check_positive(num_classes=num_classes, in_chans=in_chans, image_size=image_size)
     default_stats = None
     if name.startswith(EXTERNAL_PREFIXES):
-        from kdiga.models import external
-
         net, default_stats = external.build_external(
             name,
             num_classes,
