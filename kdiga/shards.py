@@ -16,11 +16,12 @@ number of classes (``load_sharded``: the manifest's; ``read_shards``: ``num_clas
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import os
 import tarfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,7 @@ def _decode_image(data: bytes, ext: str) -> np.ndarray:
     return arr
 
 
-def _decode_label(data: bytes, num_classes: int | None = None) -> int:
+def decode_label(data: bytes, num_classes: int | None = None) -> int:
     """A ``.cls`` member's label; ValueError if it is not an integer (or, given
     ``num_classes``, not in ``[0, num_classes)``)."""
     try:
@@ -131,6 +132,73 @@ def _decode_label(data: bytes, num_classes: int | None = None) -> int:
     if num_classes is not None and not 0 <= label < num_classes:
         raise ValueError(f"label {label} is not a class of this data (0 to {num_classes - 1})")
     return label
+
+
+def check_shard_names(prefix: str, max_per_shard: int) -> None:
+    """ValueError unless ``prefix`` is a plain name (no '/' or '.') and ``max_per_shard >= 1``."""
+    if not prefix or "/" in prefix or "." in prefix:
+        raise ValueError(f"prefix={prefix!r} must be a non-empty name without '/' or '.'")
+    if max_per_shard < 1:
+        raise ValueError(f"max_per_shard={max_per_shard!r} must be >= 1")
+
+
+def write_tar_shards(
+    samples: Iterable[tuple[str, bytes, str, int]],
+    out_dir: str | os.PathLike,
+    *,
+    prefix: str,
+    max_per_shard: int,
+    track: Tracker | None = None,
+) -> list[dict[str, Any]]:
+    """Write ``(key, bytes, ext, label)`` samples as ``<out_dir>/<prefix>-NNNNNN.tar``: the tar
+    writer of every shard (:func:`write_shards`, :mod:`kdiga.stream`'s image shards).
+
+    A sample is the members ``<key>.<ext>`` (the bytes) and ``<key>.cls`` (the label as
+    decimal text), with fixed metadata, so the same samples give the same bytes. Each shard
+    holds at most ``max_per_shard`` samples, is written to a temporary file and renamed into
+    place; the samples are consumed one at a time. ``track`` is told the samples written at
+    the start, every :data:`PROGRESS_EVERY` and at the end of each shard.
+
+    Returns:
+        one ``{"path": str, "count": int, "sha256": str}`` per shard, in order.
+
+    Raises:
+        ValueError: no samples.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    it = iter(samples)
+    entries: list[dict[str, Any]] = []
+    written = 0
+    if track is not None:
+        track.at(0)
+    for shard in itertools.count():
+        first = next(it, None)
+        if first is None:
+            break
+        path = out / f"{prefix}-{shard:06d}.tar"
+        count = 0
+        with (
+            atomic_path(path) as tmp,
+            open(tmp, "wb") as fh,
+            wds.TarWriter(fh, encoder=False, mtime=_MTIME, user="kdiga", group="kdiga") as sink,
+        ):
+            for key, data, ext, label in itertools.chain(
+                [first], itertools.islice(it, max_per_shard - 1)
+            ):
+                # reported once the next sample comes: a shard's last one is reported below
+                if track is not None and count and (written + count) % PROGRESS_EVERY == 0:
+                    track.at(written + count, f"shard {shard + 1}")
+                sink.write({"__key__": key, ext: data, "cls": str(int(label)).encode("ascii")})
+                count += 1
+        written += count
+        if track is not None:
+            track.at(written, f"shard {shard + 1}")
+        entries.append({"path": str(path), "count": count, "sha256": sha256_file(path)})
+    if not entries:
+        raise ValueError("no samples to write")
+    logger.info("wrote %d samples in %d shards to %s", written, len(entries), out)
+    return entries
 
 
 def write_shards(
@@ -168,41 +236,15 @@ def write_shards(
         )
     if images.shape[0] == 0:
         raise ValueError("no samples to write (N = 0)")
-    if max_per_shard < 1:
-        raise ValueError(f"max_per_shard={max_per_shard!r} must be >= 1")
-    if not prefix or "/" in prefix or "." in prefix:
-        raise ValueError(f"prefix={prefix!r} must be a non-empty name without '/' or '.'")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_shard_names(prefix, max_per_shard)
     arrays = images.cpu().numpy()
     ys = labels.cpu().tolist()
-    n = len(ys)
-    width = max(9, len(str(n - 1)))
-    entries = []
-    track = Tracker(progress, f"shard {prefix}", n, "images")
-    track.at(0)
-    for shard, start in enumerate(range(0, n, max_per_shard)):
-        stop = min(start + max_per_shard, n)
-        path = out / f"{prefix}-{shard:06d}.tar"
-        with (
-            atomic_path(path) as tmp,
-            open(tmp, "wb") as fh,
-            wds.TarWriter(fh, encoder=False, mtime=_MTIME, user="kdiga", group="kdiga") as sink,
-        ):
-            for i in range(start, stop):
-                sink.write(
-                    {
-                        "__key__": f"{i:0{width}d}",
-                        fmt: _encode(arrays[i], fmt),
-                        "cls": str(int(ys[i])).encode("ascii"),
-                    }
-                )
-                if (i + 1) % PROGRESS_EVERY == 0 and i + 1 < stop:
-                    track.at(i + 1, f"shard {shard + 1}")
-        track.at(stop, f"shard {shard + 1}")
-        entries.append({"path": str(path), "count": stop - start, "sha256": sha256_file(path)})
-    logger.info("wrote %d samples in %d shards to %s", n, len(entries), out)
-    return entries
+    width = max(9, len(str(len(ys) - 1)))
+    samples = ((f"{i:0{width}d}", _encode(arrays[i], fmt), fmt, y) for i, y in enumerate(ys))
+    track = Tracker(progress, f"shard {prefix}", len(ys), "images")
+    return write_tar_shards(
+        samples, out_dir, prefix=prefix, max_per_shard=max_per_shard, track=track
+    )
 
 
 def _lookup(table: Mapping[str, Any] | None, path: Path) -> Any:
@@ -264,7 +306,7 @@ def _read_one(path: Path, num_classes: int | None = None) -> tuple[list[np.ndarr
             )
         try:
             images.append(_decode_image(parts[ext], ext))
-            labels.append(_decode_label(parts["cls"], num_classes))
+            labels.append(decode_label(parts["cls"], num_classes))
         except Exception as err:  # numpy/PIL raise many types on corrupt bytes
             raise ShardError(f"{path}: sample {key!r} does not decode ({err})") from err
     return images, labels
@@ -325,7 +367,7 @@ def _decode_sample(sample: dict[str, Any]) -> tuple[Tensor, Tensor]:
         raise ShardError(f"{url}: sample {key!r} needs an image and 'cls'")
     try:
         image = _decode_image(sample[ext], ext)
-        label = _decode_label(sample["cls"])
+        label = decode_label(sample["cls"])
     except Exception as err:
         raise ShardError(f"{url}: sample {key!r} does not decode ({err})") from err
     return torch.from_numpy(image), torch.tensor(label, dtype=torch.int64)

@@ -95,7 +95,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import webdataset as wds
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -106,9 +105,15 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from kdiga.data import DatasetNotFoundError
-from kdiga.files import atomic_path, sha256_file
+from kdiga.files import sha256_file
 from kdiga.progress import ProgressFn, Tracker
-from kdiga.shards import _MTIME, PROGRESS_EVERY, ShardError, _decode_label, read_manifest
+from kdiga.shards import (
+    ShardError,
+    check_shard_names,
+    decode_label,
+    read_manifest,
+    write_tar_shards,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -229,61 +234,6 @@ def _prepare(data: bytes, name: str, resize_short: int | None) -> tuple[bytes, s
     return data, ext
 
 
-def _check_prefix(prefix: str, max_per_shard: int) -> None:
-    if not prefix or "/" in prefix or "." in prefix:
-        raise ValueError(f"prefix={prefix!r} must be a non-empty name without '/' or '.'")
-    if max_per_shard < 1:
-        raise ValueError(f"max_per_shard={max_per_shard!r} must be >= 1")
-
-
-def _write_tars(
-    items: Iterable[tuple[str, bytes, str, int]],
-    out: Path,
-    prefix: str,
-    max_per_shard: int,
-    track: Tracker | None = None,
-) -> list[dict[str, Any]]:
-    """Write (key, bytes, ext, label) samples as ``<prefix>-NNNNNN.tar``, streaming.
-
-    Each shard is written to a temporary file and renamed into place; at most one sample's
-    bytes are held at a time. ``track`` counts the samples written.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    it = iter(items)
-    entries: list[dict[str, Any]] = []
-    written = 0
-    if track is not None:
-        track.at(0)
-    for shard in itertools.count():
-        first = next(it, None)
-        if first is None:
-            break
-        path = out / f"{prefix}-{shard:06d}.tar"
-        count = 0
-        with (
-            atomic_path(path) as tmp,
-            open(tmp, "wb") as fh,
-            wds.TarWriter(fh, encoder=False, mtime=_MTIME, user="kdiga", group="kdiga") as sink,
-        ):
-            for key, data, ext, label in itertools.chain(
-                [first], itertools.islice(it, max_per_shard - 1)
-            ):
-                sink.write({"__key__": key, ext: data, "cls": str(int(label)).encode("ascii")})
-                count += 1
-                if track is not None and (written + count) % PROGRESS_EVERY == 0:
-                    track.at(written + count, f"shard {shard + 1}")
-        written += count
-        if track is not None:
-            track.at(written, f"shard {shard + 1}")
-        entries.append({"path": str(path), "count": count, "sha256": sha256_file(path)})
-    if not entries:
-        raise ValueError("no samples to write")
-    logger.info(
-        "wrote %d samples in %d shards to %s", sum(e["count"] for e in entries), len(entries), out
-    )
-    return entries
-
-
 def write_encoded_shards(
     samples: Iterable[tuple[bytes, str, int]],
     out_dir: str | os.PathLike,
@@ -311,7 +261,7 @@ def write_encoded_shards(
         ShardError: a sample that is not a decodable image of its format.
         ValueError: a bad extension, label, prefix or ``max_per_shard``, or no samples.
     """
-    _check_prefix(prefix, max_per_shard)
+    check_shard_names(prefix, max_per_shard)
 
     def items() -> Iterator[tuple[str, bytes, str, int]]:
         for i, (data, ext, label) in enumerate(samples):
@@ -330,7 +280,7 @@ def write_encoded_shards(
                 raise ShardError(f"{name}: ext {ext!r} but the bytes are a {fmt} image")
             yield f"{i:09d}", bytes(data), stored, label
 
-    return _write_tars(items(), Path(out_dir), prefix, max_per_shard)
+    return write_tar_shards(items(), out_dir, prefix=prefix, max_per_shard=max_per_shard)
 
 
 def list_image_folder(split_dir: str | os.PathLike) -> tuple[list[tuple[str, int]], list[str]]:
@@ -495,7 +445,7 @@ def write_image_shards(
         DatasetNotFoundError: ``split_dir`` is not an ImageFolder split.
         ValueError: bad ``indices``, ``prefix``, ``max_per_shard`` or ``resize_short``.
     """
-    _check_prefix(prefix, max_per_shard)
+    check_shard_names(prefix, max_per_shard)
     if resize_short is not None and (isinstance(resize_short, bool) or resize_short < 1):
         raise ValueError(f"resize_short={resize_short!r} must be an int >= 1 or None")
     samples, _ = list_image_folder(split_dir)
@@ -509,7 +459,9 @@ def write_image_shards(
             yield f"{i:0{width}d}", data, ext, label
 
     track = Tracker(progress, f"shard {prefix}", len(order), "images")
-    return _write_tars(items(), Path(out_dir), prefix, max_per_shard, track)
+    return write_tar_shards(
+        items(), out_dir, prefix=prefix, max_per_shard=max_per_shard, track=track
+    )
 
 
 # --- the plan of an epoch -----------------------------------------------------------------
@@ -758,7 +710,7 @@ def _read_shard(path: str, count: int, num_classes: int | None = None) -> Iterat
                 f"{sorted(parts)}"
             )
         try:
-            label = _decode_label(parts["cls"], num_classes)
+            label = decode_label(parts["cls"], num_classes)
         except ValueError as err:
             raise ShardError(f"{path}: sample {key!r}: {err}") from err
         return _Raw(path, key, _READ_EXTS[image[0]], parts[image[0]], label)
