@@ -19,6 +19,7 @@ from snakemake.exceptions import WorkflowError
 
 from pipeline import dag, forkserver
 from pipeline.common import REUSE_ENV
+from pipeline.runners import RUNNER_ENV, SNAKEMAKE, StudyBusyError, refuse_if_dvc_runs
 from pipeline.params import (
     check_models,
     check_paths,
@@ -40,6 +41,8 @@ os.environ.setdefault(forkserver.ENABLE_ENV, "1")
 # stage writes its outputs whole, through a temporary file and a rename.
 # KDIGA_REUSE_CURRENT=0 (with --forceall) recomputes them.
 os.environ.setdefault(REUSE_ENV, "1")
+# This run's jobs are its own (a job started beside a Snakemake run stops: pipeline/runners.py).
+os.environ[RUNNER_ENV] = SNAKEMAKE
 
 PARAMS = params_file()  # params.yaml, or a preset: KDIGA_PARAMS=configs/cifar10.yaml snakemake
 # The one schema, before Snakemake parses the file itself: a key given twice, bytes that are
@@ -208,6 +211,10 @@ rule report:
 
 
 onstart:
+    try:
+        refuse_if_dvc_runs()  # dvc repro / dvc exp run writes the same outputs
+    except StudyBusyError as err:
+        raise WorkflowError(str(err)) from None
     check_paths(P)  # a missing dataset root, teacher or student file stops the run before any job
     check_models(P)  # so does a model its params cannot build (a bad kwargs)
 

@@ -25,6 +25,7 @@ from pipeline.params import (
     params_file,
     parse_student_id,
 )
+from pipeline.runners import refuse_if_snakemake_runs
 
 log = logging.getLogger("kdiga.pipeline")
 
@@ -180,6 +181,7 @@ def run(
         params = load_params(path)
         for warning in _job_warnings(params, stage, args):
             log.warning("%s", warning)
+        refuse_if_snakemake_runs()  # DVC or a hand run beside a Snakemake run of the study
         check_paths(params, (stage,))
         from kdiga.utils import seed_everything
 
