@@ -24,14 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdiga.errors import KdigaError
+from kdiga.options import AUGMENTATIONS, DATASET_INFO, DATASETS
 
 if TYPE_CHECKING:
     from torchvision.datasets import ImageFolder
 
 logger = logging.getLogger(__name__)
-
-DATASETS = ("digits", "cifar10", "imagenet", "synthetic")
-AUGMENTATIONS = ("none", "crop", "crop_flip")
 
 DIGITS_TEST_FRACTION = 1 / 3
 DIGITS_SPLIT_SEED = 0
@@ -237,7 +235,7 @@ def load_dataset(
         name: one of ``DATASETS``.
         split: "train" or "test" ("val" is an alias of "test" for imagenet).
         root: data directory (cifar10, imagenet).
-        image_size: output side; defaults: digits 16, cifar10 32, imagenet 224, synthetic 32.
+        image_size: output side; default: the dataset's (``kdiga.options.DATASET_INFO``).
         n: keep a fixed random subset of ``n`` samples (seeded by ``seed``); for ``synthetic``,
             the number of samples (default 512); required for ``imagenet``.
         seed: seed of the subset (and of the synthetic data); never changes the digits split.
@@ -247,8 +245,8 @@ def load_dataset(
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; allowed: {DATASETS}")
-    defaults = {"digits": 16, "cifar10": 32, "imagenet": 224, "synthetic": 32}
-    size = defaults[name] if image_size is None else int(image_size)
+    info = DATASET_INFO[name]
+    size = info.image_size if image_size is None else int(image_size)
     if size < 1:
         raise ValueError(f"image_size={image_size!r} must be >= 1")
     if channels is not None and name not in ("digits", "synthetic"):
@@ -265,16 +263,16 @@ def load_dataset(
         return images, labels
     _check_split(name, split, ("train", "test"))
     if name == "digits":
-        ch = 1 if channels is None else channels
+        ch = info.channels if channels is None else channels
         if ch not in (1, 3):
             raise ValueError(f"channels={channels!r} for digits; allowed: 1, 3")
         images, labels = _load_digits(split, size, ch)
     elif name == "cifar10":
         images, labels = _load_cifar10(split, root, size, download)
     else:
-        ch = 3 if channels is None else channels
-        k = 10 if num_classes is None else num_classes
-        count = 512 if n is None else n
+        ch = info.channels if channels is None else channels
+        k = info.classes if num_classes is None else num_classes
+        count = (info.train_images if split == "train" else info.test_images) if n is None else n
         if ch < 1 or k < 2 or count < 1:
             raise ValueError(
                 f"synthetic needs channels >= 1, num_classes >= 2, n >= 1; "

@@ -69,22 +69,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdiga.artifacts import hash_tensors, load_tensors, save_tensors
-from kdiga.data import AUGMENTATIONS, to_float
+from kdiga.data import to_float
 from kdiga.errors import KdigaError
 from kdiga.files import is_safetensors
 from kdiga.losses import TeacherSignals, teacher_signals
+from kdiga.options import AUGMENTATIONS, SCHEDULES
+from kdiga.options import GRAD_DTYPES as GRAD_DTYPE_NAMES
 from kdiga.progress import ProgressFn, Tracker
 from kdiga.train import check_data
 
 logger = logging.getLogger(__name__)
 
 SIGNALS_FORMAT = "kdiga.signals/2"
-GRAD_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-SCHEDULES = ("cycle", "random")
+#: the torch dtype of each storage of the input gradients (kdiga.options.GRAD_DTYPES)
+GRAD_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in GRAD_DTYPE_NAMES}
 _VIEW_SEED_MULT = 1000003
 _TENSORS = ("offsets", "flips", "logits", "grads", "grad_scale")
 

@@ -37,21 +37,20 @@ from kdiga.errors import KdigaError
 from kdiga.loss_config import IGA_REDUCTIONS, STUDENT_GRAD_MODES
 from kdiga.methods import TEACHER_METHODS, get_method, method_names
 from kdiga.models.catalog import BUILTIN as BUILTIN_MODELS
-from kdiga.options import NORMS
+from kdiga.options import (
+    AUGMENTATIONS,
+    AUTOATTACK_ATTACKS,
+    AUTOATTACK_VERSION_ATTACKS,
+    AUTOATTACK_VERSIONS,
+    DATASET_INFO,
+    DATASETS,
+    GRAD_DTYPES,
+    NORMS,
+    SCHEDULES,
+    SWEEP_ATTACKS,
+    DatasetInfo,
+)
 
-DATASETS = ("digits", "cifar10", "imagenet", "synthetic")
-ATTACKS = ("pgd", "autoattack")
-AUGMENTS = ("none", "crop", "crop_flip")
-GRAD_DTYPES = ("float32", "float16", "bfloat16")
-SCHEDULES = ("cycle", "random")
-AA_VERSIONS = ("standard", "plus", "rand", "custom")
-AA_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
-#: what each version other than custom runs (fra31/auto-attack's AutoAttack.set_version)
-AA_VERSION_ATTACKS = {
-    "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
-    "plus": ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"),
-    "rand": ("apgd-ce", "apgd-dlr"),
-}
 TEACHER_SCHEMES = ("train", "file:", "url:", "timm:")
 STUDENT_INITS = ("scratch", "pretrained", "file:")
 ID_SEP = "--"
@@ -59,20 +58,6 @@ BOUNDS_SEP = "vs"  # a bounds job of a student without a teacher: <id>--vs--<tea
 MAX_NAME = 64  # characters of a teacher's or student's name: ids and file names stay short
 NAME_RE = r"[A-Za-z0-9]([A-Za-z0-9_-]*[A-Za-z0-9_])?"
 
-# What the shard stage writes for each dataset (kdiga.data's defaults): the models are built for it.
-DATASET_CHANNELS = {"digits": 1, "cifar10": 3, "imagenet": 3, "synthetic": 3}
-DATASET_CLASSES = {"digits": 10, "cifar10": 10, "imagenet": 1000, "synthetic": 10}
-#: datasets written as shards of their image files and streamed while training (kdiga.stream)
-STREAMED_DATASETS = ("imagenet",)
-#: images per class of the train split before the validation cut, and of the test split, as
-#: kdiga.data loads them (digits: its fixed split of the 1,797 images; synthetic: 512 train
-#: images, ``shard.test_samples`` test images); an ImageFolder's are known at the shard stage
-TRAIN_CLASS_COUNTS = {
-    "digits": (119, 121, 118, 122, 121, 121, 121, 119, 116, 120),
-    "cifar10": (5_000,) * 10,
-    "synthetic": (52, 52, 51, 51, 51, 51, 51, 51, 51, 51),
-}
-TEST_IMAGES = {"digits": 599, "cifar10": 10_000, "synthetic": 512}
 MAX_CLASSES = 100_000
 
 # Upper bounds where a huge value would only waste a run (or overflow later).
@@ -607,18 +592,23 @@ class Shard:
                 f"{prefix}.num_classes",
                 self.num_classes,
                 f"only an imagenet (ImageFolder) root may set its number of classes; "
-                f"{self.dataset} has {DATASET_CLASSES[self.dataset]}: use null",
+                f"{self.dataset} has {self.info.classes}: use null",
             )
 
     @property
     def streamed(self) -> bool:
         """The training split streams from shards of image files (ImageNet, any ImageFolder)."""
-        return self.dataset in STREAMED_DATASETS
+        return self.info.image_folder
+
+    @property
+    def info(self) -> DatasetInfo:
+        """The dataset's facts (kdiga.options.DATASET_INFO): channels, classes, sizes."""
+        return DATASET_INFO[self.dataset]
 
     @property
     def classes(self) -> int:
         """The number of classes: ``num_classes``, or the dataset's own."""
-        return self.num_classes or DATASET_CLASSES[self.dataset]
+        return self.num_classes or self.info.classes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -631,7 +621,7 @@ class Training:
     momentum: float = key(0.9, _momentum, "SGD momentum, in [0, 1)")
     weight_decay: float = key(5.0e-4, number(), "SGD weight decay")
     milestones: list = key([10], _milestones, "epochs at which the lr is divided by 10")
-    augment: str = key("crop", choice(*AUGMENTS), "none, crop or crop_flip (in-memory data; "
+    augment: str = key("crop", choice(*AUGMENTATIONS), "none, crop or crop_flip (in-memory data; "
                        "streamed imagenet trains on RandomResizedCrop + flip)")  # fmt: skip
     crop_padding: int = key(2, integer(0), "pixels of padding of the random crop")
     # not in TRAIN_KEYS nor in any params view: the weights do not depend on it
@@ -829,13 +819,13 @@ class Pgd:
 
 
 def _aa_targets(k: str, v: Any) -> int | None:
-    return optional(integer(1, max(DATASET_CLASSES.values()) - 1))(k, v)
+    return optional(integer(1, max(d.classes for d in DATASET_INFO.values()) - 1))(k, v)
 
 
 @dataclass(frozen=True, kw_only=True)
 class AutoAttackSettings:
-    version: str = key("custom", choice(*AA_VERSIONS), "standard | plus | rand | custom")
-    attacks: list = key(["apgd-ce", "apgd-dlr"], listing(lambda k, v: _choice(k, v, AA_ATTACKS)),
+    version: str = key("custom", choice(*AUTOATTACK_VERSIONS), "standard | plus | rand | custom")
+    attacks: list = key(["apgd-ce", "apgd-dlr"], listing(choice(*AUTOATTACK_ATTACKS)),
                         "the attacks of the custom version")  # fmt: skip
     n_restarts: int | None = key(1, optional(integer(1, MAX_RESTARTS)), "APGD-CE / FAB "
                                  "restarts (null: AutoAttack's default)")  # fmt: skip
@@ -848,7 +838,7 @@ class AutoAttackSettings:
 @dataclass(frozen=True, kw_only=True)
 class Attack:
     split: str = key("test", choice("test", "val"), "test | val (tune on val)")
-    attacks: list = key(["pgd", "autoattack"], listing(lambda k, v: _choice(k, v, ATTACKS)),
+    attacks: list = key(["pgd", "autoattack"], listing(choice(*SWEEP_ATTACKS)),
                         "pgd, autoattack")  # fmt: skip
     radii: list = key([0.02, 0.05, 0.1, 0.15, 0.2], _radii, "increasing radii in [0, 1] pixel "
                       "units (write 8/255 as \"8/255\")")  # fmt: skip
@@ -877,7 +867,7 @@ class Bounds:
 
 @dataclass(frozen=True, kw_only=True)
 class Report:
-    figure_attack: str = key("pgd", choice(*ATTACKS), "the attack drawn in the figure")
+    figure_attack: str = key("pgd", choice(*SWEEP_ATTACKS), "the attack drawn in the figure")
     claim_radius: float | None = key(None, optional(parse_radius), "the radius at which the "
                                      "claims table compares robust accuracy (null: the attack "
                                      "radius nearest distill.adversarial.eps)")  # fmt: skip
@@ -926,10 +916,9 @@ class Study:
     @property
     def data(self) -> dict:
         """num_classes, in_chans and image_size the models are built for."""
-        ds = self.shard.dataset
         return {
             "num_classes": self.shard.classes,
-            "in_chans": DATASET_CHANNELS[ds],
+            "in_chans": self.shard.info.channels,
             "image_size": self.shard.image_size,
         }
 
@@ -1054,7 +1043,7 @@ def param_warnings(p: Study) -> list[ParamWarning]:
             stage, name,
         ))  # fmt: skip
     aa = p.attack.autoattack
-    runs = AA_VERSION_ATTACKS.get(aa.version)
+    runs = AUTOATTACK_VERSION_ATTACKS.get(aa.version)
     written = "attacks" in ((p.raw.get("attack") or {}).get("autoattack") or {})  # no default
     if "autoattack" in p.attack.attacks and runs and written and set(aa.attacks) != set(runs):
         out.append(ParamWarning(
@@ -1078,11 +1067,11 @@ def param_warnings(p: Study) -> list[ParamWarning]:
 
 def test_images(s: Shard) -> int | None:
     """The images of the test split the shard stage writes; None for an ImageFolder root."""
-    if s.dataset not in TEST_IMAGES:
+    if s.info.image_folder:
         return None
     if s.dataset == "synthetic":  # as many as asked
-        return TEST_IMAGES["synthetic"] if s.test_samples is None else s.test_samples
-    n = TEST_IMAGES[s.dataset]
+        return s.info.test_images if s.test_samples is None else s.test_samples
+    n = s.info.test_images
     return n if s.test_samples is None else min(n, s.test_samples)
 
 
@@ -1214,11 +1203,12 @@ def _check_data_fit(p: Study) -> None:
     """Checks that need the dataset: crop padding vs image size, normalisation lengths,
     classes, a validation cut that leaves both splits some images."""
     dataset, size = p.shard.dataset, p.shard.image_size
-    if dataset in TRAIN_CLASS_COUNTS:
-        problem = val_fraction_problem(p.shard.val_fraction, TRAIN_CLASS_COUNTS[dataset])
+    counts = p.shard.info.train_class_counts
+    if counts is not None:
+        problem = val_fraction_problem(p.shard.val_fraction, counts)
         if problem:
             raise ParamError("shard.val_fraction", p.shard.val_fraction, f"{dataset}: {problem}")
-    chans, classes = DATASET_CHANNELS[dataset], p.shard.classes
+    chans, classes = p.shard.info.channels, p.shard.classes
     sections = [(f"teachers.{n}.train", t.train) for n, t in p.teachers.items()]
     for k, sec in [*sections, ("distill", p.distill)]:
         if sec.augment in ("crop", "crop_flip") and sec.crop_padding >= size:

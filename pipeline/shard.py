@@ -26,8 +26,6 @@ from pipeline import dag
 from pipeline.common import begin, log, run, write_json
 from pipeline.forkserver import stage_main
 from pipeline.params import (
-    DATASET_CHANNELS,
-    TRAIN_CLASS_COUNTS,
     ParamError,
     Shard,
     Study,
@@ -40,13 +38,13 @@ from pipeline.provenance import digest
 def in_memory_images(s: Shard) -> int:
     """The images of the splits a small dataset holds in memory: train (with its validation
     cut) and the test subset."""
-    return sum(TRAIN_CLASS_COUNTS[s.dataset]) + test_images(s)
+    return s.info.train_images + test_images(s)
 
 
 def check_memory(s: Shard, images: int) -> None:
     """Refuse, before they are loaded, ``images`` held in memory at ``shard.image_size`` that
     would pass ``shard.max_gb`` (images x channels x image_size^2 bytes)."""
-    need = images * DATASET_CHANNELS[s.dataset] * s.image_size**2 / 1e9
+    need = images * s.info.channels * s.image_size**2 / 1e9
     if need > s.max_gb:
         raise ParamError(
             "shard.image_size", s.image_size,

@@ -27,14 +27,16 @@ from torch import Tensor, nn
 
 from kdiga.attacks.checks import check_gradients, check_perturbation
 from kdiga.attacks.pgd import check_eps
+from kdiga.options import AUTOATTACK_ATTACKS as ATTACKS
+from kdiga.options import AUTOATTACK_VERSIONS as VERSIONS
+from kdiga.options import MEASURE_NORMS
 from kdiga.progress import ProgressFn, Tracker
 from kdiga.utils import eval_mode
 
 logger = logging.getLogger(__name__)
 
-ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
-VERSIONS = ("standard", "plus", "rand", "custom")
-AA_NORMS = {"linf": "Linf", "l2": "L2", "l1": "L1"}
+#: AutoAttack's spelling of each norm (``"Linf"``, ``"L2"``, ``"L1"``)
+AA_NORMS = {norm: norm[0].upper() + norm[1:] for norm in MEASURE_NORMS}
 # Smallest number of classes each loss can use (the DLR losses read the 3rd / 4th logit).
 _MIN_CLASSES = {"apgd-dlr": 3, "apgd-t": 4, "fab-t": 2, "fab": 2, "apgd-ce": 2, "square": 2}
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from kdiga.attacks.pgd import perturbation_norm
+from kdiga.options import MEASURE_NORMS
 from kdiga.utils import eval_mode
 
 
@@ -25,8 +26,8 @@ def check_perturbation(
     Reports samples outside the ``norm`` ball of radius ``eps`` (beyond ``tol``), values
     outside [0, 1] (beyond ``tol``), non-finite values and a shape mismatch.
     """
-    if not isinstance(norm, str) or norm.lower() not in ("linf", "l2", "l1"):
-        raise ValueError(f"norm must be one of ('linf', 'l2', 'l1') (any case), got {norm!r}")
+    if not isinstance(norm, str) or norm.lower() not in MEASURE_NORMS:
+        raise ValueError(f"norm must be one of {MEASURE_NORMS} (any case), got {norm!r}")
     if x.shape != x_adv.shape:
         return [f"x_adv has shape {tuple(x_adv.shape)}, x has shape {tuple(x.shape)}"]
     problems = []

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdiga.options import NORMS
+from kdiga.options import MEASURE_NORMS, NORMS
 from kdiga.utils import eval_mode
 
 logger = logging.getLogger(__name__)
@@ -53,8 +53,8 @@ def check_eps(eps: float, name: str = "eps") -> float:
 def perturbation_norm(delta: Tensor, norm: str) -> Tensor:
     """Per-sample norm of ``delta`` [B, ...] -> [B]; ``norm`` "linf", "l2" or "l1", any case."""
     key = norm.lower() if isinstance(norm, str) else norm
-    if key not in ("linf", "l2", "l1"):
-        raise ValueError(f"norm must be one of ('linf', 'l2', 'l1') (any case), got {norm!r}")
+    if key not in MEASURE_NORMS:
+        raise ValueError(f"norm must be one of {MEASURE_NORMS} (any case), got {norm!r}")
     flat = delta.reshape(delta.shape[0], -1)
     if flat.shape[1] == 0:
         return flat.new_zeros(flat.shape[0])

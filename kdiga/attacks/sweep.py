@@ -31,12 +31,12 @@ from torch import Tensor, nn
 from kdiga.attacks.autoattack import autoattack, canonical_aa_norm
 from kdiga.attacks.checks import check_gradients
 from kdiga.attacks.pgd import canonical_norm, check_eps, perturbation_norm, pgd
+from kdiga.options import SWEEP_ATTACKS
 from kdiga.progress import ProgressFn, Tracker
 from kdiga.utils import atomic_torch_save, eval_mode
 
 logger = logging.getLogger(__name__)
 
-SWEEP_ATTACKS = ("pgd", "autoattack")
 _STATE_VERSION = 1
 
 # attack(x [n, ...], y [n], radius) -> (x_adv [n, ...], per-sample gradient evals, flags)

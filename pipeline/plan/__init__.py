@@ -24,7 +24,7 @@ process's CPU time is timed, which leaves out the waits for a core of a shared m
   counted). The report: a nominal minute.
 
 Counts come from the params and the split sizes (the shard manifests when they match, else
-:data:`~.study.DATASET_IMAGES`): steps per epoch = train images // batch, a validation pass
+``kdiga.options.DATASET_INFO``): steps per epoch = train images // batch, a validation pass
 per epoch. Attacks and bounds are upper bounds: every point attacked at every radius for every
 step, restart and AutoAttack attack (their sweeps skip points already broken). Each
 calibration is measured once per (model, method and its settings, image size, batch, device)

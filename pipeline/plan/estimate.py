@@ -15,7 +15,7 @@ from kdiga.methods import get_method
 from pipeline import dag
 from pipeline.attack import autoattack_settings
 from pipeline.common import train_config
-from pipeline.params import DATASET_CLASSES, Study, parse_student_id
+from pipeline.params import Study, parse_student_id
 from pipeline.plan.calibrate import Calibrator
 from pipeline.plan.records import Cost, Plan, Row
 from pipeline.plan.render import fmt_bytes, fmt_s
@@ -206,7 +206,7 @@ def autoattack_passes(params: Study) -> tuple[int, int]:
     from kdiga.attacks.autoattack import _configure, canonical_aa_norm  # imports torch
 
     kw = autoattack_settings(params.attack.autoattack)
-    classes = DATASET_CLASSES[params.shard.dataset]
+    classes = params.shard.info.classes
     adv = AutoAttack(torch.nn.Identity(), attacks=kw.get("attacks"), device="cpu", eps=0.1,
                      norm=canonical_aa_norm(params.attack.norm), seed=0,
                      version=kw["version"])  # fmt: skip

@@ -12,14 +12,6 @@ from typing import Any
 from pipeline import dag
 from pipeline.params import Study, parse_student_id
 
-#: (train, test) images of each dataset before the validation cut (``kdiga.data``'s loaders).
-DATASET_IMAGES = {
-    "digits": (1_198, 599),
-    "cifar10": (50_000, 10_000),
-    "imagenet": (1_281_167, 50_000),
-    "synthetic": (512, 512),
-}
-
 
 def default(fn: Callable[..., Any], name: str) -> Any:
     """The default of ``fn``'s parameter ``name``: the stages call these with their defaults."""
@@ -38,7 +30,8 @@ class Sizes:
 
 def split_sizes(params: Study, shards: str | Path = dag.SHARDS) -> Sizes:
     """The splits' sizes: the shard manifests' when they were written for this dataset and
-    image size, else from :data:`DATASET_IMAGES` (the validation cut rounded as a whole)."""
+    image size, else the dataset's sizes (``kdiga.options.DATASET_INFO``; the validation cut
+    rounded as a whole)."""
     s = params.shard
     counts = {}
     for split in ("train", "val", "test"):
@@ -51,7 +44,7 @@ def split_sizes(params: Study, shards: str | Path = dag.SHARDS) -> Sizes:
         counts[split] = int(m["num_samples"])
     if len(counts) == 3:
         return Sizes(**counts, source="the shard manifests")
-    total, test = DATASET_IMAGES[s.dataset]
+    total, test = s.info.train_images, s.info.test_images
     val = round(s.val_fraction * total)
     test = test if s.test_samples is None else min(test, s.test_samples)
     return Sizes(total - val, val, test, f"the size of {s.dataset}")
