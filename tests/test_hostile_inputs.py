@@ -678,10 +678,10 @@ def test_a_member_declaring_a_huge_size_is_refused_before_reading(tmp_path):
     with pytest.raises(ShardError) as err:
         read_shards([shard])
     assert "declares 1000000000000 bytes, more than the" in one_line(err)
-    from kdiga.stream import _read_shard
+    from kdiga.stream.tar import read_shard
 
     with pytest.raises(ShardError, match="declares 1000000000000 bytes at byte 0, more than"):
-        list(_read_shard(str(shard), 3))
+        list(read_shard(str(shard), 3))
     assert manifest.exists()
 
 

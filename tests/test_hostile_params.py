@@ -330,10 +330,10 @@ def test_fewer_train_shards_than_workers_times_ranks_names_both_and_the_fix():
 
 def test_the_stream_refuses_a_layout_with_a_project_error():
     from kdiga.shards import ShardError
-    from kdiga.stream import _plan
+    from kdiga.stream.plan import plan_epoch
 
     with pytest.raises(ShardError, match="training needs at least world_size x max"):
-        _plan([10], train=True, batch_size=2, world_size=1, workers=2, seed=0, epoch=0)
+        plan_epoch([10], train=True, batch_size=2, world_size=1, workers=2, seed=0, epoch=0)
 
 
 @pytest.mark.slow
