@@ -1,0 +1,3 @@
+from pipeline.params.cli import main
+
+raise SystemExit(main())
