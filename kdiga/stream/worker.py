@@ -67,6 +67,8 @@ def _shuffled(items: Iterable[RawSample], size: int, rng: random.Random) -> Iter
 
 @dataclass(frozen=True)
 class EpochSettings:
+    """What one rank's epoch depends on: :func:`kdiga.stream.stream_loader`'s arguments."""
+
     train: bool
     batch_size: int
     image_size: int
@@ -132,13 +134,12 @@ class EpochStream(IterableDataset):
         if cfg.on_device:
             return self._encoded(rows, labels, keys)
         blank = torch.zeros(3, cfg.image_size, cfg.image_size, dtype=torch.uint8)
-        images = [
-            blank if r is None else self._view(r, decode_cpu(r.data, _where(r))) for r in rows
-        ]
+        images = [blank if r is None else self._view(r) for r in rows]
         return torch.stack(images), labels, keys
 
-    def _view(self, sample: RawSample, image: Tensor) -> Tensor:
+    def _view(self, sample: RawSample) -> Tensor:
         cfg = self.cfg
+        image = decode_cpu(sample.data, _where(sample))
         if not cfg.train:
             return eval_view(image, cfg.image_size)
         crop = draw_crop(sample.key, sample.rep, *image.shape[-2:], cfg.seed, cfg.epoch)
