@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
+from PIL import Image
 from torch import Tensor
 
 from kdiga.files import atomic_path, atomic_write_text, sha256_file
@@ -50,8 +51,6 @@ def _encode(image: np.ndarray, fmt: str) -> bytes:
         buf = io.BytesIO()
         np.lib.format.write_array(buf, np.ascontiguousarray(image), allow_pickle=False)
         return buf.getvalue()
-    from PIL import Image
-
     hwc = image.transpose(1, 2, 0)
     pil = Image.fromarray(hwc[:, :, 0] if hwc.shape[2] == 1 else hwc)
     buf = io.BytesIO()
@@ -109,8 +108,6 @@ def _decode_image(data: bytes, ext: str) -> np.ndarray:
     if ext == "npy":
         arr = _decode_npy(data)
     else:
-        from PIL import Image
-
         with Image.open(io.BytesIO(data)) as img:
             arr = np.asarray(img)
         arr = arr[:, :, None] if arr.ndim == 2 else arr
