@@ -176,6 +176,21 @@ rule attack:
         "python -m pipeline.attack --model {wildcards.model} --attack {wildcards.attack} --log {log}"
 
 
+rule bounds_teacher:
+    input:
+        lambda w: job("bounds_teacher", w.teacher).deps,
+    output:
+        update(dag.bounds_teacher_path("{teacher}")),
+    params:
+        values=lambda w: values("bounds_teacher", w.teacher),
+    log:
+        dag.log_path("bounds_teacher", "{teacher}"),
+    resources:
+        gpu=1,
+    shell:
+        "python -m pipeline.bounds_teacher --teacher {wildcards.teacher} --log {log}"
+
+
 rule bounds:
     input:
         lambda w: job("bounds", w.bkey).deps,

@@ -40,6 +40,8 @@ repeats; and the check's violation rates per kind of point.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,7 +52,16 @@ from torch import Tensor, nn
 
 from bench.common import compare, fmt_table, header, num_threads, time_call
 from kdiga.attacks import pgd
-from kdiga.bounds import local_linearity, proposition2_violations
+from kdiga.bounds import (
+    VIOLATION_KINDS,
+    AscentSettings,
+    llm_key,
+    local_linearity,
+    prop2_key,
+    proposition2_violations,
+    sample_indices,
+    table4,
+)
 from kdiga.data import load_dataset, to_float
 from kdiga.methods import build_loss
 from kdiga.models import build_model
@@ -58,11 +69,13 @@ from kdiga.train import TrainConfig, fit
 
 RADII = (0.05, 0.1)
 PGD_STEPS = 20
-SETTINGS: dict[str, dict] = {
-    "old": dict(steps=10, restarts=1, ascent="fixed", signs="abs", corners=False, patience=0),
-    "new": {},
-    "single": dict(steps=14, restarts=1),
-    "long": dict(steps=200, restarts=5),
+SETTINGS: dict[str, AscentSettings] = {
+    "old": AscentSettings(
+        steps=10, restarts=1, ascent="fixed", signs="abs", corners=False, patience=0
+    ),
+    "new": AscentSettings(),
+    "single": AscentSettings(steps=14, restarts=1),
+    "long": AscentSettings(steps=200, restarts=5),
 }
 TARGET_RATIO, TARGET_TIME = 0.97, 1.5
 
@@ -81,8 +94,11 @@ QUICK, FULL = Size(16, 5, 100, 2), Size(32, 12, 200, 3)
 def independent(model: nn.Module, x: Tensor, y: Tensor, eps: float) -> Tensor:
     """γ from a plain ascent unlike the new one: 50 steps x 3 random starts, step eps/4."""
     gen = torch.Generator().manual_seed(7)
-    kw = dict(ascent="fixed", signs="positive", corners=False, patience=0, generator=gen)
-    return local_linearity(model, x, y, eps, steps=50, restarts=3, step_size=eps / 4, **kw).gamma
+    plain = AscentSettings(
+        steps=50, restarts=3, step_size=eps / 4, ascent="fixed", signs="positive",
+        corners=False, patience=0,
+    )  # fmt: skip
+    return local_linearity(model, x, y, eps, settings=plain, generator=gen).gamma
 
 
 def train_models(size: Size) -> tuple[dict[str, nn.Module], str]:
@@ -122,7 +138,9 @@ def _timed_gammas(
     def call(name: str):
         def fn() -> None:
             gen = torch.Generator().manual_seed(0)
-            results[name] = local_linearity(model, x, y, eps, generator=gen, **SETTINGS[name])
+            results[name] = local_linearity(
+                model, x, y, eps, settings=SETTINGS[name], generator=gen
+            )
 
         return fn
 
@@ -144,10 +162,10 @@ def _violations(
     out = {}
     for name in ("old", "new"):
         gen = torch.Generator().manual_seed(0)
-        kw = {**adv, **SETTINGS[name]}
         check = proposition2_violations(
-            student, teacher, x, y, eps, random_points=0, generator=gen, **kw
-        )
+            student, teacher, x, y, eps, settings=SETTINGS[name], random_points=0,
+            generator=gen, **adv,
+        )  # fmt: skip
         pgd_rate = torch.stack([check.violated["pgd_student"], check.violated["pgd_teacher"]])
         out[name] = pgd_rate.any(dim=0).double().mean().item()
         out[f"{name}_all"] = check.rate["all"]
@@ -160,7 +178,7 @@ def measure(
     """One row: γ under each setting, ratios to the per-sample reference, times, violations."""
     res, times = _timed_gammas(model, x, y, eps, size.repeats)
     gen = torch.Generator().manual_seed(0)
-    long = local_linearity(model, x, y, eps, generator=gen, **SETTINGS["long"]).gamma
+    long = local_linearity(model, x, y, eps, settings=SETTINGS["long"], generator=gen).gamma
     ind = independent(model, x, y, eps)
     gammas = {k: r.gamma for k, r in res.items()} | {"long": long, "ind": ind}
     ref = torch.stack(list(gammas.values())).amax(dim=0).mean().item()
@@ -246,7 +264,7 @@ def run(quick: bool = False, threads: int | None = 1) -> str:
             for eps in RADII
             for name, m in models.items()
         ]
-    settings = ", ".join(f"{k}: {v or 'the defaults'}" for k, v in SETTINGS.items())
+    settings = ", ".join(f"{k}: {_changed(v) or 'the defaults'}" for k, v in SETTINGS.items())
     lines = [
         "== LLM maximiser: old vs new settings against a long budget ==",
         desc,
@@ -262,14 +280,22 @@ def run(quick: bool = False, threads: int | None = 1) -> str:
     return "\n".join(lines)
 
 
+def _changed(settings: AscentSettings) -> dict[str, Any]:
+    """The fields of `settings` that differ from the defaults."""
+    default = AscentSettings()
+    return {
+        f.name: getattr(settings, f.name)
+        for f in dataclasses.fields(settings)
+        if getattr(settings, f.name) != getattr(default, f.name)
+    }
+
+
 def study(root: str, repeats: int = 2, threads: int | None = 1) -> str:
     """The module doc's ``--study``: a finished study's models, samples and settings."""
-    import os
-
-    from kdiga.bounds import VIOLATION_KINDS, llm_key, prop2_key, sample_indices, table4
+    # the study's own infrastructure, needed by this mode only
     from pipeline import dag
     from pipeline.common import load_split, load_stage_model
-    from pipeline.params import load_params, radius_label
+    from pipeline.params import load_params
 
     os.chdir(root)
     params = load_params("params.yaml")
@@ -278,61 +304,18 @@ def study(root: str, repeats: int = 2, threads: int | None = 1) -> str:
     n = min(b.samples, len(labels))
     idx = sample_indices(len(labels), n, params.shard.seed)
     x, y = to_float(images[idx]), labels[idx]
-    now = dict(steps=b.steps, restarts=b.restarts, tol=b.tol, patience=b.patience)
+    now = AscentSettings(steps=b.steps, restarts=b.restarts, tol=b.tol, patience=b.patience)
     pairs = [(sid, dag.bounds_teacher(params, sid, t)) for sid, t in dag.bounds_pairs(params)]
     names = [*params.teachers, *dict.fromkeys(sid for sid, _ in pairs)]
-
-    def gen() -> torch.Generator:
-        return torch.Generator().manual_seed(params.shard.seed)
-
-    kw = dict(radii=b.radii, batch_size=b.batch_size)
-    jobs, gammas = [], {}
     with num_threads(threads):
         models = {name: load_stage_model(params, name)[0].eval() for name in names}
-        for sid, teacher in pairs:
-            s, t, res = models[sid], models[teacher], {}
-
-            def before(s=s, t=t, res=res) -> None:
-                res["before"] = table4(s, t, x, y, generator=gen(), **kw, **SETTINGS["old"])
-
-            def after(s=s, t=t, res=res) -> None:
-                res["after"] = table4(
-                    s, t, x, y, generator=gen(), check_samples=b.check_samples, **kw, **now
-                )
-
-            timing = compare({"before": before, "after": after}, repeats=repeats, warmup=0)
-            row: dict[str, Any] = {"job": f"{sid} (vs {teacher})"}
-            row |= {f"t {k}": v.median for k, v in timing.items()}
-            for r in b.radii:
-                gammas[sid, r] = torch.tensor(res["after"][llm_key(r, "samples")])
-                check = res["after"].get(prop2_key(r)) or {}
-                row[f"viol {radius_label(r)}"] = {k: v["rate"] for k, v in check.items()}
-            jobs.append(row)
-        rows = []
-        for name, model in models.items():
-            for r in b.radii:
-                if (name, r) not in gammas:  # a teacher
-                    gammas[name, r] = local_linearity(model, x, y, r, generator=gen(), **now).gamma
-                long = local_linearity(model, x, y, r, generator=gen(), **SETTINGS["long"]).gamma
-                g = gammas[name, r].double()
-                rows.append([name, f"{r:g}", long.mean().item(), g.mean().item(),
-                             g.mean().item() / long.double().mean().item()])  # fmt: skip
+        jobs, gammas = _study_jobs(models, pairs, x, y, params, now, repeats)
+        rows = _study_gammas(models, gammas, x, y, params, now)
+    job_rows = _job_rows(jobs, b.radii)
     worst = min(r[-1] for r in rows)
-    job_rows = []
-    for j in jobs:
-        rates = []
-        for r in b.radii:
-            v = j[f"viol {radius_label(r)}"]
-            if v.get("all") is None:
-                rates.append(f"{r:g}: not tested")
-                continue
-            cells = [f"{k} {100 * v[k]:.1f}%" for k in VIOLATION_KINDS if v.get(k)]
-            rates.append(f"{r:g}: {100 * v['all']:.1f}%" + (f" ({', '.join(cells)})" * bool(cells)))
-        job_rows.append([j["job"], j["t before"], j["t after"], j["t after"] / j["t before"],
-                         "; ".join(rates)])  # fmt: skip
     slowest = max(r[3] for r in job_rows)
     total = sum(r[2] for r in job_rows) / sum(r[1] for r in job_rows)
-    settings = ", ".join(f"{k} {v}" for k, v in now.items())
+    settings = ", ".join(f"{k} {getattr(now, k)}" for k in ("steps", "restarts", "tol", "patience"))
     lines = [
         "== LLM maximiser on a study's models: the study's settings against a long budget ==",
         f"study {root}: {len(models)} models, {n} test images (bounds.samples), radii "
@@ -351,6 +334,93 @@ def study(root: str, repeats: int = 2, threads: int | None = 1) -> str:
         f"(highest {slowest:.2f}; all jobs together {total:.2f})",
     ]
     return "\n".join(lines)
+
+
+def _seeded(params: Any) -> torch.Generator:
+    return torch.Generator().manual_seed(params.shard.seed)
+
+
+def _study_jobs(
+    models: dict[str, nn.Module],
+    pairs: list[tuple[str, str]],
+    x: Tensor,
+    y: Tensor,
+    params: Any,
+    now: AscentSettings,
+    repeats: int,
+) -> tuple[list[dict[str, Any]], dict[tuple[str, float], Tensor]]:
+    """Each bounds job timed before (old settings) and after (the study's, with the check),
+    interleaved: its row, and the γ of each student at each radius."""
+    from pipeline.params import radius_label  # the study's own infrastructure
+
+    b = params.bounds
+    kw = dict(radii=b.radii, batch_size=b.batch_size)
+    jobs, gammas = [], {}
+    for sid, teacher in pairs:
+        s, t, res = models[sid], models[teacher], {}
+
+        def before(s=s, t=t, res=res) -> None:
+            old = SETTINGS["old"]
+            res["before"] = table4(s, t, x, y, settings=old, generator=_seeded(params), **kw)
+
+        def after(s=s, t=t, res=res) -> None:
+            res["after"] = table4(
+                s, t, x, y, settings=now, generator=_seeded(params),
+                check_samples=b.check_samples, **kw,
+            )  # fmt: skip
+
+        timing = compare({"before": before, "after": after}, repeats=repeats, warmup=0)
+        row: dict[str, Any] = {"job": f"{sid} (vs {teacher})"}
+        row |= {f"t {k}": v.median for k, v in timing.items()}
+        for r in b.radii:
+            gammas[sid, r] = torch.tensor(res["after"][llm_key(r, "samples")])
+            check = res["after"].get(prop2_key(r)) or {}
+            row[f"viol {radius_label(r)}"] = {k: v["rate"] for k, v in check.items()}
+        jobs.append(row)
+    return jobs, gammas
+
+
+def _study_gammas(
+    models: dict[str, nn.Module],
+    gammas: dict[tuple[str, float], Tensor],
+    x: Tensor,
+    y: Tensor,
+    params: Any,
+    now: AscentSettings,
+) -> list[list[Any]]:
+    """Per model and radius: γ of a long budget, γ at the study's settings, their ratio."""
+    rows = []
+    for name, model in models.items():
+        for r in params.bounds.radii:
+            if (name, r) not in gammas:  # a teacher
+                gen = _seeded(params)
+                gammas[name, r] = local_linearity(model, x, y, r, settings=now, generator=gen).gamma
+            long = local_linearity(
+                model, x, y, r, settings=SETTINGS["long"], generator=_seeded(params)
+            ).gamma
+            g = gammas[name, r].double()
+            rows.append([name, f"{r:g}", long.mean().item(), g.mean().item(),
+                         g.mean().item() / long.double().mean().item()])  # fmt: skip
+    return rows
+
+
+def _job_rows(jobs: list[dict[str, Any]], radii: Sequence[float]) -> list[list[Any]]:
+    """The timing table's rows: times, their ratio, the violation rates per radius."""
+    from pipeline.params import radius_label  # the study's own infrastructure
+
+    job_rows = []
+    for j in jobs:
+        rates = []
+        for r in radii:
+            v = j[f"viol {radius_label(r)}"]
+            if v.get("all") is None:
+                rates.append(f"{r:g}: not tested")
+                continue
+            cells = [f"{k} {100 * v[k]:.1f}%" for k in VIOLATION_KINDS if v.get(k)]
+            rates.append(f"{r:g}: {100 * v['all']:.1f}%" + (f" ({', '.join(cells)})" * bool(cells)))
+        job_rows.append([j["job"], j["t before"], j["t after"], j["t after"] / j["t before"],
+                         "; ".join(rates)])  # fmt: skip
+    return job_rows
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -3,7 +3,8 @@ CE) and its input-gradient gap ||g_s - g_t||_2 to its teacher (``--teacher <name
 student trained without one), on random test samples (paper section 4.4): the same samples
 for every model of the study. Per sample, so the report can give CIs and pair models; with
 the ascent's convergence (half against full budget, converged fraction, steps used); and
-Proposition 2 tested at PGD, random and ascent points (``kdiga.bounds``)."""
+Proposition 2 tested at PGD, random and ascent points (``kdiga.bounds``). The teacher's part
+comes from its ``bounds_teacher`` job (``data/bounds/<teacher>.teacher.safetensors``)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import argparse
 import time
 
 from pipeline import dag
+from pipeline.bounds_teacher import ascent_settings, bounds_samples, generator
 from pipeline.common import (
     begin,
     device,
-    load_split,
     load_stage_model,
     log,
     run,
@@ -26,10 +27,7 @@ from pipeline.params import Study, check_teacher, parse_student_id, radius_label
 
 
 def body(args: argparse.Namespace, params: Study) -> None:
-    import torch
-
-    from kdiga.bounds import llm_key, prop2_key, sample_indices, table4
-    from kdiga.data import to_float
+    from kdiga.bounds import llm_key, load_teacher_share, prop2_key, table4
 
     parse_student_id(params, args.model)
     name = dag.bounds_teacher(params, args.model, args.teacher)
@@ -40,32 +38,18 @@ def body(args: argparse.Namespace, params: Study) -> None:
     b = params.bounds
     student, _ = load_stage_model(params, args.model)
     teacher, _ = load_stage_model(params, name)
-    images, labels, _ = load_split("test")
-    n = min(b.samples, len(labels))
-    if n < b.samples:
-        log.warning("bounds.samples=%d but the test split has %d images: using all", b.samples, n)
-    idx = sample_indices(len(labels), n, params.shard.seed)  # the same images for every model
-    x, y = to_float(images[idx]), labels[idx]
+    share = load_teacher_share(dag.bounds_teacher_path(name))
+    x, y = bounds_samples(params)
+    n = len(y)
     with device() as dev:
         student.to(dev).eval()
         teacher.to(dev).eval()
         start = time.perf_counter()
         row = table4(
-            student,
-            teacher,
-            x,
-            y,
-            radii=b.radii,
-            steps=b.steps,
-            restarts=b.restarts,
-            tol=b.tol,
-            patience=b.patience,
-            batch_size=b.batch_size,
-            device=dev,
-            generator=torch.Generator().manual_seed(params.shard.seed),
-            check_samples=b.check_samples,
-            progress=args.progress,
-        )
+            student, teacher, x, y, radii=b.radii, settings=ascent_settings(params),
+            batch_size=b.batch_size, device=dev, generator=generator(params),
+            check_samples=b.check_samples, share=share, progress=args.progress,
+        )  # fmt: skip
         seconds = time.perf_counter() - start
     n_check = row.get("prop2/n", 0)
     prop2 = {"n": n_check, "radii": {}}

@@ -36,8 +36,8 @@ from pipeline.params import (
 
 log = logging.getLogger("kdiga.pipeline.dag")
 
-STAGES = ("shard", "teacher", "signals", "distill", "attack", "bounds", "report")
-GPU_STAGES = ("teacher", "signals", "distill", "attack", "bounds")
+STAGES = ("shard", "teacher", "signals", "distill", "attack", "bounds_teacher", "bounds", "report")
+GPU_STAGES = ("teacher", "signals", "distill", "attack", "bounds_teacher", "bounds")
 
 #: what the DVC guard stage (``dag``) records: the DAG's jobs, each with its command,
 #: inputs and outputs. Every DVC stage reads it, so none runs before the guard has checked
@@ -55,6 +55,7 @@ METRICS = "reports/metrics.json"
 PLOT_CSV = "reports/robustness.csv"
 #: wall-clock figures: written beside the logs, never into an output DVC hashes
 COST_MD = "logs/cost.md"
+BOUNDS_PARAMS = ["shard.seed", "bounds"]  # the bounds' samples, draws and settings
 REPORT_PARAMS = ["report", "signals"]  # the report says which students used cached signals
 
 
@@ -89,6 +90,11 @@ def bounds_path(model_id: str, teacher: str | None = None) -> str:
     return f"data/bounds/{bounds_key(model_id, teacher)}.json"
 
 
+def bounds_teacher_path(teacher: str) -> str:
+    """The teacher's share of the bounds jobs of its students (``pipeline.bounds_teacher``)."""
+    return f"data/bounds/{teacher}.teacher.safetensors"
+
+
 def log_path(stage: str, key: str | None = None) -> str:
     return f"logs/{stage}.log" if key is None else f"logs/{stage}/{key}.log"
 
@@ -101,7 +107,8 @@ def timing_path(stage: str, key: str | None = None) -> str:
 def code_deps(stage: str) -> list[str]:
     """The code a stage's results depend on: DVC's code dependencies and the code digest in
     every artifact's provenance (pipeline.provenance)."""
-    return [f"pipeline/{stage}.py", "pipeline/common.py", "pipeline/params.py", "kdiga"]
+    shared = ["pipeline/bounds_teacher.py"] if stage == "bounds" else []  # its samples, draws
+    return [f"pipeline/{stage}.py", *shared, "pipeline/common.py", "pipeline/params.py", "kdiga"]
 
 
 def teacher_deps(params: Study, teacher: str) -> list[str]:
@@ -231,6 +238,33 @@ def bounds_teacher(params: Study, model_id: str, teacher: str | None) -> str:
     return teacher or parse_student_id(params, model_id).teacher
 
 
+def bounds_jobs(params: Study) -> list[Job]:
+    """The teacher's share of the bounds once per teacher compared with, then a bounds job
+    per (student, teacher) pair reading it."""
+    pairs = bounds_pairs(params)
+    used = {bounds_teacher(params, sid, t) for sid, t in pairs}
+    out = [
+        Job(
+            "bounds_teacher", t, _cmd("bounds_teacher", t, teacher=t), [SHARDS, model_path(t)],
+            [bounds_teacher_path(t)], BOUNDS_PARAMS, args={"teacher": t},
+            record=bounds_teacher_path(t),
+        )
+        for t in teacher_ids(params)
+        if t in used
+    ]  # fmt: skip
+    for sid, t in pairs:
+        key, name = bounds_key(sid, t), bounds_teacher(params, sid, t)
+        args = {"model": sid} | ({"teacher": t} if t else {})
+        deps = [SHARDS, model_path(sid), model_path(name), bounds_teacher_path(name)]
+        out.append(
+            Job(
+                "bounds", key, _cmd("bounds", key, **args), deps, [bounds_path(sid, t)],
+                BOUNDS_PARAMS, args=args, record=bounds_path(sid, t),
+            )
+        )  # fmt: skip
+    return out
+
+
 def params_view(params: Study, keys: list[str]) -> str:
     """The values of dotted ``keys`` as canonical JSON (Snakemake re-runs a job when it changes)."""
     return json.dumps({k: params.value(k) for k in keys}, sort_keys=True)
@@ -304,21 +338,7 @@ def jobs(params: Study) -> list[Job]:
                     record=eval_path(mid, name),
                 )
             )
-    for sid, t in bounds_pairs(params):
-        key = bounds_key(sid, t)
-        args = {"model": sid} | ({"teacher": t} if t else {})
-        out.append(
-            Job(
-                "bounds",
-                key,
-                _cmd("bounds", key, **args),
-                [SHARDS, model_path(sid), model_path(bounds_teacher(params, sid, t))],
-                [bounds_path(sid, t)],
-                ["shard.seed", "bounds"],
-                args=args,
-                record=bounds_path(sid, t),
-            )
-        )
+    out += bounds_jobs(params)
     report_deps = [teacher_meta_path(t) for t in teacher_ids(params)]
     report_deps += [eval_path(m, a) for m in model_ids(params) for a in attacks]
     report_deps += [bounds_path(s, t) for s, t in bounds_pairs(params)]

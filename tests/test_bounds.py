@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -13,20 +14,25 @@ from torch import nn
 
 import kdiga.attacks
 import kdiga.bounds
+import kdiga.bounds.ascent
 from kdiga.attacks import init_delta, project_delta, step_delta
 from kdiga.bounds import (
     TABLE4_PARTS,
     VIOLATION_KINDS,
+    AscentSettings,
     gap,
     input_gradient,
     llm_key,
+    load_teacher_share,
     local_linearity,
     prop2_key,
     proposition2,
     proposition2_violations,
     residual,
     sample_indices,
+    save_teacher_share,
     table4,
+    teacher_share,
 )
 from kdiga.data import load_dataset, to_float
 
@@ -134,7 +140,9 @@ def test_llm_of_affine_logits_is_not_zero():
     torch.manual_seed(4)
     model = nn.Sequential(nn.Flatten(), nn.Linear(D, 3)).double()
     x, y = _data(4)
-    res = local_linearity(model, x, y, 0.1, steps=5, restarts=1, generator=_gen())
+    res = local_linearity(
+        model, x, y, 0.1, settings=AscentSettings(steps=5, restarts=1), generator=_gen()
+    )
     assert (res.gamma > 1e-4).all()
 
 
@@ -157,13 +165,10 @@ def test_llm_is_max_over_every_point_evaluated(seed, eps, norm, steps, restarts,
         x,
         y,
         eps,
-        steps=steps,
-        restarts=restarts,
-        norm=norm,
+        settings=AscentSettings(
+            steps=steps, restarts=restarts, norm=norm, ascent=ascent, signs=signs, patience=1
+        ),
         generator=_gen(seed),
-        ascent=ascent,
-        signs=signs,
-        patience=1,
         on_evaluate=seen.append,
     )
     runs = restarts * (2 if signs == "both" else 1)
@@ -196,7 +201,12 @@ def test_llm_keeps_the_absolute_value():
     # the ascent needs a random start here.
     for signs in ("abs", "both"):
         res = local_linearity(
-            model, x, y, eps, steps=5, restarts=1, corners=False, signs=signs, generator=_gen()
+            model,
+            x,
+            y,
+            eps,
+            settings=AscentSettings(steps=5, restarts=1, corners=False, signs=signs),
+            generator=_gen(),
         )
         assert (res.residual < 0).all()
         torch.testing.assert_close(res.gamma, corner.double().expand(3))
@@ -207,9 +217,15 @@ def test_llm_with_the_smaller_ball_optimum_is_monotone_in_eps():
     the smaller ball (a point of the larger one) makes γ(eps2) >= γ(eps1) guaranteed."""
     model = _mlp(5)
     x, y = _data(5)
-    small = local_linearity(model, x, y, 0.05, steps=4, generator=_gen(1))
+    small = local_linearity(model, x, y, 0.05, settings=AscentSettings(steps=4), generator=_gen(1))
     big = local_linearity(
-        model, x, y, 0.1, steps=4, generator=_gen(2), extra_perturbations=[small.e_star]
+        model,
+        x,
+        y,
+        0.1,
+        settings=AscentSettings(steps=4),
+        generator=_gen(2),
+        extra_perturbations=[small.e_star],
     )
     assert (big.gamma >= small.gamma).all()
 
@@ -222,7 +238,9 @@ def test_llm_covers_supplied_random_candidates():
     cands += [((torch.rand(x.shape, dtype=x.dtype) * 2 - 1) * eps + x).clamp(0, 1) - x]
     ce0, g0 = input_gradient(model, x, y)
     best = torch.stack([residual(model, x, y, e, ce0, g0).abs() for e in cands]).amax(0)
-    res = local_linearity(model, x, y, eps, steps=2, restarts=1, extra_perturbations=cands)
+    res = local_linearity(
+        model, x, y, eps, settings=AscentSettings(steps=2, restarts=1), extra_perturbations=cands
+    )
     assert (res.gamma >= best).all()
 
 
@@ -230,8 +248,12 @@ def test_ascent_beats_random_sampling_on_average():
     """Same number of evaluations: 10 ascent steps from one start vs 11 random points."""
     model = _mlp(7, torch.float32)
     x, y = _data(7, n=32, dtype=torch.float32)
-    asc = local_linearity(model, x, y, 0.1, steps=10, restarts=1, generator=_gen(), **PLAIN)
-    rnd = local_linearity(model, x, y, 0.1, steps=0, restarts=11, generator=_gen(), **PLAIN)
+    asc = local_linearity(
+        model, x, y, 0.1, settings=AscentSettings(steps=10, restarts=1, **PLAIN), generator=_gen()
+    )
+    rnd = local_linearity(
+        model, x, y, 0.1, settings=AscentSettings(steps=0, restarts=11, **PLAIN), generator=_gen()
+    )
     assert asc.evaluations == rnd.evaluations == 11
     assert asc.gamma.mean() > 1.5 * rnd.gamma.mean()
 
@@ -240,14 +262,18 @@ def test_a_warm_start_alone_is_the_run_from_that_point():
     """restarts=0 runs only the warm starts: from the FGSM corner it is the corner's run."""
     model = _mlp(3)
     x, y = _data(3, n=8)
-    own = local_linearity(model, x, y, 0.1, steps=4, restarts=1, generator=_gen())
+    own = local_linearity(
+        model, x, y, 0.1, settings=AscentSettings(steps=4, restarts=1), generator=_gen()
+    )
     _, g = kdiga.bounds.input_gradient(model, x, y)
     corner = project_delta(x, 0.1 * g.sign(), 0.1, "linf")
-    warm = local_linearity(model, x, y, 0.1, steps=4, restarts=0, warm_starts=[corner])
+    warm = local_linearity(
+        model, x, y, 0.1, settings=AscentSettings(steps=4, restarts=0), warm_starts=[corner]
+    )
     torch.testing.assert_close(warm.gamma, own.gamma, rtol=0, atol=0)
     assert warm.evaluations == own.evaluations
     with pytest.raises(ValueError, match="restarts=0 needs warm_starts"):
-        local_linearity(model, x, y, 0.1, steps=4, restarts=0)
+        local_linearity(model, x, y, 0.1, settings=AscentSettings(steps=4, restarts=0))
 
 
 # --------------------------------------------------------------------------- Proposition 2
@@ -280,9 +306,7 @@ def test_proposition2_holds_on_every_perturbation_tried(seed, eps, norm, archs):
         x,
         y,
         eps,
-        steps=4,
-        restarts=2,
-        norm=norm,
+        settings=AscentSettings(steps=4, restarts=2, norm=norm),
         generator=gen,
         extra_perturbations=extras,
         on_evaluate=seen.append,
@@ -318,7 +342,15 @@ def test_l2_norm_of_the_gradient_gap_is_not_enough_under_linf():
     y = torch.zeros(len(x), dtype=torch.long)
     eps = 0.1
     e = (eps * w.sign()).view(1, *SHAPE).expand_as(x).clone()
-    res = proposition2(student, teacher, x, y, eps, steps=2, restarts=1, extra_perturbations=[e])
+    res = proposition2(
+        student,
+        teacher,
+        x,
+        y,
+        eps,
+        settings=AscentSettings(steps=2, restarts=1),
+        extra_perturbations=[e],
+    )
     observed = gap(student, teacher, x, y, e)
     assert (res.gamma_s < 1e-12).all() and (res.gamma_t < 1e-12).all()
     assert (observed <= res.bound + 1e-9).all()
@@ -334,7 +366,15 @@ def test_dropping_the_student_llm_breaks_the_bound():
     y = torch.zeros(3, dtype=torch.long)
     eps = 0.1
     e = torch.full_like(x, eps)
-    res = proposition2(student, teacher, x, y, eps, steps=2, restarts=1, extra_perturbations=[e])
+    res = proposition2(
+        student,
+        teacher,
+        x,
+        y,
+        eps,
+        settings=AscentSettings(steps=2, restarts=1),
+        extra_perturbations=[e],
+    )
     observed = gap(student, teacher, x, y, e)
     assert (observed <= res.bound + 1e-9).all()
     assert (observed > res.gamma_t + res.phi + 0.1).all()
@@ -345,12 +385,22 @@ def test_extra_perturbation_outside_the_ball_is_rejected():
     x, y = _data(9, lo=0.3, hi=0.7)
     e = torch.full_like(x, 0.11)
     with pytest.raises(ValueError, match="ball"):
-        proposition2(model, model, x, y, 0.1, steps=1, restarts=1, extra_perturbations=[e])
+        proposition2(
+            model,
+            model,
+            x,
+            y,
+            0.1,
+            settings=AscentSettings(steps=1, restarts=1),
+            extra_perturbations=[e],
+        )
     with pytest.raises(ValueError, match="ball"):
-        local_linearity(model, x, y, 0.1, steps=1, extra_perturbations=[e])
+        local_linearity(model, x, y, 0.1, settings=AscentSettings(steps=1), extra_perturbations=[e])
     x1 = torch.ones_like(x)
     with pytest.raises(ValueError, match="box"):
-        local_linearity(model, x1, y, 0.2, steps=1, extra_perturbations=[e])
+        local_linearity(
+            model, x1, y, 0.2, settings=AscentSettings(steps=1), extra_perturbations=[e]
+        )
 
 
 # --------------------------------------------------------------------------- Table 4
@@ -359,7 +409,7 @@ def test_extra_perturbation_outside_the_ball_is_rejected():
 def test_table4_keys_values_and_determinism():
     student, teacher = _conv(10, torch.float32), _mlp(11, torch.float32)
     x, y = _data(10, n=7, dtype=torch.float32)
-    kw = dict(radii=(4 / 255, 8 / 255), steps=3, restarts=1, batch_size=3)
+    kw = dict(radii=(4 / 255, 8 / 255), settings=AscentSettings(steps=3, restarts=1), batch_size=3)
     a = table4(student, teacher, x, y, generator=_gen(5), **kw)
     b = table4(student, teacher, x, y, generator=_gen(5), **kw)
     means = {llm_key(4 / 255), llm_key(8 / 255), "ce", "grad_gap_l2"}
@@ -389,9 +439,8 @@ def test_table4_means_match_the_per_sample_functions():
         teacher,
         x,
         y,
+        settings=AscentSettings(steps=2, restarts=1),
         radii=(0.05, 0.1),
-        steps=2,
-        restarts=1,
         batch_size=2,
         generator=_gen(7),
     )
@@ -400,9 +449,8 @@ def test_table4_means_match_the_per_sample_functions():
         teacher,
         x,
         y,
+        settings=AscentSettings(steps=2, restarts=1),
         radii=(0.05, 0.1),
-        steps=2,
-        restarts=1,
         batch_size=10,
         generator=_gen(7),
     )
@@ -415,7 +463,9 @@ def test_table4_means_match_the_per_sample_functions():
     )
     gen = _gen(7)  # one batch draws the same random starts in the same order
     for r in (0.05, 0.1):
-        llm = local_linearity(student, x, y, r, steps=2, restarts=1, generator=gen)
+        llm = local_linearity(
+            student, x, y, r, settings=AscentSettings(steps=2, restarts=1), generator=gen
+        )
         assert big[llm_key(r)] == pytest.approx(llm.gamma.mean().item(), rel=1e-12)
 
 
@@ -446,10 +496,16 @@ def _stochastic_model() -> nn.Module:
 
 CALLS = {
     "input_gradient": lambda s, t, x, y: input_gradient(s, x, y),
-    "local_linearity": lambda s, t, x, y: local_linearity(s, x, y, 0.1, steps=2, restarts=1),
-    "proposition2": lambda s, t, x, y: proposition2(s, t, x, y, 0.1, steps=2, restarts=1),
+    "local_linearity": lambda s, t, x, y: local_linearity(
+        s, x, y, 0.1, settings=AscentSettings(steps=2, restarts=1)
+    ),
+    "proposition2": lambda s, t, x, y: proposition2(
+        s, t, x, y, 0.1, settings=AscentSettings(steps=2, restarts=1)
+    ),
     "gap": lambda s, t, x, y: gap(s, t, x, y, torch.full_like(x, 0.01)),
-    "table4": lambda s, t, x, y: table4(s, t, x, y, radii=(0.1,), steps=2, restarts=1),
+    "table4": lambda s, t, x, y: table4(
+        s, t, x, y, settings=AscentSettings(steps=2, restarts=1), radii=(0.1,)
+    ),
 }
 
 
@@ -477,11 +533,17 @@ def test_modes_restored_no_param_grads_eval_mode_used(name):
 def test_works_under_no_grad_and_inference_mode(ctx):
     student, teacher = _mlp(15), _conv(15)
     x, y = _data(15)
-    ref = proposition2(student, teacher, x, y, 0.1, steps=2, generator=_gen())
+    ref = proposition2(
+        student, teacher, x, y, 0.1, settings=AscentSettings(steps=2), generator=_gen()
+    )
     with ctx():
         x, y = x.clone(), y.clone()  # inference tensors under inference_mode
-        res = proposition2(student, teacher, x, y, 0.1, steps=2, generator=_gen())
-        t4 = table4(student, teacher, x, y, radii=(0.1,), steps=1, restarts=1)
+        res = proposition2(
+            student, teacher, x, y, 0.1, settings=AscentSettings(steps=2), generator=_gen()
+        )
+        t4 = table4(
+            student, teacher, x, y, settings=AscentSettings(steps=1, restarts=1), radii=(0.1,)
+        )
     assert torch.equal(ref.bound, res.bound)
     assert math.isfinite(t4["llm@0.1"])
 
@@ -516,12 +578,13 @@ def test_bad_arguments_raise_value_error(kwargs, match, fn):
     args = {"eps": 0.1, "steps": 1, "restarts": 1, **kwargs}
     eps = args.pop("eps")
     with pytest.raises(ValueError, match=match):
+        settings = AscentSettings(**args)
         if fn == "local_linearity":
-            local_linearity(model, x, y, eps, **args)
+            local_linearity(model, x, y, eps, settings=settings)
         elif fn == "proposition2":
-            proposition2(model, model, x, y, eps, **args)
+            proposition2(model, model, x, y, eps, settings=settings)
         else:
-            proposition2_violations(model, model, x, y, eps, **args)
+            proposition2_violations(model, model, x, y, eps, settings=settings)
 
 
 @pytest.mark.parametrize(
@@ -539,7 +602,7 @@ def test_bad_violation_arguments_raise_value_error(kwargs, match):
     if kwargs.get("x_adv_student") == "x+0.2":
         kwargs = {"x_adv_student": x + 0.2}
     with pytest.raises(ValueError, match=match):
-        proposition2_violations(model, model, x, y, 0.1, steps=1, **kwargs)
+        proposition2_violations(model, model, x, y, 0.1, settings=AscentSettings(steps=1), **kwargs)
 
 
 def test_bad_inputs_raise_value_error():
@@ -556,7 +619,7 @@ def test_bad_inputs_raise_value_error():
     with pytest.raises(ValueError, match="part"):
         llm_key(0.1, "mean")
     with pytest.raises(ValueError, match="signs"):
-        table4(model, model, x, y, signs="up")
+        table4(model, model, x, y, settings=AscentSettings(signs="up"))
 
 
 # --------------------------------------------------------------------------- convergence
@@ -593,9 +656,13 @@ def digits_pair():
 def test_adaptive_ascent_reaches_a_long_budget_where_a_plain_one_does_not(digits_pair, eps):
     """Default settings within 5% of 100 steps x 8 restarts, at ~1.5x the plain 10 steps."""
     model, _, x, y = digits_pair
-    long = local_linearity(model, x, y, eps, steps=100, restarts=8, generator=_gen())
+    long = local_linearity(
+        model, x, y, eps, settings=AscentSettings(steps=100, restarts=8), generator=_gen()
+    )
     new = local_linearity(model, x, y, eps, generator=_gen())
-    plain = local_linearity(model, x, y, eps, steps=10, restarts=1, generator=_gen(), **PLAIN)
+    plain = local_linearity(
+        model, x, y, eps, settings=AscentSettings(steps=10, restarts=1, **PLAIN), generator=_gen()
+    )
     assert new.gamma.mean() >= 0.95 * long.gamma.mean()
     assert plain.gamma.mean() < 0.9 * long.gamma.mean()
     assert new.steps_used.double().mean() <= 15
@@ -605,14 +672,25 @@ def test_adaptive_ascent_reaches_a_long_budget_where_a_plain_one_does_not(digits
 def test_llm_records_steps_convergence_and_the_half_budget_value():
     model = _conv(20)
     x, y = _data(20, n=8)
-    fixed = local_linearity(model, x, y, 0.1, steps=6, restarts=2, generator=_gen(), **PLAIN)
+    fixed = local_linearity(
+        model, x, y, 0.1, settings=AscentSettings(steps=6, restarts=2, **PLAIN), generator=_gen()
+    )
     assert torch.equal(fixed.steps_used, torch.full((8,), 12))  # patience 0: never stops
     assert not fixed.converged.any()
-    res = local_linearity(model, x, y, 0.1, steps=30, restarts=2, patience=2, generator=_gen())
+    res = local_linearity(
+        model,
+        x,
+        y,
+        0.1,
+        settings=AscentSettings(steps=30, restarts=2, patience=2),
+        generator=_gen(),
+    )
     assert res.steps_used.dtype == torch.int64 and res.converged.dtype == torch.bool
     assert (res.steps_used <= 60).all() and (res.gamma_half <= res.gamma).all()
     assert res.converged.all() and (res.steps_used < 60).all()  # plateaus long before 30 steps
-    no_steps = local_linearity(model, x, y, 0.1, steps=0, restarts=2, generator=_gen())
+    no_steps = local_linearity(
+        model, x, y, 0.1, settings=AscentSettings(steps=0, restarts=2), generator=_gen()
+    )
     assert torch.equal(no_steps.gamma_half, no_steps.gamma)
     assert not no_steps.converged.any() and not no_steps.steps_used.any()
 
@@ -624,7 +702,12 @@ def test_half_budget_value_is_the_value_after_half_the_steps():
     for steps, restarts in ((8, 1), (3, 2), (5, 3)):
         seen = []
         res = local_linearity(
-            model, x, y, 0.2, steps=steps, restarts=restarts, patience=0, on_evaluate=seen.append
+            model,
+            x,
+            y,
+            0.2,
+            settings=AscentSettings(steps=steps, restarts=restarts, patience=0),
+            on_evaluate=seen.append,
         )
         # no early stop: each run evaluates steps points with a gradient, then its last point;
         # the half budget is reached after the half-th gradient step
@@ -639,9 +722,15 @@ def test_table4_per_sample_values_agree_with_their_means():
     student, teacher = _mlp(22), _conv(23)
     x, y = _data(22, n=7)
     t4 = table4(
-        student, teacher, x, y, radii=(0.05, 0.1), steps=6, restarts=1, batch_size=3,
+        student,
+        teacher,
+        x,
+        y,
+        settings=AscentSettings(steps=6, restarts=1),
+        radii=(0.05, 0.1),
+        batch_size=3,
         generator=_gen(),
-    )  # fmt: skip
+    )
     ce_s, g_s = input_gradient(student, x, y)
     _, g_t = input_gradient(teacher, x, y)
     torch.testing.assert_close(torch.tensor(t4["ce/samples"], dtype=torch.float64), ce_s)
@@ -654,7 +743,9 @@ def test_table4_per_sample_values_agree_with_their_means():
         assert len(samples) == 7
         assert t4[llm_key(r)] == pytest.approx(sum(samples) / 7, rel=1e-12)
         # batches of 3 are independent: the per-sample γ equal a call on each batch
-        part = local_linearity(student, x[3:6], y[3:6], r, steps=6, restarts=1)
+        part = local_linearity(
+            student, x[3:6], y[3:6], r, settings=AscentSettings(steps=6, restarts=1)
+        )
         torch.testing.assert_close(torch.tensor(samples[3:6], dtype=torch.float64), part.gamma)
         assert 0 <= t4[llm_key(r, "half")] <= t4[llm_key(r)]
         assert t4[llm_key(r, "half_ratio")] == pytest.approx(
@@ -669,9 +760,10 @@ def test_table4_half_ratio_shows_a_budget_that_is_too_short():
     with the adaptive ascent it gains little."""
     student, teacher = _conv(24), _mlp(25)
     x, y = _data(24, n=8)
-    kw = dict(radii=(0.2,), steps=14, restarts=1, generator=_gen())
-    plain = table4(student, teacher, x, y, **kw, **PLAIN)
-    new = table4(student, teacher, x, y, **kw)
+    kw = dict(radii=(0.2,), generator=_gen())
+    short = dict(steps=14, restarts=1)
+    plain = table4(student, teacher, x, y, settings=AscentSettings(**PLAIN, **short), **kw)
+    new = table4(student, teacher, x, y, settings=AscentSettings(**short), **kw)
     assert plain[llm_key(0.2, "half_ratio")] < 0.9
     assert new[llm_key(0.2, "half_ratio")] > 0.95
     assert plain[llm_key(0.2, "converged")] == 0 and plain[llm_key(0.2, "steps")] == 14
@@ -684,7 +776,13 @@ def test_violations_found_when_gamma_is_underestimated(digits_pair):
     """No ascent step (γ from one random point each): the bound fails at PGD points."""
     student, teacher, x, y = digits_pair
     check = proposition2_violations(
-        student, teacher, x, y, 0.1, steps=0, corners=False, generator=_gen()
+        student,
+        teacher,
+        x,
+        y,
+        0.1,
+        settings=AscentSettings(steps=0, corners=False),
+        generator=_gen(),
     )
     assert check.rate["pgd_student"] > 0.5 and check.rate["pgd_teacher"] > 0.5
     assert check.rate["all"] >= max(check.rate[k] for k in VIOLATION_KINDS)
@@ -696,7 +794,14 @@ def test_violations_found_when_gamma_is_underestimated(digits_pair):
 def test_no_violation_at_converged_settings(digits_pair, eps):
     student, teacher, x, y = digits_pair
     check = proposition2_violations(
-        student, teacher, x, y, eps, steps=50, restarts=4, random_points=4, generator=_gen()
+        student,
+        teacher,
+        x,
+        y,
+        eps,
+        settings=AscentSettings(steps=50, restarts=4),
+        random_points=4,
+        generator=_gen(),
     )
     assert check.rate == {k: 0.0 for k in (*VIOLATION_KINDS, "all")}
     n = len(x)
@@ -705,7 +810,9 @@ def test_no_violation_at_converged_settings(digits_pair, eps):
     assert check.points["ascent"] >= 2 * n  # at least every start of both ascents
     assert check.points["all"] == sum(check.points[k] for k in VIOLATION_KINDS)
     # the γ are each model's own: the same as local_linearity's
-    own = local_linearity(student, x, y, eps, steps=50, restarts=4, generator=_gen())
+    own = local_linearity(
+        student, x, y, eps, settings=AscentSettings(steps=50, restarts=4), generator=_gen()
+    )
     torch.testing.assert_close(check.gamma_s, own.gamma)
     torch.testing.assert_close(check.bound, check.gamma_s + check.gamma_t + check.phi)
 
@@ -717,13 +824,20 @@ def test_violations_use_the_adversarial_examples_given():
     x = torch.full((3, *SHAPE), 0.5, dtype=torch.float64)
     y = torch.zeros(3, dtype=torch.long)
     x_adv = x + 0.1
-    kw = dict(steps=0, restarts=1, corners=False, pgd_steps=0, random_points=0, generator=_gen())
+    short = AscentSettings(steps=0, restarts=1, corners=False)
+    kw = dict(settings=short, pgd_steps=0, random_points=0, generator=_gen())
     check = proposition2_violations(student, teacher, x, y, 0.1, x_adv_student=x_adv, **kw)
     assert check.points == {"ascent": 6, "pgd_student": 3, "pgd_teacher": 0, "random": 0, "all": 9}
     assert check.rate["pgd_student"] == 1.0 and math.isnan(check.rate["pgd_teacher"])
     assert check.rate["all"] == 1.0
     fine = proposition2_violations(
-        student, teacher, x, y, 0.1, x_adv_student=x_adv, **{**kw, "steps": 3}
+        student,
+        teacher,
+        x,
+        y,
+        0.1,
+        x_adv_student=x_adv,
+        **{**kw, "settings": dataclasses.replace(short, steps=3)},
     )
     assert fine.rate["pgd_student"] == 0.0  # the adaptive ascent reaches the corner
 
@@ -735,7 +849,7 @@ def test_table4_checks_proposition2_with_the_gamma_it_reports(digits_pair, steps
     With no ascent step (γ from the two corners) the bound fails at some PGD points, and
     table4 says so."""
     student, teacher, x, y = digits_pair
-    kw = dict(steps=steps, restarts=2)
+    kw = dict(settings=AscentSettings(steps=steps, restarts=2))
     t4 = table4(student, teacher, x, y, radii=(0.1,), check_samples=len(x), generator=_gen(4), **kw)
     check = proposition2_violations(student, teacher, x, y, 0.1, generator=_gen(4), **kw)
     assert t4["prop2/n"] == len(x)
@@ -755,7 +869,8 @@ def test_table4_checks_proposition2_with_the_gamma_it_reports(digits_pair, steps
 def test_table4_checks_only_the_first_samples_across_batches(digits_pair):
     student, teacher, x, y = digits_pair
     x, y = x[:7], y[:7]
-    kw = dict(radii=(0.05, 0.1), steps=3, restarts=1, batch_size=3, random_points=2)
+    kw = dict(radii=(0.05, 0.1), settings=AscentSettings(steps=3, restarts=1))
+    kw |= dict(batch_size=3, random_points=2)
     t4 = table4(student, teacher, x, y, check_samples=4, generator=_gen(5), **kw)
     assert t4["prop2/n"] == 4
     for r in (0.05, 0.1):
@@ -777,7 +892,7 @@ def test_table4_checks_only_the_first_samples_across_batches(digits_pair):
 
 def test_the_ball_primitives_are_the_attacks_ones():
     for name in ("init_delta", "step_delta", "project_delta", "perturbation_norm"):
-        assert getattr(kdiga.bounds, name) is getattr(kdiga.attacks, name)
+        assert getattr(kdiga.bounds.ascent, name) is getattr(kdiga.attacks, name)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -790,9 +905,14 @@ def test_fixed_ascent_starts_and_steps_like_pgd(norm):
     eps, step = 0.8, 0.5
     seen = []
     local_linearity(
-        model, x, y, eps, steps=1, step_size=step, norm=norm, generator=_gen(3),
-        on_evaluate=seen.append, **PLAIN,
-    )  # fmt: skip
+        model,
+        x,
+        y,
+        eps,
+        settings=AscentSettings(steps=1, step_size=step, norm=norm, **PLAIN),
+        generator=_gen(3),
+        on_evaluate=seen.append,
+    )
     e0 = init_delta(x, eps, norm, True, _gen(3))
     torch.testing.assert_close(seen[0], e0)
     ce0, g0 = input_gradient(model, x, y)
@@ -809,9 +929,40 @@ def test_adaptive_ascent_starts_at_the_corners(norm):
     x, y = _data(27, n=4)
     seen = []
     local_linearity(
-        model, x, y, 0.3, steps=1, restarts=2, norm=norm, patience=0, on_evaluate=seen.append
+        model,
+        x,
+        y,
+        0.3,
+        settings=AscentSettings(steps=1, restarts=2, norm=norm, patience=0),
+        on_evaluate=seen.append,
     )
     _, g0 = input_gradient(model, x, y)
     for i, sign in ((0, 1.0), (2, -1.0)):  # each run: its start, then its last point
         corner = project_delta(x, step_delta(torch.zeros_like(x), sign * g0, 0.3, norm), 0.3, norm)
         torch.testing.assert_close(seen[i], corner)
+
+
+# --------------------------------------------------------------------------- teacher's share
+
+
+def test_table4_from_a_saved_teacher_share_is_table4(digits_pair, tmp_path):
+    """The teacher's share computed apart, saved and loaded, then the student's part drawing
+    from the same generator: the same table as one table4 call; a share made for other
+    settings is refused, naming the setting."""
+    student, teacher, x, y = digits_pair
+    kw = dict(radii=(0.05, 0.1), settings=AscentSettings(steps=3), batch_size=5)
+    kw |= dict(check_samples=7, random_points=2, pgd_steps=2)
+    whole = table4(student, teacher, x, y, generator=_gen(6), **kw)
+    gen = _gen(6)
+    share = teacher_share(
+        teacher, x, y, generator=gen, **{k: v for k, v in kw.items() if k != "random_points"}
+    )
+    save_teacher_share(share, tmp_path / "t.safetensors", {"note": "made here"})
+    loaded = load_teacher_share(tmp_path / "t.safetensors")
+    assert loaded.checked == 7 and len(loaded.checks) == 2 and loaded.checks[0].x_adv is not None
+    parts = table4(student, teacher, x, y, generator=gen, share=loaded, **kw)
+    assert parts == whole
+    assert whole[prop2_key(0.1)]["ascent"]["points"] > 2 * 7
+    other = {**kw, "settings": AscentSettings(steps=4)}
+    with pytest.raises(ValueError, match="settings"):
+        table4(student, teacher, x, y, share=loaded, **other)

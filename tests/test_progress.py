@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from kdiga.attacks import autoattack, robust_sweep
-from kdiga.bounds import table4
+from kdiga.bounds import AscentSettings, table4
 from kdiga.progress import Progress, Tracker
 from kdiga.shards import write_shards
 from kdiga.signals import compute_signals
@@ -193,8 +193,19 @@ def test_bounds_count_batches_times_radii():
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
     x, y = torch.rand(7, 1, 8, 8), torch.randint(0, 3, (7,))
     events = Events()
-    table4(student, teacher, x, y, radii=(0.05, 0.1), steps=2, restarts=1, batch_size=3,
-           check_samples=4, random_points=1, pgd_steps=1, progress=events)  # fmt: skip
+    table4(
+        student,
+        teacher,
+        x,
+        y,
+        settings=AscentSettings(steps=2, restarts=1),
+        radii=(0.05, 0.1),
+        batch_size=3,
+        check_samples=4,
+        random_points=1,
+        pgd_steps=1,
+        progress=events,
+    )
     assert_counts_up(events, 3 * 2)  # 3 batches (3, 3, 1) x 2 radii, checked or not
     assert [e.done for e in events] == list(range(7))
     assert events[-1].detail == "batch 3/3, radius 0.1" and events[0].unit == "ascents"

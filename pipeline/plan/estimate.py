@@ -160,6 +160,21 @@ class _Estimator:
         basis = f"at most {grads:,} fwd+bwd and {forwards:,} forward passes of one image"
         return seconds, p.peak(a.batch_size), basis
 
+    def bounds_teacher(self, job: dag.Job) -> tuple[float, float, str]:
+        from kdiga.bounds import table4  # imports torch
+
+        b, teacher = self.p.bounds, job.args["teacher"]
+        n = min(b.samples, self.sizes.test)
+        checked, radii = min(b.check_samples, n), len(b.radii)
+        # its input gradient on every sample; its own ascent (every point kept) and PGD on
+        # the checked ones
+        grads = n + checked * radii * (b.restarts * b.steps + default(table4, "pgd_steps"))
+        forwards = checked * radii * b.restarts
+        p = self.passes(teacher)
+        seconds = grads * p.grad_seconds + forwards * p.seconds
+        basis = f"at most {grads:,} fwd+bwd and {forwards:,} forward passes of one image"
+        return seconds, p.peak(b.batch_size), basis
+
     def bounds(self, job: dag.Job) -> tuple[float, float, str]:
         from kdiga.bounds import table4  # imports torch
 
@@ -171,18 +186,17 @@ class _Estimator:
         evals = b.restarts * (b.steps + 1)  # the points it evaluates, at most
         pgd = default(table4, "pgd_steps")
         tested = 2 + default(table4, "random_points")  # PGD points of both models, random ones
-        # the student's ascent on every sample, the teacher's on the checked ones (each model
-        # evaluated at the other's ascent points there), PGD of both, both at the tested points
+        # the student's ascent on every sample and PGD on the checked ones; there each model
+        # is evaluated at the other's ascent points (the teacher's from its bounds_teacher
+        # job) and both at the tested points
         s_grads = n * (1 + radii * steps) + checked * radii * pgd
-        t_grads = n + checked * radii * (steps + pgd)
         s_fwd = n * radii * b.restarts + checked * radii * (evals + tested)
-        t_fwd = checked * radii * (b.restarts + evals + tested)
+        t_fwd = checked * radii * (evals + tested)
         forwards = s_fwd + t_fwd
         ps, pt = self.passes(sid), self.passes(teacher)
-        seconds = s_grads * ps.grad_seconds + t_grads * pt.grad_seconds
-        seconds += s_fwd * ps.seconds + t_fwd * pt.seconds
+        seconds = s_grads * ps.grad_seconds + s_fwd * ps.seconds + t_fwd * pt.seconds
         peak = ps.fixed_bytes + pt.fixed_bytes + max(ps.item_bytes, pt.item_bytes) * b.batch_size
-        basis = (f"at most {s_grads:,} student and {t_grads:,} teacher fwd+bwd, "
+        basis = (f"at most {s_grads:,} student fwd+bwd, "
                  f"{forwards:,} forward passes of one image")  # fmt: skip
         return seconds, peak, basis
 
