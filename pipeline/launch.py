@@ -43,7 +43,9 @@ import sys
 from collections.abc import Sequence
 
 from kdiga.errors import KdigaError
+from pipeline import dag, gpu
 from pipeline.common import LOG_APPEND_ENV, log
+from pipeline.params import ParamError, load_params, params_file, parse_student_id
 
 TORCHRUN = ("-m", "torch.distributed.run")
 RDZV_PORT = 29500  # torchrun's default master port
@@ -116,8 +118,6 @@ def sbatch_script(
     """A SLURM batch script that distills the student ``model_id`` over ``nnodes`` nodes of
     ``nproc_per_node`` GPUs each, writing what the DAG's distill job writes (``params``: the
     params file, else the workers' ``$KDIGA_PARAMS`` or params.yaml)."""
-    from pipeline import dag
-
     argv = ["--model", model_id, "--log", dag.log_path("distill", model_id)]
     argv += ["--params", params] if params else []
     srun = srun_command(
@@ -154,12 +154,10 @@ def run_torchrun(module: str, argv: Sequence[str], nproc: int) -> bool:
         LaunchError: the torchrun job exited with a non-zero status.
         GpuSlotsError: the machine's pool has fewer than ``nproc`` devices.
     """
-    from pipeline.gpu import run_in_slots
-
     command = torchrun_command(module, argv, nproc)
     log.info("running %s as %d torchrun workers: %s", module, nproc, shlex.join(command))
     # The workers' rank 0 adds to the log this process started instead of truncating it.
-    code = run_in_slots(command, nproc, extra_env={LOG_APPEND_ENV: "1"})
+    code = gpu.run_in_slots(command, nproc, extra_env={LOG_APPEND_ENV: "1"})
     if code is None:
         return False
     if code:
@@ -172,8 +170,6 @@ def run_torchrun(module: str, argv: Sequence[str], nproc: int) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: print the SLURM batch script that distills one student over several nodes."""
-    from pipeline.params import ParamError, load_params, params_file, parse_student_id
-
     ap = argparse.ArgumentParser(
         prog="python -m pipeline.launch",
         description="Print a SLURM batch script that distills one student over several nodes "
