@@ -25,6 +25,8 @@ from kdiga.bounds.primitives import (
 )
 from kdiga.bounds.settings import (
     DUAL,
+    PGD_STEPS,
+    RANDOM_POINTS,
     VIOLATION_KINDS,
     Ascent,
     AscentSettings,
@@ -240,8 +242,8 @@ def proposition2_violations(
     generator: torch.Generator | None = None,
     x_adv_student: Tensor | None = None,
     x_adv_teacher: Tensor | None = None,
-    pgd_steps: int = 20,
-    random_points: int = 8,
+    pgd_steps: int = PGD_STEPS,
+    random_points: int = RANDOM_POINTS,
     rtol: float = 1e-5,
 ) -> Prop2Check:
     """Does Proposition 2's bound γs + γt + φ hold where nobody maximised over?

@@ -12,6 +12,10 @@ ASCENTS = ("adaptive", "fixed")
 SIGNS = ("abs", "positive", "both")
 DUAL = {"linf": "l1", "l2": "l2"}  # the dual norm of each ball's norm
 VIOLATION_KINDS = ("ascent", "pgd_student", "pgd_teacher", "random")
+#: the Proposition 2 check's points: PGD steps of each model's adversarial example, and
+#: random points of the ball per sample
+PGD_STEPS = 20
+RANDOM_POINTS = 8
 
 
 def check_eps(eps: float, name: str = "eps") -> float:

@@ -26,7 +26,15 @@ from kdiga.bounds.ascent import own_ascent
 from kdiga.bounds.llm import DEFAULT
 from kdiga.bounds.primitives import check_batch, frozen, input_gradient, plain
 from kdiga.bounds.prop2 import GapMax, TeacherCheck, check_points, phi, teacher_check
-from kdiga.bounds.settings import VIOLATION_KINDS, Ascent, AscentSettings, check_eps, check_int
+from kdiga.bounds.settings import (
+    PGD_STEPS,
+    RANDOM_POINTS,
+    VIOLATION_KINDS,
+    Ascent,
+    AscentSettings,
+    check_eps,
+    check_int,
+)
 from kdiga.files import ArtifactError
 from kdiga.progress import ProgressFn, Tracker
 
@@ -116,7 +124,7 @@ def teacher_share(
     radii: Sequence[float] = (4 / 255, 8 / 255),
     settings: AscentSettings = DEFAULT,
     check_samples: int = 0,
-    pgd_steps: int = 20,
+    pgd_steps: int = PGD_STEPS,
     batch_size: int = 250,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
@@ -277,8 +285,8 @@ def table4(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     check_samples: int = 0,
-    pgd_steps: int = 20,
-    random_points: int = 8,
+    pgd_steps: int = PGD_STEPS,
+    random_points: int = RANDOM_POINTS,
     rtol: float = 1e-5,
     share: TeacherShare | None = None,
     progress: ProgressFn | None = None,
