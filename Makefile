@@ -45,4 +45,4 @@ gpu-check:
 	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m bench.gpu_check $(ARGS)
 
 clean-study:
-	rm -rf data/shards data/models data/signals.safetensors data/evals data/bounds data/checkpoints logs .snakemake
+	rm -rf data/shards data/models data/signals data/evals data/bounds data/checkpoints logs .snakemake

@@ -83,7 +83,7 @@ def seeded_subset(n_total: int, n: int, seed: int) -> Tensor:
     the first ``n`` of a permutation drawn by a generator seeded with ``seed``, so a larger
     ``n`` keeps the smaller one's draw (the fixed test subsets, the bounds' samples)."""
     if not (isinstance(n_total, int) and isinstance(n, int) and 1 <= n <= n_total):
-        raise ValueError(f"need ints 1 <= n <= n_total, got n={n!r}, n_total={n_total!r}")
+        raise ValueError(f"need ints 1 <= n <= n_total, got n={n!r:.20}, n_total={n_total!r:.20}")
     gen = torch.Generator().manual_seed(int(seed))
     return torch.randperm(n_total, generator=gen)[:n].sort().values
 

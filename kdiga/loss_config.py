@@ -1,7 +1,7 @@
 """The settings of every loss (:class:`LossConfig`) and their option lists, without torch.
 
 The method table (:mod:`kdiga.methods`) builds each loss from a :class:`LossConfig`, and the
-params schema (``pipeline/params.py``) checks its keys against the lists here; neither needs
+params schema (``pipeline/params/``) checks its keys against the lists here; neither needs
 torch for that, so a Snakemake dry run pays no torch import.
 """
 

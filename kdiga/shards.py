@@ -31,6 +31,7 @@ import webdataset as wds
 from PIL import Image
 from torch import Tensor
 
+from kdiga.errors import KdigaError
 from kdiga.files import atomic_path, atomic_write_text, sha256_file
 from kdiga.progress import ProgressFn, Tracker
 
@@ -42,7 +43,7 @@ _MTIME = 0  # fixed int mtime: identical bytes for the same data; a float adds a
 PROGRESS_EVERY = 256  # images between two progress reports of a shard writer
 
 
-class ShardError(ValueError):
+class ShardError(KdigaError, ValueError):
     """A shard or manifest is missing, corrupt, truncated or fails its checksum."""
 
 

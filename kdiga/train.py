@@ -41,6 +41,7 @@ from kdiga.distributed import (
     rank_slice,
     shard_indices,
 )
+from kdiga.errors import KdigaError
 from kdiga.models import CheckpointError
 from kdiga.progress import ProgressFn, Tracker
 from kdiga.utils import atomic_torch_save, eval_mode
@@ -73,7 +74,7 @@ class BatchStream(Protocol):
     def batches(self, epoch: int, start_batch: int = 0) -> Iterable[tuple[Tensor, Tensor]]: ...
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(KdigaError, FloatingPointError):
     """The loss was NaN or infinite; nothing of that epoch was checkpointed."""
 
     def __init__(self, epoch: int, batch: int, parts: Mapping[str, float]) -> None:

@@ -139,18 +139,6 @@ class MissingInputError(KdigaError, FileNotFoundError):
     """A file a stage reads is not there (its stage has not run)."""
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """The project's own error types (:class:`kdiga.errors.KdigaError`): a bad input or a
-    stale, missing or corrupt file. Each gets one line; anything else is a bug and keeps its
-    traceback."""
-    # ShardError and NonFiniteLossError do not derive from KdigaError yet; their modules
-    # import torch, so they are imported when a stage fails, not when params are checked.
-    from kdiga.shards import ShardError
-    from kdiga.train import NonFiniteLossError
-
-    return (KdigaError, ShardError, NonFiniteLossError)
-
-
 def run(
     stage: str,
     description: str,
@@ -195,7 +183,7 @@ def run(
         body(args, params)
     except JobIsCurrent as done:
         log.info("%s", done)
-    except _user_errors() as err:
+    except KdigaError as err:  # a user's mistake or a bad file: one line
         job.close(err)
         if os.environ.get("KDIGA_DEBUG"):
             raise

@@ -25,7 +25,7 @@ from kdiga.methods import (
     unregister,
 )
 
-#: A validated distill section (pipeline/params.py) with the training keys every method reads.
+#: A validated distill section (pipeline/params/) with the training keys every method reads.
 DISTILL = {
     "epochs": 3,
     "batch_size": 64,

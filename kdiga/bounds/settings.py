@@ -1,4 +1,4 @@
-"""The settings of the LLM's ascent, without torch: the params schema (``pipeline/params.py``)
+"""The settings of the LLM's ascent, without torch: the params schema (``pipeline/params/``)
 takes the bounds' defaults from :class:`AscentSettings` and loads without torch."""
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from kdiga.bounds.settings import (
     check_eps,
     check_int,
 )
+from kdiga.data import seeded_subset
 from kdiga.files import ArtifactError
 from kdiga.progress import ProgressFn, Tracker
 
@@ -59,11 +60,8 @@ def llm_key(radius: float, part: str | None = None) -> str:
 
 def sample_indices(n_total: int, n: int, seed: int) -> Tensor:
     """`n` distinct random indices into range(n_total), sorted, int64 [n], fixed by `seed`
-    (Table 4 uses 1000 random test samples)."""
-    if not (isinstance(n_total, int) and isinstance(n, int) and 1 <= n <= n_total):
-        raise ValueError(f"need ints 1 <= n <= n_total, got n={n!r:.20}, n_total={n_total!r:.20}")
-    gen = torch.Generator().manual_seed(int(seed))
-    return torch.randperm(n_total, generator=gen)[:n].sort().values
+    (Table 4 uses 1000 random test samples): :func:`kdiga.data.seeded_subset`."""
+    return seeded_subset(n_total, n, seed)
 
 
 def prop2_key(radius: float) -> str:

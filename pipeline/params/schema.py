@@ -4,7 +4,6 @@ frozen dataclass, with its check, its default and a one-line description (:func:
 
 # key(), section() and entries() return dataclass fields: ruff's extend-immutable-calls in
 # pyproject.toml names them by their former path, pipeline.params.key, ...
-# ruff: noqa: RUF009
 
 from __future__ import annotations
 
@@ -14,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from kdiga.bounds.settings import AscentSettings
 from kdiga.loss_config import IGA_REDUCTIONS, STUDENT_GRAD_MODES
 from kdiga.methods import TEACHER_METHODS
 from kdiga.options import (
@@ -375,17 +375,31 @@ class Attack:
     autoattack: AutoAttackSettings = section(AutoAttackSettings, "AutoAttack")
 
 
+_ASCENT = AscentSettings()  # the bounds' ascent defaults are the library's
+
+
 @dataclass(frozen=True, kw_only=True)
 class Bounds:
     radii: list = key([0.05, 0.1], listing(parse_radius), "radii of the LLM (Table 4)")
     samples: int = key(1000, integer(1), "random test samples (the paper: 1000)")
-    steps: int = key(20, integer(0, MAX_STEPS), "ascent steps of each run of the LLM "
-                     "maximisation, at most")  # fmt: skip
-    restarts: int = key(3, integer(1, MAX_RESTARTS), "its runs: from the FGSM corner, the "
-                        "opposite corner, then random points")  # fmt: skip
-    tol: float = key(3e-3, number(), "a sample stops when its relative gain over `patience` "
-                     "steps is below this")  # fmt: skip
-    patience: int = key(3, integer(1, MAX_STEPS), "steps over which the gain is measured")
+    steps: int = key(
+        _ASCENT.steps,
+        integer(0, MAX_STEPS),
+        "ascent steps of each run of the LLM maximisation, at most",
+    )
+    restarts: int = key(
+        _ASCENT.restarts,
+        integer(1, MAX_RESTARTS),
+        "its runs: from the FGSM corner, the opposite corner, then random points",
+    )
+    tol: float = key(
+        _ASCENT.tol,
+        number(),
+        "a sample stops when its relative gain over `patience` steps is below this",
+    )
+    patience: int = key(
+        _ASCENT.patience, integer(1, MAX_STEPS), "steps over which the gain is measured"
+    )
     check_samples: int = key(200, integer(0), "samples on which Proposition 2 is tested at PGD, "
                              "random and ascent points (0: not tested)")  # fmt: skip
     batch_size: int = key(500, integer(1, MAX_BATCH), "images per batch")
