@@ -108,7 +108,7 @@ def code_deps(stage: str) -> list[str]:
     """The code a stage's results depend on: DVC's code dependencies and the code digest in
     every artifact's provenance (pipeline.provenance)."""
     shared = ["pipeline/bounds_teacher.py"] if stage == "bounds" else []  # its samples, draws
-    return [f"pipeline/{stage}.py", *shared, "pipeline/common.py", "pipeline/params.py", "kdiga"]
+    return [f"pipeline/{stage}.py", *shared, "pipeline/common.py", "pipeline/params", "kdiga"]
 
 
 def teacher_deps(params: Study, teacher: str) -> list[str]:
@@ -203,9 +203,20 @@ STREAM_SHARD_KEYS = ("resize_short", "workers", "shuffle_buffer")
 
 def shard_param_keys(params: Study) -> list[str]:
     """The params the shard job reads: the shard section, less the keys of streamed data in
-    a study that holds its data in memory (changing them there changes no shard)."""
-    keys = [f.name for f in dataclasses.fields(Shard) if f.init]
+    a study that holds its data in memory (changing them there changes no shard) and those
+    its shards do not depend on (``shard.max_gb``, a memory budget)."""
+    keys = [f.name for f in dataclasses.fields(Shard) if f.init and f.metadata.get("results", 1)]
     return [f"shard.{k}" for k in keys if params.shard.streamed or k not in STREAM_SHARD_KEYS]
+
+
+def teacher_param_keys(params: Study, t: str) -> list[str]:
+    """The params a teacher's job reads: its section, less ``train`` for a teacher it does
+    not train (a file, a URL, a timm or torchvision model)."""
+    teacher = params.teachers[t]
+    if teacher.source == "train":
+        return [f"teachers.{t}"]
+    fields = [f for f in dataclasses.fields(teacher) if f.metadata.get("results", True)]
+    return [f"teachers.{t}.{f.name}" for f in fields if f.name != "train"]
 
 
 def stream_param_keys(params: Study) -> list[str]:
@@ -286,7 +297,7 @@ def jobs(params: Study) -> list[Job]:
                 _cmd("teacher", t, teacher=t),
                 teacher_deps(params, t),
                 [model_path(t), teacher_meta_path(t)],
-                [f"teachers.{t}", *stream_param_keys(params)],
+                [*teacher_param_keys(params, t), *stream_param_keys(params)],
                 args={"teacher": t},
                 record=teacher_meta_path(t),
             )
@@ -413,8 +424,13 @@ def _in_study(path: str) -> Path | None:
 
 def _out(path: str) -> str | dict:
     """A dvc.yaml output entry: files under reports/ are kept in git (``cache: false``), so
-    every commit and experiment carries its own; the rest go to the DVC cache."""
-    return {path: {"cache": False}} if path.startswith("reports/") else path
+    every commit and experiment carries its own, and DVC leaves them in place when their stage
+    starts (``persist``: out of its cache, DVC could not bring them back if the stage then
+    failed or was refused; the stage writes each whole, through a rename); the rest go to the
+    DVC cache."""
+    if path.startswith("reports/"):
+        return {path: {"cache": False, "persist": True}}
+    return path
 
 
 def _is_set(raw: dict, dotted: str) -> bool:
@@ -430,8 +446,40 @@ def _is_set(raw: dict, dotted: str) -> bool:
 def unset_keys(params: Study) -> list[str]:
     """The keys some job reads that the params file leaves to their defaults. DVC reads
     params from the file alone: it can track a key only once the file sets it."""
-    keys = dict.fromkeys(k for job in jobs(params) for k in job.params)
+    keys = dict.fromkeys(k for job in jobs(params) for k in dvc_params(params, job.params))
     return [k for k in keys if not _is_set(params.raw, k)]
+
+
+def dvc_params(params: Study, keys: list[str]) -> list[str]:
+    """``keys`` as DVC must list them to see what Snakemake sees (``params_view``): a section
+    holding a key its results do not depend on (``results=False``: a download cap, a memory
+    budget, how often to checkpoint) is listed key by key without it."""
+    out: list[str] = []
+
+    def add(dotted: str, node: object) -> None:
+        fields = dataclasses.fields(node) if dataclasses.is_dataclass(node) else ()
+        if not any(_holds_other_keys(f, getattr(node, f.name)) for f in fields):
+            out.append(dotted)
+            return
+        for f in fields:
+            if f.init and f.metadata.get("results", True):
+                add(f"{dotted}.{f.name}", getattr(node, f.name))
+
+    for dotted in keys:
+        node: object = params
+        for part in dotted.split("."):
+            node = node[part] if isinstance(node, dict) else getattr(node, part)
+        add(dotted, node)
+    return out
+
+
+def _holds_other_keys(f: dataclasses.Field, value: object) -> bool:
+    """Whether a field is, or holds, a key the results do not depend on."""
+    if not f.metadata.get("results", True):
+        return True
+    if dataclasses.is_dataclass(value):
+        return any(_holds_other_keys(g, getattr(value, g.name)) for g in dataclasses.fields(value))
+    return False
 
 
 def _dvc_stage(params: Study, job: Job) -> dict:
@@ -440,7 +488,7 @@ def _dvc_stage(params: Study, job: Job) -> dict:
     deps = [DAG_RECORD, *job.deps, *code_deps(job.stage)]
     stage["deps"] = list(dict.fromkeys(deps))
     if job.params:
-        stage["params"] = list(job.params)
+        stage["params"] = dvc_params(params, job.params)
     stage["outs"] = [_out(o) for o in job.outs]
     if job.metrics:
         stage["metrics"] = [_out(m) for m in job.metrics]
@@ -456,7 +504,7 @@ def _guard_stage() -> dict:
     DAG (:data:`DAG_RECORD`), which is the same unless the shape changed."""
     return {
         "cmd": f"python -m pipeline.dag --guard --output dvc.yaml --record {DAG_RECORD}",
-        "deps": ["params.yaml", "pipeline/dag.py", "pipeline/params.py", "kdiga"],
+        "deps": ["params.yaml", "pipeline/dag.py", "pipeline/params", "kdiga"],
         "outs": [DAG_RECORD],
     }
 
