@@ -18,11 +18,15 @@ view of what is newer than what does not change.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -144,16 +148,86 @@ def commit_to_dvc(names: list[str], jobs: dict[str, dag.Job]) -> int:
     except ImportError:  # dvc installed as a separate tool, not importable here: its command
         rc = subprocess.run([dvc, "commit", "--force", "--quiet", *names], check=False).returncode
     else:
+        records: list[logging.LogRecord] = []
         try:
-            _commit_once(names)
+            with _dvc_log_kept(records):
+                _commit_once(names)
             rc = 0
-        except DvcException as err:  # what `dvc commit` would have printed
-            print(f"ERROR: dvc commit: {err}", file=sys.stderr)
+        except (DvcException, OSError) as err:
+            if _disk_full(err, records):
+                print(
+                    "ERROR: dvc commit: the disk is full (no space left to copy the outputs "
+                    f"into DVC's cache, {_cache_dir()}, or to write dvc.lock); dvc.lock is as "
+                    "it was: free space, then run `python -m pipeline.sync --dvc` again",
+                    file=sys.stderr,
+                )
+            elif isinstance(err, DvcException):  # what `dvc commit` would have printed
+                for record in records:
+                    print(f"ERROR: {record.getMessage()}", file=sys.stderr)
+                print(f"ERROR: dvc commit: {err}", file=sys.stderr)
+            else:
+                raise
             rc = 1
+        else:
+            for record in records:
+                print(f"ERROR: {record.getMessage()}", file=sys.stderr)
     for f, (atime, mtime) in times.items():
         if f.exists():
             os.utime(f, ns=(atime, mtime))
     return rc
+
+
+def _cache_dir() -> str:
+    return os.path.join(".dvc", "cache")
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class _Kept(logging.Handler):
+    def __init__(self, records: list[logging.LogRecord]) -> None:
+        super().__init__(logging.ERROR)
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _dvc_log_kept(records: list[logging.LogRecord]) -> Iterator[None]:
+    """DVC's error log lines kept in ``records`` instead of printed: DVC logs a failed copy
+    ("failed to transfer ... No space left on device") and then raises another error ("No
+    possible cache link types"); the caller says what happened in one line."""
+    handler = _Kept(records)
+    loggers = [logging.getLogger(name) for name in ("dvc", "dvc_data", "dvc_objects")]
+    saved = [(lg.handlers[:], lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.handlers, lg.propagate = [handler], False
+    try:
+        yield
+    finally:
+        for lg, (handlers, propagate) in zip(loggers, saved, strict=True):
+            lg.handlers, lg.propagate = handlers, propagate
+
+
+def _disk_full(err: BaseException, records: list[logging.LogRecord] = ()) -> bool:
+    """Whether ``err`` comes from a full disk: an ENOSPC (or EDQUOT) anywhere in its chain or
+    in the errors DVC logged before raising it."""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _FULL:
+            return True
+        e = e.__cause__ or e.__context__
+    texts = [os.strerror(n) for n in _FULL]
+    for record in records:
+        exc = record.exc_info[1] if record.exc_info else None
+        if (isinstance(exc, OSError) and exc.errno in _FULL) or any(
+            t in record.getMessage() for t in texts
+        ):
+            return True
+    return False
 
 
 def touch_in_snakemake(names: list[str], jobs: dict[str, dag.Job]) -> int:

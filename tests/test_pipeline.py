@@ -414,6 +414,22 @@ def test_a_queued_sweep_runs_in_parallel(experiments, tmp_path):
             assert 0 <= e["metrics"][KDIGA]["pgd"]["0.1"] <= 1
 
 
+def test_an_applied_experiment_is_adopted_by_snakemake_after_sync(experiments, tmp_path):
+    """`dvc exp apply` brings an experiment's params, lock and outputs into the workspace;
+    DVC sees it current, and after `python -m pipeline.sync --snakemake` Snakemake does too
+    (before, it plans the jobs whose files DVC replaced)."""
+    study = copy_study(experiments, tmp_path / "study")
+    dvc("exp", "apply", "w3", cwd=study)
+    assert yaml.safe_load((study / "params.yaml").read_text())["distill"]["iga"]["weight"] == 3.0
+    assert "up to date" in dvc("status", cwd=study)
+    run([sys.executable, "-m", "pipeline.sync", "--snakemake"], study)
+    assert planned(study) == []
+    assert "up to date" in dvc("status", cwd=study)
+    metrics = json.loads((study / "reports" / "metrics.json").read_text())
+    shown = _experiments(json.loads(dvc("exp", "show", "--json", cwd=study)))["w3"]
+    assert metrics[KDIGA] == shown["metrics"][KDIGA]
+
+
 def test_bad_params_stop_before_any_job(study, tmp_path):
     bad = json.loads(json.dumps(TINY))
     bad["distill"]["methods"] = ["kd", "kdgia"]

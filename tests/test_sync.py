@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_study import copy_study
 
 from pipeline import sync
 
@@ -118,3 +121,38 @@ def test_an_unreadable_rwlock_left_by_a_killed_dvc_is_reset(tmp_path, monkeypatc
     json.loads((repo / ".dvc" / "tmp" / "rwlock").read_text())  # readable again
     assert "rwlock was unreadable (a killed DVC run): reset" in capsys.readouterr().err
     assert sorted(yaml.safe_load((repo / "dvc.lock").read_text())["stages"]) == ["a", "b", "c"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["cache", "lock"])
+def test_a_full_disk_during_sync_is_one_line_and_keeps_the_lock(
+    tiny_study_built, tmp_path, monkeypatch, capsys, where
+):
+    """No space left while DVC copies the outputs into its cache (DVC logs the failed copy,
+    then raises "No possible cache link types"), or while dvc.lock is written: one line,
+    exit 1, dvc.lock as it was."""
+    import dvc_objects.fs.local as local
+
+    study = copy_study(tiny_study_built, tmp_path / "study")
+    shutil.rmtree(study / ".dvc" / "cache", ignore_errors=True)  # every output copied again
+    lock = (study / "dvc.lock").read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if where == "cache":
+        monkeypatch.setattr(local.LocalFileSystem, "put_file", full)
+    else:
+        monkeypatch.setattr(sync, "_write_lock", full)
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")  # dvc, as in a venv
+    monkeypatch.chdir(study)
+    assert sync.main(["--dvc", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert lines == [
+        "ERROR: dvc commit: the disk is full (no space left to copy the outputs into DVC's "
+        "cache, .dvc/cache, or to write dvc.lock); dvc.lock is as it was: free space, then run "
+        "`python -m pipeline.sync --dvc` again"
+    ], err
+    assert "Traceback" not in err
+    assert (study / "dvc.lock").read_bytes() == lock
