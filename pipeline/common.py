@@ -25,7 +25,7 @@ from pipeline.params import (
     params_file,
     parse_student_id,
 )
-from pipeline.runners import refuse_if_snakemake_runs
+from pipeline.runners import RUNNER_ENV, SNAKEMAKE, refuse_if_snakemake_runs
 
 log = logging.getLogger("kdiga.pipeline")
 
@@ -175,10 +175,12 @@ def run(
 
         set_cpu_threads()  # the same bytes whichever tool runs the job
         seed_everything(params.shard.seed)  # any draw a stage makes: same seed, same run
-        stale = (
-            dag.check_fresh(path) if path == "params.yaml" and Path("dvc.yaml").exists() else None
-        )
-        if stale:
+        # A job run by hand: say when dvc.yaml no longer describes the params (DVC's own
+        # first stage refuses then; a Snakemake run reads no dvc.yaml, and its end-of-run
+        # sync checks it before recording anything)
+        by_hand = os.environ.get(RUNNER_ENV) != SNAKEMAKE
+        described = path == "params.yaml" and Path("dvc.yaml").exists()
+        if by_hand and described and (stale := dag.check_fresh(path)):
             log.warning("%s", stale)
         body(args, params)
     except JobIsCurrent as done:
