@@ -26,6 +26,7 @@ from pipeline.params import (
     TRAIN_KEYS,
     ParamError,
     Shard,
+    StudentJob,
     Study,
     load_params,
     model_ids,
@@ -108,7 +109,9 @@ def code_deps(stage: str) -> list[str]:
     """The code a stage's results depend on: DVC's code dependencies and the code digest in
     every artifact's provenance (pipeline.provenance)."""
     shared = ["pipeline/bounds_teacher.py"] if stage == "bounds" else []  # its samples, draws
-    return [f"pipeline/{stage}.py", *shared, "pipeline/common.py", "pipeline/params", "kdiga"]
+    script = f"pipeline/{stage}"  # a module, or a package (pipeline/report/)
+    script += "" if (Path(__file__).parent / stage).is_dir() else ".py"
+    return [script, *shared, "pipeline/common.py", "pipeline/params", "kdiga"]
 
 
 def teacher_deps(params: Study, teacher: str) -> list[str]:
@@ -249,31 +252,34 @@ def bounds_teacher(params: Study, model_id: str, teacher: str | None) -> str:
     return teacher or parse_student_id(params, model_id).teacher
 
 
+def bounds_teacher_job(params: Study, t: str) -> Job:
+    """The teacher's share of the bounds, once per teacher that bounds jobs compare with."""
+    return Job(
+        "bounds_teacher", t, _cmd("bounds_teacher", t, teacher=t), [SHARDS, model_path(t)],
+        [bounds_teacher_path(t)], BOUNDS_PARAMS, args={"teacher": t},
+        record=bounds_teacher_path(t),
+    )  # fmt: skip
+
+
+def bounds_job(params: Study, sid: str, t: str | None) -> Job:
+    """The bounds of student ``sid`` against teacher ``t`` (None: its own), reading the
+    teacher's share."""
+    key, name = bounds_key(sid, t), bounds_teacher(params, sid, t)
+    args = {"model": sid} | ({"teacher": t} if t else {})
+    deps = [SHARDS, model_path(sid), model_path(name), bounds_teacher_path(name)]
+    return Job(
+        "bounds", key, _cmd("bounds", key, **args), deps, [bounds_path(sid, t)],
+        BOUNDS_PARAMS, args=args, record=bounds_path(sid, t),
+    )  # fmt: skip
+
+
 def bounds_jobs(params: Study) -> list[Job]:
     """The teacher's share of the bounds once per teacher compared with, then a bounds job
     per (student, teacher) pair reading it."""
     pairs = bounds_pairs(params)
     used = {bounds_teacher(params, sid, t) for sid, t in pairs}
-    out = [
-        Job(
-            "bounds_teacher", t, _cmd("bounds_teacher", t, teacher=t), [SHARDS, model_path(t)],
-            [bounds_teacher_path(t)], BOUNDS_PARAMS, args={"teacher": t},
-            record=bounds_teacher_path(t),
-        )
-        for t in teacher_ids(params)
-        if t in used
-    ]  # fmt: skip
-    for sid, t in pairs:
-        key, name = bounds_key(sid, t), bounds_teacher(params, sid, t)
-        args = {"model": sid} | ({"teacher": t} if t else {})
-        deps = [SHARDS, model_path(sid), model_path(name), bounds_teacher_path(name)]
-        out.append(
-            Job(
-                "bounds", key, _cmd("bounds", key, **args), deps, [bounds_path(sid, t)],
-                BOUNDS_PARAMS, args=args, record=bounds_path(sid, t),
-            )
-        )  # fmt: skip
-    return out
+    out = [bounds_teacher_job(params, t) for t in teacher_ids(params) if t in used]
+    return out + [bounds_job(params, sid, t) for sid, t in pairs]
 
 
 def params_view(params: Study, keys: list[str]) -> str:
@@ -281,96 +287,120 @@ def params_view(params: Study, keys: list[str]) -> str:
     return json.dumps({k: params.value(k) for k in keys}, sort_keys=True)
 
 
+def shard_job(params: Study) -> Job:
+    return Job(
+        "shard", None, _cmd("shard"), [], [SHARDS], shard_param_keys(params),
+        record=SHARDS_RECORD, gpus=0,
+    )  # fmt: skip
+
+
+def teacher_job(params: Study, t: str) -> Job:
+    return Job(
+        "teacher", t, _cmd("teacher", t, teacher=t), teacher_deps(params, t),
+        [model_path(t), teacher_meta_path(t)],
+        [*teacher_param_keys(params, t), *stream_param_keys(params)],
+        args={"teacher": t}, record=teacher_meta_path(t),
+    )  # fmt: skip
+
+
+def signals_job(params: Study, t: str) -> Job:
+    return Job(
+        "signals", t, _cmd("signals", t, teacher=t), [SHARDS, model_path(t)], [signals_path(t)],
+        signals_param_keys(), args={"teacher": t}, record=signals_path(t),
+    )  # fmt: skip
+
+
+def distill_job(params: Study, sid: str) -> Job:
+    return Job(
+        "distill", sid, _cmd("distill", sid, model=sid), distill_deps(params, sid),
+        [model_path(sid)], distill_param_keys(params, sid), plots=[history_path(sid)],
+        args={"model": sid}, record=model_path(sid), gpus=params.distill.gpus_per_job,
+    )  # fmt: skip
+
+
+def attack_job(params: Study, mid: str, name: str) -> Job:
+    key = f"{mid}--{name}"
+    return Job(
+        "attack", key, _cmd("attack", key, model=mid, attack=name), [SHARDS, model_path(mid)],
+        [eval_path(mid, name)], attack_param_keys(name), args={"model": mid, "attack": name},
+        record=eval_path(mid, name),
+    )  # fmt: skip
+
+
+def report_job(params: Study) -> Job:
+    """The report reads every teacher's record, evaluation, bounds and training history."""
+    attacks = params.attack.attacks
+    deps = [teacher_meta_path(t) for t in teacher_ids(params)]
+    deps += [eval_path(m, a) for m in model_ids(params) for a in attacks]
+    deps += [bounds_path(s, t) for s, t in bounds_pairs(params)]
+    deps += [history_path(j.id) for j in student_jobs(params)]
+    return Job(
+        "report", None, _cmd("report"), deps, [REPORT_MD, REPORT_PNG, REPORT_RECORD],
+        REPORT_PARAMS, metrics=[METRICS], plots=[PLOT_CSV], record=REPORT_RECORD, gpus=0,
+    )  # fmt: skip
+
+
+def signals_served(params: Study) -> set[str]:
+    """The teachers whose signals some student's method reads."""
+    return {j.teacher for j in student_jobs(params) if uses_signals(params, j.method)}
+
+
 def jobs(params: Study) -> list[Job]:
     """Every job of the study described by validated ``params``, in dependency order."""
-    out = [
-        Job(
-            "shard", None, _cmd("shard"), [], [SHARDS], shard_param_keys(params),
-            record=SHARDS_RECORD, gpus=0,
-        )
-    ]  # fmt: skip
-    for t in teacher_ids(params):
-        out.append(
-            Job(
-                "teacher",
-                t,
-                _cmd("teacher", t, teacher=t),
-                teacher_deps(params, t),
-                [model_path(t), teacher_meta_path(t)],
-                [*teacher_param_keys(params, t), *stream_param_keys(params)],
-                args={"teacher": t},
-                record=teacher_meta_path(t),
-            )
-        )
-    served = {j.teacher for j in student_jobs(params) if uses_signals(params, j.method)}
-    for t in teacher_ids(params):
-        if t in served:
-            out.append(
-                Job(
-                    "signals",
-                    t,
-                    _cmd("signals", t, teacher=t),
-                    [SHARDS, model_path(t)],
-                    [signals_path(t)],
-                    signals_param_keys(),
-                    args={"teacher": t},
-                    record=signals_path(t),
-                )
-            )
-    students = [j.id for j in student_jobs(params)]
-    for sid in students:
-        out.append(
-            Job(
-                "distill",
-                sid,
-                _cmd("distill", sid, model=sid),
-                distill_deps(params, sid),
-                [model_path(sid)],
-                distill_param_keys(params, sid),
-                plots=[history_path(sid)],
-                args={"model": sid},
-                record=model_path(sid),
-                gpus=params.distill.gpus_per_job,
-            )
-        )
-    attacks = params.attack.attacks
-    for mid in model_ids(params):
-        for name in attacks:
-            key = f"{mid}--{name}"
-            out.append(
-                Job(
-                    "attack",
-                    key,
-                    _cmd("attack", key, model=mid, attack=name),
-                    [SHARDS, model_path(mid)],
-                    [eval_path(mid, name)],
-                    attack_param_keys(name),
-                    args={"model": mid, "attack": name},
-                    record=eval_path(mid, name),
-                )
-            )
+    teachers, served = teacher_ids(params), signals_served(params)
+    out = [shard_job(params)]
+    out += [teacher_job(params, t) for t in teachers]
+    out += [signals_job(params, t) for t in teachers if t in served]
+    out += [distill_job(params, j.id) for j in student_jobs(params)]
+    out += [attack_job(params, m, a) for m in model_ids(params) for a in params.attack.attacks]
     out += bounds_jobs(params)
-    report_deps = [teacher_meta_path(t) for t in teacher_ids(params)]
-    report_deps += [eval_path(m, a) for m in model_ids(params) for a in attacks]
-    report_deps += [bounds_path(s, t) for s, t in bounds_pairs(params)]
-    report_deps += [history_path(s) for s in students]
-    out.append(
-        Job(
-            "report",
-            None,
-            _cmd("report"),
-            report_deps,
-            [REPORT_MD, REPORT_PNG, REPORT_RECORD],
-            REPORT_PARAMS,
-            metrics=[METRICS],
-            plots=[PLOT_CSV],
-            record=REPORT_RECORD,
-            gpus=0,
-        )
-    )
+    out.append(report_job(params))
     _check_read_files(params, out)
     _warn_if_many(len(out))
     return out
+
+
+def job(params: Study, stage: str, key: str | None = None) -> Job | None:
+    """The job ``stage``/``key`` of the study, built from its key alone (not the whole DAG:
+    what a stage calls to find its own job); None when the study has no such job."""
+    teachers = params.teachers
+    if stage == "shard" and key is None:
+        return shard_job(params)
+    if stage == "report" and key is None:
+        return report_job(params)
+    if not isinstance(key, str):
+        return None
+    if stage == "teacher" and key in teachers:
+        return teacher_job(params, key)
+    if stage == "signals" and key in teachers:
+        served = any(uses_signals(params, m) for m in params.distill.methods)
+        return signals_job(params, key) if served else None
+    if stage == "distill":
+        return distill_job(params, key) if _student(params, key) else None
+    if stage == "attack":
+        mid, _, name = key.rpartition("--")
+        known = mid in teachers or _student(params, mid)
+        return attack_job(params, mid, name) if known and name in params.attack.attacks else None
+    if stage == "bounds_teacher" and key in teachers:  # every teacher has a student to bound
+        return bounds_teacher_job(params, key) if _any_student(params) else None
+    if stage == "bounds":
+        sid, _, t = key.partition("--vs--")
+        sj = _student(params, sid)
+        if sj is None or (t == "") != (sj.teacher is not None) or (t and t not in teachers):
+            return None
+        return bounds_job(params, sid, t or None)
+    return None
+
+
+def _student(params: Study, sid: str) -> StudentJob | None:
+    try:
+        return parse_student_id(params, sid)
+    except ParamError:
+        return None
+
+
+def _any_student(params: Study) -> bool:
+    return next(iter(student_jobs(params)), None) is not None
 
 
 #: a study of more jobs than this gets a warning: Snakemake and DVC plan every job each run

@@ -198,11 +198,12 @@ def require_current_inputs(params: dict, job: dag.Job) -> None:
 
 
 def current_job(params: dict, stage: str, key: str | None = None) -> dag.Job:
-    """The DAG's job for ``stage`` (and ``key``) under ``params``."""
-    for job in dag.jobs(params):
-        if job.stage == stage and job.key == key:
-            return job
-    raise ProvenanceError(f"no {stage} job {key!r} in the DAG of the current params")
+    """The DAG's job for ``stage`` (and ``key``) under ``params``, built from its key
+    (:func:`pipeline.dag.job`), not by building every job of the study."""
+    job = dag.job(params, stage, key)
+    if job is None:
+        raise ProvenanceError(f"no {stage} job {key!r} in the DAG of the current params")
+    return job
 
 
 def freshness(params: dict, *, code: bool = True) -> dict[str, list[str]]:

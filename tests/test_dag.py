@@ -311,7 +311,8 @@ def _with_signals(views: int = 4) -> dict:
 def test_every_stage_has_its_script():
     params = load_params(ROOT / "params.yaml")
     for stage in dag.STAGES:
-        assert (ROOT / "pipeline" / f"{stage}.py").exists()
+        script = ROOT / dag.code_deps(stage)[0]  # pipeline/<stage>.py or a package
+        assert script.is_file() or (script / "__main__.py").is_file(), stage
     assert not params.signals.enabled
     assert {j.stage for j in dag.jobs(params)} == set(dag.STAGES) - {"signals"}
     assert {j.stage for j in dag.jobs(validate(_with_signals()))} == set(dag.STAGES)
@@ -439,3 +440,25 @@ def test_the_schema_and_the_dag_load_without_torch():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("params_file", list(PRESET_JOBS))
+def test_a_stage_finds_its_job_from_its_key_alone(params_file, monkeypatch):
+    """dag.job builds one job from its stage and key: the same job as the table's, without
+    building the table (a stage looks itself up this way); a key not in the grid: None."""
+    params = load_params(ROOT / params_file, build=False)
+    table = dag.jobs(params)
+    monkeypatch.setattr(dag, "jobs", None)  # a lookup that built the table would fail here
+    for job in table:
+        assert dag.job(params, job.stage, job.key) == job
+    teacher = next(iter(params.teachers))
+    for stage, key in [
+        ("distill", f"{teacher}--kd--nobody--s0"),
+        ("distill", f"{teacher}--kd--{next(iter(params.students))}--s99"),
+        ("attack", f"{teacher}--fgsm"),
+        ("teacher", "nobody"),
+        ("bounds", f"{teacher}--vs--{teacher}"),
+        ("report", "x"),
+        ("nonsense", None),
+    ]:
+        assert dag.job(params, stage, key) is None, (stage, key)
