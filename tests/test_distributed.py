@@ -136,16 +136,16 @@ def _worker(out: Path) -> None:
     """One rank: every DDP case; results to ``out/rank{r}.pt``."""
     torch.set_num_threads(1)
     info = kd_dist.init_from_env(timeout=timedelta(seconds=90))
-    import kdiga.train as train_mod
+    import kdiga.train.checkpoint as checkpoint_mod  # where the checkpoint is written
 
-    save = train_mod.atomic_torch_save
+    save = checkpoint_mod.atomic_torch_save
 
     def recording_save(obj, path):  # which ranks write checkpoints
         with open(out / f"writes{info.rank}.txt", "a") as fh:
             fh.write(f"{Path(path).name}\n")
         save(obj, path)
 
-    train_mod.atomic_torch_save = recording_save
+    checkpoint_mod.atomic_torch_save = recording_save
     res: dict = {"info": info, "is_main": kd_dist.is_main()}
     for name in CASES:
         res[name] = _run_case(name, checkpoint=out / f"{name}.pt" if name == "kdiga_fit" else None)

@@ -203,7 +203,8 @@ def test_a_params_file_over_1_mib_is_refused_with_its_size(tmp_path):
 def test_seeds_are_bounded_to_32_bits_and_the_largest_trains():
     from kdiga.data import _synthetic
     from kdiga.signals import view_params
-    from kdiga.train import TrainConfig, _epoch_generators, fit
+    from kdiga.train import TrainConfig, fit
+    from kdiga.train.rng import epoch_generators
 
     assert SEED_MAX == 2**32 - 1
     for key in ("seeds", "shard.seed", "teachers.pgdat.train.seed"):
@@ -211,7 +212,7 @@ def test_seeds_are_bounded_to_32_bits_and_the_largest_trains():
         msg = _refused(_set(RAW, key, value))
         assert "expected an integer >= 0 and <= 2**32 - 1" in msg
         validate(_set(RAW, key, [SEED_MAX] if key == "seeds" else SEED_MAX), build=False)
-    order, aug = _epoch_generators(SEED_MAX, MAX_EPOCHS - 1)
+    order, aug = epoch_generators(SEED_MAX, MAX_EPOCHS - 1)
     assert order.initial_seed() == SEED_MAX * 1000003 + MAX_EPOCHS - 1
     assert aug.initial_seed() == order.initial_seed() + 500009
     view_params(4, 1023, "crop", 2, seed=SEED_MAX)  # shard.seed's views, the largest view
@@ -222,7 +223,7 @@ def test_seeds_are_bounded_to_32_bits_and_the_largest_trains():
 
     cfg = TrainConfig(epochs=1, batch_size=4, lr=0.1, seed=SEED_MAX, augment="crop")
     assert len(fit(model, build_loss("st"), x, y, cfg)) == 1
-    assert _epoch_generators(2**64, 0)[0].initial_seed() == 0  # any seed: the library wraps
+    assert epoch_generators(2**64, 0)[0].initial_seed() == 0  # any seed: the library wraps
 
 
 # -- 4. numbers YAML 1.1 leaves as text -------------------------------------------------------
@@ -428,7 +429,7 @@ def test_a_gpu_slot_cuda_cannot_see_stops_the_job_in_one_line(tmp_path, monkeypa
     monkeypatch.setenv("KDIGA_GPU_LOCK_DIR", str(tmp_path / "locks"))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("KDIGA_GPU_HELD", raising=False)
-    monkeypatch.setattr(gpu, "_cuda_device_count", lambda: 0)  # as on a machine without CUDA
+    monkeypatch.setattr("pipeline.gpu.cuda.device_count", lambda: 0)  # as on a machine without CUDA
 
     def body(args, params):
         with common.device():
@@ -728,10 +729,10 @@ def test_the_params_cli_prints_the_warnings(tmp_path):
 @pytest.mark.parametrize("seeds", [[0], [0, 1]])
 def test_the_uncertainty_note_names_the_split_evaluated(seeds):
     params = validate(_set(_set(RAW, "attack.split", "val"), "seeds", seeds), build=False)
-    note = report._uncertainty_note(params, 239)
+    note = report.uncertainty_note(params, 239)
     assert "the 239 val images" in note and "test images" not in note
     params = validate(_set(RAW, "seeds", seeds), build=False)
-    assert "the 239 test images" in report._uncertainty_note(params, 239)
+    assert "the 239 test images" in report.uncertainty_note(params, 239)
 
 
 # -- 19. ids that read alike --------------------------------------------------------------------
