@@ -162,8 +162,7 @@ rule distill:
 
 rule attack:
     input:
-        dag.SHARDS,
-        dag.model_path("{model}"),
+        lambda w: job("attack", f"{w.model}--{w.attack}").deps,
     output:
         update(dag.eval_path("{model}", "{attack}")),
     params:
