@@ -17,7 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline import gpu
-from pipeline.gpu import gpu_slot, parse_slots
+from pipeline.gpu import cuda, gpu_slot, parse_slots, slots
+from pipeline.gpu import env as gpu_env
 
 REPO = Path(__file__).resolve().parents[1]
 ENV_NAMES = ("KDIGA_GPU_SLOTS", "KDIGA_GPU_LOCK_DIR", "CUDA_VISIBLE_DEVICES", "KDIGA_GPU_HELD")
@@ -101,7 +102,7 @@ def test_huge_count_is_refused_at_once_without_building_a_list(monkeypatch):
     def no_range(*args):
         raise AssertionError(f"range{args} built before validating")
 
-    monkeypatch.setattr(gpu, "range", no_range, raising=False)
+    monkeypatch.setattr(gpu_env, "range", no_range, raising=False)
     for value in ("99999999999", "9" * 100_000):
         start = time.monotonic()
         with pytest.raises(gpu.GpuSlotsError, match="more than 1024 devices") as info:
@@ -109,7 +110,7 @@ def test_huge_count_is_refused_at_once_without_building_a_list(monkeypatch):
         assert time.monotonic() - start < 0.5
         assert len(str(info.value)) < 600  # a huge value is shown shortened
     with pytest.raises(gpu.GpuSlotsError, match="n_slots must be an int from 0 to 1024"):
-        gpu._resolve_pool(10**11)
+        slots.resolve_pool(10**11)
 
 
 def test_parse_slots_accepts_uuids_and_normalises_ordinals():
@@ -182,7 +183,7 @@ def test_env_restored_after_the_block_and_after_an_error(monkeypatch):
 
 
 def test_no_slots_and_no_cuda_yields_none_and_leaves_env_alone(monkeypatch, tmp_path):
-    monkeypatch.setattr(gpu, "_cuda_device_count", lambda: 0)
+    monkeypatch.setattr(cuda, "device_count", lambda: 0)
     with gpu_slot(timeout=0) as dev:
         assert dev is None
         assert "CUDA_VISIBLE_DEVICES" not in os.environ
@@ -195,7 +196,7 @@ def test_no_slots_and_no_cuda_yields_none_and_leaves_env_alone(monkeypatch, tmp_
 
 
 def test_default_pool_counts_cuda_devices(monkeypatch):
-    monkeypatch.setattr(gpu, "_cuda_device_count", lambda: 2)
+    monkeypatch.setattr(cuda, "device_count", lambda: 2)
     with gpu_slot() as a:
         with gpu_slot() as b:
             assert (a, b) == ("0", "1")
@@ -430,7 +431,7 @@ def test_a_scheduler_set_of_exactly_n_devices_is_used_without_locking(monkeypatc
         assert a == b == ["4", "5"]
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "4,5"
     assert not (tmp_path / "locks").exists()
-    monkeypatch.setattr(gpu, "_cuda_device_count", lambda: 0)
+    monkeypatch.setattr(cuda, "device_count", lambda: 0)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with gpu.gpu_slots(4, timeout=0) as none:  # no GPU: the CPU, whatever N
         assert none is None
