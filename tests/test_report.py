@@ -11,7 +11,7 @@ from tiny_study import TINY
 
 from kdiga.attacks.sweep import per_sample_correct
 from kdiga.stats import INTERVAL_RULE, NEEDS_SEEDS, ONE_SEED_RULE, VERDICT_RULE, seeds_needed
-from pipeline import report
+from pipeline import dag, report
 from pipeline.params import model_ids, student_jobs, validate
 
 N = 200
@@ -79,7 +79,7 @@ def _numbers(
                         for t in params.teachers}  # fmt: skip
     numbers.radii, numbers.radius_labels = [0.05, 0.1], ["0.05", "0.1"]
     numbers.bounds = {}
-    for sid, t in report.dag.bounds_pairs(params):
+    for sid, t in dag.bounds_pairs(params):
         job = next(j for j in student_jobs(params) if j.id == sid)
         teacher = t or job.teacher
         llm = {"kd": 0.5, "kdiga": 0.2}.get(job.method, 0.3) + 0.01 * job.seed
@@ -110,7 +110,7 @@ def test_every_accuracy_has_a_ci_over_seeds_or_images(seeds, method):
     assert cells[0].startswith("90.0 [") and cells[0].endswith("] (90.0)")
     assert cells[2].endswith("(60.0)")
     kd = next(c for c in report.cells(params)["pgdat"] if c.method == "kd")
-    est = report._estimate(numbers.accuracy(kd, "pgd", 1))
+    est = report.estimate(numbers.accuracy(kd, "pgd", 1))
     assert est.method == method and est.lo < est.mean < est.hi
     if method == "bootstrap":  # 10% of 200 images: binomial half-width about 4.2 points
         assert 0.025 < est.hi - est.mean < 0.06
@@ -169,7 +169,7 @@ def test_one_seed_gives_no_verdict_on_a_claim():
     assert llm["difference"].lo is None and llm["verdict"] == NEEDS_SEEDS
     for w in report.claims_in_words(rows):
         assert w.endswith(f"**{NEEDS_SEEDS}**.") and "seed SD" not in w, w
-    note = report._uncertainty_note(params, N)
+    note = report.uncertainty_note(params, N)
     assert "images only, one seed" in note and ONE_SEED_RULE in note and VERDICT_RULE in note
 
 
@@ -197,7 +197,7 @@ def test_an_inconclusive_claim_says_how_many_seeds_it_would_need():
     assert metrics == {"difference": diff.mean, "lo": diff.lo, "hi": diff.hi,
                        "seed_sd": row["seed_sd"], "seeds_needed": need,
                        "verdict": "inconclusive"}  # fmt: skip
-    note = report._uncertainty_note(params, N)
+    note = report.uncertainty_note(params, N)
     assert "3 training seeds and the 200 test images" in note and INTERVAL_RULE in note
 
 
