@@ -24,7 +24,7 @@ report's markdown), ``stage`` (the stage's entry, run by ``python -m pipeline.re
 from pipeline.report.claims import CLAIMS_HEADER, claims, claims_in_words, claims_table
 from pipeline.report.metrics import metrics
 from pipeline.report.numbers import Numbers, cells, estimate
-from pipeline.report.tables import accuracy_table, model_label
+from pipeline.report.tables import accuracy_table, model_label, training_table
 from pipeline.report.text import uncertainty_note
 
 __all__ = [
@@ -38,5 +38,6 @@ __all__ = [
     "estimate",
     "metrics",
     "model_label",
+    "training_table",
     "uncertainty_note",
 ]
