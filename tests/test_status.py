@@ -111,7 +111,7 @@ def test_each_state_from_the_progress_files_and_the_outputs(study):
 
     text = status(params, now=NOW)
     assert "teacher-pgdat" in text and "\nshard " not in text  # done rows only with --all
-    assert text.splitlines()[-2] == "jobs: 1 of 17 done; 1 running, 1 failed, 2 stopped, 12 to run"
+    assert text.splitlines()[-2] == "jobs: 1 of 18 done; 1 running, 1 failed, 2 stopped, 13 to run"
     assert text.splitlines()[-1].endswith(": unknown (no cost plan at logs/plan.json: "
                                           "`python -m pipeline.plan --json > logs/plan.json` "
                                           "writes one)")  # fmt: skip
@@ -158,14 +158,14 @@ def test_the_device_hours_left_come_from_the_cost_plan(study, capsys):
     assert main([]) == 0
     last = capsys.readouterr().out.splitlines()[-1]
     assert last == (
-        "device-hours of the 16 jobs not started: 8 h (8 h 00 min), from the cost plan "
+        "device-hours of the 17 jobs not started: 8.5 h (8 h 30 min), from the cost plan "
         "logs/plan.json"
     )
     assert "plan 30 min 00 s" in status(params, now=NOW)  # each job's own, in the ETA column
     _plan(dict.fromkeys(names[:3], 0.25))  # shard, teacher (running) and one student
     last = status(params, now=NOW).splitlines()[-1]
     assert last == (
-        "device-hours of the 16 jobs not started: at least 0.5 h (30 min 00 s); 14 of them "
+        "device-hours of the 17 jobs not started: at least 0.5 h (30 min 00 s); 15 of them "
         "not in the cost plan logs/plan.json, unknown"
     )
 
