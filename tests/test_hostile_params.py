@@ -565,6 +565,12 @@ def _epoch(progress: dict | None) -> int:
     return int(found.group(1)) if found else 0
 
 
+def _sigint_at_default() -> None:
+    """A job started from a terminal gets SIGINT at its default action; a test worker may
+    ignore SIGINT, and its children would inherit that (as a shell's background jobs do)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("forkserver", ["0", "1"])
 def test_an_interrupted_distill_job_says_where_and_exits_130(long_distill, forkserver):
@@ -577,7 +583,7 @@ def test_an_interrupted_distill_job_says_where_and_exits_130(long_distill, forks
         proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.distill", "--model", model, "--log", log], cwd=study,
             env=env(PYTHONPATH=str(ROOT), KDIGA_FORKSERVER=forkserver),
-            stdout=subprocess.DEVNULL, stderr=stderr,
+            stdout=subprocess.DEVNULL, stderr=stderr, preexec_fn=_sigint_at_default,
         )  # fmt: skip
         try:
             deadline = time.monotonic() + 60
