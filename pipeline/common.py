@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kdiga.errors import KdigaError
-from pipeline import dag, progress
+from pipeline import dag, paths, progress
 from pipeline.params import (
     ParamError,
     Study,
@@ -345,7 +345,7 @@ def read_json(path: str | Path) -> Any:
 
 def write_timing(stage: str, key: str | None, **figures: Any) -> None:
     """Wall-clock figures of this job, beside its log: never in an output DVC hashes."""
-    write_json(figures, dag.timing_path(stage, key))
+    write_json(figures, paths.timing_path(stage, key))
 
 
 #: the provenance record of this process's job (one job a process): :func:`device` adds the
@@ -436,4 +436,4 @@ def checkpoint_path(kind: str, key: str, provenance: dict) -> Path:
     """Where job ``key`` of stage ``kind`` keeps its resumable state: named by the job's
     :func:`run_record`, not by the machine in its provenance (a run resumed on another GPU
     or thread count finds its checkpoint; the checkpoint's own record is checked on resume)."""
-    return dag.checkpoint_dir() / kind / f"{key}-{config_hash(run_record(provenance))}.pt"
+    return paths.checkpoint_dir() / kind / f"{key}-{config_hash(run_record(provenance))}.pt"

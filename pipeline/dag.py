@@ -2,15 +2,15 @@
 
 Each job has a stage name (one of :data:`STAGES`, each a ``pipeline/<stage>.py``), one shell
 command, its data inputs, its outputs and the params keys it reads. ``dvc.yaml`` is generated
-from this table (``python -m pipeline.dag``); the Snakefile's rules use the same path helpers,
-and ``tests/test_dag.py`` checks that Snakemake's jobs equal these jobs and that dvc.yaml is
+from this table (``python -m pipeline.dag``). Where the files live is :mod:`pipeline.paths`,
+which keys each job reads :mod:`pipeline.job_params`; the Snakefile reads both through this
+module, and ``tests/test_dag.py`` checks that Snakemake's jobs equal these jobs and that dvc.yaml is
 fresh.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -21,11 +21,20 @@ from pathlib import Path
 import yaml
 
 from kdiga.files import ArtifactWriteError, atomic_write_text
-from kdiga.methods import get_method
+from pipeline.job_params import (
+    BOUNDS_PARAMS,
+    REPORT_PARAMS,
+    attack_param_keys,
+    distill_param_keys,
+    dvc_params,
+    shard_param_keys,
+    signals_param_keys,
+    stream_param_keys,
+    teacher_param_keys,
+    uses_signals,
+)
 from pipeline.params import (
-    TRAIN_KEYS,
     ParamError,
-    Shard,
     StudentJob,
     Study,
     load_params,
@@ -33,6 +42,26 @@ from pipeline.params import (
     parse_student_id,
     student_jobs,
     teacher_ids,
+)
+from pipeline.params.write import write_keys
+from pipeline.paths import (
+    METRICS,
+    PLOT_CSV,
+    REPORT_MD,
+    REPORT_PNG,
+    REPORT_RECORD,
+    SHARDS,
+    SHARDS_RECORD,
+    bounds_key,
+    bounds_path,
+    bounds_teacher_path,
+    code_deps,
+    eval_path,
+    history_path,
+    log_path,
+    model_path,
+    signals_path,
+    teacher_meta_path,
 )
 
 log = logging.getLogger("kdiga.pipeline.dag")
@@ -45,84 +74,12 @@ GPU_STAGES = ("teacher", "signals", "distill", "attack", "bounds_teacher", "boun
 #: that dvc.yaml still describes params.yaml.
 DAG_RECORD = "data/dag.json"
 GUARD = "dag"
-SHARDS = "data/shards"
-SHARDS_RECORD = f"{SHARDS}/provenance.json"
-# The report and its metrics live in git (not gitignored, not in the DVC cache), so that
-# `dvc exp show` and `dvc plots diff` read them for every commit and experiment.
-REPORT_MD = "reports/report.md"
-REPORT_PNG = "reports/figure1.png"
-REPORT_RECORD = "reports/provenance.json"
-METRICS = "reports/metrics.json"
-PLOT_CSV = "reports/robustness.csv"
-#: wall-clock figures: written beside the logs, never into an output DVC hashes
-COST_MD = "logs/cost.md"
-BOUNDS_PARAMS = ["shard.seed", "bounds"]  # the bounds' samples, draws and settings
-REPORT_PARAMS = ["report", "signals"]  # the report says which students used cached signals
-
-
-def model_path(model_id: str) -> str:
-    """A teacher's (its name) or a student's model file."""
-    return f"data/models/{model_id}.safetensors"
-
-
-def history_path(model_id: str) -> str:
-    return f"data/models/{model_id}.history.json"
-
-
-def teacher_meta_path(teacher: str) -> str:
-    return f"data/models/{teacher}.json"
-
-
-def signals_path(teacher: str) -> str:
-    return f"data/signals/{teacher}.safetensors"
-
-
-def eval_path(model_id: str, attack: str) -> str:
-    return f"data/evals/{model_id}--{attack}.json"
-
-
-def bounds_key(model_id: str, teacher: str | None = None) -> str:
-    """The bounds job of a student against a teacher: its id for a distilled student (its own
-    teacher), ``<id>--vs--<teacher>`` for a student trained without one."""
-    return model_id if teacher is None else f"{model_id}--vs--{teacher}"
-
-
-def bounds_path(model_id: str, teacher: str | None = None) -> str:
-    return f"data/bounds/{bounds_key(model_id, teacher)}.json"
-
-
-def bounds_teacher_path(teacher: str) -> str:
-    """The teacher's share of the bounds jobs of its students (``pipeline.bounds_teacher``)."""
-    return f"data/bounds/{teacher}.teacher.safetensors"
-
-
-def log_path(stage: str, key: str | None = None) -> str:
-    return f"logs/{stage}.log" if key is None else f"logs/{stage}/{key}.log"
-
-
-def timing_path(stage: str, key: str | None = None) -> str:
-    """Wall-clock figures of one job (seconds per epoch, ...): beside its log, not hashed."""
-    return log_path(stage, key).removesuffix(".log") + ".timing.json"
-
-
-def code_deps(stage: str) -> list[str]:
-    """The code a stage's results depend on: DVC's code dependencies and the code digest in
-    every artifact's provenance (pipeline.provenance)."""
-    shared = ["pipeline/bounds_teacher.py"] if stage == "bounds" else []  # its samples, draws
-    script = f"pipeline/{stage}"  # a module, or a package (pipeline/report/)
-    script += "" if (Path(__file__).parent / stage).is_dir() else ".py"
-    return [script, *shared, "pipeline/common.py", "pipeline/params", "kdiga"]
 
 
 def teacher_deps(params: Study, teacher: str) -> list[str]:
     """A teacher job's data: the shards, and a ``file:`` teacher's checkpoint."""
     source = params.teachers[teacher].source
     return [SHARDS, source.removeprefix("file:")] if source.startswith("file:") else [SHARDS]
-
-
-def checkpoint_dir() -> Path:
-    """Resumable state (training checkpoints, attack progress): never a declared output."""
-    return Path("data/checkpoints")
 
 
 @dataclass
@@ -162,15 +119,6 @@ def _cmd(stage: str, key: str | None = None, **args: str) -> str:
     return " ".join(parts)
 
 
-def uses_signals(params: Study, method: str) -> bool:
-    """Whether ``method``'s students train from their teacher's cached signals."""
-    return params.signals.enabled and get_method(method).cacheable
-
-
-def signals_param_keys() -> list[str]:
-    return ["shard.seed", "signals", "distill.augment", "distill.crop_padding"]
-
-
 def distill_deps(params: Study, model_id: str) -> list[str]:
     """The data a student's job reads: the shards, its teacher (and the teacher's cached
     signals when they serve it), and a ``file:`` init checkpoint."""
@@ -184,53 +132,6 @@ def distill_deps(params: Study, model_id: str) -> list[str]:
     if init.startswith("file:"):
         deps.append(init.removeprefix("file:"))
     return deps
-
-
-def distill_param_keys(params: Study, model_id: str) -> list[str]:
-    """The params a student's job reads, so that only a real change re-runs it."""
-    job = parse_student_id(params, model_id)
-    keys = [*(f"distill.{k}" for k in TRAIN_KEYS), f"students.{job.student}"]
-    keys += [f"distill.{k}" for k in get_method(job.method).param_keys]
-    if job.teacher is not None and not uses_signals(params, job.method):
-        keys += ["distill.compile_teacher"]  # the teacher runs: compiled or not
-    if uses_signals(params, job.method):
-        keys += ["signals"]
-    if params.distill.gpus_per_job > 1:  # DDP splits each batch: another run than on one GPU
-        keys += ["distill.gpus_per_job"]  # (left out at 1, so records made before it hold)
-    return keys + stream_param_keys(params)
-
-
-#: the shard keys only a streamed (ImageNet) study reads
-STREAM_SHARD_KEYS = ("resize_short", "workers", "shuffle_buffer")
-
-
-def shard_param_keys(params: Study) -> list[str]:
-    """The params the shard job reads: the shard section, less the keys of streamed data in
-    a study that holds its data in memory (changing them there changes no shard) and those
-    its shards do not depend on (``shard.max_gb``, a memory budget)."""
-    keys = [f.name for f in dataclasses.fields(Shard) if f.init and f.metadata.get("results", 1)]
-    return [f"shard.{k}" for k in keys if params.shard.streamed or k not in STREAM_SHARD_KEYS]
-
-
-def teacher_param_keys(params: Study, t: str) -> list[str]:
-    """The params a teacher's job reads: its section, less ``train`` for a teacher it does
-    not train (a file, a URL, a timm or torchvision model)."""
-    teacher = params.teachers[t]
-    if teacher.source == "train":
-        return [f"teachers.{t}"]
-    fields = [f for f in dataclasses.fields(teacher) if f.metadata.get("results", True)]
-    return [f"teachers.{t}.{f.name}" for f in fields if f.name != "train"]
-
-
-def stream_param_keys(params: Study) -> list[str]:
-    """What the order of streamed training batches depends on (none for in-memory data)."""
-    return ["shard.workers", "shard.shuffle_buffer"] if params.shard.streamed else []
-
-
-def attack_param_keys(attack: str) -> list[str]:
-    common = ["shard.seed", "attack.split", "attack.radii", "attack.norm", "attack.batch_size"]
-    extra = ["attack.compile"] if attack == "pgd" else []
-    return [*common, *extra, f"attack.{attack}"]
 
 
 def bounds_pairs(params: Study) -> list[tuple[str, str | None]]:
@@ -480,38 +381,6 @@ def unset_keys(params: Study) -> list[str]:
     return [k for k in keys if not _is_set(params.raw, k)]
 
 
-def dvc_params(params: Study, keys: list[str]) -> list[str]:
-    """``keys`` as DVC must list them to see what Snakemake sees (``params_view``): a section
-    holding a key its results do not depend on (``results=False``: a download cap, a memory
-    budget, how often to checkpoint) is listed key by key without it."""
-    out: list[str] = []
-
-    def add(dotted: str, node: object) -> None:
-        fields = dataclasses.fields(node) if dataclasses.is_dataclass(node) else ()
-        if not any(_holds_other_keys(f, getattr(node, f.name)) for f in fields):
-            out.append(dotted)
-            return
-        for f in fields:
-            if f.init and f.metadata.get("results", True):
-                add(f"{dotted}.{f.name}", getattr(node, f.name))
-
-    for dotted in keys:
-        node: object = params
-        for part in dotted.split("."):
-            node = node[part] if isinstance(node, dict) else getattr(node, part)
-        add(dotted, node)
-    return out
-
-
-def _holds_other_keys(f: dataclasses.Field, value: object) -> bool:
-    """Whether a field is, or holds, a key the results do not depend on."""
-    if not f.metadata.get("results", True):
-        return True
-    if dataclasses.is_dataclass(value):
-        return any(_holds_other_keys(g, getattr(value, g.name)) for g in dataclasses.fields(value))
-    return False
-
-
 def _dvc_stage(params: Study, job: Job) -> dict:
     """One explicit dvc.yaml stage: what a DVC user would write by hand for the job."""
     stage: dict = {"cmd": job.cmd}
@@ -584,56 +453,8 @@ def complete_params_file(path: str | Path, params: Study) -> list[str]:
     unset = unset_keys(params)
     if not unset:
         return []
-    path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for dotted in unset:
-        lines = _insert_key(lines, dotted.split("."), params.value(dotted))
-    atomic_write_text("\n".join(lines) + "\n", path)
+    write_keys(path, {dotted: params.value(dotted) for dotted in unset})
     return unset
-
-
-def _insert_key(lines: list[str], parts: list[str], value: object) -> list[str]:
-    """``lines`` of a block-style YAML file with ``parts[-1]: value`` added under the mapping
-    at ``parts[:-1]`` (created where missing)."""
-    start, end, indent = 0, len(lines), 0
-    for depth, part in enumerate(parts[:-1]):
-        found = _find_key(lines, start, end, indent, part)
-        if found is None:  # the section is missing: write it whole, with the value inside
-            nested: object = value
-            for name in reversed(parts[depth + 1 :]):
-                nested = {name: nested}
-            return _insert_block(lines, end, indent, {part: nested})
-        start, end = found + 1, _block_end(lines, found + 1, indent)
-        indent += 2
-    return _insert_block(lines, end, indent, {parts[-1]: value})
-
-
-def _find_key(lines: list[str], start: int, end: int, indent: int, key: str) -> int | None:
-    for i in range(start, end):
-        line = lines[i]
-        if len(line) - len(line.lstrip(" ")) == indent and line.strip().startswith(f"{key}:"):
-            return i
-    return None
-
-
-def _block_end(lines: list[str], start: int, indent: int) -> int:
-    """The index after the last line indented deeper than ``indent`` from ``start`` on
-    (trailing blank lines and comments at the block's end stay outside it)."""
-    end = start
-    for i in range(start, len(lines)):
-        text = lines[i].strip()
-        if not text or text.startswith("#"):
-            continue
-        if len(lines[i]) - len(lines[i].lstrip(" ")) <= indent:
-            break
-        end = i + 1
-    return end
-
-
-def _insert_block(lines: list[str], at: int, indent: int, mapping: dict) -> list[str]:
-    text = yaml.safe_dump(mapping, sort_keys=False, default_flow_style=False, width=100)
-    block = [" " * indent + line for line in text.splitlines()]
-    return [*lines[:at], *block, *lines[at:]]
 
 
 def check_fresh(params_path: str = "params.yaml", dvc_path: str = "dvc.yaml") -> str | None:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from kdiga.files import atomic_write_text
-from pipeline import dag
+from pipeline import paths
 from pipeline.params import StudentJob, Study, model_ids, student_jobs
 from pipeline.report.numbers import Numbers
 from pipeline.report.tables import markdown
@@ -55,7 +55,7 @@ def write_cost(params: Study) -> None:
     and the ratio to KD's (same teacher, student and seed)."""
     per_epoch = {}
     for j in student_jobs(params):
-        path = Path(dag.timing_path("distill", j.id))
+        path = Path(paths.timing_path("distill", j.id))
         t = json.loads(path.read_text()) if path.exists() else {}
         per_epoch[j.id] = _mean(t.get("epoch_s") or [])
     rows = []
@@ -76,4 +76,4 @@ def write_cost(params: Study) -> None:
             markdown(["Student", "s / epoch", "× KD"], rows),
         ]
     )
-    atomic_write_text(text + "\n", dag.COST_MD)
+    atomic_write_text(text + "\n", paths.COST_MD)

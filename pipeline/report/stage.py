@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from kdiga.files import atomic_write_text
-from pipeline import dag
+from pipeline import dag, paths
 from pipeline.common import begin, log, run, write_json
 from pipeline.params import Study, model_ids
 from pipeline.provenance import seal
@@ -39,7 +39,7 @@ def body(args: argparse.Namespace, params: Study) -> None:
                dag.REPORT_RECORD)  # fmt: skip
     write_cost(params)
     log.info("wrote %s, %s, %s (wall-clock cost: %s)", dag.REPORT_MD, dag.REPORT_PNG,
-             dag.METRICS, dag.COST_MD)  # fmt: skip
+             dag.METRICS, paths.COST_MD)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
