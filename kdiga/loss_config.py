@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from kdiga.options import NORMS
 
@@ -83,3 +83,29 @@ def _check_number(name: str, value: Any, *, allow_zero: bool) -> None:
 def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+class MethodEntry(Protocol):
+    """What a loss reads of its method's entry (:class:`kdiga.methods.Method`): the flags of
+    the method table, so that a loss never branches on a method's name."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def needs_teacher(self) -> bool: ...
+
+    @property
+    def teacher_at_adversarial(self) -> bool: ...
+
+    @property
+    def inner_attack(self) -> bool: ...
+
+    @property
+    def iga(self) -> bool: ...
+
+    @property
+    def cacheable(self) -> bool: ...
+
+    @property
+    def loss_keys(self) -> tuple[str, ...]: ...

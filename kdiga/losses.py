@@ -74,18 +74,15 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdiga.attacks import pgd
-from kdiga.loss_config import IGA_REDUCTIONS, LossConfig, check_choice
+from kdiga.loss_config import IGA_REDUCTIONS, LossConfig, MethodEntry, check_choice
 from kdiga.utils import eval_mode, math_attention
-
-if TYPE_CHECKING:
-    from kdiga.methods import Method
 
 logger = logging.getLogger(__name__)
 
@@ -202,7 +199,7 @@ class DistillLoss(nn.Module):
     at x) replaces the teacher call where the method needs the teacher only at x.
     """
 
-    def __init__(self, method: Method, config: LossConfig) -> None:
+    def __init__(self, method: MethodEntry, config: LossConfig) -> None:
         super().__init__()
         self.method = method
         self.config = config

@@ -3,8 +3,9 @@
 The graph is read from the source with ``ast``: every ``import`` and ``from ... import``, at the
 top of a module or inside a function, relative imports resolved, and ``from pkg import name``
 counted as an import of ``pkg.name`` when that is a module. Imports under ``if TYPE_CHECKING:``
-are left out: they never run. A circle is named module by module, so it can be cut where the
-design says (the table builds the thing; the thing never looks itself up in the table).
+count too: they never run, but two modules that each name the other's types still make one
+topic split in two. A circle is named module by module, so it can be cut where the design
+says (the table builds the thing; the thing never looks itself up in the table).
 """
 
 from __future__ import annotations
@@ -31,21 +32,11 @@ def _modules(root: Path, packages: tuple[str, ...]) -> dict[str, tuple[Path, boo
     return out
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
 def _imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
-    """Every import statement that can run: at any depth, except under TYPE_CHECKING."""
+    """Every import statement, at any depth (under TYPE_CHECKING too)."""
     found, todo = [], [tree]
     while todo:
         node = todo.pop()
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            todo.extend(node.orelse)
-            continue
         if isinstance(node, ast.Import | ast.ImportFrom):
             found.append(node)
         todo.extend(ast.iter_child_nodes(node))
@@ -150,7 +141,7 @@ def test_the_graph_sees_top_level_function_level_and_relative_imports(tmp_path):
     graph = import_graph(tmp_path, ("p",))
     assert graph == {
         "p": set(),
-        "p.a": {"p.b"},  # the TYPE_CHECKING import never runs
+        "p.a": {"p.b", "p.e"},  # a TYPE_CHECKING import counts
         "p.b": {"p.c"},  # inside a function
         "p.c": {"p.d", "p.sub.x"},  # relative, and from a package import a module
         "p.d": {"p.c", "p.sub.x"},
