@@ -11,8 +11,7 @@ params schema and the DAG read those tables, and a Snakemake dry run pays no tor
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from kdiga.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -47,13 +46,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'kdiga' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # the next access is a plain attribute
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -52,10 +52,8 @@ Modules: `settings` (AscentSettings and the option lists, without torch), `primi
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from kdiga.bounds.settings import ASCENTS, SIGNS, VIOLATION_KINDS, AscentSettings
+from kdiga.lazy import lazy_exports
 from kdiga.options import NORMS
 
 #: public name -> the module that defines it. Loaded on first use (PEP 562): the params
@@ -108,13 +106,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'kdiga.bounds' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # the next access is a plain attribute
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -17,8 +17,7 @@ the params schema checks) loads without torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from kdiga.lazy import lazy_exports
 
 #: public name -> the module that defines it
 _EXPORTS = {
@@ -45,13 +44,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'kdiga.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # the next access is a plain attribute
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
