@@ -403,7 +403,14 @@ def _guard_stage() -> dict:
     DAG (:data:`DAG_RECORD`), which is the same unless the shape changed."""
     return {
         "cmd": f"python -m pipeline.dag --guard --output dvc.yaml --record {DAG_RECORD}",
-        "deps": ["params.yaml", "pipeline/dag.py", "pipeline/params", "kdiga"],
+        "deps": [
+            "params.yaml",
+            "pipeline/dag.py",
+            "pipeline/paths.py",
+            "pipeline/job_params.py",
+            "pipeline/params",
+            "kdiga",
+        ],
         "outs": [DAG_RECORD],
     }
 
