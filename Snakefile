@@ -7,8 +7,8 @@
 #   snakemake --cores all --resources gpu=8    # with distill.gpus_per_job: 4, two students at
 #                                              # a time, each a torchrun job on 4 GPUs
 #
-# Every job is one command shared with dvc.yaml (generated from the same table in
-# pipeline/dag.py); tests/test_dag.py checks that both describe the same jobs.
+# Every rule takes its jobs' inputs, params and command from the job table in pipeline/dag.py,
+# which also writes dvc.yaml: both tools run the same commands (tests/test_dag.py checks it).
 
 import os
 import re
@@ -18,7 +18,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from pipeline import dag, forkserver
-from pipeline.common import REUSE_ENV
+from pipeline.stages.common import REUSE_ENV
 from pipeline.runners import RUNNER_ENV, SNAKEMAKE, StudyBusyError, refuse_if_dvc_runs
 from pipeline.params import (
     check_models,
@@ -95,6 +95,12 @@ def values(stage, key=None):
     return dag.params_view(P, job(stage, key).params)
 
 
+def command(stage, key=None):
+    """The job's command (``python -m pipeline.stages.<stage> ... --log <its log>``), as in
+    dvc.yaml; a params entry, so a changed command re-runs the job, as it does for DVC."""
+    return job(stage, key).cmd
+
+
 rule all:
     input:
         # Every job's outputs, not just the report: the report is kept in git, so in a fresh
@@ -107,10 +113,11 @@ rule shard:
         directory(dag.SHARDS),
     params:
         values=values("shard"),
+        cmd=command("shard"),
     log:
         dag.log_path("shard"),
     shell:
-        "python -m pipeline.shard --log {log}"
+        "{params.cmd}"
 
 
 rule teacher:
@@ -121,12 +128,13 @@ rule teacher:
         meta=update(dag.teacher_meta_path("{teacher}")),
     params:
         values=lambda w: values("teacher", w.teacher),
+        cmd=lambda w: command("teacher", w.teacher),
     log:
         dag.log_path("teacher", "{teacher}"),
     resources:
         gpu=1,
     shell:
-        "python -m pipeline.teacher --teacher {wildcards.teacher} --log {log}"
+        "{params.cmd}"
 
 
 rule signals:
@@ -136,12 +144,13 @@ rule signals:
         update(dag.signals_path("{teacher}")),
     params:
         values=lambda w: values("signals", w.teacher),
+        cmd=lambda w: command("signals", w.teacher),
     log:
         dag.log_path("signals", "{teacher}"),
     resources:
         gpu=1,
     shell:
-        "python -m pipeline.signals --teacher {wildcards.teacher} --log {log}"
+        "{params.cmd}"
 
 
 rule distill:
@@ -152,12 +161,13 @@ rule distill:
         history=update(dag.history_path("{sid}")),
     params:
         values=lambda w: values("distill", w.sid),
+        cmd=lambda w: command("distill", w.sid),
     log:
         dag.log_path("distill", "{sid}"),
     resources:
         gpu=lambda w: job("distill", w.sid).gpus,  # distill.gpus_per_job
     shell:
-        "python -m pipeline.distill --model {wildcards.sid} --log {log}"
+        "{params.cmd}"
 
 
 rule attack:
@@ -167,12 +177,13 @@ rule attack:
         update(dag.eval_path("{model}", "{attack}")),
     params:
         values=lambda w: values("attack", f"{w.model}--{w.attack}"),
+        cmd=lambda w: command("attack", f"{w.model}--{w.attack}"),
     log:
         dag.log_path("attack", "{model}--{attack}"),
     resources:
         gpu=1,
     shell:
-        "python -m pipeline.attack --model {wildcards.model} --attack {wildcards.attack} --log {log}"
+        "{params.cmd}"
 
 
 rule bounds_teacher:
@@ -182,12 +193,13 @@ rule bounds_teacher:
         update(dag.bounds_teacher_path("{teacher}")),
     params:
         values=lambda w: values("bounds_teacher", w.teacher),
+        cmd=lambda w: command("bounds_teacher", w.teacher),
     log:
         dag.log_path("bounds_teacher", "{teacher}"),
     resources:
         gpu=1,
     shell:
-        "python -m pipeline.bounds_teacher --teacher {wildcards.teacher} --log {log}"
+        "{params.cmd}"
 
 
 rule bounds:
@@ -197,14 +209,13 @@ rule bounds:
         update(dag.bounds_path("{bkey}")),
     params:
         values=lambda w: values("bounds", w.bkey),
-        # --model <id>, and --teacher <name> for a student trained without a teacher
-        args=lambda w: " ".join(f"--{k} {v}" for k, v in job("bounds", w.bkey).args.items()),
+        cmd=lambda w: command("bounds", w.bkey),
     log:
         dag.log_path("bounds", "{bkey}"),
     resources:
         gpu=1,
     shell:
-        "python -m pipeline.bounds {params.args} --log {log}"
+        "{params.cmd}"
 
 
 rule report:
@@ -218,10 +229,11 @@ rule report:
         plot=update(dag.PLOT_CSV),
     params:
         values=values("report"),
+        cmd=command("report"),
     log:
         dag.log_path("report"),
     shell:
-        "python -m pipeline.report --log {log}"
+        "{params.cmd}"
 
 
 onstart:

@@ -294,8 +294,8 @@ def study(root: str, repeats: int = 2, threads: int | None = 1) -> str:
     """The module doc's ``--study``: a finished study's models, samples and settings."""
     # the study's own infrastructure, needed by this mode only
     from pipeline import dag
-    from pipeline.common import load_split, load_stage_model
     from pipeline.params import load_params
+    from pipeline.stages.common import load_split, load_stage_model
 
     os.chdir(root)
     params = load_params("params.yaml")

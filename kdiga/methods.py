@@ -171,6 +171,11 @@ class Method:
         logger.debug("built loss %r", loss)
         return loss
 
+    def build_from(self, distill: Mapping[str, Any]) -> DistillLoss:
+        """The method's loss as a validated ``distill`` params section sets it: what a study's
+        job trains with (:meth:`build` with :meth:`settings`)."""
+        return self.build(**self.settings(distill))
+
     @property
     def cacheable(self) -> bool:
         """Cached teacher signals at the clean (augmented) input can serve it."""

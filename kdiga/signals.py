@@ -8,7 +8,7 @@ gradient, and every method and student of the grid reuses them through :class:`S
 (``kdiga.train.fit(..., batch_source=cache)``). What is left per step is the student's
 own cost (``bench/teacher_cache.py`` measures a MobileNetV2 student and a ResNet-18-shaped
 control of the same MAC ratio). The pipeline's optional ``signals`` stage
-(``pipeline/signals.py``) computes the set once per teacher and data.
+(``pipeline/stages/signals.py``) computes the set once per teacher and data.
 
 Views
 -----

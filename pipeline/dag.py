@@ -1,6 +1,6 @@
 """The study's DAG as one table of jobs, read by the Snakefile and written out as dvc.yaml.
 
-Each job has a stage name (one of :data:`STAGES`, each a ``pipeline/<stage>.py``), one shell
+Each job has a stage name (one of :data:`STAGES`, each a ``pipeline/stages/<stage>.py``), one shell
 command, its data inputs, its outputs and the params keys it reads. ``dvc.yaml`` is generated
 from this table (``python -m pipeline.dag``). Where the files live is :mod:`pipeline.paths`,
 which keys each job reads :mod:`pipeline.job_params`; the Snakefile reads both through this
@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,7 +114,7 @@ class Job:
 
 
 def _cmd(stage: str, key: str | None = None, **args: str) -> str:
-    parts = [f"python -m pipeline.{stage}"]
+    parts = [f"python -m pipeline.stages.{stage}"]
     parts += [f"--{k.replace('_', '-')} {v}" for k, v in args.items()]
     parts.append(f"--log {log_path(stage, key)}")
     return " ".join(parts)
@@ -264,33 +265,56 @@ def jobs(params: Study) -> list[Job]:
 def job(params: Study, stage: str, key: str | None = None) -> Job | None:
     """The job ``stage``/``key`` of the study, built from its key alone (not the whole DAG:
     what a stage calls to find its own job); None when the study has no such job."""
-    teachers = params.teachers
-    if stage == "shard" and key is None:
-        return shard_job(params)
-    if stage == "report" and key is None:
-        return report_job(params)
-    if not isinstance(key, str):
+    if key is None:
+        single = _SINGLE_JOBS.get(stage)
+        return single(params) if single is not None else None
+    find = _FIND_JOB.get(stage)
+    return find(params, key) if find is not None and isinstance(key, str) else None
+
+
+def _find_teacher(params: Study, key: str) -> Job | None:
+    return teacher_job(params, key) if key in params.teachers else None
+
+
+def _find_signals(params: Study, key: str) -> Job | None:
+    served = any(uses_signals(params, m) for m in params.distill.methods)
+    return signals_job(params, key) if served and key in params.teachers else None
+
+
+def _find_distill(params: Study, key: str) -> Job | None:
+    return distill_job(params, key) if _student(params, key) else None
+
+
+def _find_attack(params: Study, key: str) -> Job | None:
+    mid, _, name = key.rpartition("--")
+    known = mid in params.teachers or _student(params, mid)
+    return attack_job(params, mid, name) if known and name in params.attack.attacks else None
+
+
+def _find_bounds_teacher(params: Study, key: str) -> Job | None:
+    # every teacher has a student to bound, if the study has a student at all
+    known = key in params.teachers and _any_student(params)
+    return bounds_teacher_job(params, key) if known else None
+
+
+def _find_bounds(params: Study, key: str) -> Job | None:
+    sid, _, t = key.partition("--vs--")
+    sj = _student(params, sid)
+    if sj is None or (t == "") != (sj.teacher is not None) or (t and t not in params.teachers):
         return None
-    if stage == "teacher" and key in teachers:
-        return teacher_job(params, key)
-    if stage == "signals" and key in teachers:
-        served = any(uses_signals(params, m) for m in params.distill.methods)
-        return signals_job(params, key) if served else None
-    if stage == "distill":
-        return distill_job(params, key) if _student(params, key) else None
-    if stage == "attack":
-        mid, _, name = key.rpartition("--")
-        known = mid in teachers or _student(params, mid)
-        return attack_job(params, mid, name) if known and name in params.attack.attacks else None
-    if stage == "bounds_teacher" and key in teachers:  # every teacher has a student to bound
-        return bounds_teacher_job(params, key) if _any_student(params) else None
-    if stage == "bounds":
-        sid, _, t = key.partition("--vs--")
-        sj = _student(params, sid)
-        if sj is None or (t == "") != (sj.teacher is not None) or (t and t not in teachers):
-            return None
-        return bounds_job(params, sid, t or None)
-    return None
+    return bounds_job(params, sid, t or None)
+
+
+#: the stages of one job, found without a key, and how each keyed stage finds a job by its key
+_SINGLE_JOBS: dict[str, Callable[[Study], Job]] = {"shard": shard_job, "report": report_job}
+_FIND_JOB: dict[str, Callable[[Study, str], Job | None]] = {
+    "teacher": _find_teacher,
+    "signals": _find_signals,
+    "distill": _find_distill,
+    "attack": _find_attack,
+    "bounds_teacher": _find_bounds_teacher,
+    "bounds": _find_bounds,
+}
 
 
 def _student(params: Study, sid: str) -> StudentJob | None:

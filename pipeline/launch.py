@@ -1,12 +1,12 @@
 """Run one stage as a torchrun (DDP) job: on one node in held GPU slots, or over several nodes.
 
 One node. With ``distill.gpus_per_job`` = N > 1, the distill job's own command (``python -m
-pipeline.distill --model <id> --log <log>``, what Snakemake and DVC run) holds N GPUs of the
+pipeline.stages.distill --model <id> --log <log>``, what Snakemake and DVC run) holds N GPUs of the
 slot pool at once, all or none (:func:`pipeline.gpu.run_in_slots`), and runs that same command
 again under ``torch.distributed.run`` (torchrun) in them (:func:`torchrun_command`)::
 
     python -m torch.distributed.run --standalone --nproc-per-node 4 \\
-        -m pipeline.distill -- --model <id> --log logs/distill/<id>.log
+        -m pipeline.stages.distill -- --model <id> --log logs/distill/<id>.log
 
 The ``--`` keeps torchrun's own parser off the stage's arguments (it would take ``--log`` for
 an abbreviation of its ``--log-dir``); the stage drops it. Each worker binds the device of its
@@ -25,7 +25,7 @@ workers on its node and meets the other nodes at a c10d rendezvous (:func:`srun_
     export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
     srun python -m torch.distributed.run --nnodes 2 --nproc-per-node 4 \\
         --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:29500" --rdzv-id "$SLURM_JOB_ID" \\
-        -m pipeline.distill -- --model <id> --log logs/distill/<id>.log
+        -m pipeline.stages.distill -- --model <id> --log logs/distill/<id>.log
 
 ``MASTER_ADDR`` is the allocation's first host, and the rendezvous port must be reachable from
 every node; ``--rdzv-id`` (the SLURM job id) keeps concurrent jobs' rendezvous apart. The
@@ -44,8 +44,8 @@ from collections.abc import Sequence
 
 from kdiga.errors import KdigaError
 from pipeline import dag, gpu
-from pipeline.common import LOG_APPEND_ENV, log
 from pipeline.params import ParamError, load_params, params_file, parse_student_id
+from pipeline.stages.common import LOG_APPEND_ENV, log
 
 TORCHRUN = ("-m", "torch.distributed.run")
 RDZV_PORT = 29500  # torchrun's default master port
@@ -72,7 +72,7 @@ def torchrun_command(
     """The command that runs ``python -m <module> <argv>`` as ``nproc`` workers on this node.
 
     Args:
-        module: the stage module (``"pipeline.distill"``).
+        module: the stage module (``"pipeline.stages.distill"``).
         argv: its arguments (``["--model", "<id>", "--log", "<log>"]``).
         nproc: workers, one per GPU.
         python: the interpreter (default: this one, ``sys.executable``).
@@ -121,7 +121,7 @@ def sbatch_script(
     argv = ["--model", model_id, "--log", dag.log_path("distill", model_id)]
     argv += ["--params", params] if params else []
     srun = srun_command(
-        "pipeline.distill",
+        "pipeline.stages.distill",
         argv,
         nnodes=nnodes,
         nproc_per_node=nproc_per_node,

@@ -51,7 +51,7 @@ def bounds_path(model_id: str, teacher: str | None = None) -> str:
 
 
 def bounds_teacher_path(teacher: str) -> str:
-    """The teacher's share of the bounds jobs of its students (``pipeline.bounds_teacher``)."""
+    """The teacher's share of the bounds jobs of its students (stage ``bounds_teacher``)."""
     return f"data/bounds/{teacher}.teacher.safetensors"
 
 
@@ -67,10 +67,10 @@ def timing_path(stage: str, key: str | None = None) -> str:
 def code_deps(stage: str) -> list[str]:
     """The code a stage's results depend on: DVC's code dependencies and the code digest in
     every artifact's provenance (pipeline.provenance)."""
-    shared = ["pipeline/bounds_teacher.py"] if stage == "bounds" else []  # its samples, draws
-    script = f"pipeline/{stage}"  # a module, or a package (pipeline/report/)
-    script += "" if (Path(__file__).parent / stage).is_dir() else ".py"
-    return [script, *shared, "pipeline/common.py", "pipeline/params", "kdiga"]
+    shared = ["pipeline/stages/bounds_teacher.py"] if stage == "bounds" else []  # its draws
+    script = f"pipeline/stages/{stage}"  # a module, or a package (pipeline/stages/report/)
+    script += "" if (Path(__file__).parent / "stages" / stage).is_dir() else ".py"
+    return [script, *shared, "pipeline/stages/common.py", "pipeline/params", "kdiga"]
 
 
 def checkpoint_dir() -> Path:

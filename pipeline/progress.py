@@ -1,8 +1,8 @@
 """How a running job shows its progress, and the small file ``python -m pipeline.status`` reads.
 
 kdiga's long loops report :class:`kdiga.progress.Progress` events through a callback. Each
-stage gets one, a :class:`JobProgress` made by :func:`pipeline.common.run` (``args.progress``),
-which shows them:
+stage gets one, a :class:`JobProgress` made by :func:`pipeline.stages.common.run`
+(``args.progress``), which shows them:
 
 - on a terminal (stderr is a TTY): a tqdm bar per task, log lines printed above the bars;
 - elsewhere (a log file, a scheduler): a log line at most every ``$KDIGA_PROGRESS_INTERVAL``

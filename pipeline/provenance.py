@@ -2,7 +2,7 @@
 
 A job's record (:func:`make_record`) holds the params it read (its ``dag.Job.params`` view),
 the sha256 of every data input it read (a directory of shards: of its JSON manifests, which
-hold each shard's sha256) and a digest of its code (``pipeline/<stage>.py`` and ``kdiga/``,
+hold each shard's sha256) and a digest of its code (``pipeline/stages/<stage>.py`` and ``kdiga/``,
 the code DVC tracks for the stage). It is stored in the job's ``record`` output: a model's or
 signal file's safetensors header, an evaluation's or the teacher's JSON, or a
 ``provenance.json`` (shards, report).

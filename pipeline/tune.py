@@ -14,17 +14,25 @@ import argparse
 import math
 import time
 
-from pipeline.common import data_info, device, load_split, load_stage_model, log, run, train_config
 from pipeline.params import ParamError, StudentJob, Study, check_teacher
+from pipeline.stages.common import (
+    data_info,
+    device,
+    load_split,
+    load_stage_model,
+    log,
+    run,
+    train_config,
+)
 
 
 def body(args: argparse.Namespace, params: Study) -> None:
     from kdiga.attacks import robust_sweep
     from kdiga.data import to_float
-    from kdiga.methods import build_loss, get_method, method_names
+    from kdiga.methods import get_method, method_names
     from kdiga.train import fit
     from kdiga.utils import seed_everything
-    from pipeline.distill import build_student
+    from pipeline.stages.distill import build_student
 
     iga = [m for m in method_names() if get_method(m).iga]
     if args.method not in iga:
@@ -51,7 +59,7 @@ def body(args: argparse.Namespace, params: Study) -> None:
             model = build_student(params, job, data_info(manifest))
             cfg = train_config(params.train_settings(student), seed)
             start = time.perf_counter()
-            fit(model, build_loss(args.method, **method.settings(d)), x, y, cfg,
+            fit(model, method.build_from(d), x, y, cfg,
                 teacher=teacher, device=dev)  # fmt: skip
             sweep = robust_sweep(model.eval(), to_float(vx), vy, a.radii, attack="pgd",
                                  norm=a.norm, batch_size=a.batch_size, seed=params.shard.seed,

@@ -311,7 +311,7 @@ def _with_signals(views: int = 4) -> dict:
 def test_every_stage_has_its_script():
     params = load_params(ROOT / "params.yaml")
     for stage in dag.STAGES:
-        script = ROOT / dag.code_deps(stage)[0]  # pipeline/<stage>.py or a package
+        script = ROOT / dag.code_deps(stage)[0]  # pipeline/stages/<stage>.py or a package
         assert script.is_file() or (script / "__main__.py").is_file(), stage
     assert not params.signals.enabled
     assert {j.stage for j in dag.jobs(params)} == set(dag.STAGES) - {"signals"}
@@ -395,7 +395,7 @@ def test_a_new_method_flows_through_schema_dag_and_report():
     edit."""
     from kdiga.losses import KDLoss
     from kdiga.methods import KD, register, unregister
-    from pipeline import report
+    from pipeline.stages import report
 
     class HalfKD(KDLoss):
         def forward(self, *args, **kwargs):

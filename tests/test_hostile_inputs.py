@@ -35,8 +35,8 @@ from kdiga.shards import ShardError, load_sharded, read_shards, write_manifest, 
 from kdiga.stream import list_image_folder, load_image_split, write_encoded_shards
 from kdiga.teachers import DownloadTooLargeError, fetch_url, load_teacher
 from kdiga.train import TrainConfig, fit
-from pipeline.common import checkpoint_path, load_stage_model, run_record
 from pipeline.params import ParamError, check_paths, parse_student_id, validate
+from pipeline.stages.common import checkpoint_path, load_stage_model, run_record
 
 ST = "st--small_cnn--s0"
 SMALL = dict(arch="small_cnn", num_classes=10, in_chans=1, image_size=8)
@@ -392,7 +392,7 @@ def test_a_killed_downloads_temporary_is_removed_by_the_next_download(tmp_path):
 
 
 def test_the_teacher_job_names_the_cap_key(tmp_path, monkeypatch):
-    from pipeline.teacher import _fetch
+    from pipeline.stages.teacher import _fetch
 
     big = tmp_path / "big.pt"
     big.write_bytes(b"\0" * 2_000_000)
@@ -415,7 +415,7 @@ def test_the_teacher_job_names_the_cap_key(tmp_path, monkeypatch):
 
 
 def test_the_shard_stage_estimates_memory_before_loading():
-    from pipeline.shard import check_memory, in_memory_images
+    from pipeline.stages.shard import check_memory, in_memory_images
 
     s = validate(TINY | {"shard": TINY["shard"] | {"image_size": 4096}}, build=False).shard
     with pytest.raises(ParamError) as err:
@@ -592,7 +592,7 @@ def test_an_empty_model_name_is_refused_at_validation(where, value, key):
 
 
 def test_an_unknown_timm_teacher_is_one_line_naming_its_key():
-    from pipeline.teacher import _fetch
+    from pipeline.stages.teacher import _fetch
 
     raw = copy.deepcopy(TINY)
     raw["teachers"]["pgdat"] = {"source": "timm:nonexistent_model_xyz"}
@@ -608,7 +608,7 @@ def test_an_unknown_timm_teacher_is_one_line_naming_its_key():
 
 
 def test_a_students_wrong_sha256_names_the_students_key(tmp_path):
-    from pipeline.distill import build_student
+    from pipeline.stages.distill import build_student
 
     path = tmp_path / "init.safetensors"
     save_model(small_cnn(width=8), path)

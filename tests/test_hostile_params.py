@@ -20,7 +20,7 @@ import torch
 import yaml
 from tiny_study import ROOT, TINY, env
 
-from pipeline import common, dag, gpu, report
+from pipeline import dag, gpu
 from pipeline.params import (
     MAX_EPOCHS,
     MAX_PARAMS_BYTES,
@@ -33,6 +33,7 @@ from pipeline.params import (
     val_fraction_problem,
     validate,
 )
+from pipeline.stages import common, report
 
 RAW = read_yaml(ROOT / "params.yaml")
 
@@ -306,7 +307,7 @@ def _folder_study(study: Path, images: Path, **shard) -> Path:
 @pytest.mark.slow
 def test_an_image_folder_whose_cut_empties_a_split_stops_the_shard_stage(tmp_path):
     study = _folder_study(tmp_path / "study", _jpeg_folder(tmp_path / "images"), val_fraction=0.1)
-    line = _one_error_line(_cli("pipeline.shard", cwd=study))
+    line = _one_error_line(_cli("pipeline.stages.shard", cwd=study))
     assert "params: shard.val_fraction = 0.1 is not allowed; " in line
     assert "train: it leaves the validation split empty" in line
     assert "use a fraction from 0.13 to 0.87" in line
@@ -340,8 +341,8 @@ def test_the_stream_refuses_a_layout_with_a_project_error():
 @pytest.mark.slow
 def test_a_teacher_streamed_from_too_few_shards_stops_with_one_line(tmp_path):
     study = _folder_study(tmp_path / "study", _jpeg_folder(tmp_path / "images"), workers=3)
-    assert _cli("pipeline.shard", cwd=study).returncode == 0
-    line = _one_error_line(_cli("pipeline.teacher", "--teacher", "t", cwd=study))
+    assert _cli("pipeline.stages.shard", cwd=study).returncode == 0
+    line = _one_error_line(_cli("pipeline.stages.teacher", "--teacher", "t", cwd=study))
     assert "params: shard.workers = 3 is not allowed; the train split is 1 shard(s), fewer " in line
     assert "than 1 rank(s) x 3 worker(s) = 3" in line
 
@@ -581,7 +582,8 @@ def test_an_interrupted_distill_job_says_where_and_exits_130(long_distill, forks
     progress = study / progress_path("distill", model)
     with open(study / "stderr.txt", "w+") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.distill", "--model", model, "--log", log], cwd=study,
+            [sys.executable, "-m", "pipeline.stages.distill", "--model", model, "--log", log],
+            cwd=study,
             env=env(PYTHONPATH=str(ROOT), KDIGA_FORKSERVER=forkserver),
             stdout=subprocess.DEVNULL, stderr=stderr, preexec_fn=_sigint_at_default,
         )  # fmt: skip

@@ -17,8 +17,9 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from pipeline import common, dag, distill, launch
+from pipeline import dag, launch
 from pipeline.params import ParamError, load_params, parse_student_id, validate
+from pipeline.stages import common, distill
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -89,9 +90,9 @@ def test_a_student_that_cannot_be_split_is_refused_before_any_worker_starts():
 def test_torchrun_command_for_four_gpus():
     argv = distill.stage_argv(argparse.Namespace(model=KDIGA, params=None, log="logs/x.log"))
     assert argv == ["--model", KDIGA, "--log", "logs/x.log"]
-    assert launch.torchrun_command("pipeline.distill", argv, 4, python="py") == [
+    assert launch.torchrun_command("pipeline.stages.distill", argv, 4, python="py") == [
         "py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-        "-m", "pipeline.distill", "--", "--model", KDIGA, "--log", "logs/x.log",
+        "-m", "pipeline.stages.distill", "--", "--model", KDIGA, "--log", "logs/x.log",
     ]  # fmt: skip
     assert launch.torchrun_command("m", [], 1)[0] == sys.executable
     for bad in (0, True, 2.0):
@@ -105,17 +106,17 @@ def test_torchrun_hands_the_stage_its_own_arguments():
     from torch.distributed.run import get_args_parser
 
     argv = ["--model", KDIGA, "--log", "logs/distill/x.log", "--params", "p.yaml"]
-    cmd = launch.torchrun_command("pipeline.distill", argv, 4)
+    cmd = launch.torchrun_command("pipeline.stages.distill", argv, 4)
     args = get_args_parser().parse_args(cmd[3:])
     assert (args.standalone, args.nproc_per_node, args.module) == (True, "4", True)
-    assert args.training_script == "pipeline.distill"
+    assert args.training_script == "pipeline.stages.distill"
     seen = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(distill, "run", lambda stage, d, body, a, add: seen.setdefault("argv", a))
         distill.main(list(args.training_script_args))
     assert seen["argv"] == argv
     with pytest.raises(SystemExit):  # why the separator: --log is ambiguous to torchrun
-        get_args_parser().parse_args([*cmd[3:7], "-m", "pipeline.distill", *argv])
+        get_args_parser().parse_args([*cmd[3:7], "-m", "pipeline.stages.distill", *argv])
 
 
 _CHILD = """
@@ -144,7 +145,7 @@ def test_run_torchrun_runs_its_command_inside_the_held_devices(monkeypatch, tmp_
         monkeypatch.delenv(name, raising=False)
     stand_in = [sys.executable, "-c", textwrap.dedent(_CHILD), str(out)]
     monkeypatch.setattr(launch, "torchrun_command", lambda module, argv, n: stand_in)
-    assert launch.run_torchrun("pipeline.distill", ["--model", KDIGA], 2)
+    assert launch.run_torchrun("pipeline.stages.distill", ["--model", KDIGA], 2)
     child = json.loads(out.read_text())
     assert child["CUDA_VISIBLE_DEVICES"] == "5,6"  # two of the pool, in sorted order
     assert child["locked"] == ["gpu5.lock", "gpu6.lock"]  # held while it runs
@@ -162,7 +163,7 @@ def test_run_torchrun_without_a_gpu_runs_nothing_and_a_failure_is_one_error(monk
     assert launch.run_torchrun("no_such_module", [], 4) is False
     monkeypatch.setattr("pipeline.gpu.run_in_slots", lambda cmd, n, extra_env: 1)
     with pytest.raises(launch.LaunchError, match="exited with status 1"):
-        launch.run_torchrun("pipeline.distill", ["--model", KDIGA], 2)
+        launch.run_torchrun("pipeline.stages.distill", ["--model", KDIGA], 2)
     assert issubclass(launch.LaunchError, common.KdigaError)  # one line, no traceback
 
 
@@ -205,12 +206,12 @@ def test_only_rank_0_writes_the_log_and_a_launched_rank_0_adds_to_it(monkeypatch
 
 def test_srun_command_and_sbatch_script_for_two_nodes_of_four():
     line = launch.srun_command(
-        "pipeline.distill", ["--model", KDIGA], nnodes=2, nproc_per_node=4, port=29400
+        "pipeline.stages.distill", ["--model", KDIGA], nnodes=2, nproc_per_node=4, port=29400
     )
     assert line == (
         "srun --ntasks-per-node=1 python -m torch.distributed.run --nnodes 2 --nproc-per-node 4 "
         '--rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:29400" --rdzv-id "$SLURM_JOB_ID" '
-        f"-m pipeline.distill -- --model {KDIGA}"
+        f"-m pipeline.stages.distill -- --model {KDIGA}"
     )
     script = launch.sbatch_script(KDIGA, nnodes=2, nproc_per_node=4)
     lines = script.splitlines()

@@ -32,7 +32,7 @@ from kdiga.signals import compute_signals
 from kdiga.stream import write_image_shards
 from kdiga.train import TrainConfig, fit
 from pipeline import progress as pp
-from pipeline.common import run
+from pipeline.stages.common import run
 
 
 class Events(list):

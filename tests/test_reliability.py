@@ -280,8 +280,8 @@ def test_a_model_of_another_architecture_is_refused_at_load(tmp_path, monkeypatc
     """Provenance aside, the stage's loader checks the architecture and model id it expects."""
     from kdiga.models import CheckpointError, build_model, save_model
     from pipeline import dag
-    from pipeline.common import load_stage_model
     from pipeline.params import validate
+    from pipeline.stages.common import load_stage_model
 
     monkeypatch.chdir(tmp_path)
     params = validate(json.loads(json.dumps(TINY)))
@@ -371,8 +371,8 @@ def test_autoattack_killed_half_way_resumes_to_the_same_result(tmp_path):
 
 
 def test_report_marks_a_suspect_result(tmp_path, monkeypatch):
-    from pipeline import report
     from pipeline.params import validate
+    from pipeline.stages import report
 
     params = validate(json.loads(json.dumps(TINY)))
     good = {"clean": 0.9, "robust": [0.5, 0.3], "radii": [0.05, 0.1], "n": 10,
@@ -394,7 +394,7 @@ def test_report_marks_a_suspect_result(tmp_path, monkeypatch):
 
 def _run_stage(tmp_path, monkeypatch, error: BaseException) -> int:
     """common.run with a body that raises ``error``, in a directory holding the tiny params."""
-    from pipeline import common
+    from pipeline.stages import common
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))

@@ -11,8 +11,9 @@ from tiny_study import TINY
 
 from kdiga.attacks.sweep import per_sample_correct
 from kdiga.stats import INTERVAL_RULE, NEEDS_SEEDS, ONE_SEED_RULE, VERDICT_RULE, seeds_needed
-from pipeline import dag, report
+from pipeline import dag
 from pipeline.params import model_ids, student_jobs, validate
+from pipeline.stages import report
 
 N = 200
 

@@ -282,8 +282,8 @@ def test_distill_stage_refuses_a_signal_file_made_otherwise(tmp_path, monkeypatc
     """The distill stage's check: a file for another teacher, or with other views, augment,
     padding, dtype or seed than params.yaml asks for, stops with a message to re-run it."""
     from pipeline import dag
-    from pipeline.distill import _signal_cache
     from pipeline.params import parse_student_id, read_yaml, validate
+    from pipeline.stages.distill import _signal_cache
 
     x, y = data
     monkeypatch.chdir(tmp_path)

@@ -14,8 +14,8 @@ import yaml
 from kdiga.models import build_model
 from kdiga.shards import write_manifest
 from kdiga.signals import compute_signals, save_signals, signals_nbytes
-from pipeline import signals as stage
 from pipeline.params import ParamError, Signals, read_yaml
+from pipeline.stages import signals as stage
 
 ROOT = Path(__file__).resolve().parents[1]
 

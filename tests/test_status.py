@@ -201,7 +201,7 @@ def _row(text: str, name: str) -> str:
 @pytest.mark.slow
 def test_a_running_job_shows_its_progress_and_a_killed_one_shows_stopped(distilling):
     study, name = distilling, f"distill-{KD}"
-    cmd = [sys.executable, "-m", "pipeline.distill", "--model", KD, "--log", dag.log_path(
+    cmd = [sys.executable, "-m", "pipeline.stages.distill", "--model", KD, "--log", dag.log_path(
         "distill", KD)]  # fmt: skip
     progress = study / progress_path("distill", KD)
     proc = subprocess.Popen(cmd, cwd=study, env=env(PYTHONPATH=str(ROOT), KDIGA_HEARTBEAT="2"),

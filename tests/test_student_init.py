@@ -11,8 +11,8 @@ from tiny_study import TINY
 
 from kdiga.files import sha256_file
 from kdiga.models import CheckpointError, build_model, save_model
-from pipeline.distill import build_student
 from pipeline.params import parse_student_id, validate
+from pipeline.stages.distill import build_student
 
 INFO = {"num_classes": 10, "in_chans": 1, "image_size": 8}
 
@@ -48,7 +48,7 @@ def test_a_file_init_with_another_sha256_is_refused(tmp_path):
 
 
 def test_pretrained_weights_unavailable_is_one_clear_error(monkeypatch):
-    import pipeline.distill  # noqa: F401  (build_student imports build_model when called)
+    import pipeline.stages.distill  # noqa: F401  (build_student imports build_model when called)
     from kdiga import models
 
     def offline(*args, **kwargs):

@@ -4,7 +4,7 @@
 One line per job of the study's DAG (:func:`pipeline.dag.jobs`, every stage) with its estimated
 device-hours and peak memory, and their total. The hours come from a short calibration on
 this machine's device: CUDA when there is one, else the CPU with ``$KDIGA_THREADS`` torch
-threads, as the stages run (:func:`pipeline.common.set_cpu_threads`); with one thread the
+threads, as the stages run (:func:`pipeline.stages.common.set_cpu_threads`); with one thread the
 process's CPU time is timed, which leaves out the waits for a core of a shared machine.
 
 - A training step (a distillation, a ``train`` teacher's PGD-AT or TRADES) is timed as the

@@ -8,11 +8,11 @@ import json
 import logging
 import sys
 
-from pipeline.common import set_cpu_threads
 from pipeline.params import ParamError, load_params, params_file
 from pipeline.plan.calibrate import Calibrator, log
 from pipeline.plan.estimate import make_plan
 from pipeline.plan.render import render
+from pipeline.stages.common import set_cpu_threads
 
 
 def main(argv: list[str] | None = None, calibrator: Calibrator | None = None) -> int:

@@ -13,13 +13,13 @@ import dataclasses
 
 from kdiga.methods import get_method
 from pipeline import dag
-from pipeline.attack import autoattack_settings
-from pipeline.common import train_config
 from pipeline.params import Study, parse_student_id
 from pipeline.plan.calibrate import Calibrator
 from pipeline.plan.records import Cost, Plan, Row
 from pipeline.plan.render import fmt_bytes, fmt_s
 from pipeline.plan.study import Sizes, default, model_spec, split_sizes
+from pipeline.stages.attack import autoattack_settings
+from pipeline.stages.common import train_config
 
 #: the report stage is not calibrated: a nominal minute and half a GiB on the CPU
 REPORT_S, REPORT_BYTES = 60.0, 2**29

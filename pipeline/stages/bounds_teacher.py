@@ -1,5 +1,5 @@
 """Stage bounds_teacher: the teacher's share of the bounds stage, paid once per teacher:
-``python -m pipeline.bounds_teacher --teacher <name>``.
+``python -m pipeline.stages.bounds_teacher --teacher <name>``.
 
 On the bounds' random test samples (the same for every model), the teacher's clean CE and
 input gradient, and at each radius its own LLM ascent on the first ``bounds.check_samples``
@@ -13,7 +13,9 @@ import argparse
 import time
 
 from pipeline import dag
-from pipeline.common import (
+from pipeline.forkserver import stage_main
+from pipeline.params import Study, check_teacher
+from pipeline.stages.common import (
     begin,
     device,
     load_split,
@@ -22,8 +24,6 @@ from pipeline.common import (
     run,
     write_timing,
 )
-from pipeline.forkserver import stage_main
-from pipeline.params import Study, check_teacher
 
 
 def bounds_samples(params: Study):
@@ -88,4 +88,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(stage_main("pipeline.bounds_teacher", main))
+    raise SystemExit(stage_main("pipeline.stages.bounds_teacher", main))

@@ -12,8 +12,10 @@ import argparse
 import time
 
 from pipeline import dag
-from pipeline.bounds_teacher import ascent_settings, bounds_samples, generator
-from pipeline.common import (
+from pipeline.forkserver import stage_main
+from pipeline.params import Study, check_teacher, parse_student_id, radius_label
+from pipeline.stages.bounds_teacher import ascent_settings, bounds_samples, generator
+from pipeline.stages.common import (
     begin,
     device,
     load_stage_model,
@@ -22,8 +24,6 @@ from pipeline.common import (
     write_json,
     write_timing,
 )
-from pipeline.forkserver import stage_main
-from pipeline.params import Study, check_teacher, parse_student_id, radius_label
 
 
 def body(args: argparse.Namespace, params: Study) -> None:
@@ -101,4 +101,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(stage_main("pipeline.bounds", main))
+    raise SystemExit(stage_main("pipeline.stages.bounds", main))

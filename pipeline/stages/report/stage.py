@@ -8,14 +8,14 @@ from pathlib import Path
 
 from kdiga.files import atomic_write_text
 from pipeline import dag, paths
-from pipeline.common import begin, log, run, write_json
 from pipeline.params import Study, model_ids
 from pipeline.provenance import seal
-from pipeline.report import sections
-from pipeline.report.claims import claims
-from pipeline.report.figure import figure, write_csv
-from pipeline.report.metrics import metrics, write_cost
-from pipeline.report.numbers import Numbers
+from pipeline.stages.common import begin, log, run, write_json
+from pipeline.stages.report import sections
+from pipeline.stages.report.claims import claims
+from pipeline.stages.report.figure import figure, write_csv
+from pipeline.stages.report.metrics import metrics, write_cost
+from pipeline.stages.report.numbers import Numbers
 
 
 def body(args: argparse.Namespace, params: Study) -> None:

@@ -11,7 +11,9 @@ import argparse
 import time
 
 from pipeline import dag
-from pipeline.common import (
+from pipeline.forkserver import stage_main
+from pipeline.params import AutoAttackSettings, ParamError, model_ids, radius_label
+from pipeline.stages.common import (
     begin,
     checkpoint_path,
     device,
@@ -22,8 +24,6 @@ from pipeline.common import (
     write_json,
     write_timing,
 )
-from pipeline.forkserver import stage_main
-from pipeline.params import AutoAttackSettings, ParamError, model_ids, radius_label
 
 
 def autoattack_settings(aa: AutoAttackSettings) -> dict:
@@ -102,4 +102,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(stage_main("pipeline.attack", main))
+    raise SystemExit(stage_main("pipeline.stages.attack", main))

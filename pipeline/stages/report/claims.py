@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from kdiga.stats import INTERVAL_OVER, paired_difference, seeds_needed, verdict
 from pipeline.params import Study, radius_label
-from pipeline.report.numbers import BOOT, Cell, Numbers, cells
-from pipeline.report.tables import markdown
+from pipeline.stages.report.numbers import BOOT, Cell, Numbers, cells
+from pipeline.stages.report.tables import markdown
 
 #: (claimed, baseline, what, direction, text): the paper's claims as paired differences
 CLAIMS = (

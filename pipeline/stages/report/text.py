@@ -7,7 +7,7 @@ from kdiga.stats import INTERVAL_RULE, ONE_SEED_RULE, VERDICT_RULE
 from pipeline import dag
 from pipeline.params import Study
 from pipeline.provenance import read_record
-from pipeline.report.numbers import Numbers
+from pipeline.stages.report.numbers import Numbers
 
 
 def _autoattack_label(aa) -> str:

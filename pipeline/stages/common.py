@@ -33,7 +33,7 @@ SPLITS = ("train", "val", "test")
 
 
 def parser(stage: str, description: str) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=f"python -m pipeline.{stage}", description=description)
+    ap = argparse.ArgumentParser(prog=f"python -m pipeline.stages.{stage}", description=description)
     ap.add_argument(
         "--params", default=None, help="the params file (default: $KDIGA_PARAMS or params.yaml)"
     )

@@ -1,6 +1,7 @@
 """Stage distill: one student of the grid, (teacher, method, student, seed), trained from its
 init (scratch, pretrained weights or a checkpoint); resumable from its last epoch; per-epoch
-metrics for plots. ``python -m pipeline.distill --model <teacher>--<method>--<student>--s<seed>``.
+metrics for plots.
+``python -m pipeline.stages.distill --model <teacher>--<method>--<student>--s<seed>``.
 
 The method's loss, its settings and whether it needs the teacher come from the method table
 (``kdiga.methods``). With ``signals.enabled``, students of methods that take the teacher only
@@ -12,7 +13,7 @@ slot pool at once and runs its own command again as a torchrun job of N workers 
 (:mod:`pipeline.launch`); Snakemake counts its N GPUs (``resources: gpu=N``). Over several
 nodes: ``python -m pipeline.launch <id> --nnodes M`` prints a SLURM batch script (torchrun
 under ``srun``, c10d rendezvous). A run started by torchrun directly (``torchrun
---nproc-per-node=N -m pipeline.distill -- --model <id> --log <file>``; the ``--`` keeps
+--nproc-per-node=N -m pipeline.stages.distill -- --model <id> --log <file>``; the ``--`` keeps
 torchrun from reading ``--log`` as its own ``--log-dir``) trains as it is. The batch size is the
 global batch (divisible by the number of workers); every rank trains on its slice through
 DistributedDataParallel and rank 0 writes the outputs.
@@ -28,7 +29,10 @@ import time
 from collections.abc import Callable
 
 from pipeline import dag, launch
-from pipeline.common import (
+from pipeline.forkserver import stage_main
+from pipeline.params import ParamError, StudentJob, Study, check_train_shards, parse_student_id
+from pipeline.provenance import seal
+from pipeline.stages.common import (
     begin,
     checkpoint_path,
     data_info,
@@ -44,9 +48,6 @@ from pipeline.common import (
     write_json,
     write_timing,
 )
-from pipeline.forkserver import stage_main
-from pipeline.params import ParamError, StudentJob, Study, check_train_shards, parse_student_id
-from pipeline.provenance import seal
 
 
 def _device(info) -> contextlib.AbstractContextManager[str]:
@@ -125,10 +126,10 @@ def check_world(params: Study, job: StudentJob, world: int) -> None:
     import torch
 
     from kdiga.distributed import check_run
-    from kdiga.methods import build_loss, get_method
+    from kdiga.methods import get_method
 
     method = get_method(job.method)
-    criterion = build_loss(method.name, **method.settings(params.value("distill")))
+    criterion = method.build_from(params.value("distill"))
     cfg = train_config(params.train_settings(job.student), job.seed)
     try:  # N = one batch: the final-batch rule is drop_last's, checked by fit itself
         check_run(cfg.batch_size, cfg.batch_size, cfg.drop_last, world, criterion,
@@ -143,7 +144,7 @@ def launch_ddp(args: argparse.Namespace, params: Study, gpus: int) -> bool:
     job = parse_student_id(params, args.model)
     check_world(params, job, gpus)
     begin(params, "distill", args.model)  # a stale input stops here once, not once per rank
-    return launch.run_torchrun("pipeline.distill", stage_argv(args), gpus)
+    return launch.run_torchrun("pipeline.stages.distill", stage_argv(args), gpus)
 
 
 def body(args: argparse.Namespace, params: Study) -> None:
@@ -170,7 +171,7 @@ def body(args: argparse.Namespace, params: Study) -> None:
 def distill(model_id: str, params: Study, info, progress: Callable | None = None) -> None:
     from kdiga.distributed import is_main
     from kdiga.files import sha256_file
-    from kdiga.methods import build_loss, get_method
+    from kdiga.methods import get_method
     from kdiga.models import save_model
     from kdiga.shards import read_manifest
     from kdiga.train import evaluate, fit
@@ -187,7 +188,7 @@ def distill(model_id: str, params: Study, info, progress: Callable | None = None
     val = load_split("val")[:2]
     seed_everything(job.seed)  # the student's seed: its init and every draw of its training
     model = build_student(params, job, data_info(manifest))
-    criterion = build_loss(method.name, **method.settings(params.value("distill")))
+    criterion = method.build_from(params.value("distill"))
     teacher, cached = None, dag.uses_signals(params, job.method)
     if job.teacher is not None:
         teacher_sha = sha256_file(dag.model_path(job.teacher))
@@ -235,7 +236,7 @@ def distill(model_id: str, params: Study, info, progress: Callable | None = None
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--"]:  # torchrun ... -m pipeline.distill -- <args> (pipeline.launch)
+    if argv[:1] == ["--"]:  # torchrun ... -m pipeline.stages.distill -- <args> (pipeline.launch)
         argv = argv[1:]
 
     def add(ap: argparse.ArgumentParser) -> None:
@@ -247,4 +248,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(stage_main("pipeline.distill", main))
+    raise SystemExit(stage_main("pipeline.stages.distill", main))

@@ -7,10 +7,10 @@ from pathlib import Path
 from kdiga.stats import SEEDS_NEEDED_RULE
 from pipeline import dag
 from pipeline.params import Study, radius_label
-from pipeline.report.claims import claim_attack, claim_radius, claims_in_words, claims_table
-from pipeline.report.numbers import CONVERGED, Numbers, cells, label
-from pipeline.report.tables import accuracy_table, bounds_table, prop2_table, training_table
-from pipeline.report.text import attack_name, machines_note, problems, uncertainty_note
+from pipeline.stages.report.claims import claim_attack, claim_radius, claims_in_words, claims_table
+from pipeline.stages.report.numbers import CONVERGED, Numbers, cells, label
+from pipeline.stages.report.tables import accuracy_table, bounds_table, prop2_table, training_table
+from pipeline.stages.report.text import attack_name, machines_note, problems, uncertainty_note
 
 
 def opening(params: Study, numbers: Numbers, n_test: int) -> list[str]:

@@ -23,7 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline import dag
-from pipeline.common import begin, log, run, write_json
 from pipeline.forkserver import stage_main
 from pipeline.params import (
     ParamError,
@@ -33,6 +32,7 @@ from pipeline.params import (
     val_fraction_problem,
 )
 from pipeline.provenance import digest
+from pipeline.stages.common import begin, log, run, write_json
 
 
 def in_memory_images(s: Shard) -> int:
@@ -199,4 +199,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(stage_main("pipeline.shard", main))
+    raise SystemExit(stage_main("pipeline.stages.shard", main))

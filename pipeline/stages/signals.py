@@ -1,5 +1,5 @@
 """Stage signals (optional, ``signals.enabled``): one teacher's signals, paid once per teacher:
-``python -m pipeline.signals --teacher <name>``.
+``python -m pipeline.stages.signals --teacher <name>``.
 
 Stores the teacher's logits and input gradients (paper eq. 5, gt) for ``signals.views`` fixed
 augmented views of every training image in ``data/signals/<teacher>.safetensors``
@@ -20,7 +20,9 @@ import time
 from collections.abc import Sequence
 
 from pipeline import dag
-from pipeline.common import (
+from pipeline.forkserver import stage_main
+from pipeline.params import ParamError, Signals, check_teacher
+from pipeline.stages.common import (
     MissingInputError,
     begin,
     device,
@@ -31,8 +33,6 @@ from pipeline.common import (
     run,
     write_timing,
 )
-from pipeline.forkserver import stage_main
-from pipeline.params import ParamError, Signals, check_teacher
 
 
 def check_size(
@@ -126,4 +126,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(stage_main("pipeline.signals", main))
+    raise SystemExit(stage_main("pipeline.stages.signals", main))

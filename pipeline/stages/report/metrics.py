@@ -9,8 +9,8 @@ from pathlib import Path
 from kdiga.files import atomic_write_text
 from pipeline import paths
 from pipeline.params import StudentJob, Study, model_ids, student_jobs
-from pipeline.report.numbers import Numbers
-from pipeline.report.tables import markdown
+from pipeline.stages.report.numbers import Numbers
+from pipeline.stages.report.tables import markdown
 
 
 def metrics(params: Study, numbers: Numbers, claim_rows: list[dict]) -> dict:

@@ -1,5 +1,5 @@
 """Stage teacher: fetch one of the study's teachers (file, url, timm) or train it (PGD-AT or
-TRADES): ``python -m pipeline.teacher --teacher <name>``.
+TRADES): ``python -m pipeline.stages.teacher --teacher <name>``.
 
 Writes the teacher as a kdiga model file and its metadata (architecture, normalisation,
 source, sha256, clean accuracy on validation and test). Its robust accuracy comes from the
@@ -13,7 +13,10 @@ import time
 from collections.abc import Callable
 
 from pipeline import dag
-from pipeline.common import (
+from pipeline.forkserver import stage_main
+from pipeline.params import ParamError, Study, Teacher, check_teacher, check_train_shards
+from pipeline.provenance import seal
+from pipeline.stages.common import (
     begin,
     checkpoint_path,
     data_info,
@@ -28,9 +31,6 @@ from pipeline.common import (
     write_json,
     write_timing,
 )
-from pipeline.forkserver import stage_main
-from pipeline.params import ParamError, Study, Teacher, check_teacher, check_train_shards
-from pipeline.provenance import seal
 
 
 def _train(
@@ -143,4 +143,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(stage_main("pipeline.teacher", main))
+    raise SystemExit(stage_main("pipeline.stages.teacher", main))

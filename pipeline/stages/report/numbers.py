@@ -9,8 +9,8 @@ from kdiga import stats
 from kdiga.attacks.sweep import per_sample_correct
 from kdiga.methods import get_method
 from pipeline import dag
-from pipeline.common import read_json
 from pipeline.params import StudentJob, Study, model_ids, student_jobs
+from pipeline.stages.common import read_json
 
 BOOT = {"n_boot": 2000, "seed": 0}  # the bootstrap's own fixed draw: the same bytes every run
 #: an LLM value counts as converged when half the ascent's budget already reached this

@@ -4,7 +4,7 @@ failures and the students' training."""
 from __future__ import annotations
 
 from pipeline.params import Study, student_jobs
-from pipeline.report.numbers import Cell, Numbers, cells, estimate, label
+from pipeline.stages.report.numbers import Cell, Numbers, cells, estimate, label
 
 PROP2_KINDS = {"pgd_student": "PGD (student)", "pgd_teacher": "PGD (teacher)",
                "random": "random", "ascent": "ascent iterates", "all": "any"}  # fmt: skip

@@ -6,7 +6,7 @@ import polars as pl
 
 from kdiga.files import atomic_path
 from pipeline.params import Study, model_ids
-from pipeline.report.numbers import Numbers, cells, estimate, label
+from pipeline.stages.report.numbers import Numbers, cells, estimate, label
 
 
 def figure(params: Study, numbers: Numbers, attack: str, path: str) -> list[dict]:
