@@ -63,6 +63,7 @@ from pipeline.paths import (
     model_path,
     signals_path,
     teacher_meta_path,
+    writers,
 )
 
 log = logging.getLogger("kdiga.pipeline.dag")
@@ -270,6 +271,17 @@ def job(params: Study, stage: str, key: str | None = None) -> Job | None:
         return single(params) if single is not None else None
     find = _FIND_JOB.get(stage)
     return find(params, key) if find is not None and isinstance(key, str) else None
+
+
+def producer(params: Study, path: str) -> Job | None:
+    """The job of the study that writes ``path``, found from the path's form
+    (:func:`pipeline.paths.writers`), not by building every job; None for a file no job of
+    the study writes (a user's file, or a path of another grid)."""
+    for stage, key in writers(path):
+        found = job(params, stage, key)
+        if found is not None and path in found.outputs:
+            return found
+    return None
 
 
 def _find_teacher(params: Study, key: str) -> Job | None:

@@ -4,6 +4,7 @@ Snakefile and the report read them here. No torch, no params."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 SHARDS = "data/shards"
@@ -53,6 +54,34 @@ def bounds_path(model_id: str, teacher: str | None = None) -> str:
 def bounds_teacher_path(teacher: str) -> str:
     """The teacher's share of the bounds jobs of its students (stage ``bounds_teacher``)."""
     return f"data/bounds/{teacher}.teacher.safetensors"
+
+
+#: the inverse of the paths above: which stages (in the order to try) and which key write a
+#: file of each form; the key is the pattern's group, or None for a single-job stage
+_WRITERS: tuple[tuple[re.Pattern[str], tuple[str, ...]], ...] = (
+    (re.compile(r"data/shards"), ("shard",)),
+    (re.compile(r"data/models/(.+)\.safetensors"), ("teacher", "distill")),
+    (re.compile(r"data/models/(.+)\.history\.json"), ("distill",)),
+    (re.compile(r"data/models/(.+)\.json"), ("teacher",)),
+    (re.compile(r"data/signals/(.+)\.safetensors"), ("signals",)),
+    (re.compile(r"data/evals/(.+)\.json"), ("attack",)),
+    (re.compile(r"data/bounds/(.+)\.teacher\.safetensors"), ("bounds_teacher",)),
+    (re.compile(r"data/bounds/(.+)\.json"), ("bounds",)),
+    (re.compile(r"reports/[^/]+"), ("report",)),
+)
+
+
+def writers(path: str) -> list[tuple[str, str | None]]:
+    """(stage, key) of the jobs that may write ``path``, read from its form alone (a study
+    has at most one of them: the caller keeps the job whose outputs hold ``path``); [] for a
+    path no stage writes."""
+    out: list[tuple[str, str | None]] = []
+    for pattern, stages in _WRITERS:
+        m = pattern.fullmatch(path)
+        if m:
+            key = m.group(1) if m.groups() else None
+            out += [(stage, key) for stage in stages]
+    return out
 
 
 def log_path(stage: str, key: str | None = None) -> str:

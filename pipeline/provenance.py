@@ -161,16 +161,16 @@ def producers(jobs: Iterable[dag.Job]) -> dict[str, dag.Job]:
     return {o: j for j in jobs for o in j.outputs}
 
 
-def ancestors(job: dag.Job, jobs: list[dag.Job]) -> list[dag.Job]:
-    """The jobs ``job`` depends on, directly or not, nearest first."""
-    made_by = producers(jobs)
+def ancestors(params: dict, job: dag.Job) -> list[dag.Job]:
+    """The jobs ``job`` depends on, directly or not, nearest first: each found from the path
+    it writes (:func:`pipeline.dag.producer`), without building the study's other jobs."""
     seen: dict[str, dag.Job] = {}
     frontier = [job]
     while frontier:
         nxt = []
         for j in frontier:
             for dep in j.deps:
-                up = made_by.get(dep)
+                up = dag.producer(params, dep)
                 if up is not None and up.name not in seen:
                     seen[up.name] = up
                     nxt.append(up)
@@ -189,7 +189,7 @@ def require_current_inputs(params: dict, job: dag.Job) -> None:
     Code changes are not checked here (``pipeline.sync`` does, before DVC records a job):
     editing kdiga/ does not stop a Snakemake run, as Snakemake does not track it either.
     """
-    for up in ancestors(job, dag.jobs(params)):
+    for up in ancestors(params, job):
         if not all(Path(o).exists() for o in up.outs):
             continue  # the stage itself names the missing input
         found = problems(params, up, code=False)

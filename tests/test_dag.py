@@ -462,3 +462,17 @@ def test_a_stage_finds_its_job_from_its_key_alone(params_file, monkeypatch):
         ("nonsense", None),
     ]:
         assert dag.job(params, stage, key) is None, (stage, key)
+
+
+@pytest.mark.parametrize("params_file", list(PRESET_JOBS))
+def test_the_job_that_writes_a_file_is_found_from_its_path(params_file):
+    """dag.producer finds, from a path alone, the same job as the table's for every output
+    of every job, and no job for a file the study reads but does not write."""
+    params = load_params(ROOT / params_file, build=False)
+    table = dag.jobs(params)
+    written = {out: job for job in table for out in job.outputs}
+    for out, job in written.items():
+        assert dag.producer(params, out) == job, out
+    read_only = {d for job in table for d in job.deps} - set(written)
+    for dep in read_only | {"data/models/nobody.safetensors", "data/evals/x.json", "README.md"}:
+        assert dag.producer(params, dep) is None, dep
