@@ -88,13 +88,12 @@ def teacher_deps(params: Study, teacher: str) -> list[str]:
 class Job:
     stage: str
     key: str | None  # None for single-job stages; else the job's own key (a model id, ...)
-    cmd: str
     deps: list[str]
     outs: list[str]
     params: list[str]
     metrics: list[str] = field(default_factory=list)
     plots: list[str] = field(default_factory=list)
-    args: dict[str, str] = field(default_factory=dict)  # the CLI arguments in cmd
+    args: dict[str, str] = field(default_factory=dict)  # the command's arguments, in order
     record: str = ""  # the output holding the job's provenance record (pipeline.provenance)
     gpus: int = 1  # GPUs the job holds at once: the Snakefile's `resources: gpu=` (0: CPU only)
 
@@ -109,16 +108,17 @@ class Job:
         return log_path(self.stage, self.key)
 
     @property
+    def cmd(self) -> str:
+        """The job's command, the one Snakemake and DVC run:
+        ``python -m pipeline.stages.<stage> --<arg> <value> ... --log <its log>``."""
+        parts = [f"python -m pipeline.stages.{self.stage}"]
+        parts += [f"--{k.replace('_', '-')} {v}" for k, v in self.args.items()]
+        return " ".join([*parts, f"--log {self.log}"])
+
+    @property
     def outputs(self) -> list[str]:
         """Every file the job writes: outs, metrics and plots."""
         return [*self.outs, *self.metrics, *self.plots]
-
-
-def _cmd(stage: str, key: str | None = None, **args: str) -> str:
-    parts = [f"python -m pipeline.stages.{stage}"]
-    parts += [f"--{k.replace('_', '-')} {v}" for k, v in args.items()]
-    parts.append(f"--log {log_path(stage, key)}")
-    return " ".join(parts)
 
 
 def distill_deps(params: Study, model_id: str) -> list[str]:
@@ -157,23 +157,18 @@ def bounds_teacher(params: Study, model_id: str, teacher: str | None) -> str:
 
 def bounds_teacher_job(params: Study, t: str) -> Job:
     """The teacher's share of the bounds, once per teacher that bounds jobs compare with."""
-    return Job(
-        "bounds_teacher", t, _cmd("bounds_teacher", t, teacher=t), [SHARDS, model_path(t)],
-        [bounds_teacher_path(t)], BOUNDS_PARAMS, args={"teacher": t},
-        record=bounds_teacher_path(t),
-    )  # fmt: skip
+    out = bounds_teacher_path(t)
+    deps = [SHARDS, model_path(t)]
+    return Job("bounds_teacher", t, deps, [out], BOUNDS_PARAMS, args={"teacher": t}, record=out)
 
 
 def bounds_job(params: Study, sid: str, t: str | None) -> Job:
     """The bounds of student ``sid`` against teacher ``t`` (None: its own), reading the
     teacher's share."""
-    key, name = bounds_key(sid, t), bounds_teacher(params, sid, t)
+    key, name, out = bounds_key(sid, t), bounds_teacher(params, sid, t), bounds_path(sid, t)
     args = {"model": sid} | ({"teacher": t} if t else {})
     deps = [SHARDS, model_path(sid), model_path(name), bounds_teacher_path(name)]
-    return Job(
-        "bounds", key, _cmd("bounds", key, **args), deps, [bounds_path(sid, t)],
-        BOUNDS_PARAMS, args=args, record=bounds_path(sid, t),
-    )  # fmt: skip
+    return Job("bounds", key, deps, [out], BOUNDS_PARAMS, args=args, record=out)
 
 
 def bounds_jobs(params: Study) -> list[Job]:
@@ -191,43 +186,34 @@ def params_view(params: Study, keys: list[str]) -> str:
 
 
 def shard_job(params: Study) -> Job:
-    return Job(
-        "shard", None, _cmd("shard"), [], [SHARDS], shard_param_keys(params),
-        record=SHARDS_RECORD, gpus=0,
-    )  # fmt: skip
+    keys = shard_param_keys(params)
+    return Job("shard", None, [], [SHARDS], keys, record=SHARDS_RECORD, gpus=0)
 
 
 def teacher_job(params: Study, t: str) -> Job:
-    return Job(
-        "teacher", t, _cmd("teacher", t, teacher=t), teacher_deps(params, t),
-        [model_path(t), teacher_meta_path(t)],
-        [*teacher_param_keys(params, t), *stream_param_keys(params)],
-        args={"teacher": t}, record=teacher_meta_path(t),
-    )  # fmt: skip
+    outs = [model_path(t), teacher_meta_path(t)]
+    keys = [*teacher_param_keys(params, t), *stream_param_keys(params)]
+    deps = teacher_deps(params, t)
+    return Job("teacher", t, deps, outs, keys, args={"teacher": t}, record=outs[1])
 
 
 def signals_job(params: Study, t: str) -> Job:
-    return Job(
-        "signals", t, _cmd("signals", t, teacher=t), [SHARDS, model_path(t)], [signals_path(t)],
-        signals_param_keys(), args={"teacher": t}, record=signals_path(t),
-    )  # fmt: skip
+    out, deps = signals_path(t), [SHARDS, model_path(t)]
+    return Job("signals", t, deps, [out], signals_param_keys(), args={"teacher": t}, record=out)
 
 
 def distill_job(params: Study, sid: str) -> Job:
+    out, keys, deps = model_path(sid), distill_param_keys(params, sid), distill_deps(params, sid)
+    gpus, plots = params.distill.gpus_per_job, [history_path(sid)]
     return Job(
-        "distill", sid, _cmd("distill", sid, model=sid), distill_deps(params, sid),
-        [model_path(sid)], distill_param_keys(params, sid), plots=[history_path(sid)],
-        args={"model": sid}, record=model_path(sid), gpus=params.distill.gpus_per_job,
-    )  # fmt: skip
+        "distill", sid, deps, [out], keys, plots=plots, args={"model": sid}, record=out, gpus=gpus
+    )
 
 
 def attack_job(params: Study, mid: str, name: str) -> Job:
-    key = f"{mid}--{name}"
-    return Job(
-        "attack", key, _cmd("attack", key, model=mid, attack=name), [SHARDS, model_path(mid)],
-        [eval_path(mid, name)], attack_param_keys(name), args={"model": mid, "attack": name},
-        record=eval_path(mid, name),
-    )  # fmt: skip
+    key, out, deps = f"{mid}--{name}", eval_path(mid, name), [SHARDS, model_path(mid)]
+    args = {"model": mid, "attack": name}
+    return Job("attack", key, deps, [out], attack_param_keys(name), args=args, record=out)
 
 
 def report_job(params: Study) -> Job:
@@ -237,10 +223,9 @@ def report_job(params: Study) -> Job:
     deps += [eval_path(m, a) for m in model_ids(params) for a in attacks]
     deps += [bounds_path(s, t) for s, t in bounds_pairs(params)]
     deps += [history_path(j.id) for j in student_jobs(params)]
-    return Job(
-        "report", None, _cmd("report"), deps, [REPORT_MD, REPORT_PNG, REPORT_RECORD],
-        REPORT_PARAMS, metrics=[METRICS], plots=[PLOT_CSV], record=REPORT_RECORD, gpus=0,
-    )  # fmt: skip
+    outs, rec = [REPORT_MD, REPORT_PNG, REPORT_RECORD], REPORT_RECORD
+    extra = {"metrics": [METRICS], "plots": [PLOT_CSV]}
+    return Job("report", None, deps, outs, REPORT_PARAMS, **extra, record=rec, gpus=0)
 
 
 def signals_served(params: Study) -> set[str]:
@@ -575,8 +560,10 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(params_path, build=False)
         added = complete_params_file(params_path, params)
         if added:
-            print(f"{params_path}: wrote {len(added)} key(s) left to their defaults, so that DVC "
-                  f"tracks them: {', '.join(added)}")  # fmt: skip
+            print(
+                f"{params_path}: wrote {len(added)} key(s) left to their defaults, so that DVC "
+                f"tracks them: {', '.join(added)}"
+            )
             params = load_params(params_path, build=False)
         text = dvc_yaml(params)
         if Path(args.output).is_dir():

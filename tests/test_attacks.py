@@ -102,9 +102,17 @@ def test_pgd_stays_in_ball_and_box(
     x[1] = 1.0
     step_size = None if step_scale is None else step_scale * eps
     x_adv = pgd(
-        model, x, y, eps=eps, steps=steps, step_size=step_size, norm=norm, restarts=restarts,
-        random_start=random_start, early_stop=early_stop,
-    )  # fmt: skip
+        model,
+        x,
+        y,
+        eps=eps,
+        steps=steps,
+        step_size=step_size,
+        norm=norm,
+        restarts=restarts,
+        random_start=random_start,
+        early_stop=early_stop,
+    )
     dist = perturbation_norm(x_adv - x, norm)
     assert x_adv.shape == x.shape
     assert (dist <= eps * (1 + 1e-5) + 1e-7).all(), dist.max().item()
@@ -204,9 +212,15 @@ def test_restarts_never_worse_than_one_run(norm):
     eps = 0.05 if norm == "linf" else 0.4
     one = pgd(model, x, y, eps=eps, steps=3, norm=norm, generator=torch.Generator().manual_seed(5))
     many = pgd(
-        model, x, y, eps=eps, steps=3, norm=norm, restarts=4,
+        model,
+        x,
+        y,
+        eps=eps,
+        steps=3,
+        norm=norm,
+        restarts=4,
         generator=torch.Generator().manual_seed(5),
-    )  # fmt: skip
+    )
     with torch.no_grad():
         lo, lm = model(one), model(many)
     mis_one, mis_many = lo.argmax(1) != y, lm.argmax(1) != y
@@ -523,10 +537,14 @@ def test_check_perturbation_finds_points_outside_ball_and_box(norm):
 def _fake_sweep(robust: list[list[bool]], clean: list[bool]) -> SweepResult:
     r = len(robust)
     return SweepResult(
-        radii=[0.1 * (k + 1) for k in range(r)], clean_correct=torch.tensor(clean),
-        robust=torch.tensor(robust), grad_evals=0, grad_evals_per_radius=[0] * r,
-        max_perturbation=[0.0] * r, in_range=[True] * r,
-    )  # fmt: skip
+        radii=[0.1 * (k + 1) for k in range(r)],
+        clean_correct=torch.tensor(clean),
+        robust=torch.tensor(robust),
+        grad_evals=0,
+        grad_evals_per_radius=[0] * r,
+        max_perturbation=[0.0] * r,
+        in_range=[True] * r,
+    )
 
 
 def test_check_sweep_finds_robust_above_clean_and_rising():

@@ -36,8 +36,12 @@ def dry_run(*args: str, params_file: str = "params.yaml") -> str:
     """`snakemake -n --forceall` on the repository's Snakefile, params and presets, in a
     folder of its own (its own .snakemake, beside any other test's); its output (it must
     succeed)."""
-    env = dict(os.environ, KDIGA_PARAMS=params_file, PATH=f"{BIN}:{os.environ['PATH']}",
-               PYTHONPATH=str(ROOT))  # fmt: skip
+    env = dict(
+        os.environ,
+        KDIGA_PARAMS=params_file,
+        PATH=f"{BIN}:{os.environ['PATH']}",
+        PYTHONPATH=str(ROOT),
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("Snakefile", "params.yaml", "configs", "profiles", "data"):
             if (ROOT / name).exists():
@@ -96,18 +100,36 @@ def _dag_set(params: dict) -> set:
 PRESET_JOBS = {
     # 2 teachers, 1 student, 6 methods (st + 5 with a teacher), 3 seeds; each ST student is
     # bounded against each teacher
-    "params.yaml": {"shard": 1, "teacher": 2, "distill": 3 * (1 + 2 * 5),
-                    "attack": (2 + 3 * 11) * 2, "bounds_teacher": 2, "bounds": 3 * (2 + 10),
-                    "report": 1},
+    "params.yaml": {
+        "shard": 1,
+        "teacher": 2,
+        "distill": 3 * (1 + 2 * 5),
+        "attack": (2 + 3 * 11) * 2,
+        "bounds_teacher": 2,
+        "bounds": 3 * (2 + 10),
+        "report": 1,
+    },
     # 1 teacher, 1 student, 9 methods (st + 8), 3 seeds
-    "configs/cifar10.yaml": {"shard": 1, "teacher": 1, "distill": 3 + 8 * 3,
-                             "attack": (1 + 27) * 2, "bounds_teacher": 1, "bounds": 3 + 24,
-                             "report": 1},
+    "configs/cifar10.yaml": {
+        "shard": 1,
+        "teacher": 1,
+        "distill": 3 + 8 * 3,
+        "attack": (1 + 27) * 2,
+        "bounds_teacher": 1,
+        "bounds": 3 + 24,
+        "report": 1,
+    },
     # 5 teachers, 5 students, 3 methods (st + 2), 1 seed
-    "configs/imagenet.yaml": {"shard": 1, "teacher": 5, "distill": 5 + 5 * 2 * 5,
-                              "attack": (5 + 55) * 2, "bounds_teacher": 5,
-                              "bounds": 5 * 5 + 50, "report": 1},
-}  # fmt: skip
+    "configs/imagenet.yaml": {
+        "shard": 1,
+        "teacher": 5,
+        "distill": 5 + 5 * 2 * 5,
+        "attack": (5 + 55) * 2,
+        "bounds_teacher": 5,
+        "bounds": 5 * 5 + 50,
+        "report": 1,
+    },
+}
 
 
 @pytest.mark.slow
@@ -266,8 +288,12 @@ def test_ids_name_teacher_method_student_and_seed():
     assert "st--small_cnn--s3" in ids and "trades--kdiga--small_cnn--s0" in ids
     assert "pgdat--st--small_cnn--s0" not in ids  # st depends on no teacher
     job = parse_student_id(params, "trades--kdiga_ardc--small_cnn--s3")
-    assert (job.teacher, job.method, job.student, job.seed) == ("trades", "kdiga_ardc",
-                                                                "small_cnn", 3)  # fmt: skip
+    assert (job.teacher, job.method, job.student, job.seed) == (
+        "trades",
+        "kdiga_ardc",
+        "small_cnn",
+        3,
+    )
     with pytest.raises(ParamError, match="not a student of this study"):
         parse_student_id(params, "trades--kdiga--small_cnn--s9")
 

@@ -75,16 +75,27 @@ def _net(seed: int) -> nn.Module:
 
 def _bn_net() -> nn.Module:
     torch.manual_seed(31)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                         nn.Flatten(), nn.Linear(4 * 8 * 8, 10))  # fmt: skip
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 10),
+    )
 
 
 def _bn_fit() -> dict:
     """KD of a BatchNorm student, one epoch: per-rank batch statistics under DDP."""
     x, y = _data(32)
     model = _bn_net()
-    fit(model, build_loss("kd"), x, y, TrainConfig(epochs=1, batch_size=8, lr=0.05),
-        teacher=_net(12))  # fmt: skip
+    fit(
+        model,
+        build_loss("kd"),
+        x,
+        y,
+        TrainConfig(epochs=1, batch_size=8, lr=0.05),
+        teacher=_net(12),
+    )
     return model.state_dict()
 
 
@@ -97,8 +108,15 @@ def _run_case(name: str, checkpoint: Path | None = None, n: int | None = None) -
     student = _net(11)
     init = copy.deepcopy(student.state_dict())
     cfg = TrainConfig(**BASE_CFG, **cfg_kw)
-    history = fit(student, build_loss(method, **loss_cfg), x, y, cfg, teacher=_net(12),
-                  checkpoint_path=checkpoint)  # fmt: skip
+    history = fit(
+        student,
+        build_loss(method, **loss_cfg),
+        x,
+        y,
+        cfg,
+        teacher=_net(12),
+        checkpoint_path=checkpoint,
+    )
     return {"init": init, "final": student.state_dict(), "history": history}
 
 
@@ -153,8 +171,15 @@ def _worker(out: Path) -> None:
     cfg = TrainConfig(epochs=2, batch_size=8, lr=0.05, **{"seed": 5})
     whole, part = _net(21), _net(21)
     fit(whole, NoisyKD(), x, y, cfg, teacher=_net(12), checkpoint_path=out / "whole.pt")
-    fit(part, NoisyKD(), x, y, dataclasses.replace(cfg, epochs=1), teacher=_net(12),
-        checkpoint_path=out / "part.pt")  # fmt: skip
+    fit(
+        part,
+        NoisyKD(),
+        x,
+        y,
+        dataclasses.replace(cfg, epochs=1),
+        teacher=_net(12),
+        checkpoint_path=out / "part.pt",
+    )
     resumed = _net(99)  # another init: the checkpoint must overwrite it
     torch.manual_seed(1234)  # another RNG state: the checkpoint's must be used
     fit(resumed, NoisyKD(), x, y, cfg, teacher=_net(12), checkpoint_path=out / "part.pt")
@@ -184,9 +209,14 @@ def _free_port() -> int:
 def ddp(tmp_path_factory) -> tuple[dict, dict, Path]:
     """Results of rank 0 and rank 1 of the DDP worker, and its output folder."""
     out = tmp_path_factory.mktemp("ddp")
-    base = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-            "WORLD_SIZE": str(WORLD)}  # fmt: skip
+    base = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "WORLD_SIZE": str(WORLD),
+    }
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, str(out)],

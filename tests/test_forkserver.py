@@ -76,9 +76,13 @@ def job(tmp_path, servers):
     def start(mode: str, served: bool) -> subprocess.Popen:
         env[forkserver.ENABLE_ENV] = "1" if served else "0"
         return subprocess.Popen(
-            [sys.executable, "-m", "probe", mode], cwd=work, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [sys.executable, "-m", "probe", mode],
+            cwd=work,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     def run(mode: str, served: bool) -> tuple[subprocess.Popen, dict]:
         proc = start(mode, served)
@@ -174,6 +178,7 @@ def test_a_stopped_server_leaves_jobs_to_run_themselves(job, servers):
 def test_the_server_ends_when_idle(tmp_path):
     path = tmp_path / "s.sock"
     env = dict(os.environ, PYTHONPATH=str(ROOT), KDIGA_FORKSERVER_IDLE="0.5")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.forkserver", "--serve", str(path)],
-                          env=env, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.forkserver", "--serve", str(path)], env=env, timeout=120
+    )
     assert proc.returncode == 0 and not path.exists()

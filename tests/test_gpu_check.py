@@ -29,8 +29,12 @@ def test_dry_run_writes_every_section_and_prints_the_summary(tmp_path):
     out = tmp_path / "check.json"
     proc = subprocess.run(
         [sys.executable, "-m", "bench.gpu_check", "--dry", "--out", str(out), "--budget", "600"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(out.read_text())
     assert record["format"] == gpu_check.FORMAT and record["mode"] == "dry"

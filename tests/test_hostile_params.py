@@ -68,9 +68,13 @@ def _file_refused(path: Path) -> str:
 
 def _cli(*args: str, cwd: Path = ROOT, **extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", *args], cwd=cwd, env=env(PYTHONPATH=str(ROOT), **extra),
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [sys.executable, "-m", *args],
+        cwd=cwd,
+        env=env(PYTHONPATH=str(ROOT), **extra),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _one_error_line(proc: subprocess.CompletedProcess, code: int = 2) -> str:
@@ -266,8 +270,10 @@ def test_numbers_yaml_reads_as_text_are_numbers_for_every_real_valued_key(tmp_pa
 
 def test_a_val_fraction_that_empties_a_split_names_the_fractions_that_work():
     msg = _refused(_set(RAW, "shard.val_fraction", 0.0001))
-    assert msg.startswith("params: shard.val_fraction = 0.0001 is not allowed; digits: it leaves "
-                          "the validation split empty")  # fmt: skip
+    assert msg.startswith(
+        "params: shard.val_fraction = 0.0001 is not allowed; digits: it leaves "
+        "the validation split empty"
+    )
     assert "use a fraction from 0.0041 to 0.9959" in msg
     assert "leaves the train split empty" in _refused(_set(RAW, "shard.val_fraction", 0.9999))
     for edge in (0.0041, 0.9959):
@@ -291,14 +297,27 @@ def _jpeg_folder(root: Path, per_class: int = 4) -> Path:
 
 def _folder_study(study: Path, images: Path, **shard) -> Path:
     params = {
-        "shard": {"dataset": "imagenet", "root": str(images), "num_classes": 2,
-                  "image_size": 16, "val_fraction": 0.25, "test_samples": None,
-                  "max_per_shard": 100, "workers": 2} | shard,
-        "teachers": {"t": {"arch": "small_cnn", "arch_kwargs": {"width": 4},
-                           "train": {"epochs": 1, "batch_size": 2, "milestones": []}}},
+        "shard": {
+            "dataset": "imagenet",
+            "root": str(images),
+            "num_classes": 2,
+            "image_size": 16,
+            "val_fraction": 0.25,
+            "test_samples": None,
+            "max_per_shard": 100,
+            "workers": 2,
+        }
+        | shard,
+        "teachers": {
+            "t": {
+                "arch": "small_cnn",
+                "arch_kwargs": {"width": 4},
+                "train": {"epochs": 1, "batch_size": 2, "milestones": []},
+            }
+        },
         "students": {"s": {"arch": "small_cnn", "kwargs": {"width": 4}}},
         "distill": {"methods": ["st"]},
-    }  # fmt: skip
+    }
     study.mkdir(exist_ok=True)
     (study / "params.yaml").write_text(yaml.safe_dump(params))
     return study
@@ -485,14 +504,20 @@ def test_tune_refuses_weights_it_cannot_train_once_each(tmp_path, weights, expec
 @pytest.mark.parametrize(
     ("key", "value", "job"),
     [
-        ("students.small_cnn.init", "file:data/models/st--small_cnn--s0.safetensors",
-         "distill-st--small_cnn--s0"),
-        ("students.small_cnn.init", "file:./data/models/../models/pgdat--kd--small_cnn--s0"
-         ".safetensors", "distill-pgdat--kd--small_cnn--s0"),
+        (
+            "students.small_cnn.init",
+            "file:data/models/st--small_cnn--s0.safetensors",
+            "distill-st--small_cnn--s0",
+        ),
+        (
+            "students.small_cnn.init",
+            "file:./data/models/../models/pgdat--kd--small_cnn--s0.safetensors",
+            "distill-pgdat--kd--small_cnn--s0",
+        ),
         ("students.small_cnn.init", "file:data/models/pgdat.safetensors", "teacher-pgdat"),
         ("teachers.pgdat.source", "file:data/shards/train-000000.tar", "shard"),
     ],
-)  # fmt: skip
+)
 def test_a_file_the_study_writes_cannot_be_one_it_reads(key, value, job):
     raw = _set(RAW, key, value)
     if key.startswith("teachers"):
@@ -516,9 +541,13 @@ def test_the_dag_cli_refuses_a_cyclic_init_in_one_line(tmp_path):
 def _snakemake_dry_run(study: Path) -> subprocess.CompletedProcess:
     shutil.copy(ROOT / "Snakefile", study / "Snakefile")
     return subprocess.run(
-        [str(Path(sys.executable).parent / "snakemake"), "-n", "--cores", "1"], cwd=study,
-        env=env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [str(Path(sys.executable).parent / "snakemake"), "-n", "--cores", "1"],
+        cwd=study,
+        env=env(PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.slow
@@ -585,8 +614,10 @@ def test_an_interrupted_distill_job_says_where_and_exits_130(long_distill, forks
             [sys.executable, "-m", "pipeline.stages.distill", "--model", model, "--log", log],
             cwd=study,
             env=env(PYTHONPATH=str(ROOT), KDIGA_FORKSERVER=forkserver),
-            stdout=subprocess.DEVNULL, stderr=stderr, preexec_fn=_sigint_at_default,
-        )  # fmt: skip
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            preexec_fn=_sigint_at_default,
+        )
         try:
             deadline = time.monotonic() + 60
             while _epoch(read_progress(progress)) < 2:  # a checkpoint is written
@@ -624,10 +655,13 @@ def test_zero_epochs_is_refused(key):
 def test_a_loss_whose_every_term_weighs_zero_is_refused():
     zero = _set(_set(RAW, "distill.ce_weight", 0), "distill.kl_weight", 0.0)
     msg = _refused(_set(zero, "distill.methods", ["st", "kd"]))
-    assert msg.startswith("params: distill.ce_weight = 0.0 is not allowed; method kd's loss is "
-                          "weighted by distill.ce_weight and distill.kl_weight, all 0")  # fmt: skip
-    validate(_set(zero, "distill.methods", ["st", "kdiga", "rslad", "adaad", "iad", "igdm"]),
-             build=False)  # IGA (weight 1), and methods with terms of their own  # fmt: skip
+    assert msg.startswith(
+        "params: distill.ce_weight = 0.0 is not allowed; method kd's loss is "
+        "weighted by distill.ce_weight and distill.kl_weight, all 0"
+    )
+    validate(
+        _set(zero, "distill.methods", ["st", "kdiga", "rslad", "adaad", "iad", "igdm"]), build=False
+    )  # IGA (weight 1), and methods with terms of their own
     no_iga = _set(_set(zero, "distill.methods", ["kdiga_ardc"]), "distill.iga.weight", 0)
     assert "distill.ce_weight and distill.kl_weight and distill.iga.weight, all 0" in _refused(
         no_iga
@@ -693,8 +727,9 @@ def test_an_autoattack_list_its_version_ignores_is_logged_by_the_autoattack_jobs
     tmp_path, monkeypatch, capsys
 ):
     raw = _set(TINY, "bounds.check_samples", 40)  # no warning of its own
-    raw = _set(_set(raw, "attack.autoattack.version", "standard"), "attack.autoattack.attacks",
-               ["apgd-ce"])  # fmt: skip
+    raw = _set(
+        _set(raw, "attack.autoattack.version", "standard"), "attack.autoattack.attacks", ["apgd-ce"]
+    )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     expected = (
         "params: attack.autoattack.attacks: [apgd-ce] is not used: version standard runs its "
@@ -713,8 +748,10 @@ def test_an_autoattack_list_its_version_ignores_is_logged_by_the_autoattack_jobs
         logged[attack] = [line for line in capsys.readouterr().err.splitlines() if "WARN" in line]
     assert len(logged["autoattack"]) == 1 and logged["autoattack"][0].endswith(expected)
     assert logged["pgd"] == []
-    assert _warnings(_set(raw, "attack.autoattack.attacks", ["apgd-t", "fab-t", "square",
-                                                              "apgd-ce"])) == []  # fmt: skip
+    assert (
+        _warnings(_set(raw, "attack.autoattack.attacks", ["apgd-t", "fab-t", "square", "apgd-ce"]))
+        == []
+    )
     del raw["attack"]["autoattack"]["attacks"]  # not written: nothing is ignored
     assert _warnings(raw) == []
 
@@ -748,9 +785,14 @@ def test_the_uncertainty_note_names_the_split_evaluated(seeds):
 
 @pytest.mark.parametrize(
     ("key", "name"),
-    [("teachers", "st"), ("students", "kd"), ("students", "vs"), ("teachers", "s1"),
-     ("students", "x" * 65)],
-)  # fmt: skip
+    [
+        ("teachers", "st"),
+        ("students", "kd"),
+        ("students", "vs"),
+        ("teachers", "s1"),
+        ("students", "x" * 65),
+    ],
+)
 def test_names_that_would_make_ids_read_alike_are_refused(key, name):
     raw = copy.deepcopy(RAW)
     raw[key][name] = copy.deepcopy(raw[key]["pgdat" if key == "teachers" else "small_cnn"])
@@ -766,8 +808,14 @@ def test_student_ids_parse_back_to_their_jobs_and_nothing_else():
     params = validate(_set(RAW, "seeds", [0, 7]), build=False)
     for sid in student_ids(params):
         assert parse_student_id(params, sid).id == sid
-    for bad in ("st--small_cnn--s07", "pgdat--st--small_cnn--s0", "kd--small_cnn--s0",
-                "pgdat--kd--small_cnn--s1", "nobody--kd--small_cnn--s0", "x" * 10_000):  # fmt: skip
+    for bad in (
+        "st--small_cnn--s07",
+        "pgdat--st--small_cnn--s0",
+        "kd--small_cnn--s0",
+        "pgdat--kd--small_cnn--s1",
+        "nobody--kd--small_cnn--s0",
+        "x" * 10_000,
+    ):
         with pytest.raises(ParamError, match="not a student of this study"):
             parse_student_id(params, bad)
 

@@ -53,21 +53,43 @@ def make_image_folder(root: Path) -> Path:
 def imagenet_params(images: Path, teacher_file: Path) -> dict:
     """configs/imagenet.yaml with its sizes shrunk to the synthetic folder."""
     p = yaml.safe_load((ROOT / "configs" / "imagenet.yaml").read_text())
-    p["shard"] |= {"root": str(images), "num_classes": CLASSES, "image_size": 32,
-                   "val_fraction": 0.1, "test_samples": 40, "max_per_shard": 100,
-                   "workers": 2, "shuffle_buffer": 64}  # fmt: skip
+    p["shard"] |= {
+        "root": str(images),
+        "num_classes": CLASSES,
+        "image_size": 32,
+        "val_fraction": 0.1,
+        "test_samples": 40,
+        "max_per_shard": 100,
+        "workers": 2,
+        "shuffle_buffer": 64,
+    }
     teacher = p["teachers"]["resnet50_at"]
     teacher |= {"source": f"file:{teacher_file}", "arch": "torchvision:resnet18"}
     p["teachers"] = {"resnet50_at": teacher}
     p["students"] = {"resnet18": p["students"]["resnet18"]}
-    p["distill"] |= {"epochs": 1, "batch_size": 32, "milestones": [], "lr": 0.05,
-                     "adversarial": {"eps": "4/255", "steps": 1, "step_size": None}}  # fmt: skip
+    p["distill"] |= {
+        "epochs": 1,
+        "batch_size": 32,
+        "milestones": [],
+        "lr": 0.05,
+        "adversarial": {"eps": "4/255", "steps": 1, "step_size": None},
+    }
     p["attack"] |= {"radii": [0.005, 0.01], "batch_size": 40}
     p["attack"]["pgd"]["steps"] = 3
-    p["attack"]["autoattack"] |= {"version": "custom", "attacks": ["apgd-ce"], "n_iter": 5,
-                                  "n_restarts": 1}  # fmt: skip
-    p["bounds"] |= {"radii": [0.005], "samples": 20, "steps": 2, "restarts": 1,
-                    "check_samples": 10, "batch_size": 20}  # fmt: skip
+    p["attack"]["autoattack"] |= {
+        "version": "custom",
+        "attacks": ["apgd-ce"],
+        "n_iter": 5,
+        "n_restarts": 1,
+    }
+    p["bounds"] |= {
+        "radii": [0.005],
+        "samples": 20,
+        "steps": 2,
+        "restarts": 1,
+        "check_samples": 10,
+        "batch_size": 20,
+    }
     return p
 
 
@@ -105,8 +127,12 @@ def test_shards_hold_the_original_jpeg_bytes(study):
 
 def test_every_stage_ran_and_the_report_has_every_model(study):
     metrics = json.loads((study / "reports" / "metrics.json").read_text())
-    models = ("resnet50_at", "st--resnet18--s0", "resnet50_at--kd--resnet18--s0",
-              "resnet50_at--kdiga--resnet18--s0")  # fmt: skip
+    models = (
+        "resnet50_at",
+        "st--resnet18--s0",
+        "resnet50_at--kd--resnet18--s0",
+        "resnet50_at--kdiga--resnet18--s0",
+    )
     for mid in models:
         clean = metrics[mid]["clean"]
         assert 0 <= metrics[mid]["pgd"]["0.01"] <= clean <= 1, (mid, metrics[mid])

@@ -30,9 +30,16 @@ from kdiga.models.batchnorm import IGABatchNorm2d, batch_norm_train, use_batchno
 def _pair(conv: nn.Conv2d) -> GroupedConv2d:
     """A GroupedConv2d with ``conv``'s weights (a converted copy)."""
     other = type(conv)(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-        conv.dilation, conv.groups, conv.bias is not None, dtype=conv.weight.dtype,
-    )  # fmt: skip
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        conv.bias is not None,
+        dtype=conv.weight.dtype,
+    )
     other.load_state_dict(conv.state_dict())
     assert use_grouped_double_backward(other) == (1 if conv.groups > 1 else 0)
     return other
@@ -79,9 +86,15 @@ def test_same_values_and_derivatives_as_nn_conv2d(
     """Forward and first-order gradients bit for bit; the double-backward term to 1e-10."""
     torch.manual_seed(channels * 100 + kernel * 10 + stride)
     conv = nn.Conv2d(
-        channels, channels * depth_mult, kernel, stride, padding, groups=channels, bias=bias,
+        channels,
+        channels * depth_mult,
+        kernel,
+        stride,
+        padding,
+        groups=channels,
+        bias=bias,
         dtype=torch.float64,
-    )  # fmt: skip
+    )
     fast = _pair(conv)
     x = torch.randn(3, channels, size, size + 1, dtype=torch.float64)
     assert torch.equal(conv(x), fast(x))
@@ -131,8 +144,12 @@ def test_conversion_keeps_weights_keys_and_skips_what_it_cannot_take():
     before = model(x)
     assert use_grouped_double_backward(model) == 1
     assert [type(m).__name__ for m in model] == [
-        "GroupedConv2d", "Conv2d", "Conv2d", "Conv2d", "SamePad"
-    ]  # fmt: skip
+        "GroupedConv2d",
+        "Conv2d",
+        "Conv2d",
+        "Conv2d",
+        "SamePad",
+    ]
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     assert torch.equal(model(x), before)
@@ -390,8 +407,11 @@ def test_batchnorm_conversion_skips_what_it_cannot_take():
     )
     assert use_batchnorm_double_backward(model) == 1
     assert [type(m).__name__ for m in model] == [
-        "IGABatchNorm2d", "BatchNorm2d", "Own", "BatchNorm1d"
-    ]  # fmt: skip
+        "IGABatchNorm2d",
+        "BatchNorm2d",
+        "Own",
+        "BatchNorm1d",
+    ]
     with pytest.raises(ValueError, match="affine=True"):
         IGABatchNorm2d(4, affine=False)
     with pytest.raises(ValueError, match="affine=True"):

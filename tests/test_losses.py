@@ -175,9 +175,13 @@ def test_kdiga_matches_eq5_by_hand(reduction):
     student, teacher = mlp(0), mlp(1)
     x, y = batch()
     loss = build_loss(
-        "kdiga", ce_weight=0.3, kl_weight=0.6, temperature=3.0, iga_weight=2.5,
+        "kdiga",
+        ce_weight=0.3,
+        kl_weight=0.6,
+        temperature=3.0,
+        iga_weight=2.5,
         iga_reduction=reduction,
-    )  # fmt: skip
+    )
     parts = loss(student, teacher, x, y)
     s, t = student(x), teacher(x).detach()
     gs = loop_grads(student, x, y, create_graph=True)

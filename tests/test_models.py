@@ -364,8 +364,13 @@ def test_older_model_files_are_refused_naming_the_job_to_rerun(tmp_path):
     no hash of their tensors: they are refused, with the job that wrote them to re-run."""
     model = build_model("small_cnn", 10, width=4).eval()
     meta = {"provenance": {"job": "distill-pgdat--kd--small_cnn--s0"}}
-    record = {"format": "kdiga-model/1", **model_spec(model), "kwargs": {"width": 4},
-              "state_dict": model.net.state_dict(), "meta": meta}  # fmt: skip
+    record = {
+        "format": "kdiga-model/1",
+        **model_spec(model),
+        "kwargs": {"width": 4},
+        "state_dict": model.net.state_dict(),
+        "meta": meta,
+    }
     torch.save(record, tmp_path / "old.pt")
     with pytest.raises(
         CheckpointError, match=r"format 'kdiga-model/1'.*reads 'kdiga-model/2'"

@@ -40,9 +40,14 @@ def test_default_params_give_one_gpu_per_job_and_an_unchanged_dvc_yaml():
     assert params.distill.gpus_per_job == 1
     jobs = dag.jobs(params)
     assert {j.stage: j.gpus for j in jobs} == {
-        "shard": 0, "teacher": 1, "distill": 1, "attack": 1, "bounds": 1, "bounds_teacher": 1,
+        "shard": 0,
+        "teacher": 1,
+        "distill": 1,
+        "attack": 1,
+        "bounds": 1,
+        "bounds_teacher": 1,
         "report": 0,
-    }  # fmt: skip
+    }
     assert not any("distill.gpus_per_job" in j.params for j in jobs)
     assert dag.check_fresh(ROOT / "params.yaml", ROOT / "dvc.yaml") is None
     without_key = _raw()
@@ -60,8 +65,11 @@ def test_gpus_per_job_reaches_the_distill_jobs_only():
             assert job.gpus == 4 and "distill.gpus_per_job" in job.params, name
             assert "distill.gpus_per_job" in dag._dvc_stage(params, job)["params"]
         else:
-            assert (job.gpus, job.params, job.cmd) == (base[name].gpus, base[name].params,
-                                                       base[name].cmd), name  # fmt: skip
+            assert (job.gpus, job.params, job.cmd) == (
+                base[name].gpus,
+                base[name].params,
+                base[name].cmd,
+            ), name
 
 
 @pytest.mark.parametrize("bad", [0, -2, 1.5, "4", True, 1025])
@@ -91,9 +99,20 @@ def test_torchrun_command_for_four_gpus():
     argv = distill.stage_argv(argparse.Namespace(model=KDIGA, params=None, log="logs/x.log"))
     assert argv == ["--model", KDIGA, "--log", "logs/x.log"]
     assert launch.torchrun_command("pipeline.stages.distill", argv, 4, python="py") == [
-        "py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-        "-m", "pipeline.stages.distill", "--", "--model", KDIGA, "--log", "logs/x.log",
-    ]  # fmt: skip
+        "py",
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "4",
+        "-m",
+        "pipeline.stages.distill",
+        "--",
+        "--model",
+        KDIGA,
+        "--log",
+        "logs/x.log",
+    ]
     assert launch.torchrun_command("m", [], 1)[0] == sys.executable
     for bad in (0, True, 2.0):
         with pytest.raises(ValueError, match="nproc must be an int >= 1"):
@@ -216,8 +235,9 @@ def test_srun_command_and_sbatch_script_for_two_nodes_of_four():
     script = launch.sbatch_script(KDIGA, nnodes=2, nproc_per_node=4)
     lines = script.splitlines()
     assert lines[0] == "#!/bin/bash"
-    assert {"#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1",
-            "#SBATCH --gpus-per-node=4"} <= set(lines)  # fmt: skip
+    assert {"#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=4"} <= set(
+        lines
+    )
     master = 'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
     assert master in lines
     assert lines[-1].endswith(f"-- --model {KDIGA} --log {dag.log_path('distill', KDIGA)}")
@@ -251,12 +271,20 @@ def _dry_run_resources(tmp_path: Path, params: dict) -> list[tuple[str, str, dic
     snakemake = BIN / "snakemake"
     if not snakemake.exists():
         pytest.skip("snakemake is not installed")
-    env = dict(os.environ, KDIGA_PARAMS="params.yaml", PYTHONPATH=str(ROOT),
-               PATH=f"{BIN}:{os.environ['PATH']}")  # fmt: skip
+    env = dict(
+        os.environ,
+        KDIGA_PARAMS="params.yaml",
+        PYTHONPATH=str(ROOT),
+        PATH=f"{BIN}:{os.environ['PATH']}",
+    )
     proc = subprocess.run(
         [str(snakemake), "-n", "--forceall", "--nolock", "--profile", "profiles/slurm"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     jobs, rule, wildcards = [], None, ""
     for line in (proc.stdout + proc.stderr).splitlines():
@@ -287,8 +315,14 @@ def _sbatch_args(resources: dict) -> list[str]:
     from snakemake_executor_plugin_slurm.submit_string import get_submit_command
 
     job = SimpleNamespace(resources=_Resources(resources), threads=1)
-    params = {"run_uuid": "u", "slurm_logfile": "log", "comment_str": "c", "account": "",
-              "partition": "-p gpu", "workdir": None}  # fmt: skip
+    params = {
+        "run_uuid": "u",
+        "slurm_logfile": "log",
+        "comment_str": "c",
+        "account": "",
+        "partition": "-p gpu",
+        "workdir": None,
+    }
     return (get_submit_command(job, params) + plugin.utils.set_gres_string(job)).split()
 
 

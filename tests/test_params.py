@@ -483,8 +483,11 @@ def test_url_teachers_are_https_or_file_urls(source, expected):
 
 
 def test_omitted_keys_take_their_declared_defaults():
-    raw = {"teachers": {"t": {"arch": "small_cnn"}}, "students": {"s": {"arch": "small_cnn"}},
-           "distill": {"methods": ["st", "kd"]}}  # fmt: skip
+    raw = {
+        "teachers": {"t": {"arch": "small_cnn"}},
+        "students": {"s": {"arch": "small_cnn"}},
+        "distill": {"methods": ["st", "kd"]},
+    }
     p = validate(raw)
     assert p.seeds == [0] and p.shard.dataset == "digits" and p.teachers["t"].source == "train"
     assert p.teachers["t"].train.method == "at" and p.students["s"].init == "scratch"
@@ -502,16 +505,31 @@ def test_omitted_keys_take_their_declared_defaults():
         ({"students": {"s": {"arch": "small_cnn"}}}, "distill.methods", "this key is required"),
         ({"students": {"s": {}}, "distill": {"methods": ["st"]}}, "students.s.arch", "required"),
         ({"students": {}, "distill": {"methods": ["st"]}}, "students", "at least one student"),
-        ({"students": {"s": {"arch": "small_cnn"}}, "distill": {"methods": ["kd"]}},
-         "teachers", "need a teacher"),
-        ({"students": {"a--b": {"arch": "small_cnn"}}, "distill": {"methods": ["st"]}},
-         "students.a--b", "single '-'"),
-        ({"students": {"s/x": {"arch": "small_cnn"}}, "distill": {"methods": ["st"]}},
-         "students.s/x", "letters, digits"),
-        ({"students": {"s": {"arch": "small_cnn", "init": "pretrained"}},
-          "distill": {"methods": ["st"]}}, "students.s.init", "timm or torchvision"),
+        (
+            {"students": {"s": {"arch": "small_cnn"}}, "distill": {"methods": ["kd"]}},
+            "teachers",
+            "need a teacher",
+        ),
+        (
+            {"students": {"a--b": {"arch": "small_cnn"}}, "distill": {"methods": ["st"]}},
+            "students.a--b",
+            "single '-'",
+        ),
+        (
+            {"students": {"s/x": {"arch": "small_cnn"}}, "distill": {"methods": ["st"]}},
+            "students.s/x",
+            "letters, digits",
+        ),
+        (
+            {
+                "students": {"s": {"arch": "small_cnn", "init": "pretrained"}},
+                "distill": {"methods": ["st"]},
+            },
+            "students.s.init",
+            "timm or torchvision",
+        ),
     ],
-)  # fmt: skip
+)
 def test_grid_mistakes_are_named(raw, key, expected):
     msg = _message({"teachers": {}, **raw})
     assert msg.startswith(f"params: {key}") and expected in msg
@@ -531,8 +549,11 @@ def test_a_pretrained_or_file_student_is_accepted_and_its_file_checked(tmp_path)
 def test_study_values_are_plain_data_for_provenance():
     p = validate(RAW)
     assert p.value("teachers.pgdat.train.eps") == 0.1
-    assert p.value("distill.iga") == {"weight": 1.0, "reduction": "per_sample_mean",
-                                      "grad_mode": "train"}  # fmt: skip
+    assert p.value("distill.iga") == {
+        "weight": 1.0,
+        "reduction": "per_sample_mean",
+        "grad_mode": "train",
+    }
     assert p.value("students.small_cnn")["init"] == "scratch"
 
 

@@ -40,8 +40,14 @@ KD, KDIGA, ST = "pgdat--kd--small_cnn--s0", "pgdat--kdiga--small_cnn--s0", "st--
 
 pytestmark = pytest.mark.slow
 
-COMPARED = ("dvc.lock", "reports/report.md", "reports/metrics.json", "reports/figure1.png",
-            "reports/robustness.csv", "reports/provenance.json")  # fmt: skip
+COMPARED = (
+    "dvc.lock",
+    "reports/report.md",
+    "reports/metrics.json",
+    "reports/figure1.png",
+    "reports/robustness.csv",
+    "reports/provenance.json",
+)
 
 
 @pytest.fixture
@@ -168,8 +174,9 @@ def fresh_clone(shared_root, tiny_study_built) -> Path:
 def test_a_second_study_from_clean_writes_the_same_bytes(tiny_study_built, fresh_clone):
     """Same inputs and params, same bytes: dvc.lock's hashes and every report file, all
     written again by the clone's own run."""
-    differ = [f for f in COMPARED
-              if (fresh_clone / f).read_bytes() != (tiny_study_built / f).read_bytes()]  # fmt: skip
+    differ = [
+        f for f in COMPARED if (fresh_clone / f).read_bytes() != (tiny_study_built / f).read_bytes()
+    ]
     assert differ == []
     logs = {p.relative_to(fresh_clone).as_posix() for p in fresh_clone.glob("logs/**/*.log")}
     assert logs == {j.log for j in _dag_jobs(fresh_clone)}  # every job ran in the clone
@@ -195,12 +202,16 @@ def test_a_targeted_snakemake_run_blesses_nothing_stale(study):
     model = study / "data" / "models" / f"{KDIGA}.safetensors"
     set_param(study, "distill.iga.weight", 3.0)
     run([str(BIN / "snakemake"), "--cores", "2", str(model.relative_to(study))], study)
-    stale = {f"attack-{KDIGA}--pgd", f"attack-{KDIGA}--autoattack",
-             f"bounds-{KDIGA}", "report"}  # fmt: skip
+    stale = {f"attack-{KDIGA}--pgd", f"attack-{KDIGA}--autoattack", f"bounds-{KDIGA}", "report"}
     assert changed_stages(study) == stale
-    assert planned(study) == sorted([f"attack:model={KDIGA}, attack=pgd",
-                                     f"attack:model={KDIGA}, attack=autoattack",
-                                     f"bounds:bkey={KDIGA}", "report"])  # fmt: skip
+    assert planned(study) == sorted(
+        [
+            f"attack:model={KDIGA}, attack=pgd",
+            f"attack:model={KDIGA}, attack=autoattack",
+            f"bounds:bkey={KDIGA}",
+            "report",
+        ]
+    )
     report = run([sys.executable, "-m", "pipeline.stages.report"], study, check=False)
     old = json.loads((study / f"data/evals/{KDIGA}--pgd.json").read_text())
     assert report.returncode == 2
@@ -220,9 +231,14 @@ def test_a_targeted_dvc_repro_then_snakemake(study):
     set_param(study, "distill.iga.weight", 0.3)
     dvc("repro", f"distill-{KDIGA}", cwd=study)
     run([sys.executable, "-m", "pipeline.sync", "--snakemake", "--quiet"], study)
-    assert planned(study) == sorted([f"attack:model={KDIGA}, attack=pgd",
-                                     f"attack:model={KDIGA}, attack=autoattack",
-                                     f"bounds:bkey={KDIGA}", "report"])  # fmt: skip
+    assert planned(study) == sorted(
+        [
+            f"attack:model={KDIGA}, attack=pgd",
+            f"attack:model={KDIGA}, attack=autoattack",
+            f"bounds:bkey={KDIGA}",
+            "report",
+        ]
+    )
     run([str(BIN / "snakemake"), "--cores", "2"], study)
     assert changed_stages(study) == set() and planned(study) == []
     bounds = json.loads((study / f"data/bounds/{KDIGA}.json").read_text())
@@ -476,10 +492,12 @@ def test_duplicate_key_and_bad_bytes_stop_snakemake_with_one_line(study, tmp_pat
     """Through Snakemake too, before its own YAML parser sees the file."""
     text = (study / "params.yaml").read_text()
     cases = {
-        "dup.yaml": (text.replace("seeds:\n", "seeds: [1]\nseeds:\n", 1).encode(),
-                     "key 'seeds' is given twice (lines 1 and 2)"),
+        "dup.yaml": (
+            text.replace("seeds:\n", "seeds: [1]\nseeds:\n", 1).encode(),
+            "key 'seeds' is given twice (lines 1 and 2)",
+        ),
         "latin1.yaml": (b"# caf\xe9\n" + text.encode(), "byte 5 (line 1, 0xe9) is not UTF-8"),
-    }  # fmt: skip
+    }
     for name, (data, message) in cases.items():
         (tmp_path / name).write_bytes(data)
         proc = subprocess.run(

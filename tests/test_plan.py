@@ -38,8 +38,15 @@ def test_one_row_per_dag_job_in_order(study, plan):
     jobs = dag.jobs(study)
     assert [r.job for r in plan.rows] == [j.name for j in jobs]
     assert [r.stage for r in plan.rows] == [j.stage for j in jobs]
-    assert {r.stage for r in plan.rows} == {"shard", "teacher", "distill", "attack",
-                                            "bounds_teacher", "bounds", "report"}  # fmt: skip
+    assert {r.stage for r in plan.rows} == {
+        "shard",
+        "teacher",
+        "distill",
+        "attack",
+        "bounds_teacher",
+        "bounds",
+        "report",
+    }
 
 
 def test_every_estimate_is_positive_and_finite(plan):

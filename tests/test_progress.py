@@ -93,8 +93,15 @@ def test_training_steps_count_every_epoch_and_resume_where_they_stopped(tmp_path
     assert {e.unit for e in events} == {"steps"} and {e.task for e in events} == {"train"}
     assert events[6].detail == "epoch 2/2, step 1/4"
     more = Events()
-    fit(mlp(), CE(), x, y, TrainConfig(epochs=3, batch_size=16, lr=0.05),
-        checkpoint_path=ckpt, progress=more)  # fmt: skip
+    fit(
+        mlp(),
+        CE(),
+        x,
+        y,
+        TrainConfig(epochs=3, batch_size=16, lr=0.05),
+        checkpoint_path=ckpt,
+        progress=more,
+    )
     assert [e.done for e in more] == [8, 9, 10, 11, 12]  # resumed at epoch 2 of 3
     assert_counts_up(more, 12)
 
@@ -159,8 +166,9 @@ def test_autoattack_reports_each_stage_over_the_points_still_robust():
     x, y = labelled(model, 12)
     y[:2] = (y[:2] + 1) % 10  # two wrong clean: never attacked
     events = Events()
-    res = autoattack(model, x, y, eps=0.05, batch_size=4, attacks=["apgd-ce", "apgd-t"],
-                     progress=events, **AA)  # fmt: skip
+    res = autoattack(
+        model, x, y, eps=0.05, batch_size=4, attacks=["apgd-ce", "apgd-t"], progress=events, **AA
+    )
     first = autoattack(model, x, y, eps=0.05, batch_size=4, attacks=["apgd-ce"], **AA)
     ce, t = events.of("autoattack apgd-ce"), events.of("autoattack apgd-t")
     assert [e.task for e in events] == [e.task for e in ce + t]  # one stage after the other
@@ -178,8 +186,16 @@ def test_an_autoattack_sweep_reports_its_attacks_and_the_stages_inside():
     x, y = labelled(model, 6)
     events = Events()
     aa = {k: v for k, v in AA.items() if k != "seed"} | {"attacks": ["apgd-ce"]}
-    res = robust_sweep(model, x, y, [0.05, 0.2], attack="autoattack", batch_size=3,
-                       autoattack_kwargs=aa, progress=events)  # fmt: skip
+    res = robust_sweep(
+        model,
+        x,
+        y,
+        [0.05, 0.2],
+        attack="autoattack",
+        batch_size=3,
+        autoattack_kwargs=aa,
+        progress=events,
+    )
     assert_counts_up(events.of("autoattack sweep"), 2 * 2)
     starts = [e.total for e in events.of("autoattack apgd-ce") if e.done == 0]
     # batch by batch, radius by radius: the stage over the points still robust (none: no run)
@@ -217,8 +233,9 @@ def test_signals_count_images_of_every_view():
     x = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
     y = torch.randint(0, 5, (10,))
     events = Events()
-    compute_signals(teacher, x, y, views=3, augment="crop_flip", crop_padding=1, batch_size=4,
-                    progress=events)  # fmt: skip
+    compute_signals(
+        teacher, x, y, views=3, augment="crop_flip", crop_padding=1, batch_size=4, progress=events
+    )
     assert_counts_up(events, 3 * 10)
     assert [e.done for e in events] == [0, 4, 8, 10, 14, 18, 20, 24, 28, 30]
     assert events[-1].detail == "view 3/3" and events[0].unit == "images"
@@ -227,8 +244,14 @@ def test_signals_count_images_of_every_view():
 def test_shard_writer_counts_images_through_its_shards(tmp_path):
     x = torch.randint(0, 256, (600, 1, 2, 2), dtype=torch.uint8)
     events = Events()
-    write_shards(x, torch.zeros(600, dtype=torch.long), tmp_path, prefix="train",
-                 max_per_shard=250, progress=events)  # fmt: skip
+    write_shards(
+        x,
+        torch.zeros(600, dtype=torch.long),
+        tmp_path,
+        prefix="train",
+        max_per_shard=250,
+        progress=events,
+    )
     assert_counts_up(events, 600)
     assert [e.done for e in events] == [0, 250, 256, 500, 512, 600]  # every 256, each shard
     assert {e.task for e in events} == {"shard train"}
@@ -242,8 +265,14 @@ def test_image_shard_writer_counts_the_images_it_writes(tmp_path):
             img = (np.arange(48).reshape(4, 4, 3) * (i + c + 1) % 256).astype(np.uint8)
             Image.fromarray(img).save(root / f"c{c}" / f"{i}.png")
     events = Events()
-    write_image_shards(root, tmp_path / "out", prefix="val", max_per_shard=4,
-                       indices=[0, 3, 5, 6, 9, 1, 2], progress=events)  # fmt: skip
+    write_image_shards(
+        root,
+        tmp_path / "out",
+        prefix="val",
+        max_per_shard=4,
+        indices=[0, 3, 5, 6, 9, 1, 2],
+        progress=events,
+    )
     assert_counts_up(events, 7)
     assert [e.done for e in events] == [0, 4, 7] and events[1].detail == "shard 1"
 
@@ -493,8 +522,15 @@ def test_only_rank_0_of_a_torchrun_job_reports(tmp_path, monkeypatch):
 def test_durations_and_rates_read_as_a_person_writes_them():
     seconds = (None, math.inf, 0, 0.3, 4.4, 185, 7620, 4 * 86400 + 3 * 3600)
     assert [pp.duration(s) for s in seconds] == [
-        "-", "-", "0 s", "<1 s", "4 s", "3 min 05 s", "2 h 07 min", "4 d 03 h"
-    ]  # fmt: skip
+        "-",
+        "-",
+        "0 s",
+        "<1 s",
+        "4 s",
+        "3 min 05 s",
+        "2 h 07 min",
+        "4 d 03 h",
+    ]
     assert pp.rate_text(2.5, "steps") == "2.5 steps/s"
     assert pp.rate_text(0.05, "attacks") == "3 attacks/min"
     assert pp.rate_text(1 / 7200, "attacks") == "0.5 attacks/h"

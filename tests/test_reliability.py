@@ -241,8 +241,11 @@ def test_same_seed_same_params_same_bytes(sharded, tmp_path):
         assert len(re.findall(r"epoch 1/1 ", proc.stderr)) == 1  # one line per epoch, for people
         assert "{'epoch'" not in proc.stderr
         ok(stage(study, "attack", "--model", KDIGA, "--attack", "pgd"))
-        files = (f"models/{KDIGA}.safetensors", f"models/{KDIGA}.history.json",
-                 f"evals/{KDIGA}--pgd.json")  # fmt: skip
+        files = (
+            f"models/{KDIGA}.safetensors",
+            f"models/{KDIGA}.history.json",
+            f"evals/{KDIGA}--pgd.json",
+        )
         runs.append({f: sha256_file(study / "data" / f) for f in files})
         timing = json.loads((study / "logs" / "distill" / f"{KDIGA}.timing.json").read_text())
         assert timing["seconds"] > 0  # wall clock lives beside the logs
@@ -313,8 +316,9 @@ def test_a_stale_input_stops_the_stage_naming_both_hashes(sharded, tmp_path):
     new = sha256_file(model)
     assert old != new
     proc = stage(study, "report")
-    failed_cleanly(proc, f"{ST}--pgd.json was made from", old[:16], new[:16],
-                   f"dvc repro attack-{ST}--pgd")  # fmt: skip
+    failed_cleanly(
+        proc, f"{ST}--pgd.json was made from", old[:16], new[:16], f"dvc repro attack-{ST}--pgd"
+    )
     params["distill"]["lr"] = 0.05  # back: now the model itself is not what params make
     proc = stage(study, "attack", "--model", ST, "--attack", "pgd", params=params)
     failed_cleanly(proc, f"{ST}.safetensors was made with params distill.lr = 0.01, now 0.05")
@@ -375,9 +379,16 @@ def test_report_marks_a_suspect_result(tmp_path, monkeypatch):
     from pipeline.stages import report
 
     params = validate(json.loads(json.dumps(TINY)))
-    good = {"clean": 0.9, "robust": [0.5, 0.3], "radii": [0.05, 0.1], "n": 10,
-            "radius_labels": ["0.05", "0.1"], "suspect": False, "clean_correct": "1" * 9 + "0",
-            "robust_correct": ["1" * 5 + "0" * 5, "1" * 3 + "0" * 7]}  # fmt: skip
+    good = {
+        "clean": 0.9,
+        "robust": [0.5, 0.3],
+        "radii": [0.05, 0.1],
+        "n": 10,
+        "radius_labels": ["0.05", "0.1"],
+        "suspect": False,
+        "clean_correct": "1" * 9 + "0",
+        "robust_correct": ["1" * 5 + "0" * 5, "1" * 3 + "0" * 7],
+    }
     bad = good | {"suspect": True}
     numbers = report.Numbers.__new__(report.Numbers)
     numbers.params, numbers.attacks = params, ["pgd"]

@@ -76,16 +76,23 @@ def _numbers(
         # the same images for every seed of a model (the seed moves the number by 1 image)
         numbers.evals[(mid, "pgd")] = _eval([0.9, min(1, r + 0.1), r + (seed + more) / N], 0)
     numbers.correct = {k: per_sample_correct(e) for k, e in numbers.evals.items()}
-    numbers.teachers = {t: {"arch": "small_cnn", "kind": "PGD-AT", "val_acc": 0.9}
-                        for t in params.teachers}  # fmt: skip
+    numbers.teachers = {
+        t: {"arch": "small_cnn", "kind": "PGD-AT", "val_acc": 0.9} for t in params.teachers
+    }
     numbers.radii, numbers.radius_labels = [0.05, 0.1], ["0.05", "0.1"]
     numbers.bounds = {}
     for sid, t in dag.bounds_pairs(params):
         job = next(j for j in student_jobs(params) if j.id == sid)
         teacher = t or job.teacher
         llm = {"kd": 0.5, "kdiga": 0.2}.get(job.method, 0.3) + 0.01 * job.seed
-        numbers.bounds[(sid, teacher)] = {"n": N, "radii": [0.1], "radius_labels": ["0.1"],
-                                          "llm": [llm], "ce": 0.4, "grad_gap_l2": 1.0}  # fmt: skip
+        numbers.bounds[(sid, teacher)] = {
+            "n": N,
+            "radii": [0.1],
+            "radius_labels": ["0.1"],
+            "llm": [llm],
+            "ce": 0.4,
+            "grad_gap_l2": 1.0,
+        }
     return numbers
 
 
@@ -140,8 +147,9 @@ def test_claims_are_paired_differences_with_a_verdict():
     assert ardc["difference"].mean == pytest.approx(-0.3) and ardc["verdict"] == "not supported"
     assert ardc["seed_sd"] == pytest.approx(0, abs=1e-12) and ardc["seeds_needed"] == 2
     words = report.claims_in_words(rows)
-    assert any("KDIGA-ARDC is more robust than ARD" in w and "**not supported**" in w
-               for w in words)  # fmt: skip
+    assert any(
+        "KDIGA-ARDC is more robust than ARD" in w and "**not supported**" in w for w in words
+    )
     header, cells = _table_cells(report.claims_table(rows))
     assert header == report.CLAIMS_HEADER
     assert cells[0][:3] == [
@@ -195,9 +203,14 @@ def test_an_inconclusive_claim_says_how_many_seeds_it_would_need():
     tail = f"seed SD 3.0 points; **inconclusive**; a difference this size would need about {need}"
     assert words.endswith(f"{tail} seeds."), words
     metrics = report.metrics(params, numbers, rows)["claims"][row["key"]]
-    assert metrics == {"difference": diff.mean, "lo": diff.lo, "hi": diff.hi,
-                       "seed_sd": row["seed_sd"], "seeds_needed": need,
-                       "verdict": "inconclusive"}  # fmt: skip
+    assert metrics == {
+        "difference": diff.mean,
+        "lo": diff.lo,
+        "hi": diff.hi,
+        "seed_sd": row["seed_sd"],
+        "seeds_needed": need,
+        "verdict": "inconclusive",
+    }
     note = report.uncertainty_note(params, N)
     assert "3 training seeds and the 200 test images" in note and INTERVAL_RULE in note
 

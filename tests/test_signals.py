@@ -272,8 +272,14 @@ def test_fit_refuses_cache_where_unusable(data, teacher, sigset):
     with pytest.raises(ValueError, match="accepts_teacher_cache is False"):
         fit(_student(), arda, x, y, cfg, teacher=teacher, teacher_cache=lambda i: None)
     with pytest.raises(ValueError, match=r"batch_source.*augment='none'"):
-        fit(_student(), build_loss("kdiga"), x, y, TrainConfig(epochs=1, augment="crop"),
-            batch_source=cache)  # fmt: skip
+        fit(
+            _student(),
+            build_loss("kdiga"),
+            x,
+            y,
+            TrainConfig(epochs=1, augment="crop"),
+            batch_source=cache,
+        )
     student = copy.deepcopy(_student())
     fit(student, arda, x, y, cfg, teacher=teacher)  # without the cache arda trains as usual
 

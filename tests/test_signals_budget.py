@@ -41,8 +41,16 @@ def test_size_is_the_bytes_of_a_written_file(tmp_path, grad_dtype, shape, classe
     images = torch.randint(0, 256, (n, *shape), generator=gen, dtype=torch.uint8)
     labels = torch.arange(n) % classes
     teacher = build_model("small_cnn", classes, in_chans=shape[0], image_size=shape[1])
-    signal_set = compute_signals(teacher, images, labels, views=views, augment="crop_flip",
-                                 crop_padding=1, batch_size=4, grad_dtype=grad_dtype)  # fmt: skip
+    signal_set = compute_signals(
+        teacher,
+        images,
+        labels,
+        views=views,
+        augment="crop_flip",
+        crop_padding=1,
+        batch_size=4,
+        grad_dtype=grad_dtype,
+    )
     path = tmp_path / "signals.safetensors"
     save_signals(signal_set, path)
     assert signals_nbytes(views, n, shape, classes, grad_dtype) == _tensor_bytes(path)
@@ -89,8 +97,15 @@ def test_stage_refuses_before_reading_images_or_teacher(tmp_path, monkeypatch, c
     shards = tmp_path / "data" / "shards"
     shards.mkdir(parents=True)
     entry = {"path": str(shards / "train-000000.tar"), "count": 958, "sha256": "0" * 64}
-    write_manifest([entry], shards / "train.json", dataset="digits", split="train",
-                   image_size=16, channels=1, num_classes=10)  # fmt: skip
+    write_manifest(
+        [entry],
+        shards / "train.json",
+        dataset="digits",
+        split="train",
+        image_size=16,
+        channels=1,
+        num_classes=10,
+    )
     assert stage.main(["--params", "params.yaml", "--teacher", "pgdat"]) == 2
     err = capsys.readouterr().err
     size = signals_nbytes(16, 958, (1, 16, 16), 10, "float16") / 1e9

@@ -292,8 +292,12 @@ def test_components_carried_to_more_seeds():
     c = variance_components(TWO_BY_THREE)
     assert c.at(2) is c
     five = c.at(5)
-    assert (five.n_seeds, five.n_images, five.seed_ms, five.resid_ms) == (5, 3, c.seed_ms,
-                                                                          c.resid_ms)  # fmt: skip
+    assert (five.n_seeds, five.n_images, five.seed_ms, five.resid_ms) == (
+        5,
+        3,
+        c.seed_ms,
+        c.resid_ms,
+    )
     assert five.image_ms == pytest.approx(1 / 6 + 5 * (1 / 6))  # resid + n · s_image²
     assert five.image_var == pytest.approx(c.image_var) and five.seed_sd == c.seed_sd
     seed, image = t_quantile(0.975, 4) ** 2 * c.seed_sd**2 / 5, t_quantile(0.975, 2) ** 2 / 18

@@ -44,12 +44,24 @@ def job(params, name: str) -> dag.Job:
 
 def write_progress(j: dag.Job, **fields) -> None:
     info = {
-        "format": FORMAT, "stage": j.stage, "job": j.name, "pid": os.getpid(),
-        "host": socket.gethostname(), "started": iso(NOW - 600), "heartbeat": iso(NOW - 2),
-        "heartbeat_s": 10.0, "state": "running", "task": "train", "done": 30, "total": 100,
-        "unit": "steps", "rate": 0.1, "eta_s": 700.0, "step": "train 30/100 steps (epoch 3/10, "
-        "step 0/10)", "error": None,
-    } | fields  # fmt: skip
+        "format": FORMAT,
+        "stage": j.stage,
+        "job": j.name,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": iso(NOW - 600),
+        "heartbeat": iso(NOW - 2),
+        "heartbeat_s": 10.0,
+        "state": "running",
+        "task": "train",
+        "done": 30,
+        "total": 100,
+        "unit": "steps",
+        "rate": 0.1,
+        "eta_s": 700.0,
+        "step": "train 30/100 steps (epoch 3/10, step 0/10)",
+        "error": None,
+    } | fields
     path = Path(progress_path(j.stage, j.key))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(info))
@@ -79,12 +91,17 @@ def test_each_state_from_the_progress_files_and_the_outputs(study):
     write_progress(job(params, "shard"), state="done", task="shard test", done=120, total=120)
     write_progress(job(params, "teacher-pgdat"))
     write_progress(
-        job(params, "distill-st--small_cnn--s0"), state="failed", heartbeat=iso(NOW - 300),
+        job(params, "distill-st--small_cnn--s0"),
+        state="failed",
+        heartbeat=iso(NOW - 300),
         error="NonFiniteLossError: non-finite loss at epoch 1, batch 3 (loss=nan)",
-        step="train 3/14 steps (epoch 1/1, step 3/14)", done=3, total=14,
-    )  # fmt: skip
-    write_progress(job(params, f"distill-{KD}"), host="another-node",
-                   heartbeat=iso(NOW - STALE_BEATS * 10 - 1))  # fmt: skip
+        step="train 3/14 steps (epoch 1/1, step 3/14)",
+        done=3,
+        total=14,
+    )
+    write_progress(
+        job(params, f"distill-{KD}"), host="another-node", heartbeat=iso(NOW - STALE_BEATS * 10 - 1)
+    )
     write_progress(job(params, "distill-pgdat--kdiga--small_cnn--s0"), pid=dead_pid())
     write_progress(job(params, "attack-pgdat--pgd"), state="done")  # its output is gone
     rows = {j.name: job_row(params, j, NOW) for j in dag.jobs(params)}
@@ -112,9 +129,11 @@ def test_each_state_from_the_progress_files_and_the_outputs(study):
     text = status(params, now=NOW)
     assert "teacher-pgdat" in text and "\nshard " not in text  # done rows only with --all
     assert text.splitlines()[-2] == "jobs: 1 of 18 done; 1 running, 1 failed, 2 stopped, 13 to run"
-    assert text.splitlines()[-1].endswith(": unknown (no cost plan at logs/plan.json: "
-                                          "`python -m pipeline.plan --json > logs/plan.json` "
-                                          "writes one)")  # fmt: skip
+    assert text.splitlines()[-1].endswith(
+        ": unknown (no cost plan at logs/plan.json: "
+        "`python -m pipeline.plan --json > logs/plan.json` "
+        "writes one)"
+    )
     assert "\nshard " in status(params, now=NOW, show_all=True)
 
 
@@ -141,11 +160,17 @@ def test_a_job_whose_input_is_to_be_made_again_is_to_run(study):
 
 def _plan(rows: dict[str, float]) -> None:
     plan = Plan(
-        params="params.yaml", device="cpu", threads=1, clock="process CPU time",
-        calibrate_steps=1, calibration_s=0.5, sizes={},
-        rows=[Row(name, name.split("-")[0], "cpu", h, 0, "estimate", "") for name, h in
-              rows.items()],
-    )  # fmt: skip
+        params="params.yaml",
+        device="cpu",
+        threads=1,
+        clock="process CPU time",
+        calibrate_steps=1,
+        calibration_s=0.5,
+        sizes={},
+        rows=[
+            Row(name, name.split("-")[0], "cpu", h, 0, "estimate", "") for name, h in rows.items()
+        ],
+    )
     Path("logs").mkdir(exist_ok=True)
     Path("logs/plan.json").write_text(json.dumps(plan.to_dict()))
 
@@ -188,9 +213,14 @@ def distilling(tiny_study_built, tmp_path):
 
 def _status(study: Path) -> str:
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.status"], cwd=study, env=env(PYTHONPATH=str(ROOT)),
-        capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
+        [sys.executable, "-m", "pipeline.status"],
+        cwd=study,
+        env=env(PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     return proc.stdout
 
 
@@ -201,11 +231,23 @@ def _row(text: str, name: str) -> str:
 @pytest.mark.slow
 def test_a_running_job_shows_its_progress_and_a_killed_one_shows_stopped(distilling):
     study, name = distilling, f"distill-{KD}"
-    cmd = [sys.executable, "-m", "pipeline.stages.distill", "--model", KD, "--log", dag.log_path(
-        "distill", KD)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.stages.distill",
+        "--model",
+        KD,
+        "--log",
+        dag.log_path("distill", KD),
+    ]
     progress = study / progress_path("distill", KD)
-    proc = subprocess.Popen(cmd, cwd=study, env=env(PYTHONPATH=str(ROOT), KDIGA_HEARTBEAT="2"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        cwd=study,
+        env=env(PYTHONPATH=str(ROOT), KDIGA_HEARTBEAT="2"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 60
         while (info := read_progress(progress)) is None or not info["done"]:
@@ -221,11 +263,13 @@ def test_a_running_job_shows_its_progress_and_a_killed_one_shows_stopped(distill
         proc.wait()
     last = read_progress(progress)
     assert last["state"] == "running" and 0 < last["done"] < last["total"]
-    step = re.fullmatch(r"train (\d+)/(\d+) steps \(epoch (\d+)/1000, step (\d+)/(\d+)\)",
-                        last["step"])  # fmt: skip
+    step = re.fullmatch(
+        r"train (\d+)/(\d+) steps \(epoch (\d+)/1000, step (\d+)/(\d+)\)", last["step"]
+    )
     done, total, epoch, at, per_epoch = map(int, step.groups())
     assert total == 1000 * per_epoch and done == (epoch - 1) * per_epoch + at
     row = _row(_status(study), name)
     assert row.split()[2:6] == ["stopped", "train", f"{done}/{total}", "steps"]
-    assert row.endswith(f"stopped at epoch {epoch}/1000, step {at}/{per_epoch}; "
-                        f"pid {last['pid']} is gone")  # fmt: skip
+    assert row.endswith(
+        f"stopped at epoch {epoch}/1000, step {at}/{per_epoch}; pid {last['pid']} is gone"
+    )

@@ -62,8 +62,11 @@ def test_pretrained_weights_unavailable_is_one_clear_error(monkeypatch):
     raw["students"] = {"r18": {"arch": "timm:resnet18", "init": "pretrained", "lr": 1e-5}}
     params = validate(raw)
     monkeypatch.setattr(models, "build_model", offline)
-    with pytest.raises(CheckpointError, match=r"students\.r18: pretrained weights for "
-                       r"timm:resnet18 are not available \(could not download"):  # fmt: skip
+    with pytest.raises(
+        CheckpointError,
+        match=r"students\.r18: pretrained weights for "
+        r"timm:resnet18 are not available \(could not download",
+    ):
         build_student(params, parse_student_id(params, "st--r18--s0"), INFO | {"in_chans": 3})
 
 

@@ -164,9 +164,19 @@ def authors_adaad_inner(model, teacher_model, x_natural, step_size, steps, epsil
 
 
 def authors_iad(
-    basic_net, teacher_net, inputs, targets, pert_inputs, *, epoch, begin, alpha, beta, temp,
+    basic_net,
+    teacher_net,
+    inputs,
+    targets,
+    pert_inputs,
+    *,
+    epoch,
+    begin,
+    alpha,
+    beta,
+    temp,
     weighted_teacher=False,
-):  # fmt: skip
+):
     """ZFancy/IAD IAD-I.py's train step on given adversarial points; ``weighted_teacher``:
     the teacher's term weighted by Alpha as in IAD-II.py (its AKD² second teacher left out)."""
     KL_loss = nn.KLDivLoss(reduction="none")
@@ -299,14 +309,31 @@ def test_iad_equals_the_authors_step(epoch, weight_teacher, alpha, temp, monkeyp
     x, y = batch(seed=3)
     cfg = {"iad_alpha": alpha, "iad_beta": 0.1, "iad_warmup": 0.3, "temperature": temp}
     got, parts = ours(
-        "iad", student, teacher, x, y, epoch=epoch, epochs=200,
-        iad_weight_teacher=weight_teacher, **cfg,
-    )  # fmt: skip
+        "iad",
+        student,
+        teacher,
+        x,
+        y,
+        epoch=epoch,
+        epochs=200,
+        iad_weight_teacher=weight_teacher,
+        **cfg,
+    )
     x_adv = (x + fake.delta).clamp(0, 1)
     want = theirs(
-        authors_iad, student, teacher, x, y, x_adv, epoch=epoch, begin=60, alpha=alpha,
-        beta=0.1, temp=temp, weighted_teacher=weight_teacher,
-    )  # fmt: skip
+        authors_iad,
+        student,
+        teacher,
+        x,
+        y,
+        x_adv,
+        epoch=epoch,
+        begin=60,
+        alpha=alpha,
+        beta=0.1,
+        temp=temp,
+        weighted_teacher=weight_teacher,
+    )
     assert_agree(got, want)
     assert set(parts) == {"loss", "ce", "kl", "introspection", "reliability"}
     with torch.no_grad():
@@ -605,8 +632,11 @@ def test_params_sections_reach_the_losses():
     assert get_method("adaad").settings(distill)["adaad_alpha"] == 0.5
     iad = build_loss("iad", **get_method("iad").settings(distill)).config
     assert (iad.iad_alpha, iad.iad_beta, iad.iad_warmup, iad.iad_weight_teacher) == (
-        0.9, 0.2, 0.5, True,
-    )  # fmt: skip
+        0.9,
+        0.2,
+        0.5,
+        True,
+    )
     assert build_loss("igdm", **get_method("igdm").settings(distill)).config.igdm_weight == 4.0
     defaults = _params().value("distill")
     for name in ("adaad", "iad", "igdm"):  # the schema's defaults are LossConfig's

@@ -110,8 +110,9 @@ def test_same_seed_same_history_other_seed_differs(tiny):
     runs = []
     for seed in (0, 0, 1):
         model = copy.deepcopy(init)
-        runs.append((_no_time(fit(model, NoisyCE(), x, y, dataclasses.replace(cfg, seed=seed))),
-                     model))  # fmt: skip
+        runs.append(
+            (_no_time(fit(model, NoisyCE(), x, y, dataclasses.replace(cfg, seed=seed))), model)
+        )
     assert runs[0][0] == runs[1][0] and _state_equal(runs[0][1], runs[1][1])
     assert runs[0][0] != runs[2][0]
 
@@ -178,10 +179,14 @@ def test_checkpoint_every_resumes_mid_epoch_with_the_same_weights(tiny, tmp_path
     uninterrupted run ends, history included."""
     x, y = tiny
     augment = "crop" if source == "memory" else "none"
-    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05, milestones=(2,), augment=augment,
-                      checkpoint_every=2)  # fmt: skip
-    data = {"images": x, "labels": y} if source == "memory" else {
-        "images": None, "labels": None, "stream": ListStream(x, y, 16)}  # fmt: skip
+    cfg = TrainConfig(
+        epochs=3, batch_size=16, lr=0.05, milestones=(2,), augment=augment, checkpoint_every=2
+    )
+    data = (
+        {"images": x, "labels": y}
+        if source == "memory"
+        else {"images": None, "labels": None, "stream": ListStream(x, y, 16)}
+    )
 
     def run(model, path, on_batch=None):
         return fit(model, NoisyCE(), cfg=cfg, checkpoint_path=path, on_batch=on_batch, **data)
@@ -319,10 +324,14 @@ def test_nan_loss_names_epoch_and_batch_and_keeps_the_checkpoint(tiny, tmp_path)
     digests = []
     with pytest.raises(NonFiniteLossError, match="epoch 2, batch 3") as err:
         fit(
-            mlp(16), NaNAt(epoch=2, batch=3, per_epoch=6), x, y,
-            TrainConfig(epochs=3, batch_size=16), checkpoint_path=ckpt,
+            mlp(16),
+            NaNAt(epoch=2, batch=3, per_epoch=6),
+            x,
+            y,
+            TrainConfig(epochs=3, batch_size=16),
+            checkpoint_path=ckpt,
             on_epoch=lambda rec: digests.append(sha256_file(ckpt)),
-        )  # fmt: skip
+        )
     assert (err.value.epoch, err.value.batch) == (2, 3)
     assert len(digests) == 1 and sha256_file(ckpt) == digests[0]
     assert torch.load(ckpt, weights_only=True)["epoch"] == 1
@@ -352,9 +361,15 @@ def test_teacher_frozen_cache_indices_and_callbacks(tiny):
     batches = []
     cfg = TrainConfig(epochs=2, batch_size=20, drop_last=True)
     history = fit(
-        mlp(16), crit, x, y, cfg, teacher=teacher, teacher_cache=lambda idx: idx,
+        mlp(16),
+        crit,
+        x,
+        y,
+        cfg,
+        teacher=teacher,
+        teacher_cache=lambda idx: idx,
         on_batch=batches.append,
-    )  # fmt: skip
+    )
     assert len(history) == 2 and not teacher.training
     assert len(batches) == 8 and {b["num_batches"] for b in batches} == {4}  # 96 // 20
     assert len(crit.seen) == 160 and len(set(crit.seen[:80])) == 80  # no repeats in an epoch
@@ -430,8 +445,12 @@ def test_sigkill_mid_epoch_then_rerun_matches_an_uninterrupted_run(tmp_path):
         extra = {"KILL_AT": "1"} if kill else {}
         return subprocess.run(
             [sys.executable, str(script), *(str(tmp_path / n) for n in names)],
-            env={**env, **extra}, cwd=tmp_path, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            env={**env, **extra},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     killed = run("k.pt", "k_final.pt", kill=True)
     assert killed.returncode == -9, killed.stderr
@@ -450,12 +469,22 @@ def test_sigkill_mid_epoch_then_rerun_matches_an_uninterrupted_run(tmp_path):
 def test_cuda_bf16_channels_last_resume(tmp_path):
     x, y = load_dataset("synthetic", "train", n=64, image_size=8, channels=3, seed=1)
     conv = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
         nn.Linear(8 * 8 * 8, 10),
-    )  # fmt: skip
+    )
     cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, augment="crop_flip")
-    fit(conv, NoisyCE(), x, y, dataclasses.replace(cfg, epochs=1), device="cuda",
-        checkpoint_path=tmp_path / "g.pt")  # fmt: skip
+    fit(
+        conv,
+        NoisyCE(),
+        x,
+        y,
+        dataclasses.replace(cfg, epochs=1),
+        device="cuda",
+        checkpoint_path=tmp_path / "g.pt",
+    )
     history = fit(conv, NoisyCE(), x, y, cfg, device="cuda", checkpoint_path=tmp_path / "g.pt")
     assert len(history) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     assert next(conv.parameters()).is_cuda

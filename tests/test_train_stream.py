@@ -78,8 +78,12 @@ def test_sigkill_mid_epoch_of_a_streamed_run_then_rerun_gives_the_same_weights(t
         extra = {"KILL_AT": "1"} if kill else {}
         return subprocess.run(
             [sys.executable, str(script), *(str(tmp_path / n) for n in names)],
-            env={**env, **extra}, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+            env={**env, **extra},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     killed = run("k.pt", "k_final.pt", kill=True)
     assert killed.returncode == -9, killed.stderr[-3000:]

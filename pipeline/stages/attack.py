@@ -64,9 +64,16 @@ def body(args: argparse.Namespace, params: dict) -> None:
         model.to(dev).eval()
         start = time.perf_counter()
         result = robust_sweep(
-            model, x, labels, a.radii, attack=args.attack, device=dev, state_path=state,
-            progress=args.progress, **kw,
-        )  # fmt: skip
+            model,
+            x,
+            labels,
+            a.radii,
+            attack=args.attack,
+            device=dev,
+            state_path=state,
+            progress=args.progress,
+            **kw,
+        )
         seconds = time.perf_counter() - start
         probe = x[: min(len(x), a.batch_size)].to(dev), labels[: min(len(x), a.batch_size)]
         gradient_problems = check_gradients(model, probe[0], probe[1].to(dev))

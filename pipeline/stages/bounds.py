@@ -46,10 +46,19 @@ def body(args: argparse.Namespace, params: Study) -> None:
         teacher.to(dev).eval()
         start = time.perf_counter()
         row = table4(
-            student, teacher, x, y, radii=b.radii, settings=ascent_settings(params),
-            batch_size=b.batch_size, device=dev, generator=generator(params),
-            check_samples=b.check_samples, share=share, progress=args.progress,
-        )  # fmt: skip
+            student,
+            teacher,
+            x,
+            y,
+            radii=b.radii,
+            settings=ascent_settings(params),
+            batch_size=b.batch_size,
+            device=dev,
+            generator=generator(params),
+            check_samples=b.check_samples,
+            share=share,
+            progress=args.progress,
+        )
         seconds = time.perf_counter() - start
     n_check = row.get("prop2/n", 0)
     prop2 = {"n": n_check, "radii": {}}
@@ -86,8 +95,16 @@ def body(args: argparse.Namespace, params: Study) -> None:
     llm = ", ".join(
         f"{lb}: {v:.3f}" for lb, v in zip(out["radius_labels"], out["llm"], strict=True)
     )
-    log.info("%s bounds on %d images: LLM %s; CE %.3f; ||g_s - g_t||_2 to %s %.3f (%.1f s)",
-             args.model, n, llm, out["ce"], name, out["grad_gap_l2"], seconds)  # fmt: skip
+    log.info(
+        "%s bounds on %d images: LLM %s; CE %.3f; ||g_s - g_t||_2 to %s %.3f (%.1f s)",
+        args.model,
+        n,
+        llm,
+        out["ce"],
+        name,
+        out["grad_gap_l2"],
+        seconds,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,8 +35,11 @@ def bounds_samples(params: Study):
     images, labels, _ = load_split("test")
     n = min(params.bounds.samples, len(labels))
     if n < params.bounds.samples:
-        log.warning("bounds.samples=%d but the test split has %d images: using all",
-                    params.bounds.samples, n)  # fmt: skip
+        log.warning(
+            "bounds.samples=%d but the test split has %d images: using all",
+            params.bounds.samples,
+            n,
+        )
     idx = sample_indices(len(labels), n, params.shard.seed)
     return to_float(images[idx]), labels[idx]
 
@@ -69,15 +72,26 @@ def body(args: argparse.Namespace, params: Study) -> None:
         teacher.to(dev).eval()
         start = time.perf_counter()
         share = teacher_share(
-            teacher, x, y, radii=b.radii, settings=ascent_settings(params),
-            check_samples=b.check_samples, batch_size=b.batch_size, generator=generator(params),
+            teacher,
+            x,
+            y,
+            radii=b.radii,
+            settings=ascent_settings(params),
+            check_samples=b.check_samples,
+            batch_size=b.batch_size,
+            generator=generator(params),
             device=dev,
-        )  # fmt: skip
+        )
         seconds = time.perf_counter() - start
     write_timing("bounds_teacher", name, seconds=seconds)
     save_teacher_share(share, dag.bounds_teacher_path(name), {"provenance": provenance})
-    log.info("teacher %s share of the bounds on %d images (%d checked): %.1f s",
-             name, len(y), share.checked, seconds)  # fmt: skip
+    log.info(
+        "teacher %s share of the bounds on %d images (%d checked): %.1f s",
+        name,
+        len(y),
+        share.checked,
+        seconds,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,9 +90,11 @@ def _log_file(log_file: str) -> logging.Handler:
         return logging.FileHandler(path, mode="a")
     except OSError as err:
         raise ParamError(
-            "--log", log_file, f"the log cannot be written there ({err.strerror or err}): give "
+            "--log",
+            log_file,
+            f"the log cannot be written there ({err.strerror or err}): give "
             "a file in a directory this job can write",
-        ) from None  # fmt: skip
+        ) from None
 
 
 #: what an interrupted job of each stage keeps for the next run of it
@@ -290,9 +292,13 @@ def train_data(params: Any, cfg: Any) -> tuple[dict, Any, dict]:
 
     s = params.shard
     stream = ShardBatches(
-        path, batch_size=cfg.batch_size, image_size=int(manifest["image_size"]),
-        workers=s.workers, seed=cfg.seed, shuffle_buffer=s.shuffle_buffer,
-    )  # fmt: skip
+        path,
+        batch_size=cfg.batch_size,
+        image_size=int(manifest["image_size"]),
+        workers=s.workers,
+        seed=cfg.seed,
+        shuffle_buffer=s.shuffle_buffer,
+    )
     cfg = dataclasses.replace(cfg, augment="none")
     return {"images": None, "labels": None, "stream": stream}, cfg, manifest
 

@@ -103,8 +103,14 @@ def build_student(params: Study, job: StudentJob, info: dict):
             ) from None
     from kdiga.teachers import load_teacher
 
-    model, _ = load_teacher(s.init, arch=s.arch, sha256=s.sha256, model_kwargs=s.kwargs,
-                            sha256_key=f"students.{job.student}.sha256", **info)  # fmt: skip
+    model, _ = load_teacher(
+        s.init,
+        arch=s.arch,
+        sha256=s.sha256,
+        model_kwargs=s.kwargs,
+        sha256_key=f"students.{job.student}.sha256",
+        **info,
+    )
     return model.requires_grad_(True)  # loaded frozen, as a teacher: train it
 
 
@@ -132,8 +138,15 @@ def check_world(params: Study, job: StudentJob, world: int) -> None:
     criterion = method.build_from(params.value("distill"))
     cfg = train_config(params.train_settings(job.student), job.seed)
     try:  # N = one batch: the final-batch rule is drop_last's, checked by fit itself
-        check_run(cfg.batch_size, cfg.batch_size, cfg.drop_last, world, criterion,
-                  sync_bn=cfg.sync_bn, device=torch.device("cuda"))  # fmt: skip
+        check_run(
+            cfg.batch_size,
+            cfg.batch_size,
+            cfg.drop_last,
+            world,
+            criterion,
+            sync_bn=cfg.sync_bn,
+            device=torch.device("cuda"),
+        )
     except ValueError as err:
         raise ParamError("distill.gpus_per_job", world, f"for {job.id}: {err}") from None
 
@@ -154,13 +167,20 @@ def body(args: argparse.Namespace, params: Study) -> None:
     if gpus > 1 and not launch.under_torchrun():
         if launch_ddp(args, params, gpus):
             return
-        log.warning("distill.gpus_per_job is %d but there is no GPU: training in this one "
-                    "process, on the CPU", gpus)  # fmt: skip
+        log.warning(
+            "distill.gpus_per_job is %d but there is no GPU: training in this one "
+            "process, on the CPU",
+            gpus,
+        )
     info = init_from_env()  # a no-op unless launched by torchrun
     if info.is_distributed and info.world_size != gpus:
-        log.warning("%d workers train %s but distill.gpus_per_job is %d: set it to the "
-                    "number of workers, so that the model's record says how it was trained",
-                    info.world_size, args.model, gpus)  # fmt: skip
+        log.warning(
+            "%d workers train %s but distill.gpus_per_job is %d: set it to the "
+            "number of workers, so that the model's record says how it was trained",
+            info.world_size,
+            args.model,
+            gpus,
+        )
     try:
         distill(args.model, params, info, args.progress)
         barrier()
@@ -204,9 +224,19 @@ def distill(model_id: str, params: Study, info, progress: Callable | None = None
             extra["batch_source"] = _signal_cache(params, job, x, y, teacher_sha, dev)
             cfg = dataclasses.replace(cfg, augment="none")  # the cache holds the views
         start = time.perf_counter()
-        history = fit(model, criterion, cfg=cfg, teacher=teacher, checkpoint_path=ckpt,
-                      checkpoint_record=run_record(provenance), device=dev, val=val,
-                      progress=progress, **data, **extra)  # fmt: skip
+        history = fit(
+            model,
+            criterion,
+            cfg=cfg,
+            teacher=teacher,
+            checkpoint_path=ckpt,
+            checkpoint_record=run_record(provenance),
+            device=dev,
+            val=val,
+            progress=progress,
+            **data,
+            **extra,
+        )
         seconds = time.perf_counter() - start
         # fit measured it after the last epoch; a run of 0 epochs has no history
         val_acc = history[-1]["val_acc"] if history else evaluate(model, *val, device=dev)
@@ -224,14 +254,17 @@ def distill(model_id: str, params: Study, info, progress: Callable | None = None
         "val_acc": val_acc,
     }
     if cached:
-        meta["teacher_signals"] = {"views": params.signals.views,
-                                   "grad_dtype": params.signals.grad_dtype}  # fmt: skip
+        meta["teacher_signals"] = {
+            "views": params.signals.views,
+            "grad_dtype": params.signals.grad_dtype,
+        }
     write_json(history, dag.history_path(model_id))
     meta["provenance"] = seal(provenance, [dag.history_path(model_id)])
     save_model(model, dag.model_path(model_id), meta=meta)  # last: its record marks the job done
     ckpt.unlink(missing_ok=True)
-    log.info("%s: val accuracy %.4f after %d epochs (%.1f s)", model_id, val_acc, cfg.epochs,
-             seconds)  # fmt: skip
+    log.info(
+        "%s: val accuracy %.4f after %d epochs (%.1f s)", model_id, val_acc, cfg.epochs, seconds
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,12 +47,13 @@ def check_memory(s: Shard, images: int) -> None:
     need = images * s.info.channels * s.image_size**2 / 1e9
     if need > s.max_gb:
         raise ParamError(
-            "shard.image_size", s.image_size,
+            "shard.image_size",
+            s.image_size,
             f"{images} {s.dataset} images at {s.image_size}x{s.image_size} hold about "
             f"{need:.1f} GB in memory (images x channels x size^2 bytes), over the budget "
             f"shard.max_gb = {s.max_gb:g}: use a smaller image_size, or raise shard.max_gb "
             "where the memory is",
-        )  # fmt: skip
+        )
 
 
 def _splits(s: Shard) -> dict:
@@ -92,9 +93,11 @@ def _folder_splits(s: Shard, out: Path, progress: Callable | None = None) -> Non
     if test_classes != classes:
         missing = sorted(set(classes) ^ set(test_classes))[:3]
         raise ParamError(
-            "shard.root", s.root, f"{root / 'val'} must hold the same class folders as "
+            "shard.root",
+            s.root,
+            f"{root / 'val'} must hold the same class folders as "
             f"{root / 'train'} (labels are their sorted order); they differ at {missing}",
-        )  # fmt: skip
+        )
     labels = torch.tensor([c for _, c in train])
     problem = val_fraction_problem(s.val_fraction, labels.bincount().tolist())
     if problem:  # the schema knows the sizes of the other datasets; this one's are known now
@@ -111,14 +114,20 @@ def _folder_splits(s: Shard, out: Path, progress: Callable | None = None) -> Non
     for split, (folder, listing, idx, shuffle) in plan.items():
         if idx.numel() == 0:
             raise ParamError(
-                "shard.val_fraction" if split == "val" else "shard.root", None,
+                "shard.val_fraction" if split == "val" else "shard.root",
+                None,
                 f"the {split} split of {folder} would be empty",
-            )  # fmt: skip
+            )
         entries = write_image_shards(
-            folder, out, prefix=split, max_per_shard=s.max_per_shard,
-            resize_short=s.resize_short, indices=idx.tolist(),
-            shuffle_seed=s.seed if shuffle else None, progress=progress,
-        )  # fmt: skip
+            folder,
+            out,
+            prefix=split,
+            max_per_shard=s.max_per_shard,
+            resize_short=s.resize_short,
+            indices=idx.tolist(),
+            shuffle_seed=s.seed if shuffle else None,
+            progress=progress,
+        )
         ys = labels[idx] if folder.name == "train" else torch.tensor([listing[i][1] for i in idx])
         write_manifest(
             entries,
@@ -169,8 +178,9 @@ def body(args: argparse.Namespace, params: Study) -> None:
     tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; results are shared
     try:
         for split, (x, y) in ({} if s.streamed else _splits(s)).items():
-            entries = write_shards(x, y, tmp, prefix=split, max_per_shard=s.max_per_shard,
-                                   progress=args.progress)  # fmt: skip
+            entries = write_shards(
+                x, y, tmp, prefix=split, max_per_shard=s.max_per_shard, progress=args.progress
+            )
             write_manifest(
                 entries,
                 tmp / f"{split}.json",

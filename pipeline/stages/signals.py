@@ -86,10 +86,12 @@ def body(args: argparse.Namespace, params: dict) -> None:
     check_size(sig, name, int(m["num_samples"]), shape, int(m["num_classes"]))
     if m.get("encoding") == "image":
         raise ParamError(
-            "signals.enabled", True, "the training split streams from shards of image files "
+            "signals.enabled",
+            True,
+            "the training split streams from shards of image files "
             f"({params.shard.dataset}), and cached signals index a split held in memory: use "
             "false (the students then run their teacher live)",
-        )  # fmt: skip
+        )
     provenance = begin(params, "signals", name)
     images, labels, _ = load_split("train")
     teacher_file = dag.model_path(name)

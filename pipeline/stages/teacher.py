@@ -62,9 +62,17 @@ def _train(
     data, cfg, _ = train_data(params, cfg)
     ckpt = checkpoint_path("teacher", name, provenance)  # what makes it; deleted at the end
     start = time.perf_counter()
-    history = fit(model, criterion, cfg=cfg, checkpoint_path=ckpt, device=dev, val=val,
-                  checkpoint_record=run_record(provenance), progress=progress,
-                  **data)  # fmt: skip
+    history = fit(
+        model,
+        criterion,
+        cfg=cfg,
+        checkpoint_path=ckpt,
+        device=dev,
+        val=val,
+        checkpoint_record=run_record(provenance),
+        progress=progress,
+        **data,
+    )
     seconds = time.perf_counter() - start
     write_timing("teacher", name, seconds=seconds, epoch_s=[r.pop("time_s", None) for r in history])
     return model, {"history": history}, ckpt
@@ -78,10 +86,17 @@ def _fetch(name: str, t: Teacher, info: dict):
 
     try:
         return load_teacher(
-            t.source, arch=t.arch, mean=t.mean, std=t.std, sha256=t.sha256,
-            cache_dir="data/teachers/cache", model_kwargs=t.arch_kwargs,
-            max_download_mb=t.max_mb, sha256_key=f"teachers.{name}.sha256", **info,
-        )  # fmt: skip
+            t.source,
+            arch=t.arch,
+            mean=t.mean,
+            std=t.std,
+            sha256=t.sha256,
+            cache_dir="data/teachers/cache",
+            model_kwargs=t.arch_kwargs,
+            max_download_mb=t.max_mb,
+            sha256_key=f"teachers.{name}.sha256",
+            **info,
+        )
     except DownloadTooLargeError as err:
         raise ParamError(f"teachers.{name}.max_mb", t.max_mb, str(err)) from None
     except CheckpointError:  # a ValueError too, whose line already names the file

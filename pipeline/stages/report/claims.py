@@ -82,8 +82,16 @@ def claims(params: Study, numbers: Numbers) -> list[dict]:
     return out
 
 
-CLAIMS_HEADER = ["Teacher", "Student", "Claim", "Measure", "Difference", "Seed SD",
-                 "Seeds for a verdict", "Verdict"]  # fmt: skip
+CLAIMS_HEADER = [
+    "Teacher",
+    "Student",
+    "Claim",
+    "Measure",
+    "Difference",
+    "Seed SD",
+    "Seeds for a verdict",
+    "Verdict",
+]
 
 
 def _digits(row: dict) -> int:
@@ -105,11 +113,18 @@ def _seed_sd_cell(row: dict) -> str:
 
 def claims_table(rows: list[dict]) -> str:
     body = [
-        [r["teacher"], r["student"], r["claim"], r["measure"], _difference_cell(r),
-         _seed_sd_cell(r), "—" if r["seeds_needed"] is None else str(r["seeds_needed"]),
-         r["verdict"]]
+        [
+            r["teacher"],
+            r["student"],
+            r["claim"],
+            r["measure"],
+            _difference_cell(r),
+            _seed_sd_cell(r),
+            "—" if r["seeds_needed"] is None else str(r["seeds_needed"]),
+            r["verdict"],
+        ]
         for r in rows
-    ]  # fmt: skip
+    ]
     return markdown(CLAIMS_HEADER, body)
 
 

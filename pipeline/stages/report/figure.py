@@ -18,13 +18,16 @@ def figure(params: Study, numbers: Numbers, attack: str, path: str) -> list[dict
     import matplotlib.pyplot as plt
 
     groups = cells(params)
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4.2), dpi=110,
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        1, len(groups), figsize=(5.2 * len(groups), 4.2), dpi=110, squeeze=False
+    )
     radii = [0.0, *numbers.radii]
     for ax, (teacher, group) in zip(axes[0], groups.items(), strict=True):
         for cell in group:
-            est = [estimate(numbers.accuracy(cell, attack, r))
-                   for r in [None, *range(len(numbers.radii))]]  # fmt: skip
+            est = [
+                estimate(numbers.accuracy(cell, attack, r))
+                for r in [None, *range(len(numbers.radii))]
+            ]
             mean = [100 * e.mean for e in est]
             if cell.method is None:
                 name, style = f"teacher {teacher}", {"color": "black", "linestyle": "--"}
@@ -34,8 +37,14 @@ def figure(params: Study, numbers: Numbers, attack: str, path: str) -> list[dict
                     name += f" ({cell.student})"
             (line,) = ax.plot(radii, mean, marker="o", markersize=3, label=name, **style)
             if all(e.lo is not None for e in est):
-                ax.fill_between(radii, [100 * e.lo for e in est], [100 * e.hi for e in est],
-                                color=line.get_color(), alpha=0.15, linewidth=0)  # fmt: skip
+                ax.fill_between(
+                    radii,
+                    [100 * e.lo for e in est],
+                    [100 * e.hi for e in est],
+                    color=line.get_color(),
+                    alpha=0.15,
+                    linewidth=0,
+                )
         ax.set_xlabel(f"{attack.upper()} radius ({params.attack.norm}, [0, 1] pixels)")
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(0, 100)

@@ -62,8 +62,9 @@ def write_cost(params: Study) -> None:
     for j in student_jobs(params):
         kd = StudentJob(j.teacher, "kd", j.student, j.seed).id if j.teacher else None
         s, k = per_epoch[j.id], per_epoch.get(kd) if kd else None
-        rows.append([j.id, "-" if s is None else f"{s:.2f}",
-                     "-" if s is None or not k else f"{s / k:.2f}"])  # fmt: skip
+        rows.append(
+            [j.id, "-" if s is None else f"{s:.2f}", "-" if s is None or not k else f"{s / k:.2f}"]
+        )
     text = "\n".join(
         [
             "# Training cost",

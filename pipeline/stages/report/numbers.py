@@ -43,8 +43,9 @@ def cells(params: Study) -> dict[str | None, list[Cell]]:
     jobs = student_jobs(params)
 
     def group(teacher: str | None, method: str, student: str) -> Cell:
-        seeds = tuple(j for j in jobs if (j.teacher, j.method, j.student) == (teacher, method,
-                                                                            student))  # fmt: skip
+        seeds = tuple(
+            j for j in jobs if (j.teacher, j.method, j.student) == (teacher, method, student)
+        )
         return Cell(teacher, method, student, seeds)
 
     keys = list(dict.fromkeys((j.teacher, j.method, j.student) for j in jobs))

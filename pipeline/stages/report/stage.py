@@ -35,11 +35,18 @@ def body(args: argparse.Namespace, params: Study) -> None:
     table = figure(params, numbers, params.report.figure_attack, dag.REPORT_PNG)
     write_csv(table, dag.PLOT_CSV)
     write_json(metrics(params, numbers, claim_rows), dag.METRICS)
-    write_json(seal(provenance, [dag.REPORT_MD, dag.REPORT_PNG, dag.METRICS, dag.PLOT_CSV]),
-               dag.REPORT_RECORD)  # fmt: skip
+    write_json(
+        seal(provenance, [dag.REPORT_MD, dag.REPORT_PNG, dag.METRICS, dag.PLOT_CSV]),
+        dag.REPORT_RECORD,
+    )
     write_cost(params)
-    log.info("wrote %s, %s, %s (wall-clock cost: %s)", dag.REPORT_MD, dag.REPORT_PNG,
-             dag.METRICS, paths.COST_MD)  # fmt: skip
+    log.info(
+        "wrote %s, %s, %s (wall-clock cost: %s)",
+        dag.REPORT_MD,
+        dag.REPORT_PNG,
+        dag.METRICS,
+        paths.COST_MD,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,8 +6,13 @@ from __future__ import annotations
 from pipeline.params import Study, student_jobs
 from pipeline.stages.report.numbers import Cell, Numbers, cells, estimate, label
 
-PROP2_KINDS = {"pgd_student": "PGD (student)", "pgd_teacher": "PGD (teacher)",
-               "random": "random", "ascent": "ascent iterates", "all": "any"}  # fmt: skip
+PROP2_KINDS = {
+    "pgd_student": "PGD (student)",
+    "pgd_teacher": "PGD (teacher)",
+    "random": "random",
+    "ascent": "ascent iterates",
+    "all": "any",
+}
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:
