@@ -46,7 +46,7 @@ def _param_bytes(model) -> int:
 def _saved_bytes(models: list) -> Iterator[dict[int, int]]:
     """The storages autograd saves for a backward (activations), by address, parameters and
     buffers left out: what a step holds beyond its model, for the CPU's memory estimate."""
-    import torch  # heavy: only when timing (module docstring)
+    import torch  # noqa: PLC0415 (torch-free: pipeline.status imports pipeline.plan)
 
     own = {t.untyped_storage().data_ptr() for m in models for t in (*m.parameters(), *m.buffers())}
     saved: dict[int, int] = {}
@@ -70,7 +70,7 @@ class Calibrator:
     def __init__(
         self, device: str | None = None, steps: int = 2, budget_s: float | None = None
     ) -> None:
-        import torch  # heavy: only when timing (module docstring)
+        import torch  # noqa: PLC0415 (torch-free: pipeline.status imports pipeline.plan)
 
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
@@ -87,7 +87,7 @@ class Calibrator:
 
     def _sync(self) -> None:
         if self.cuda:
-            import torch  # heavy: only when timing (module docstring)
+            import torch  # noqa: PLC0415 (torch-free: pipeline.status imports pipeline.plan)
 
             torch.cuda.synchronize()
 
@@ -95,7 +95,7 @@ class Calibrator:
     def clock(self) -> str:
         """What is timed: wall time, or on the CPU with one torch thread the process's CPU
         time, which leaves out the waits for a core of a machine shared with other work."""
-        import torch  # heavy: only when timing (module docstring)
+        import torch  # noqa: PLC0415 (torch-free: pipeline.status imports pipeline.plan)
 
         one_core = not self.cuda and torch.get_num_threads() == 1
         return "process CPU time" if one_core else "wall time"
@@ -105,7 +105,7 @@ class Calibrator:
 
     def _model(self, spec: ModelSpec):
         if spec not in self._models:
-            import torch  # heavy: only when timing (module docstring)
+            import torch  # noqa: PLC0415 (torch-free: pipeline.status imports pipeline.plan)
 
             torch.manual_seed(0)
             self._models[spec] = spec.build().to(self.device)
@@ -140,8 +140,8 @@ class Calibrator:
     def _one_pass(self, model, spec: ModelSpec, b: int) -> tuple[float, float, int, int]:
         """(inference forward s, forward + backward to the input s, bytes each held above the
         model) of one call of each at batch ``b``."""
-        import torch  # heavy: only when timing (module docstring)
-        import torch.nn.functional as F
+        import torch  # noqa: PLC0415 (torch-free: pipeline.status imports pipeline.plan)
+        import torch.nn.functional as F  # noqa: PLC0415 (torch-free: pipeline.status imports pipeline.plan)
 
         gen = torch.Generator().manual_seed(0)
         x = torch.rand(b, *spec.shape, generator=gen).to(self.device)
@@ -168,7 +168,7 @@ class Calibrator:
         (``reset``: start counting afresh): on CUDA the peak allocation above the one before;
         on the CPU an estimate, the activations autograd saves or, with ``outputs`` (a forward
         alone), twice the widest module output."""
-        import torch  # heavy: only when timing (module docstring)
+        import torch  # noqa: PLC0415 (torch-free: pipeline.status imports pipeline.plan)
 
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -200,7 +200,7 @@ class Calibrator:
                 yield held
 
     def _passes(self, spec: ModelSpec, full: int) -> Cost:
-        import torch  # heavy: only when timing (module docstring)
+        import torch  # noqa: PLC0415 (torch-free: pipeline.status imports pipeline.plan)
 
         model = self._model(spec).eval().requires_grad_(False)
         b = 1
@@ -250,7 +250,7 @@ class Calibrator:
                                                            teacher, given_signals))  # fmt: skip
 
     def _step(self, what, spec, loss, settings, cfg, teacher, given_signals) -> Cost:
-        import torch  # heavy: only when timing (module docstring)
+        import torch  # noqa: PLC0415 (torch-free: pipeline.status imports pipeline.plan)
 
         full, b = cfg.batch_size, 1
         run = functools.partial(self._fit, spec, loss, settings, cfg, teacher, given_signals)
@@ -282,10 +282,10 @@ class Calibrator:
         warm-up step), the bytes held (CUDA: peak above the allocation before; CPU: the most
         a step saved for its backward) and, with ``probe_for`` (the full batch), a wider
         batch that fits the budget after one timed step (0: none)."""
-        import torch  # heavy: only when timing (module docstring)
+        import torch  # noqa: PLC0415 (torch-free: pipeline.status imports pipeline.plan)
 
-        from kdiga.losses import TeacherSignals  # imports torch
-        from kdiga.train import fit  # imports torch
+        from kdiga.losses import TeacherSignals  # noqa: PLC0415 (torch-free: pipeline.status imports pipeline.plan)
+        from kdiga.train import fit  # noqa: PLC0415 (torch-free: pipeline.status imports pipeline.plan)
 
         gen = torch.Generator().manual_seed(0)
         n, cfg = b * (self.steps + 1), dataclasses.replace(cfg, batch_size=b)
@@ -330,9 +330,9 @@ class Calibrator:
         return self._measure(key, what, lambda: self._shard(what, shape))
 
     def _shard(self, what: str, shape: tuple[int, int, int]) -> Cost:
-        import torch  # heavy: only when timing (module docstring)
+        import torch  # noqa: PLC0415 (torch-free: pipeline.status imports pipeline.plan)
 
-        from kdiga.shards import write_shards  # imports torch
+        from kdiga.shards import write_shards  # noqa: PLC0415 (torch-free: pipeline.status imports pipeline.plan)
 
         gen = torch.Generator().manual_seed(0)
         x = torch.randint(0, 256, (SHARD_PROBE, *shape), generator=gen, dtype=torch.uint8)

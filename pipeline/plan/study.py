@@ -61,7 +61,7 @@ class ModelSpec:
     image_size: int
 
     def build(self):
-        from kdiga.models import build_model  # lazy: it imports torch (see pipeline.plan.calibrate)
+        from kdiga.models import build_model  # noqa: PLC0415 (torch-free: pipeline.status imports pipeline.plan)
 
         return build_model(self.arch, self.num_classes, in_chans=self.in_chans,
                            image_size=self.image_size, **json.loads(self.kwargs))  # fmt: skip
