@@ -16,6 +16,8 @@ import importlib.util
 import sys
 import time
 
+from bench.common import header
+
 BENCHMARKS: dict[str, str] = {
     "step_cost": "bench.step_cost",
     "sweep_reuse": "bench.sweep_reuse",
@@ -56,8 +58,6 @@ def main(argv: list[str] | None = None) -> int:
                          "own go after exactly one name whose module has a main)")  # fmt: skip
         importlib.import_module(module).main([*extra, *(["--quick"] if args.quick else [])])
         return 0
-
-    from bench.common import header
 
     print(header(), flush=True)
     for name in args.names or list(BENCHMARKS):

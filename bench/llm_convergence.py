@@ -66,6 +66,9 @@ from kdiga.data import load_dataset, to_float
 from kdiga.methods import build_loss
 from kdiga.models import build_model
 from kdiga.train import TrainConfig, fit
+from pipeline import dag
+from pipeline.params import load_params, radius_label
+from pipeline.stages.common import load_split, load_stage_model
 
 RADII = (0.05, 0.1)
 PGD_STEPS = 20
@@ -292,11 +295,6 @@ def _changed(settings: AscentSettings) -> dict[str, Any]:
 
 def study(root: str, repeats: int = 2, threads: int | None = 1) -> str:
     """The module doc's ``--study``: a finished study's models, samples and settings."""
-    # the study's own infrastructure, needed by this mode only
-    from pipeline import dag
-    from pipeline.params import load_params
-    from pipeline.stages.common import load_split, load_stage_model
-
     os.chdir(root)
     params = load_params("params.yaml")
     b = params.bounds
@@ -351,8 +349,6 @@ def _study_jobs(
 ) -> tuple[list[dict[str, Any]], dict[tuple[str, float], Tensor]]:
     """Each bounds job timed before (old settings) and after (the study's, with the check),
     interleaved: its row, and the γ of each student at each radius."""
-    from pipeline.params import radius_label  # the study's own infrastructure
-
     b = params.bounds
     kw = dict(radii=b.radii, batch_size=b.batch_size)
     jobs, gammas = [], {}
@@ -406,8 +402,6 @@ def _study_gammas(
 
 def _job_rows(jobs: list[dict[str, Any]], radii: Sequence[float]) -> list[list[Any]]:
     """The timing table's rows: times, their ratio, the violation rates per radius."""
-    from pipeline.params import radius_label  # the study's own infrastructure
-
     job_rows = []
     for j in jobs:
         rates = []

@@ -44,8 +44,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+from torchvision.datasets import ImageFolder
 
 from bench.common import compare, device, fmt_table, header, num_threads
+from bench.pairs import METHOD_CFG
 from kdiga.data import to_float
 from kdiga.methods import build_loss
 from kdiga.models import build_model
@@ -81,8 +86,6 @@ def default_sizes(quick: bool, cuda: bool) -> Sizes:
 
 def make_folder(root: Path, n: int, size: int, seed: int = 0) -> None:
     """``n`` JPEGs of ``size`` x ``size`` in ``CLASSES`` class folders under ``root``."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     for i in range(n):
         cls = root / f"class{i % CLASSES:02d}"
@@ -139,10 +142,6 @@ def streamed(manifest: Path, s: Sizes, decode: str) -> Callable[[int], int]:
 
 def image_folder(root: Path, s: Sizes) -> Callable[[int], int]:
     """One epoch of torchvision's ImageFolder + DataLoader with the same transforms."""
-    from torch.utils.data import DataLoader
-    from torchvision import transforms as T
-    from torchvision.datasets import ImageFolder
-
     tf = T.Compose([T.RandomResizedCrop(s.crop), T.RandomHorizontalFlip(), T.PILToTensor()])
     dataset = ImageFolder(str(root), transform=tf)
 
@@ -177,8 +176,6 @@ def time_loaders(loaders: dict[str, Callable[[int], int]], repeats: int) -> dict
 
 def step_rate(s: Sizes, dev: torch.device) -> float:
     """Images/s of a KDIGA step (teacher ResNet-50 -> student ResNet-18) at batch B, S px."""
-    from bench.pairs import METHOD_CFG
-
     torch.manual_seed(0)
     teacher = build_model(TEACHER, STEP_CLASSES, image_size=s.crop).to(dev).eval()
     teacher.requires_grad_(False)

@@ -37,6 +37,7 @@ from kdiga.attacks import robust_sweep
 from kdiga.data import load_dataset, to_float
 from kdiga.methods import build_loss
 from kdiga.models import build_model, load_model
+from kdiga.shards import load_sharded
 from kdiga.train import TrainConfig, fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,8 +232,6 @@ def _test_data(model: nn.Module, n: int | None, from_pipeline: bool) -> tuple[Te
     """The study's test shards for pipeline models (if there), else the digits test split."""
     manifest = ROOT / "data/shards/test.json"
     if from_pipeline and manifest.exists():
-        from kdiga.shards import load_sharded
-
         x, y, _ = load_sharded(manifest)
         where = str(manifest.relative_to(ROOT))
     else:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
 from kdiga.files import META_KEY, ArtifactError, atomic_path, read_header, read_meta
@@ -71,8 +72,6 @@ def save_tensors(
     Tensors are copied to contiguous CPU memory first (views of one storage are stored as
     separate tensors).
     """
-    from safetensors.torch import save_file
-
     bad = sorted(k for k, v in tensors.items() if not isinstance(v, Tensor))
     if bad:
         raise ValueError(f"save_tensors stores tensors only; not tensors: {bad}")

@@ -112,7 +112,7 @@ def _resize_uint8(images: Tensor, size: int) -> Tensor:
 
 
 def _load_digits(split: str, image_size: int, channels: int) -> tuple[Tensor, Tensor]:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # noqa: PLC0415 (heavy and optional: for the digits dataset only)
 
     bunch = load_digits()
     raw = torch.from_numpy(np.asarray(bunch.images, dtype=np.float64))  # [1797, 8, 8] in 0..16
@@ -154,7 +154,7 @@ def _load_cifar10(
     root = Path(root)
     if not download and not (root / "cifar-10-batches-py").is_dir():
         raise DatasetNotFoundError(f"cifar10 not found under {root}: {how}")
-    from torchvision.datasets import CIFAR10
+    from torchvision.datasets import CIFAR10  # noqa: PLC0415 (heavy and optional: for cifar10 and imagenet only)
 
     try:
         ds = CIFAR10(str(root), train=split == "train", download=download)
@@ -184,8 +184,8 @@ def imagenet_folder(
             "(<root>/train/<wnid>/*.JPEG and <root>/val/<wnid>/*.JPEG; the validation images "
             "must be sorted into class folders)"
         )
-    from torchvision import transforms
-    from torchvision.datasets import ImageFolder
+    from torchvision import transforms  # noqa: PLC0415 (heavy and optional: for cifar10 and imagenet only)
+    from torchvision.datasets import ImageFolder  # noqa: PLC0415 (heavy and optional: for cifar10 and imagenet only)
 
     tf = transforms.Compose(
         [

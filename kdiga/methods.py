@@ -133,7 +133,9 @@ class Method:
                 )
 
     def _check_loss_class(self, cls: Any) -> None:
-        from kdiga.losses import DistillLoss  # a class was given: torch is loaded already
+        # lazy: the method table loads without torch (pipeline.dag reads it); given a class,
+        # torch is loaded already
+        from kdiga.losses import DistillLoss  # noqa: PLC0415
 
         if not (isinstance(cls, type) and issubclass(cls, DistillLoss)):
             raise ValueError(

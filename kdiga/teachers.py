@@ -53,6 +53,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from kdiga.files import ArtifactError, atomic_path, is_safetensors, read_meta, sha256_file
@@ -67,6 +68,7 @@ from kdiga.models import (
     read_model_record,
 )
 from kdiga.models.errors import WeightsUnavailableError
+from kdiga.models.external import timm_default_stats
 from kdiga.models.io import (
     check_model_path,
     check_tensors,
@@ -353,8 +355,6 @@ def _read_weights(path: Path) -> Any:
         try:
             read_meta(path)
         except ArtifactError:  # a plain safetensors file: its tensors
-            from safetensors.torch import load_file
-
             try:
                 return load_file(path)
             except Exception as exc:  # safetensors raises its own error types
@@ -550,8 +550,6 @@ def _from_timm(
     arch: str | None,
     **spec: Any,
 ) -> tuple[NormalizedModel, TeacherMeta]:
-    from kdiga.models.external import timm_default_stats
-
     timm_arch = f"timm:{name}"
     if arch is not None and arch != timm_arch:
         raise ValueError(f"source {source!r} builds {timm_arch!r}, not arch={arch!r}")

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kdiga.files import atomic_path, write_error
 
@@ -88,8 +89,6 @@ def math_attention() -> Iterator[None]:
     (pytorch/pytorch#116350); the IGA term backpropagates through the student's input
     gradient, so the student's forward must run under this context when the term is on.
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     with sdpa_kernel(SDPBackend.MATH):
         yield
 

@@ -37,7 +37,7 @@ from typing import Any
 
 from pipeline import dag
 from pipeline.params import ParamError, Study, load_params, params_file
-from pipeline.plan import Plan
+from pipeline.plan.records import Plan
 from pipeline.progress import duration, pid_alive, progress_path, read_progress, unix
 from pipeline.provenance import producers, read_record
 

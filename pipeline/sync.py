@@ -60,7 +60,7 @@ def _commit_once(names: list[str]) -> None:
     no longer in dvc.yaml dropped. A lock left empty or unreadable (by an older run, or
     another tool) is set aside with a warning and written again.
     """
-    from dvc.repo import Repo, lock_repo
+    from dvc.repo import Repo, lock_repo  # noqa: PLC0415 (heavy and optional: dvc is needed for --dvc only)
 
     _repair_rwlock(Path(".dvc/tmp"))
     _set_aside_broken_lock(Path("dvc.lock"))
@@ -84,8 +84,8 @@ def _commit_once(names: list[str]) -> None:
 def _write_lock(lock: str, stages: list, keep: set[str]) -> None:
     """Record ``stages`` in ``lock`` and drop entries not in ``keep``: one atomic write, in
     DVC's own format (its serializer and its YAML writer)."""
-    from dvc.stage.serialize import to_lockfile
-    from dvc.utils.serialize import dumps_yaml, parse_yaml_for_update
+    from dvc.stage.serialize import to_lockfile  # noqa: PLC0415 (heavy and optional: dvc is needed for --dvc only)
+    from dvc.utils.serialize import dumps_yaml, parse_yaml_for_update  # noqa: PLC0415 (heavy and optional: dvc is needed for --dvc only)
 
     path = Path(lock)
     data = parse_yaml_for_update(path.read_text(encoding="utf-8"), lock) if path.exists() else {}
@@ -123,7 +123,7 @@ def _repair_rwlock(tmp: Path) -> None:
     """Reset DVC's stage lock table (``.dvc/tmp/rwlock``) when a killed DVC process left it
     unreadable: every DVC command would refuse to run until it is fixed by hand. Done under
     DVC's own guard of that file."""
-    from dvc.lock import make_lock
+    from dvc.lock import make_lock  # noqa: PLC0415 (heavy and optional: dvc is needed for --dvc only)
 
     path = tmp / "rwlock"
     if not path.exists():
@@ -144,7 +144,7 @@ def commit_to_dvc(names: list[str], jobs: dict[str, dag.Job]) -> int:
         return 0
     times = _mtimes([o for n in names if n in jobs for o in jobs[n].outputs])
     try:
-        from dvc.exceptions import DvcException
+        from dvc.exceptions import DvcException  # noqa: PLC0415 (optional: dvc may be a separate tool, not importable here)
     except ImportError:  # dvc installed as a separate tool, not importable here: its command
         rc = subprocess.run([dvc, "commit", "--force", "--quiet", *names], check=False).returncode
     else:

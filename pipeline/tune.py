@@ -14,6 +14,11 @@ import argparse
 import math
 import time
 
+from kdiga.attacks import robust_sweep
+from kdiga.data import to_float
+from kdiga.methods import get_method, method_names
+from kdiga.train import fit
+from kdiga.utils import seed_everything
 from pipeline.params import ParamError, StudentJob, Study, check_teacher
 from pipeline.stages.common import (
     data_info,
@@ -24,16 +29,10 @@ from pipeline.stages.common import (
     run,
     train_config,
 )
+from pipeline.stages.distill import build_student
 
 
 def body(args: argparse.Namespace, params: Study) -> None:
-    from kdiga.attacks import robust_sweep
-    from kdiga.data import to_float
-    from kdiga.methods import get_method, method_names
-    from kdiga.train import fit
-    from kdiga.utils import seed_everything
-    from pipeline.stages.distill import build_student
-
     iga = [m for m in method_names() if get_method(m).iga]
     if args.method not in iga:
         raise ParamError("--method", args.method, f"tuning the IGA weight needs one of {iga}")

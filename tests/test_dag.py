@@ -453,7 +453,7 @@ def test_the_schema_and_the_dag_load_without_torch():
     about 2 s each, several times per Snakemake run."""
     code = (
         "import sys\n"
-        "from pipeline import dag, provenance, sync\n"
+        "from pipeline import dag, plan, provenance, status, sync\n"
         "from pipeline.params import load_params\n"
         "for f in ('params.yaml', 'configs/cifar10.yaml', 'configs/imagenet.yaml'):\n"
         "    p = load_params(f, build=False)\n"

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from pyautoattack import AutoAttack, checks
 from torch import Tensor, nn
 
 from kdiga.attacks.checks import check_gradients, check_perturbation
@@ -299,8 +300,6 @@ def autoattack(
     Returns:
         ``AutoAttackResult``; ``flags`` holds pyautoattack's gradient-masking warnings.
     """
-    from pyautoattack import AutoAttack, checks
-
     eps = check_eps(eps)
     aa_norm = canonical_aa_norm(norm)
     version, attack_list = _validate_attacks(version, attacks)

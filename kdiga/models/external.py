@@ -54,7 +54,7 @@ def _offline_error(arch: str, exc: BaseException) -> RuntimeError:
 
 def timm_default_stats(model_name: str) -> Stats | None:
     """(mean, std) from timm's pretrained config of ``model_name``, or ``None``."""
-    import timm
+    import timm  # noqa: PLC0415 (heavy and optional: only timm: models need it)
 
     cfg = timm.models.get_pretrained_cfg(model_name)
     if cfg is None or cfg.mean is None or cfg.std is None:
@@ -71,7 +71,7 @@ def build_timm(
     **kwargs: Any,
 ) -> tuple[nn.Module, Stats | None]:
     """``timm.create_model`` with ``img_size=image_size`` when the model accepts it."""
-    import timm
+    import timm  # noqa: PLC0415 (heavy and optional: only timm: models need it)
 
     if not timm.is_model(model_name):
         raise ValueError(
@@ -109,7 +109,7 @@ def build_torchvision(
     Pretrained weights with another ``num_classes`` than theirs keep every tensor whose shape
     matches and leave the classifier freshly initialised.
     """
-    import torchvision
+    import torchvision  # noqa: PLC0415 (heavy and optional: only torchvision: models need it)
 
     if model_name not in torchvision.models.list_models():
         raise ValueError(
@@ -139,7 +139,7 @@ def build_torchvision(
 
 
 def _torchvision_create(model_name: str, image_size: int, **kwargs: Any) -> nn.Module:
-    import torchvision
+    import torchvision  # noqa: PLC0415 (heavy and optional: only torchvision: models need it)
 
     try:
         try:

@@ -17,7 +17,7 @@ logger = logging.getLogger("pipeline.gpu")  # the package logs under one name
 def device_count() -> int:
     """Number of CUDA devices; 0 without torch or CUDA. Does not initialise CUDA (NVML)."""
     try:
-        import torch  # lazy: heavy, and pipeline.gpu is imported where torch is not needed
+        import torch  # noqa: PLC0415 (heavy and optional: pipeline.gpu is imported where torch is not needed)
     except ImportError:
         return 0
     return int(torch.cuda.device_count())

@@ -300,10 +300,10 @@ def _build_problem(arch: str, stats: dict, data: dict, kwargs: dict) -> str | No
     """Why ``build_model(arch, **stats, **data, **kwargs)`` fails, or None: on the meta
     device, falling back to the CPU only when the meta device itself may be the problem."""
     # torch only here: validate(build=False), the DAG and the hand-offs load without it
-    import torch
-    from torch.overrides import TorchFunctionMode
+    import torch  # noqa: PLC0415 (torch-free: validate(build=False) runs without torch)
+    from torch.overrides import TorchFunctionMode  # noqa: PLC0415 (torch-free: validate(build=False) runs without torch)
 
-    from kdiga.models import build_model
+    from kdiga.models import build_model  # noqa: PLC0415 (torch-free: validate(build=False) runs without torch)
 
     def build() -> None:  # a key given twice (in_chans in the kwargs): a TypeError
         build_model(arch, **stats, **data, **kwargs)

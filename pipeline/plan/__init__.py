@@ -42,12 +42,19 @@ job), :mod:`~pipeline.plan.records` (the plan and its JSON), :mod:`~pipeline.pla
 (the table) and :mod:`~pipeline.plan.cli` (the command).
 """
 
-from pipeline.plan.calibrate import Calibrator
-from pipeline.plan.cli import main
-from pipeline.plan.estimate import autoattack_passes, make_plan
+from kdiga.lazy import lazy_exports
 from pipeline.plan.records import Plan, Row
-from pipeline.plan.render import render
-from pipeline.plan.study import split_sizes
+from pipeline.plan.render import render  # a name also of its module: bound here, not lazily
+
+#: the names that need torch (the calibration, the estimates), imported on first use: the
+#: package itself loads without torch, as ``pipeline.status`` reads a plan's records and table
+_EXPORTS = {
+    "Calibrator": "pipeline.plan.calibrate",
+    "main": "pipeline.plan.cli",
+    "autoattack_passes": "pipeline.plan.estimate",
+    "make_plan": "pipeline.plan.estimate",
+    "split_sizes": "pipeline.plan.study",
+}
 
 __all__ = [
     "Calibrator",
@@ -59,3 +66,5 @@ __all__ = [
     "render",
     "split_sizes",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -23,7 +23,13 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+
+from kdiga.losses import TeacherSignals
 from kdiga.methods import build_loss
+from kdiga.shards import write_shards
+from kdiga.train import fit
 from pipeline.plan.records import Cost
 from pipeline.plan.study import ModelSpec
 
@@ -46,8 +52,6 @@ def _param_bytes(model) -> int:
 def _saved_bytes(models: list) -> Iterator[dict[int, int]]:
     """The storages autograd saves for a backward (activations), by address, parameters and
     buffers left out: what a step holds beyond its model, for the CPU's memory estimate."""
-    import torch  # heavy: only when timing (module docstring)
-
     own = {t.untyped_storage().data_ptr() for m in models for t in (*m.parameters(), *m.buffers())}
     saved: dict[int, int] = {}
 
@@ -70,8 +74,6 @@ class Calibrator:
     def __init__(
         self, device: str | None = None, steps: int = 2, budget_s: float | None = None
     ) -> None:
-        import torch  # heavy: only when timing (module docstring)
-
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -87,16 +89,12 @@ class Calibrator:
 
     def _sync(self) -> None:
         if self.cuda:
-            import torch  # heavy: only when timing (module docstring)
-
             torch.cuda.synchronize()
 
     @property
     def clock(self) -> str:
         """What is timed: wall time, or on the CPU with one torch thread the process's CPU
         time, which leaves out the waits for a core of a machine shared with other work."""
-        import torch  # heavy: only when timing (module docstring)
-
         one_core = not self.cuda and torch.get_num_threads() == 1
         return "process CPU time" if one_core else "wall time"
 
@@ -105,8 +103,6 @@ class Calibrator:
 
     def _model(self, spec: ModelSpec):
         if spec not in self._models:
-            import torch  # heavy: only when timing (module docstring)
-
             torch.manual_seed(0)
             self._models[spec] = spec.build().to(self.device)
         return self._models[spec]
@@ -140,9 +136,6 @@ class Calibrator:
     def _one_pass(self, model, spec: ModelSpec, b: int) -> tuple[float, float, int, int]:
         """(inference forward s, forward + backward to the input s, bytes each held above the
         model) of one call of each at batch ``b``."""
-        import torch  # heavy: only when timing (module docstring)
-        import torch.nn.functional as F
-
         gen = torch.Generator().manual_seed(0)
         x = torch.rand(b, *spec.shape, generator=gen).to(self.device)
         y = torch.randint(0, spec.num_classes, (b,), generator=gen).to(self.device)
@@ -168,8 +161,6 @@ class Calibrator:
         (``reset``: start counting afresh): on CUDA the peak allocation above the one before;
         on the CPU an estimate, the activations autograd saves or, with ``outputs`` (a forward
         alone), twice the widest module output."""
-        import torch  # heavy: only when timing (module docstring)
-
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
@@ -200,8 +191,6 @@ class Calibrator:
                 yield held
 
     def _passes(self, spec: ModelSpec, full: int) -> Cost:
-        import torch  # heavy: only when timing (module docstring)
-
         model = self._model(spec).eval().requires_grad_(False)
         b = 1
         total = self._one_pass(model, spec, b)[1]  # warm-up
@@ -250,8 +239,6 @@ class Calibrator:
                                                            teacher, given_signals))  # fmt: skip
 
     def _step(self, what, spec, loss, settings, cfg, teacher, given_signals) -> Cost:
-        import torch  # heavy: only when timing (module docstring)
-
         full, b = cfg.batch_size, 1
         run = functools.partial(self._fit, spec, loss, settings, cfg, teacher, given_signals)
         try:
@@ -282,11 +269,6 @@ class Calibrator:
         warm-up step), the bytes held (CUDA: peak above the allocation before; CPU: the most
         a step saved for its backward) and, with ``probe_for`` (the full batch), a wider
         batch that fits the budget after one timed step (0: none)."""
-        import torch  # heavy: only when timing (module docstring)
-
-        from kdiga.losses import TeacherSignals  # imports torch
-        from kdiga.train import fit  # imports torch
-
         gen = torch.Generator().manual_seed(0)
         n, cfg = b * (self.steps + 1), dataclasses.replace(cfg, batch_size=b)
         images = torch.randint(0, 256, (n, *spec.shape), generator=gen, dtype=torch.uint8)
@@ -330,10 +312,6 @@ class Calibrator:
         return self._measure(key, what, lambda: self._shard(what, shape))
 
     def _shard(self, what: str, shape: tuple[int, int, int]) -> Cost:
-        import torch  # heavy: only when timing (module docstring)
-
-        from kdiga.shards import write_shards  # imports torch
-
         gen = torch.Generator().manual_seed(0)
         x = torch.randint(0, 256, (SHARD_PROBE, *shape), generator=gen, dtype=torch.uint8)
         y = torch.arange(SHARD_PROBE) % 10

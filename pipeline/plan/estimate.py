@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+from pyautoattack import AutoAttack
+
+from kdiga.attacks.autoattack import _configure, canonical_aa_norm
+from kdiga.bounds import table4
 from kdiga.methods import get_method
+from kdiga.signals import signals_nbytes
+from kdiga.train import predict
 from pipeline import dag
 from pipeline.params import Study, parse_student_id
 from pipeline.plan.calibrate import Calibrator
@@ -105,8 +112,6 @@ class _Estimator:
         return seconds, peak, basis
 
     def signals(self, job: dag.Job) -> tuple[float, float, str]:
-        from kdiga.signals import signals_nbytes  # imports torch
-
         sig, n, p = self.p.signals, self.sizes.train, self.passes(job.key)
         d = self.p.data
         shape = (d["in_chans"], d["image_size"], d["image_size"])
@@ -161,8 +166,6 @@ class _Estimator:
         return seconds, p.peak(a.batch_size), basis
 
     def bounds_teacher(self, job: dag.Job) -> tuple[float, float, str]:
-        from kdiga.bounds import table4  # imports torch
-
         b, teacher = self.p.bounds, job.args["teacher"]
         n = min(b.samples, self.sizes.test)
         checked, radii = min(b.check_samples, n), len(b.radii)
@@ -176,8 +179,6 @@ class _Estimator:
         return seconds, p.peak(b.batch_size), basis
 
     def bounds(self, job: dag.Job) -> tuple[float, float, str]:
-        from kdiga.bounds import table4  # imports torch
-
         b, sid = self.p.bounds, job.args["model"]
         teacher = dag.bounds_teacher(self.p, sid, job.args.get("teacher"))
         n = min(b.samples, self.sizes.test)
@@ -205,8 +206,6 @@ class _Estimator:
 
 
 def _predict_batch() -> int:
-    from kdiga.train import predict  # imports torch
-
     return default(predict, "batch_size")
 
 
@@ -214,11 +213,6 @@ def autoattack_passes(params: Study) -> tuple[int, int]:
     """(forward + backward, forward) passes per image and radius of the params' AutoAttack,
     when every point survives every attack: its attacks as ``kdiga.attacks.autoattack``
     configures them (version, restarts, iterations, target classes, Square's queries)."""
-    import torch  # heavy: only when estimating (module docstring)
-    from pyautoattack import AutoAttack  # imports torch
-
-    from kdiga.attacks.autoattack import _configure, canonical_aa_norm  # imports torch
-
     kw = autoattack_settings(params.attack.autoattack)
     classes = params.shard.info.classes
     adv = AutoAttack(torch.nn.Identity(), attacks=kw.get("attacks"), device="cpu", eps=0.1,
@@ -242,8 +236,6 @@ def autoattack_passes(params: Study) -> tuple[int, int]:
 
 def make_plan(params: Study, cal: Calibrator, path: str = "params.yaml") -> Plan:
     """The cost plan of validated ``params``: one row per job of :func:`pipeline.dag.jobs`."""
-    import torch  # heavy: only when estimating (module docstring)
-
     sizes = split_sizes(params)
     est = _Estimator(params, cal, sizes)
     start = cal.seconds

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdiga.models import build_model
 from pipeline import dag
 from pipeline.params import Study, parse_student_id
 
@@ -61,8 +62,6 @@ class ModelSpec:
     image_size: int
 
     def build(self):
-        from kdiga.models import build_model  # lazy: it imports torch (see pipeline.plan.calibrate)
-
         return build_model(self.arch, self.num_classes, in_chans=self.in_chans,
                            image_size=self.image_size, **json.loads(self.kwargs))  # fmt: skip
 
