@@ -217,6 +217,18 @@ def _load_imagenet(
     return images, targets[order]
 
 
+def _check_dataset_options(
+    name: str, channels: int | None, num_classes: int | None, download: bool
+) -> None:
+    """ValueError for an option that dataset ``name`` does not take."""
+    if channels is not None and name not in ("digits", "synthetic"):
+        raise ValueError(f"channels= is for 'digits' and 'synthetic' only; got dataset {name!r}")
+    if num_classes is not None and name != "synthetic":
+        raise ValueError(f"num_classes= is for 'synthetic' only; got dataset {name!r}")
+    if download and name != "cifar10":
+        raise ValueError(f"download=True is for 'cifar10' only; got dataset {name!r}")
+
+
 def load_dataset(
     name: str,
     split: str,
@@ -249,12 +261,7 @@ def load_dataset(
     size = info.image_size if image_size is None else int(image_size)
     if size < 1:
         raise ValueError(f"image_size={image_size!r} must be >= 1")
-    if channels is not None and name not in ("digits", "synthetic"):
-        raise ValueError(f"channels= is for 'digits' and 'synthetic' only; got dataset {name!r}")
-    if num_classes is not None and name != "synthetic":
-        raise ValueError(f"num_classes= is for 'synthetic' only; got dataset {name!r}")
-    if download and name != "cifar10":
-        raise ValueError(f"download=True is for 'cifar10' only; got dataset {name!r}")
+    _check_dataset_options(name, channels, num_classes, download)
 
     if name == "imagenet":
         _check_split(name, split, ("train", "val", "test"))

@@ -256,6 +256,61 @@ def _quantize(grad: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
     return stored, scale
 
 
+def _check_settings(
+    views: int, augment: str, crop_padding: int, grad_dtype: str, batch_size: int
+) -> None:
+    """ValueError unless ``compute_signals``' view, augmentation, precision and batch settings
+    are valid together."""
+    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+        raise ValueError(f"views must be an int >= 1, got {views!r}")
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment={augment!r}; allowed: {AUGMENTATIONS}")
+    if views > 1 and augment == "none":
+        raise ValueError(f"views={views} needs an augmentation: with augment='none' use views=1")
+    if isinstance(crop_padding, bool) or not isinstance(crop_padding, int) or crop_padding < 0:
+        raise ValueError(f"crop_padding must be an int >= 0, got {crop_padding!r}")
+    if views > 1 and augment == "crop" and crop_padding == 0:
+        raise ValueError(f"views={views} with augment='crop' needs crop_padding >= 1")
+    if grad_dtype not in GRAD_DTYPES:
+        raise ValueError(f"grad_dtype={grad_dtype!r}; allowed: {tuple(GRAD_DTYPES)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+
+
+@dataclass
+class _Buffers:
+    """The tensors of a :class:`SignalSet` being computed, filled batch by batch (logits are
+    allocated at the first batch, when the number of classes is known)."""
+
+    offsets: Tensor
+    flips: Tensor
+    grads: Tensor
+    grad_scale: Tensor | None
+    logits: Tensor | None = None
+
+    @classmethod
+    def empty(cls, views: int, shape: torch.Size, dtype: torch.dtype) -> _Buffers:
+        """Uninitialised buffers for ``views`` views of images of ``shape`` [N, C, H, W]."""
+        n = shape[0]
+        return cls(
+            offsets=torch.empty(views, n, 2, dtype=torch.int16),
+            flips=torch.empty(views, n, dtype=torch.bool),
+            grads=torch.empty(views, *shape, dtype=dtype),
+            grad_scale=None if dtype == torch.float32 else torch.empty(views, n),
+        )
+
+    def put(self, v: int, sl: slice, sig: TeacherSignals) -> None:
+        """Store the teacher's signals of the samples ``sl`` in view ``v``."""
+        views, n = self.flips.shape
+        if self.logits is None:
+            self.logits = torch.empty(views, n, sig.logits.shape[1])
+        self.logits[v, sl] = sig.logits.float().cpu()
+        stored, scale = _quantize(sig.input_grad.float(), self.grads.dtype)
+        self.grads[v, sl] = stored.cpu()
+        if self.grad_scale is not None:
+            self.grad_scale[v, sl] = scale.cpu()
+
+
 def compute_signals(
     teacher: nn.Module,
     images: Tensor,
@@ -295,47 +350,23 @@ def compute_signals(
         the :class:`SignalSet` (on CPU, in memory).
     """
     labels = _check_images(images, labels)
-    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
-        raise ValueError(f"views must be an int >= 1, got {views!r}")
-    if augment not in AUGMENTATIONS:
-        raise ValueError(f"augment={augment!r}; allowed: {AUGMENTATIONS}")
-    if views > 1 and augment == "none":
-        raise ValueError(f"views={views} needs an augmentation: with augment='none' use views=1")
-    if isinstance(crop_padding, bool) or not isinstance(crop_padding, int) or crop_padding < 0:
-        raise ValueError(f"crop_padding must be an int >= 0, got {crop_padding!r}")
-    if views > 1 and augment == "crop" and crop_padding == 0:
-        raise ValueError(f"views={views} with augment='crop' needs crop_padding >= 1")
-    if grad_dtype not in GRAD_DTYPES:
-        raise ValueError(f"grad_dtype={grad_dtype!r}; allowed: {tuple(GRAD_DTYPES)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    _check_settings(views, augment, crop_padding, grad_dtype, batch_size)
     device = torch.device(device)
     dtype = GRAD_DTYPES[grad_dtype]
     sha = module_sha256(teacher) if teacher_sha256 is None else str(teacher_sha256)
     teacher.to(device)
     n = labels.numel()
-    offsets = torch.empty(views, n, 2, dtype=torch.int16)
-    flips = torch.empty(views, n, dtype=torch.bool)
-    grads = torch.empty(views, *images.shape, dtype=dtype)
-    grad_scale = None if dtype == torch.float32 else torch.empty(views, n)
-    logits: Tensor | None = None
+    out = _Buffers.empty(views, images.shape, dtype)
     track = Tracker(progress, "signals", views * n, "images")
     track.at(0, f"view 1/{views}")
     for v in range(views):
-        offsets[v], flips[v] = view_params(n, v, augment, crop_padding, seed)
+        out.offsets[v], out.flips[v] = view_params(n, v, augment, crop_padding, seed)
         for start in range(0, n, batch_size):
             sl = slice(start, start + batch_size)
             x = apply_views(
-                to_float(images[sl].to(device)), offsets[v, sl], flips[v, sl], crop_padding
+                to_float(images[sl].to(device)), out.offsets[v, sl], out.flips[v, sl], crop_padding
             )
-            sig = teacher_signals(teacher, x, labels[sl].to(device))
-            if logits is None:
-                logits = torch.empty(views, n, sig.logits.shape[1])
-            logits[v, sl] = sig.logits.float().cpu()
-            stored, scale = _quantize(sig.input_grad.float(), dtype)
-            grads[v, sl] = stored.cpu()
-            if grad_scale is not None:
-                grad_scale[v, sl] = scale.cpu()
+            out.put(v, sl, teacher_signals(teacher, x, labels[sl].to(device)))
             track.advance(len(x), f"view {v + 1}/{views}")
         logger.info("teacher signals: view %d/%d done (%d images)", v + 1, views, n)
     meta = {
@@ -347,11 +378,11 @@ def compute_signals(
         "grad_dtype": grad_dtype,
         "n": n,
         "image_shape": list(images.shape[1:]),
-        "num_classes": int(logits.shape[2]),
+        "num_classes": int(out.logits.shape[2]),
         "teacher_sha256": sha,
         "data_sha256": data_sha256(images, labels),
     }
-    return SignalSet(offsets, flips, logits, grads, grad_scale, meta)
+    return SignalSet(out.offsets, out.flips, out.logits, out.grads, out.grad_scale, meta)
 
 
 def save_signals(signal_set: SignalSet, path: str | os.PathLike) -> None:

@@ -191,6 +191,31 @@ def _verify(path: Path, expected: str | None, sha256_key: str = "sha256") -> str
     return actual
 
 
+def _parse_source(
+    source: str, checkpoint_format: str, weights: str | os.PathLike | None
+) -> tuple[str, str]:
+    """(scheme, rest) of a teacher ``source``; ValueError for a bad source, a bad
+    ``checkpoint_format`` or ``weights`` given for a source other than ``timm:``."""
+    scheme, sep, rest = source.partition(":")
+    if scheme == "train":
+        raise ValueError(
+            f"{source!r}: 'train:' teachers are trained by the pipeline's teacher stage "
+            "(PGD-AT or TRADES, see params.yaml), not loaded by kdiga.teachers"
+        )
+    if not sep or scheme not in SCHEMES or not rest:
+        raise ValueError(
+            f"bad teacher source {source!r}; allowed: 'file:<path>', 'url:<https://...>', "
+            "'timm:<name>' (and 'train:' in the pipeline)"
+        )
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ValueError(
+            f"checkpoint_format {checkpoint_format!r} not in {', '.join(CHECKPOINT_FORMATS)}"
+        )
+    if weights is not None and scheme != "timm":
+        raise ValueError(f"weights= is for 'timm:' sources; for {scheme}: the file is the source")
+    return scheme, rest
+
+
 def load_teacher(
     source: str,
     *,
@@ -234,23 +259,7 @@ def load_teacher(
     Returns:
         (model, meta): model maps images [B, C, H, W] in [0, 1] to logits [B, N].
     """
-    scheme, sep, rest = source.partition(":")
-    if scheme == "train":
-        raise ValueError(
-            f"{source!r}: 'train:' teachers are trained by the pipeline's teacher stage "
-            "(PGD-AT or TRADES, see params.yaml), not loaded by kdiga.teachers"
-        )
-    if not sep or scheme not in SCHEMES or not rest:
-        raise ValueError(
-            f"bad teacher source {source!r}; allowed: 'file:<path>', 'url:<https://...>', "
-            "'timm:<name>' (and 'train:' in the pipeline)"
-        )
-    if checkpoint_format not in CHECKPOINT_FORMATS:
-        raise ValueError(
-            f"checkpoint_format {checkpoint_format!r} not in {', '.join(CHECKPOINT_FORMATS)}"
-        )
-    if weights is not None and scheme != "timm":
-        raise ValueError(f"weights= is for 'timm:' sources; for {scheme}: the file is the source")
+    scheme, rest = _parse_source(source, checkpoint_format, weights)
     digest = _check_sha256(sha256)
     given = {"num_classes": num_classes, "in_chans": in_chans, "image_size": image_size}
     expect = {**given, "kwargs": None if model_kwargs is None else dict(model_kwargs)}

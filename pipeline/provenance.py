@@ -126,6 +126,24 @@ def problems(params: dict, job: dag.Job, *, code: bool = True) -> list[str]:
     missing = [o for o in job.outputs if not Path(o).exists()]
     if missing:
         return [f"{missing[0]} is missing"]
+    out = _param_changes(params, job, rec)
+    for path, old in (rec.get("outputs") or {}).items():
+        new = digest(path)
+        if old != new:
+            return [
+                f"{path} has sha256 {_short(new)}, not the {_short(old)} {job.record} "
+                "records: it was replaced after the job ran"
+            ]
+    out += _input_changes(job, rec)
+    if code and rec.get("code") != code_digest(job.stage):
+        deps = ", ".join(dag.code_deps(job.stage))
+        out.append(f"{job.record} was made by other code (changed since: one of {deps})")
+    return out
+
+
+def _param_changes(params: dict, job: dag.Job, rec: dict) -> list[str]:
+    """The params keys of ``job`` whose current value differs from its record ``rec``'s, in
+    key order."""
     out = []
     now = json.loads(dag.params_view(params, job.params))
     then = rec.get("params") or {}
@@ -135,13 +153,13 @@ def problems(params: dict, job: dag.Job, *, code: bool = True) -> list[str]:
                 f"{job.record} was made with params {key} = {json.dumps(then.get(key))}, "
                 f"now {json.dumps(now.get(key))}"
             )
-    for path, old in (rec.get("outputs") or {}).items():
-        new = digest(path)
-        if old != new:
-            return [
-                f"{path} has sha256 {_short(new)}, not the {_short(old)} {job.record} "
-                "records: it was replaced after the job ran"
-            ]
+    return out
+
+
+def _input_changes(job: dag.Job, rec: dict) -> list[str]:
+    """The inputs of ``job`` whose sha256 differs from its record ``rec``'s (or that only one
+    of them has), in path order."""
+    out = []
     inputs = rec.get("inputs") or {}
     for dep in sorted(set(job.deps) | set(inputs)):
         old, new = inputs.get(dep), digest(dep) if dep in job.deps else None
@@ -150,9 +168,6 @@ def problems(params: dict, job: dag.Job, *, code: bool = True) -> list[str]:
                 f"{job.record} was made from {dep} with sha256 {_short(old)}, but {dep} now "
                 f"has {_short(new)}"
             )
-    if code and rec.get("code") != code_digest(job.stage):
-        deps = ", ".join(dag.code_deps(job.stage))
-        out.append(f"{job.record} was made by other code (changed since: one of {deps})")
     return out
 
 

@@ -148,32 +148,40 @@ def commit_to_dvc(names: list[str], jobs: dict[str, dag.Job]) -> int:
     except ImportError:  # dvc installed as a separate tool, not importable here: its command
         rc = subprocess.run([dvc, "commit", "--force", "--quiet", *names], check=False).returncode
     else:
-        records: list[logging.LogRecord] = []
-        try:
-            with _dvc_log_kept(records):
-                _commit_once(names)
-            rc = 0
-        except (DvcException, OSError) as err:
-            if _disk_full(err, records):
-                print(
-                    "ERROR: dvc commit: the disk is full (no space left to copy the outputs "
-                    f"into DVC's cache, {_cache_dir()}, or to write dvc.lock); dvc.lock is as "
-                    "it was: free space, then run `python -m pipeline.sync --dvc` again",
-                    file=sys.stderr,
-                )
-            elif isinstance(err, DvcException):  # what `dvc commit` would have printed
-                for record in records:
-                    print(f"ERROR: {record.getMessage()}", file=sys.stderr)
-                print(f"ERROR: dvc commit: {err}", file=sys.stderr)
-            else:
-                raise
-            rc = 1
-        else:
-            for record in records:
-                print(f"ERROR: {record.getMessage()}", file=sys.stderr)
+        rc = _commit_in_process(names, DvcException)
     for f, (atime, mtime) in times.items():
         if f.exists():
             os.utime(f, ns=(atime, mtime))
+    return rc
+
+
+def _commit_in_process(names: list[str], dvc_exception: type[Exception]) -> int:
+    """``dvc commit --force`` of the named stages through DVC's Python API (whose errors are
+    ``dvc_exception``): 0, or 1 after printing what ``dvc commit`` would have (or why the disk
+    is full)."""
+    records: list[logging.LogRecord] = []
+    try:
+        with _dvc_log_kept(records):
+            _commit_once(names)
+        rc = 0
+    except (dvc_exception, OSError) as err:
+        if _disk_full(err, records):
+            print(
+                "ERROR: dvc commit: the disk is full (no space left to copy the outputs "
+                f"into DVC's cache, {_cache_dir()}, or to write dvc.lock); dvc.lock is as "
+                "it was: free space, then run `python -m pipeline.sync --dvc` again",
+                file=sys.stderr,
+            )
+        elif isinstance(err, dvc_exception):  # what `dvc commit` would have printed
+            for record in records:
+                print(f"ERROR: {record.getMessage()}", file=sys.stderr)
+            print(f"ERROR: dvc commit: {err}", file=sys.stderr)
+        else:
+            raise
+        rc = 1
+    else:
+        for record in records:
+            print(f"ERROR: {record.getMessage()}", file=sys.stderr)
     return rc
 
 
@@ -240,6 +248,16 @@ def touch_in_snakemake(names: list[str], jobs: dict[str, dag.Job]) -> int:
     return subprocess.run(cmd, check=False).returncode
 
 
+def _print_state(state: dict[str, list[str]], quiet: bool) -> None:
+    """Each job not current, with its first reason, on stderr; unless ``quiet`` also each job
+    that is current, on stdout."""
+    for name, why in state.items():
+        if why:
+            print(f"not current: {name}: {why[0]}", file=sys.stderr)
+        elif not quiet:
+            print(f"current: {name}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.sync", description=__doc__.split("\n")[0])
     ap.add_argument("--params", default=None, help="default: $KDIGA_PARAMS or params.yaml")
@@ -256,11 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = {j.name: j for j in dag.jobs(params)}
     state = freshness(params)
     current = [n for n, why in state.items() if not why]
-    for name, why in state.items():
-        if why:
-            print(f"not current: {name}: {why[0]}", file=sys.stderr)
-        elif not args.quiet:
-            print(f"current: {name}")
+    _print_state(state, args.quiet)
     rc = 0
     if args.dvc and Path(path).resolve() != Path("params.yaml").resolve():
         print(

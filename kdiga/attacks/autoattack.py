@@ -259,6 +259,51 @@ def _check_positive_int(value: Any, name: str, allow_none: bool = False) -> None
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
+def _check_counts(
+    batch_size: int,
+    n_iter: int | None,
+    n_queries: int | None,
+    n_restarts: int | None,
+    n_target_classes: int | None,
+) -> None:
+    """ValueError unless the batch size, and each override given, is an int >= 1."""
+    _check_positive_int(batch_size, "batch_size")
+    _check_positive_int(n_iter, "n_iter", allow_none=True)
+    _check_positive_int(n_queries, "n_queries", allow_none=True)
+    _check_positive_int(n_restarts, "n_restarts", allow_none=True)
+    _check_positive_int(n_target_classes, "n_target_classes", allow_none=True)
+
+
+def _check_images(x: Any, y: Any) -> None:
+    """ValueError unless ``x`` is [N, C, H, W] in [0, 1] and ``y`` its [N] labels."""
+    if not isinstance(x, Tensor) or x.dim() < 2 or y.shape != x.shape[:1]:
+        raise ValueError("x must be a tensor [N, C, H, W] and y a label tensor [N]")
+    if x.numel() and (x.min() < 0 or x.max() > 1):
+        raise ValueError("x must lie in [0, 1]; normalisation belongs inside the model wrapper")
+
+
+def _reset_checks() -> None:
+    """Zero pyautoattack's check counters before a run."""
+    for k in checks.funcs:  # the dynamic-defence check's counter is never reset
+        checks.funcs[k] = 0
+
+
+def _outcome(
+    y: Tensor, y_adv: Tensor, clean_pred: Tensor, adv_pred: Tensor, flags: list[str]
+) -> tuple[Tensor, Tensor]:
+    """(robust [N], clean_correct [N]) on the CPU, from AutoAttack's labels ``y_adv``; a flag
+    is added when a re-evaluation's predictions ``adv_pred`` disagree with them."""
+    y_cpu = y.detach().cpu()
+    clean_correct = clean_pred == y_cpu
+    robust = (y_adv.detach().cpu() == y_cpu) & clean_correct
+    if not torch.equal(robust, (adv_pred == y_cpu) & clean_correct):
+        flags.append(
+            "the model's predictions at x_adv changed between AutoAttack and a re-evaluation: "
+            "randomised or non-deterministic model?"
+        )
+    return robust, clean_correct
+
+
 def autoattack(
     model: nn.Module,
     x: Tensor,
@@ -290,8 +335,7 @@ def autoattack(
             a weaker, cheaper evaluation). n_queries: override Square's queries (5000).
         n_restarts: override the restarts of untargeted APGD and FAB. The "standard"
             version uses 1; "custom" keeps AutoAttack's constructor default of 5.
-        n_target_classes: override the target classes of APGD-T and FAB-T (default
-            min(9, classes - 1)).
+        n_target_classes: override APGD-T's and FAB-T's target classes (min(9, classes - 1)).
         progress: called with a :class:`kdiga.progress.Progress` of each stage, the task
             "autoattack <stage>" (e.g. "autoattack apgd-t"), counting the samples attacked
             of those still robust when the stage began, after each attack batch. It costs
@@ -303,15 +347,8 @@ def autoattack(
     eps = check_eps(eps)
     aa_norm = canonical_aa_norm(norm)
     version, attack_list = _validate_attacks(version, attacks)
-    _check_positive_int(batch_size, "batch_size")
-    _check_positive_int(n_iter, "n_iter", allow_none=True)
-    _check_positive_int(n_queries, "n_queries", allow_none=True)
-    _check_positive_int(n_restarts, "n_restarts", allow_none=True)
-    _check_positive_int(n_target_classes, "n_target_classes", allow_none=True)
-    if not isinstance(x, Tensor) or x.dim() < 2 or y.shape != x.shape[:1]:
-        raise ValueError("x must be a tensor [N, C, H, W] and y a label tensor [N]")
-    if x.numel() and (x.min() < 0 or x.max() > 1):
-        raise ValueError("x must lie in [0, 1]; normalisation belongs inside the model wrapper")
+    _check_counts(batch_size, n_iter, n_queries, n_restarts, n_target_classes)
+    _check_images(x, y)
     device = torch.device(device) if device is not None else _model_device(model)
     counted = _Counted(model)
     flags: list[str] = []
@@ -328,35 +365,20 @@ def autoattack(
             flags += check_gradients(model, x[head].to(device), y[head].to(device))
             n_classes = model(x[:1].to(device)).shape[-1]
             _configure(adversary, n_classes, n_iter, n_queries, n_restarts, n_target_classes)
-            for k in checks.funcs:  # the dynamic-defence check's counter is never reset
-                checks.funcs[k] = 0
+            _reset_checks()
             if progress is not None:
                 robust = int((clean_pred == y.cpu()).sum())
                 _StageProgress(adversary, model, robust, eps, progress)
             with _capture_flags(flags):
                 x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
             adv_pred = _predict(model, x_adv, batch_size, device)
-    y_cpu = y.detach().cpu()
-    clean_correct = clean_pred == y_cpu
-    robust = (y_adv.detach().cpu() == y_cpu) & clean_correct
-    if not torch.equal(robust, (adv_pred == y_cpu) & clean_correct):
-        flags.append(
-            "the model's predictions at x_adv changed between AutoAttack and a re-evaluation: "
-            "randomised or non-deterministic model?"
-        )
+    robust, clean_correct = _outcome(y, y_adv, clean_pred, adv_pred, flags)
     flags += check_perturbation(x.detach().cpu(), x_adv.detach().cpu(), eps, aa_norm)
     for f in dict.fromkeys(flags):
         logger.warning("AutoAttack check (eps=%g): %s", eps, f)
     return AutoAttackResult(
-        robust=robust,
-        clean_correct=clean_correct,
-        x_adv=x_adv.detach(),
-        y_adv=y_adv.detach(),
-        eps=eps,
-        norm=aa_norm,
-        version=version,
-        attacks=list(adversary.attacks_to_run),
-        flags=list(dict.fromkeys(flags)),
-        grad_evals=counted.backwards[0],
+        robust=robust, clean_correct=clean_correct, x_adv=x_adv.detach(), y_adv=y_adv.detach(),
+        eps=eps, norm=aa_norm, version=version, attacks=list(adversary.attacks_to_run),
+        flags=list(dict.fromkeys(flags)), grad_evals=counted.backwards[0],
         forward_evals=counted.forwards,
-    )
+    )  # fmt: skip

@@ -89,6 +89,14 @@ def check_sweep(result: Any, tol: float = 1e-6) -> list[str]:
                 f"{int(revived.sum())} samples broken at radius {radii[k - 1]:g} but robust at "
                 f"{r:g}: the attack at the larger radius is weak or gradients are masked"
             )
+    problems += _record_problems(result, radii, tol)
+    return problems
+
+
+def _record_problems(result: Any, radii: list[float], tol: float) -> list[str]:
+    """Problems with a ``SweepResult``'s records: a largest perturbation above its radius (or
+    not finite), adversarial inputs outside [0, 1]."""
+    problems = []
     for r, m in zip(radii, getattr(result, "max_perturbation", []), strict=False):
         if not math.isfinite(m) or m > r + tol:
             problems.append(f"radius {r:g}: largest perturbation {m:.6g} exceeds the radius")

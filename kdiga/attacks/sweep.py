@@ -324,6 +324,121 @@ def _merge(state: dict[str, Any], part: dict[str, Any], sl: slice) -> None:
     state["flags"] = list(dict.fromkeys(state["flags"] + part["flags"]))
 
 
+def _check_sizes(x: Tensor, y: Tensor, batch_size: int, steps: int, restarts: int) -> None:
+    """ValueError unless the batch size, steps and restarts are ints in range and ``x``, ``y``
+    are [N, C, H, W] images in [0, 1] with [N] labels."""
+    _check_int(batch_size, "batch_size", 1)
+    _check_int(steps, "steps", 0)
+    _check_int(restarts, "restarts", 1)
+    if not isinstance(x, Tensor) or x.dim() < 2 or not isinstance(y, Tensor):
+        raise ValueError("x must be a tensor [N, C, H, W] and y a label tensor [N]")
+    if y.shape != x.shape[:1]:
+        raise ValueError(f"y must have shape [{x.shape[0]}], got {tuple(y.shape)}")
+    if x.numel() and (x.min() < 0 or x.max() > 1):
+        raise ValueError("x must lie in [0, 1]; normalisation belongs inside the model wrapper")
+
+
+@dataclass
+class _Sweep:
+    """One ``robust_sweep`` call: its model and data, and its checked settings."""
+
+    model: nn.Module
+    x: Tensor
+    y: Tensor
+    device: torch.device
+    generator: torch.Generator
+    attack: str
+    norm: str
+    radii: list[float]
+    steps: int
+    step_size: float | None
+    restarts: int
+    random_start: bool
+    batch_size: int
+    reuse: bool
+    seed: int
+    aa_kwargs: dict[str, Any]
+    compile_model: bool
+    progress: ProgressFn | None
+
+    def attack_fn(self) -> AttackFn:
+        """The attack that every batch and radius runs: PGD or the AutoAttack adapter."""
+        if self.attack == "pgd":
+            return _pgd_attack(
+                self.model, steps=self.steps, step_size=self.step_size, norm=self.norm,
+                restarts=self.restarts, random_start=self.random_start,
+                generator=self.generator, compile_model=self.compile_model,
+            )  # fmt: skip
+        return _autoattack_attack(
+            self.model, norm=self.norm, batch_size=self.batch_size, seed=self.seed,
+            device=self.device, kwargs=self.aa_kwargs, progress=self.progress,
+        )  # fmt: skip
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a saved state must have been made with: the settings, the generator's state
+        and hashes of the data and the model's weights."""
+        return {
+            "attack": self.attack, "norm": self.norm, "radii": self.radii, "steps": self.steps,
+            "step_size": self.step_size, "restarts": self.restarts,
+            "random_start": self.random_start, "batch_size": self.batch_size,
+            "reuse": self.reuse, "seed": self.seed,
+            "generator": _hash_tensors([("g", self.generator.get_state())]),
+            "autoattack_kwargs": repr(sorted(self.aa_kwargs.items())),
+            "data": _hash_tensors([("x", self.x), ("y", self.y)]),
+            "model": _hash_tensors(list(self.model.state_dict().items())),
+        }  # fmt: skip
+
+    def gradient_flags(self) -> list[str]:
+        """Gradient-masking warnings from the clean-correct points of the first batch."""
+        model, x, y, device = self.model, self.x, self.y, self.device
+        head = slice(0, self.batch_size)
+        with eval_mode(model), torch.no_grad():
+            correct = model(x[head].to(device)).argmax(1) == y[head].to(device)
+        return check_gradients(
+            model, x[head][correct.cpu()].to(device), y[head][correct.cpu()].to(device)
+        )
+
+    def run_batches(self, run: AttackFn, state: dict[str, Any], path: Path | None) -> None:
+        """Attack the batches not yet done in ``state``, merging each into it (and saving it
+        to ``path`` when given) as soon as it is done."""
+        x, y, radii, batch_size, device = self.x, self.y, self.radii, self.batch_size, self.device
+        n, n_batches = x.shape[0], math.ceil(x.shape[0] / batch_size)
+        track = Tracker(self.progress, f"{self.attack} sweep", n_batches * len(radii), "attacks")
+        track.at(state["batches_done"] * len(radii), f"batch {state['batches_done']}/{n_batches}")
+        for b in range(state["batches_done"], n_batches):
+            sl = slice(b * batch_size, min((b + 1) * batch_size, n))
+
+            def on_radius(k: int, r: float, b: int = b) -> None:
+                track.at(b * len(radii) + k + 1, f"batch {b + 1}/{n_batches}, radius {r:g}")
+
+            part = _attack_batch(
+                self.model, run, x[sl].to(device), y[sl].to(device), radii, self.norm,
+                self.reuse, on_radius,
+            )  # fmt: skip
+            _merge(state, part, sl)
+            state["batches_done"] = b + 1
+            state["generator_state"] = self.generator.get_state()
+            if path is not None:
+                atomic_torch_save(state, path)
+            logger.debug("sweep batch %d/%d done", b + 1, n_batches)
+
+    def result(self, state: dict[str, Any]) -> SweepResult:
+        """The ``SweepResult`` of a finished ``state``."""
+        return SweepResult(
+            radii=self.radii,
+            clean_correct=state["clean"],
+            robust=state["robust"],
+            grad_evals=sum(state["grad_evals"]),
+            grad_evals_per_radius=list(state["grad_evals"]),
+            max_perturbation=list(state["max_perturbation"]),
+            in_range=list(state["in_range"]),
+            attack=self.attack,
+            norm=self.norm,
+            reuse=self.reuse,
+            flags=list(state["flags"]),
+        )
+
+
 def robust_sweep(
     model: nn.Module,
     x: Tensor,
@@ -378,81 +493,24 @@ def robust_sweep(
         raise ValueError(f"attack must be one of {SWEEP_ATTACKS}, got {attack!r}")
     norm = canonical_norm(norm) if attack == "pgd" else canonical_aa_norm(norm).lower()
     radii = _check_radii(radii)
-    _check_int(batch_size, "batch_size", 1)
-    _check_int(steps, "steps", 0)
-    _check_int(restarts, "restarts", 1)
-    if not isinstance(x, Tensor) or x.dim() < 2 or not isinstance(y, Tensor):
-        raise ValueError("x must be a tensor [N, C, H, W] and y a label tensor [N]")
-    if y.shape != x.shape[:1]:
-        raise ValueError(f"y must have shape [{x.shape[0]}], got {tuple(y.shape)}")
-    if x.numel() and (x.min() < 0 or x.max() > 1):
-        raise ValueError("x must lie in [0, 1]; normalisation belongs inside the model wrapper")
+    _check_sizes(x, y, batch_size, steps, restarts)
     device = torch.device(device) if device is not None else _model_device(model)
     if generator is None:
         generator = torch.Generator().manual_seed(seed)
-    aa_kwargs = dict(autoattack_kwargs or {})
-    if attack == "pgd":
-        run = _pgd_attack(
-            model, steps=steps, step_size=step_size, norm=norm, restarts=restarts,
-            random_start=random_start, generator=generator, compile_model=compile_model,
-        )  # fmt: skip
-    else:
-        run = _autoattack_attack(
-            model, norm=norm, batch_size=batch_size, seed=seed, device=device, kwargs=aa_kwargs,
-            progress=progress,
-        )  # fmt: skip
-
+    sweep = _Sweep(
+        model=model, x=x, y=y, device=device, generator=generator, attack=attack, norm=norm,
+        radii=radii, steps=steps, step_size=step_size, restarts=restarts,
+        random_start=random_start, batch_size=batch_size, reuse=reuse, seed=seed,
+        aa_kwargs=dict(autoattack_kwargs or {}), compile_model=compile_model, progress=progress,
+    )  # fmt: skip
+    run = sweep.attack_fn()
     n, n_batches = x.shape[0], math.ceil(x.shape[0] / batch_size)
     path = Path(state_path) if state_path is not None else None
-    fingerprint = {}
-    if path is not None:
-        fingerprint = {
-            "attack": attack, "norm": norm, "radii": radii, "steps": steps,
-            "step_size": step_size, "restarts": restarts, "random_start": random_start,
-            "batch_size": batch_size, "reuse": reuse, "seed": seed,
-            "generator": _hash_tensors([("g", generator.get_state())]),
-            "autoattack_kwargs": repr(sorted(aa_kwargs.items())),
-            "data": _hash_tensors([("x", x), ("y", y)]),
-            "model": _hash_tensors(list(model.state_dict().items())),
-        }  # fmt: skip
+    fingerprint = sweep.fingerprint() if path is not None else {}
     state = _open_state(path, fingerprint, n, len(radii), n_batches, generator)
     if state["batches_done"] == 0 and n:
-        head = slice(0, batch_size)
-        with eval_mode(model), torch.no_grad():
-            correct = model(x[head].to(device)).argmax(1) == y[head].to(device)
-        state["flags"] += check_gradients(
-            model, x[head][correct.cpu()].to(device), y[head][correct.cpu()].to(device)
-        )
-    track = Tracker(progress, f"{attack} sweep", n_batches * len(radii), "attacks")
-    track.at(state["batches_done"] * len(radii), f"batch {state['batches_done']}/{n_batches}")
-    for b in range(state["batches_done"], n_batches):
-        sl = slice(b * batch_size, min((b + 1) * batch_size, n))
-
-        def on_radius(k: int, r: float, b: int = b) -> None:
-            track.at(b * len(radii) + k + 1, f"batch {b + 1}/{n_batches}, radius {r:g}")
-
-        part = _attack_batch(
-            model, run, x[sl].to(device), y[sl].to(device), radii, norm, reuse, on_radius
-        )
-        _merge(state, part, sl)
-        state["batches_done"] = b + 1
-        state["generator_state"] = generator.get_state()
-        if path is not None:
-            atomic_torch_save(state, path)
-        logger.debug("sweep batch %d/%d done", b + 1, n_batches)
-
-    result = SweepResult(
-        radii=radii,
-        clean_correct=state["clean"],
-        robust=state["robust"],
-        grad_evals=sum(state["grad_evals"]),
-        grad_evals_per_radius=list(state["grad_evals"]),
-        max_perturbation=list(state["max_perturbation"]),
-        in_range=list(state["in_range"]),
-        attack=attack,
-        norm=norm,
-        reuse=reuse,
-        flags=list(state["flags"]),
-    )
+        state["flags"] += sweep.gradient_flags()
+    sweep.run_batches(run, state, path)
+    result = sweep.result(state)
     logger.info("sweep (%s, %s, reuse=%s): %s", attack, norm, reuse, result.accuracy())
     return result

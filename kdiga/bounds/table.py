@@ -5,7 +5,12 @@ What depends on the teacher alone (its clean CE and input gradient, its own asce
 checked samples with every point it evaluated, its PGD points) is a `TeacherShare`, the same
 for every student of that teacher: `teacher_share` computes it, `save_teacher_share` and
 `load_teacher_share` keep it in a file, and `table4(share=...)` runs only what needs the
-student."""
+student.
+
+`table4`'s Proposition 2 check is `proposition2_violations`'s with the student's γ taken from
+the very ascent whose γ it reports: the teacher's own ascent runs on the tested samples only,
+the teacher is evaluated at the student's ascent points and the student at the teacher's, then
+each model's PGD point (`pgd_steps`) and `random_points` random points."""
 
 from __future__ import annotations
 
@@ -311,10 +316,7 @@ def table4(
         kind of point of `proposition2_violations` (VIOLATION_KINDS and "all"),
         {"rate": the fraction of tested samples where the bound fails at a point of that
         kind (None where none was tested), "points": the (sample, point) pairs tested}.
-    The check is `proposition2_violations`'s with the student's γ taken from this very
-    ascent (the γ reported): the teacher's own ascent runs on the tested samples only, the
-    teacher is evaluated at the student's ascent points and the student at the teacher's,
-    then each model's PGD point (`pgd_steps`) and `random_points` random points.
+    How Proposition 2 is checked: see the module docstring.
 
     The teacher's part comes from `share` (`teacher_share` with the same samples and
     settings, else ValueError) or is computed first, from `generator`; the student's draws
@@ -326,8 +328,7 @@ def table4(
     after each.
     """
     _check_table4_args(x, y, radii, batch_size, check_samples, pgd_steps, random_points)
-    if device is None:
-        device = next((p.device for p in student.parameters()), x.device)
+    device = next((p.device for p in student.parameters()), x.device) if device is None else device
     n_check = min(check_samples, len(x))
     if share is None:
         share = teacher_share(
@@ -343,10 +344,7 @@ def table4(
         for start in range(0, len(x), batch_size):
             stop = min(start + batch_size, len(x))
             xb, yb = plain(x[start:stop].to(device)), plain(y[start:stop].to(device))
-            ce_s, g_s = input_gradient(student, xb, yb)
-            ce_t, g_t = (t[start:stop].to(device, g_s.dtype) for t in (share.ce, share.grad))
-            tally.add("ce", ce_s)
-            tally.add("grad_gap_l2", perturbation_norm(g_s - g_t, "l2"))
+            ce_s, g_s, ce_t, g_t = _clean_terms(student, share, xb, yb, slice(start, stop), tally)
             k = min(max(n_check - start, 0), len(xb))  # the tested samples of this batch
             for i, r in enumerate(radii):
                 check = share.checks[i].rows_in(start, start + k) if k else None
@@ -357,6 +355,18 @@ def table4(
                 track.advance(1, f"batch {start // batch_size + 1}/{n_batches}, radius {r:g}")
             logger.debug("table4: %d/%d samples", stop, len(x))
     return tally.summary(n_check)
+
+
+def _clean_terms(
+    student: nn.Module, share: TeacherShare, xb: Tensor, yb: Tensor, rows: slice, tally: _Tally
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(ce_s, g_s, ce_t, g_t): the student's clean CE and input gradient on the batch and the
+    teacher's from ``share`` (its ``rows``); the CE and ‖gs − gt‖₂ go to ``tally``."""
+    ce_s, g_s = input_gradient(student, xb, yb)
+    ce_t, g_t = (t[rows].to(xb.device, g_s.dtype) for t in (share.ce, share.grad))
+    tally.add("ce", ce_s)
+    tally.add("grad_gap_l2", perturbation_norm(g_s - g_t, "l2"))
+    return ce_s, g_s, ce_t, g_t
 
 
 def _student_batch(

@@ -97,17 +97,7 @@ def _tar_blocks(path: str, fh: io.BufferedReader) -> Iterator[tuple[str, str, by
         name, size, kind = _header(path, block, offset)
         size = pax.get("size", size)
         name = pax.get("path", long_name or name)
-        left = end - offset - _BLOCK
-        if not (isinstance(size, int) or size.isdigit()) or int(size) > left:
-            raise ShardError(
-                f"{path}: member {name[:100]} declares {str(size)[:20]} bytes at byte {offset}, "
-                f"more than the {left} left in the shard (corrupt or altered header)"
-            )
-        size = int(size)
-        data = fh.read(size)
-        if len(data) < size:
-            raise ShardError(f"{path}: member {name} is truncated ({len(data)} of {size} bytes)")
-        fh.seek(-size % _BLOCK, os.SEEK_CUR)
+        data = _member_data(path, fh, name, size, offset, end - offset - _BLOCK)
         if kind == tarfile.XHDTYPE:
             pax = _pax_records(path, data)
         elif kind == tarfile.GNUTYPE_LONGNAME:
@@ -116,6 +106,24 @@ def _tar_blocks(path: str, fh: io.BufferedReader) -> Iterator[tuple[str, str, by
             long_name, pax = None, {}
             if kind in _FILE_TYPES:
                 yield (*_split_name(path, name), data)
+
+
+def _member_data(
+    path: str, fh: io.BufferedReader, name: str, size: int | str, offset: int, left: int
+) -> bytes:
+    """The data of the member whose header is at byte ``offset`` (``fh`` is then past its
+    padding), its declared ``size`` checked against the ``left`` bytes after the header."""
+    if not (isinstance(size, int) or size.isdigit()) or int(size) > left:
+        raise ShardError(
+            f"{path}: member {name[:100]} declares {str(size)[:20]} bytes at byte {offset}, "
+            f"more than the {left} left in the shard (corrupt or altered header)"
+        )
+    size = int(size)
+    data = fh.read(size)
+    if len(data) < size:
+        raise ShardError(f"{path}: member {name} is truncated ({len(data)} of {size} bytes)")
+    fh.seek(-size % _BLOCK, os.SEEK_CUR)
+    return data
 
 
 def _pax_records(path: str, data: bytes) -> dict[str, str]:
@@ -132,6 +140,21 @@ def _pax_records(path: str, data: bytes) -> dict[str, str]:
     return records
 
 
+def _sample(path: str, key: str, parts: dict[str, bytes], num_classes: int | None) -> RawSample:
+    """The sample ``key`` of shard ``path`` from its members ``parts`` (extension -> bytes):
+    one image and a label (checked against ``num_classes``, when given)."""
+    image = [e for e in parts if e in IMAGE_EXTS]
+    if len(image) != 1 or "cls" not in parts:
+        raise ShardError(
+            f"{path}: sample {key!r} needs one image (jpg or png) and 'cls'; has {sorted(parts)}"
+        )
+    try:
+        label = decode_label(parts["cls"], num_classes)
+    except ValueError as err:
+        raise ShardError(f"{path}: sample {key!r}: {err}") from err
+    return RawSample(path, key, IMAGE_EXTS[image[0]], parts[image[0]], label)
+
+
 def read_shard(path: str, count: int, num_classes: int | None = None) -> Iterator[RawSample]:
     """The samples of one shard, in order, checked against the declared ``count`` (and their
     labels against ``num_classes``, when given)."""
@@ -139,20 +162,6 @@ def read_shard(path: str, count: int, num_classes: int | None = None) -> Iterato
     n, last = 0, None
     key: str | None = None
     parts: dict[str, bytes] = {}
-
-    def sample(key: str, parts: dict[str, bytes]) -> RawSample:
-        image = [e for e in parts if e in IMAGE_EXTS]
-        if len(image) != 1 or "cls" not in parts:
-            raise ShardError(
-                f"{path}: sample {key!r} needs one image (jpg or png) and 'cls'; has "
-                f"{sorted(parts)}"
-            )
-        try:
-            label = decode_label(parts["cls"], num_classes)
-        except ValueError as err:
-            raise ShardError(f"{path}: sample {key!r}: {err}") from err
-        return RawSample(path, key, IMAGE_EXTS[image[0]], parts[image[0]], label)
-
     while True:
         try:
             member = next(members, None)
@@ -165,7 +174,7 @@ def read_shard(path: str, count: int, num_classes: int | None = None) -> Iterato
                 if n > count:
                     raise ShardError(f"{path}: sample {key!r} is beyond the {count} declared")
                 last = key
-                yield sample(key, parts)
+                yield _sample(path, key, parts, num_classes)
             if member is None:
                 break
             key, parts = member[0], {}

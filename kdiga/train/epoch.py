@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from kdiga.distributed import all_reduce_weighted_mean, current
+from kdiga.distributed import DistInfo, all_reduce_weighted_mean, current
 from kdiga.errors import KdigaError
 from kdiga.progress import Tracker
 from kdiga.train.checkpoint import Position
@@ -27,6 +28,29 @@ class NonFiniteLossError(KdigaError, FloatingPointError):
             "(the end of an earlier epoch, or an earlier step with checkpoint_every) is "
             "unchanged: lower the learning rate or loss weights"
         )
+
+
+def _step_record(
+    parts: Any, n_local: int, info: DistInfo, epoch: int, b: int
+) -> tuple[dict[str, float], int]:
+    """(loss parts as floats, samples in the global batch) of step ``b``: the criterion's
+    ``parts`` checked, and under DDP their global-batch means; NonFiniteLossError for a NaN or
+    infinite part."""
+    if not isinstance(parts, Mapping) or "loss" not in parts:
+        raise ValueError(f"criterion must return a dict with a 'loss' key; got {type(parts)}")
+    if not parts["loss"].requires_grad:
+        raise ValueError("criterion's 'loss' has no gradient (computed under no_grad?)")
+    names = list(parts)
+    values = torch.stack([parts[k].detach().float().reshape(()) for k in names])
+    n_global = n_local
+    if info.is_distributed:  # global-batch means; a NaN on any rank stops every rank
+        values, total = all_reduce_weighted_mean(values, n_local)
+        n_global = round(total)
+    values = values.tolist()
+    record = dict(zip(names, values, strict=True))
+    if not all(math.isfinite(v) for v in values):
+        raise NonFiniteLossError(epoch + 1, b, record)
+    return record, n_global
 
 
 def run_epoch(
@@ -66,20 +90,7 @@ def run_epoch(
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and cfg.amp):
             parts = criterion(student, teacher, x, y, **kwargs)
-        if not isinstance(parts, Mapping) or "loss" not in parts:
-            raise ValueError(f"criterion must return a dict with a 'loss' key; got {type(parts)}")
-        if not parts["loss"].requires_grad:
-            raise ValueError("criterion's 'loss' has no gradient (computed under no_grad?)")
-        names = list(parts)
-        values = torch.stack([parts[k].detach().float().reshape(()) for k in names])
-        n_global = n_local
-        if info.is_distributed:  # global-batch means; a NaN on any rank stops every rank
-            values, total = all_reduce_weighted_mean(values, n_local)
-            n_global = round(total)
-        values = values.tolist()
-        record = dict(zip(names, values, strict=True))
-        if not all(math.isfinite(v) for v in values):
-            raise NonFiniteLossError(epoch + 1, b, record)
+        record, n_global = _step_record(parts, n_local, info, epoch, b)
         # DDP averages gradients over ranks: W·B_r/B keeps an uneven last batch exact
         scale = n_local * info.world_size / n_global
         (parts["loss"] if scale == 1 else parts["loss"] * scale).backward()

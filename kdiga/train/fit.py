@@ -1,4 +1,18 @@
-"""``fit``: the training run, from its checks to its last checkpoint."""
+"""``fit``: the training run, from its checks to its last checkpoint.
+
+After every epoch the model, optimiser, scheduler, RNG state, config and history are saved
+atomically to ``checkpoint_path``; if that file exists when ``fit`` starts, training resumes
+from it (``cfg.epochs`` may grow); with ``cfg.checkpoint_every`` = k > 0 also every k steps,
+and a run killed mid-epoch resumes at the step after its last checkpoint.
+
+Under torchrun (a process group initialised by :func:`kdiga.distributed.init_from_env` with
+world size W > 1) every rank calls ``fit`` alike: the student is wrapped in DDP, each rank
+trains on its ``cfg.batch_size / W`` slice of every global batch, the history holds
+global-batch means on every rank, and only rank 0 writes the checkpoint (the others wait);
+resuming reads it on every rank (a filesystem shared by the nodes). ``on_epoch`` and
+``on_batch`` run on every rank. What is exactly the single-process run, and what is refused,
+is in :mod:`kdiga.distributed`.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +20,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +85,28 @@ def _prepare_teacher(teacher: nn.Module | None, device: torch.device, cl: bool) 
     teacher.requires_grad_(False)
 
 
+@dataclass
+class _Run:
+    """One ``fit`` call's models, data, optimiser and callbacks, placed on its device."""
+
+    student: nn.Module
+    criterion: Callable[..., dict[str, Tensor]]
+    teacher: nn.Module | None
+    cfg: TrainConfig
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    images: Tensor | None
+    labels: Tensor | None
+    stream: BatchStream | None
+    val: tuple[Tensor, Tensor] | None
+    teacher_cache: Callable[[Tensor], Any] | None
+    batch_source: Callable[[Tensor, int], tuple[Tensor, Any]] | None
+    on_epoch: Callable[[dict], None] | None
+    on_batch: Callable[[dict], None] | None
+    progress: ProgressFn | None
+
+
 def fit(
     student: nn.Module,
     criterion: Callable[..., dict[str, Tensor]],
@@ -96,26 +133,14 @@ def fit(
     ``parts["loss"].backward()`` and an SGD step. A criterion with a ``set_epoch(epoch,
     epochs)`` method (:meth:`kdiga.losses.DistillLoss.set_epoch`) hears the epoch (0-based) and
     ``cfg.epochs`` before each epoch's first step, the first epoch of a resumed run included
-    (mid-epoch too), so its schedule is the uninterrupted run's. After every epoch the model,
-    optimiser, scheduler, RNG state, config and history are saved atomically to
-    ``checkpoint_path``; if that file exists when ``fit`` starts, training resumes from it
-    (``cfg.epochs`` may grow); with ``cfg.checkpoint_every`` = k > 0 also every k steps, and a
-    run killed mid-epoch resumes at the step after its last checkpoint.
-
-    Under torchrun (a process group initialised by :func:`kdiga.distributed.init_from_env`
-    with world size W > 1) every rank calls ``fit`` alike: the student is wrapped in DDP, each
-    rank trains on its ``cfg.batch_size / W`` slice of every global batch, the history holds
-    global-batch means on every rank, and only rank 0 writes the checkpoint (the others wait);
-    resuming reads it on every rank (a filesystem shared by the nodes). ``on_epoch`` and
-    ``on_batch`` run on every rank. What is exactly the single-process run, and what is
-    refused, is in :mod:`kdiga.distributed`.
+    (mid-epoch too), so its schedule is the uninterrupted run's. Checkpoints and resuming,
+    and what every rank does under torchrun: see the module docstring.
 
     Args:
         student: the model to train (moved to ``device``).
         criterion: ``(student, teacher, x, y, [teacher_out=]) -> dict`` with a "loss" scalar.
-        images: uint8 ``[N, C, H, W]`` (or float in [0, 1]); held on ``device`` for the run.
-            None with ``stream``.
-        labels: int ``[N]`` (None with ``stream``).
+        images, labels: uint8 ``[N, C, H, W]`` (or float in [0, 1]; held on ``device`` for
+            the run) and int ``[N]``; both None with ``stream``.
         cfg: optimisation settings.
         teacher: moved to ``device``, put in eval mode and frozen (``requires_grad_(False)``).
         stream: batches that come decoded and augmented (:class:`BatchStream`, e.g. streamed
@@ -123,46 +148,56 @@ def fit(
             ``teacher_cache`` and no ``batch_source``. Under DDP each rank passes its own.
         checkpoint_path: where to checkpoint and resume; None: no checkpoints.
         checkpoint_record: what the run is made for (plain JSON values, e.g. the pipeline
-            job's params, input hashes and code): stored in every checkpoint, and a checkpoint
-            made for another record (or for none) is not resumed: CheckpointError naming the
-            first key that differs.
+            job's params, input hashes and code): stored in every checkpoint; a checkpoint made
+            for another record (or none) is not resumed: CheckpointError names the first key
+            that differs.
         device: where to train; bf16 autocast and channels_last apply on CUDA only.
         on_epoch: called with each epoch's history record, after its checkpoint is saved.
-        on_batch: called after each step with {epoch, batch, num_batches, loss parts...}
-            (e.g. to drive a progress bar).
+        on_batch: called after each step with {epoch, batch, num_batches, loss parts...}.
         val: (images, labels) for a held-out validation accuracy after each epoch.
         teacher_cache: ``(indices [B] into images, on CPU) -> TeacherSignals`` passed to the
             criterion as ``teacher_out=`` (precomputed teacher signals; needs augment="none").
         batch_source: ``(indices [B] on CPU, epoch 0-based) -> (x [B, C, H, W] in [0, 1],
             teacher_out)``: replaces the loop's augmentation and ``teacher_cache`` (e.g. a
             ``kdiga.signals.SignalCache`` of K augmented views; needs augment="none").
-        progress: called with a :class:`kdiga.progress.Progress` of the task "train" (steps
-            of the whole run, ``cfg.epochs`` x steps per epoch; a resumed run starts at its
-            checkpoint's step) at the start of each epoch and after each step.
+        progress: gets a :class:`kdiga.progress.Progress` of the task "train" (steps of the
+            run, ``cfg.epochs`` x steps per epoch; a resumed run starts at its checkpoint's
+            step) at the start of each epoch and after each step.
 
     Returns:
         one dict per epoch: epoch (1-based), lr, the mean of each loss part, time_s, and
-        val_acc when ``val`` is given.
-
-    Raises:
-        NonFiniteLossError: a NaN or infinite loss part (epoch and batch named).
+        val_acc when ``val`` is given. Raises NonFiniteLossError on a NaN or infinite loss
+        part (epoch and batch named).
     """
-    info = current()
     images, labels, val = check_inputs(
         criterion, images, labels, cfg, stream, val, teacher_cache, batch_source
     )
     device = torch.device(device)
-    n_train = stream.steps_per_epoch * cfg.batch_size if stream is not None else labels.numel()
-    check_run(n_train, cfg.batch_size, cfg.drop_last or stream is not None, info.world_size,
-              criterion, sync_bn=cfg.sync_bn, device=device)  # fmt: skip
+    _check_run(criterion, labels, cfg, stream, device)
     teacher = _place_models(student, teacher, cfg, device)
     if stream is None:
         images, labels = images.to(device), labels.to(device)
     optimizer, scheduler = build_optimizer(student, cfg)
-    path = None if checkpoint_path is None else Path(checkpoint_path)
     if isinstance(criterion, nn.Module):
         criterion.to(device)
-    cuda_index = _cuda_index(device)
+    run = _Run(
+        student=student, criterion=criterion, teacher=teacher, cfg=cfg, device=device,
+        optimizer=optimizer, scheduler=scheduler, images=images, labels=labels, stream=stream,
+        val=val, teacher_cache=teacher_cache, batch_source=batch_source, on_epoch=on_epoch,
+        on_batch=on_batch, progress=progress,
+    )  # fmt: skip
+    return _train(run, checkpoint_path, checkpoint_record)
+
+
+def _train(
+    run: _Run, checkpoint_path: str | Path | None, checkpoint_record: Mapping[str, Any] | None
+) -> list[dict[str, float]]:
+    """The epochs of ``run`` under the run's own RNG, resumed from ``checkpoint_path`` when that
+    file exists; returns the history."""
+    info = current()
+    cfg, student = run.cfg, run.student
+    path = None if checkpoint_path is None else Path(checkpoint_path)
+    cuda_index = _cuda_index(run.device)
     # The run's global RNG (dropout, PGD random starts in losses) is its own: seeded from
     # cfg.seed or restored from the checkpoint, and the caller's state is restored afterwards.
     resume = path is not None and path.exists()
@@ -174,42 +209,72 @@ def fit(
         start, history, pos = 0, [], Position()
         if resume:
             start, history, pos = _resume(
-                path, cfg, checkpoint_record, student, optimizer, scheduler, cuda_index
+                path, cfg, checkpoint_record, student, run.optimizer, run.scheduler, cuda_index
             )
         else:
             seed_rng(rank_seed(cfg.seed, info.rank), cuda_index)  # rank 0: cfg.seed
         save = _saver(
-            path, student, optimizer, scheduler, cfg, history, cuda_index, checkpoint_record
-        )
-        model = stack.enter_context(data_parallel(student, device, sync_bn=cfg.sync_bn))
-        track = Tracker(progress, "train", 0, "steps")
-        set_epoch = getattr(criterion, "set_epoch", None)
+            path, student, run.optimizer, run.scheduler, cfg, history, cuda_index,
+            checkpoint_record,
+        )  # fmt: skip
+        model = stack.enter_context(data_parallel(student, run.device, sync_bn=cfg.sync_bn))
+        track = Tracker(run.progress, "train", 0, "steps")
         for epoch in range(start, cfg.epochs):
-            if set_epoch is not None:  # epoch-dependent loss weights, resumed runs included
-                set_epoch(epoch, cfg.epochs)
-            lr = optimizer.param_groups[0]["lr"]
-            t0 = time.perf_counter()
-            source = epoch_steps(
-                stream, images, labels, cfg, epoch, device, teacher_cache, batch_source, pos
-            )
-            means = run_epoch(
-                model, criterion, teacher, source, cfg, epoch, optimizer, device, on_batch, pos,
-                lambda at, epoch=epoch: save(epoch, at), track,
-            )  # fmt: skip
+            record = _epoch(run, model, epoch, pos, save, track)
             pos = Position()
-            scheduler.step()
-            broadcast_buffers(student)  # DDP: rank 0's BatchNorm running stats everywhere
-            record = {"epoch": epoch + 1, "lr": lr, **means}
-            record["time_s"] = time.perf_counter() - t0
-            if val is not None:
-                record["val_acc"] = evaluate(student, *val, device=device)
             history.append(record)
             save(epoch + 1)
             if info.rank == 0:
                 logger.info("epoch %d/%d %s", epoch + 1, cfg.epochs, _fmt(record))
-            if on_epoch is not None:
-                on_epoch(dict(record))
+            if run.on_epoch is not None:
+                run.on_epoch(dict(record))
     return history
+
+
+def _epoch(
+    run: _Run,
+    model: nn.Module,
+    epoch: int,
+    pos: Position,
+    save: Callable[..., None],
+    track: Tracker,
+) -> dict[str, float]:
+    """Train epoch ``epoch`` (0-based) from ``pos`` with ``model`` (the student, DDP-wrapped
+    under torchrun) and step the scheduler; returns the epoch's history record."""
+    cfg = run.cfg
+    set_epoch = getattr(run.criterion, "set_epoch", None)
+    if set_epoch is not None:  # epoch-dependent loss weights, resumed runs included
+        set_epoch(epoch, cfg.epochs)
+    lr = run.optimizer.param_groups[0]["lr"]
+    t0 = time.perf_counter()
+    source = epoch_steps(
+        run.stream, run.images, run.labels, cfg, epoch, run.device, run.teacher_cache,
+        run.batch_source, pos,
+    )  # fmt: skip
+    means = run_epoch(
+        model, run.criterion, run.teacher, source, cfg, epoch, run.optimizer, run.device,
+        run.on_batch, pos, lambda at, epoch=epoch: save(epoch, at), track,
+    )  # fmt: skip
+    run.scheduler.step()
+    broadcast_buffers(run.student)  # DDP: rank 0's BatchNorm running stats everywhere
+    record = {"epoch": epoch + 1, "lr": lr, **means}
+    record["time_s"] = time.perf_counter() - t0
+    if run.val is not None:
+        record["val_acc"] = evaluate(run.student, *run.val, device=run.device)
+    return record
+
+
+def _check_run(
+    criterion: Callable[..., dict[str, Tensor]],
+    labels: Tensor | None,
+    cfg: TrainConfig,
+    stream: BatchStream | None,
+    device: torch.device,
+) -> None:
+    """:func:`kdiga.distributed.check_run` for this run's training-set size and world."""
+    n_train = stream.steps_per_epoch * cfg.batch_size if stream is not None else labels.numel()
+    check_run(n_train, cfg.batch_size, cfg.drop_last or stream is not None, current().world_size,
+              criterion, sync_bn=cfg.sync_bn, device=device)  # fmt: skip
 
 
 def _place_models(

@@ -229,7 +229,7 @@ def _check_data_fit(p: Study) -> None:
         problem = val_fraction_problem(p.shard.val_fraction, counts)
         if problem:
             raise ParamError("shard.val_fraction", p.shard.val_fraction, f"{dataset}: {problem}")
-    chans, classes = p.shard.info.channels, p.shard.classes
+    classes = p.shard.classes
     sections = [(f"teachers.{n}.train", t.train) for n, t in p.teachers.items()]
     for k, sec in [*sections, ("distill", p.distill)]:
         if sec.augment in ("crop", "crop_flip") and sec.crop_padding >= size:
@@ -239,6 +239,20 @@ def _check_data_fit(p: Study) -> None:
                 f"with {k}.augment {sec.augment} the padding must be less than "
                 f"shard.image_size ({size})",
             )
+    _check_normalisation(p)
+    n_target = p.attack.autoattack.n_target_classes
+    if n_target is not None and n_target > classes - 1:
+        raise ParamError(
+            "attack.autoattack.n_target_classes",
+            n_target,
+            f"at most {classes - 1}: {dataset} has {classes} classes",
+        )
+
+
+def _check_normalisation(p: Study) -> None:
+    """Each teacher's mean and std: both or neither, each of one value or one per channel of
+    the dataset's images, of the same length."""
+    dataset, chans = p.shard.dataset, p.shard.info.channels
     lengths = sorted({1, chans})
     allowed = " or ".join(map(str, lengths)) + (" values" if chans > 1 else " value")
     for name, t in p.teachers.items():
@@ -265,13 +279,6 @@ def _check_data_fit(p: Study) -> None:
                     t.std,
                     f"mean and std must have the same length; {at}.mean has {len(t.mean)}",
                 )
-    n_target = p.attack.autoattack.n_target_classes
-    if n_target is not None and n_target > classes - 1:
-        raise ParamError(
-            "attack.autoattack.n_target_classes",
-            n_target,
-            f"at most {classes - 1}: {dataset} has {classes} classes",
-        )
 
 
 def check_models(p: Study) -> None:

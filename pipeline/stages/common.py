@@ -167,23 +167,7 @@ def run(
     try:
         if problem:
             raise problem
-        path = args.params or params_file()
-        params = load_params(path)
-        for warning in _job_warnings(params, stage, args):
-            log.warning("%s", warning)
-        refuse_if_snakemake_runs()  # DVC or a hand run beside a Snakemake run of the study
-        check_paths(params, (stage,))
-        from kdiga.utils import seed_everything
-
-        set_cpu_threads()  # the same bytes whichever tool runs the job
-        seed_everything(params.shard.seed)  # any draw a stage makes: same seed, same run
-        # A job run by hand: say when dvc.yaml no longer describes the params (DVC's own
-        # first stage refuses then; a Snakemake run reads no dvc.yaml, and its end-of-run
-        # sync checks it before recording anything)
-        by_hand = os.environ.get(RUNNER_ENV) != SNAKEMAKE
-        described = path == "params.yaml" and Path("dvc.yaml").exists()
-        if by_hand and described and (stale := dag.check_fresh(path)):
-            log.warning("%s", stale)
+        params = _prepare_job(stage, args)
         body(args, params)
     except JobIsCurrent as done:
         log.info("%s", done)
@@ -207,6 +191,29 @@ def run(
         raise
     job.close()
     return 0
+
+
+def _prepare_job(stage: str, args: argparse.Namespace) -> Study:
+    """The job's params, loaded and checked (with its warnings logged), once it is known not to
+    run beside a Snakemake run; CPU threads and seeds set."""
+    path = args.params or params_file()
+    params = load_params(path)
+    for warning in _job_warnings(params, stage, args):
+        log.warning("%s", warning)
+    refuse_if_snakemake_runs()  # DVC or a hand run beside a Snakemake run of the study
+    check_paths(params, (stage,))
+    from kdiga.utils import seed_everything
+
+    set_cpu_threads()  # the same bytes whichever tool runs the job
+    seed_everything(params.shard.seed)  # any draw a stage makes: same seed, same run
+    # A job run by hand: say when dvc.yaml no longer describes the params (DVC's own
+    # first stage refuses then; a Snakemake run reads no dvc.yaml, and its end-of-run
+    # sync checks it before recording anything)
+    by_hand = os.environ.get(RUNNER_ENV) != SNAKEMAKE
+    described = path == "params.yaml" and Path("dvc.yaml").exists()
+    if by_hand and described and (stale := dag.check_fresh(path)):
+        log.warning("%s", stale)
+    return params
 
 
 THREADS_ENV = "KDIGA_THREADS"
