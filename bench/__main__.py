@@ -54,8 +54,10 @@ def main(argv: list[str] | None = None) -> int:
             or not _find(module)
             or not hasattr(importlib.import_module(module), "main")
         ):
-            parser.error(f"unrecognized arguments: {' '.join(extra)} (options of a benchmark's "
-                         "own go after exactly one name whose module has a main)")  # fmt: skip
+            parser.error(
+                f"unrecognized arguments: {' '.join(extra)} (options of a benchmark's "
+                "own go after exactly one name whose module has a main)"
+            )
         importlib.import_module(module).main([*extra, *(["--quick"] if args.quick else [])])
         return 0
 

@@ -98,9 +98,14 @@ def independent(model: nn.Module, x: Tensor, y: Tensor, eps: float) -> Tensor:
     """γ from a plain ascent unlike the new one: 50 steps x 3 random starts, step eps/4."""
     gen = torch.Generator().manual_seed(7)
     plain = AscentSettings(
-        steps=50, restarts=3, step_size=eps / 4, ascent="fixed", signs="positive",
-        corners=False, patience=0,
-    )  # fmt: skip
+        steps=50,
+        restarts=3,
+        step_size=eps / 4,
+        ascent="fixed",
+        signs="positive",
+        corners=False,
+        patience=0,
+    )
     return local_linearity(model, x, y, eps, settings=plain, generator=gen).gamma
 
 
@@ -166,9 +171,16 @@ def _violations(
     for name in ("old", "new"):
         gen = torch.Generator().manual_seed(0)
         check = proposition2_violations(
-            student, teacher, x, y, eps, settings=SETTINGS[name], random_points=0,
-            generator=gen, **adv,
-        )  # fmt: skip
+            student,
+            teacher,
+            x,
+            y,
+            eps,
+            settings=SETTINGS[name],
+            random_points=0,
+            generator=gen,
+            **adv,
+        )
         pgd_rate = torch.stack([check.violated["pgd_student"], check.violated["pgd_teacher"]])
         out[name] = pgd_rate.any(dim=0).double().mean().item()
         out[f"{name}_all"] = check.rate["all"]
@@ -361,9 +373,15 @@ def _study_jobs(
 
         def after(s=s, t=t, res=res) -> None:
             res["after"] = table4(
-                s, t, x, y, settings=now, generator=_seeded(params),
-                check_samples=b.check_samples, **kw,
-            )  # fmt: skip
+                s,
+                t,
+                x,
+                y,
+                settings=now,
+                generator=_seeded(params),
+                check_samples=b.check_samples,
+                **kw,
+            )
 
         timing = compare({"before": before, "after": after}, repeats=repeats, warmup=0)
         row: dict[str, Any] = {"job": f"{sid} (vs {teacher})"}
@@ -395,8 +413,15 @@ def _study_gammas(
                 model, x, y, r, settings=SETTINGS["long"], generator=_seeded(params)
             ).gamma
             g = gammas[name, r].double()
-            rows.append([name, f"{r:g}", long.mean().item(), g.mean().item(),
-                         g.mean().item() / long.double().mean().item()])  # fmt: skip
+            rows.append(
+                [
+                    name,
+                    f"{r:g}",
+                    long.mean().item(),
+                    g.mean().item(),
+                    g.mean().item() / long.double().mean().item(),
+                ]
+            )
     return rows
 
 
@@ -412,8 +437,9 @@ def _job_rows(jobs: list[dict[str, Any]], radii: Sequence[float]) -> list[list[A
                 continue
             cells = [f"{k} {100 * v[k]:.1f}%" for k in VIOLATION_KINDS if v.get(k)]
             rates.append(f"{r:g}: {100 * v['all']:.1f}%" + (f" ({', '.join(cells)})" * bool(cells)))
-        job_rows.append([j["job"], j["t before"], j["t after"], j["t after"] / j["t before"],
-                         "; ".join(rates)])  # fmt: skip
+        job_rows.append(
+            [j["job"], j["t before"], j["t after"], j["t after"] / j["t before"], "; ".join(rates)]
+        )
     return job_rows
 
 

@@ -183,9 +183,13 @@ def _digits_teacher(quick: bool) -> tuple[nn.Module, str]:
     x, y = load_dataset("digits", "train", image_size=16)
     epochs = 6 if quick else 20
     cfg = TrainConfig(
-        epochs=epochs, batch_size=64, lr=0.05, milestones=(max(1, epochs * 3 // 4),),
-        augment="crop", crop_padding=2,
-    )  # fmt: skip
+        epochs=epochs,
+        batch_size=64,
+        lr=0.05,
+        milestones=(max(1, epochs * 3 // 4),),
+        augment="crop",
+        crop_padding=2,
+    )
     fit(teacher, build_loss("at", eps=RADIUS, steps=5), x, y, cfg)
     return teacher, f"teacher: small_cnn PGD-AT trained here ({epochs} epochs; no {TEACHER_PATH})"
 

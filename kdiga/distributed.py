@@ -130,8 +130,9 @@ def init_from_env(backend: str | None = None, *, timeout: timedelta | None = Non
     backend = backend or ("nccl" if cuda else "gloo")
     kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
     dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, **kwargs)
-    logger.info("rank %d/%d (local %d) joined the %s process group", rank, world, local_rank,
-                backend)  # fmt: skip
+    logger.info(
+        "rank %d/%d (local %d) joined the %s process group", rank, world, local_rank, backend
+    )
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, is_distributed=True)
 
 
@@ -229,8 +230,12 @@ def all_reduce_weighted_mean(values: Tensor, weight: float) -> tuple[Tensor, flo
 
     ``values`` ``[K]`` (float) are this rank's means over ``weight`` samples.
     """
-    packed = torch.cat([values.detach().double().reshape(-1) * weight,
-                        values.new_tensor([weight], dtype=torch.float64)])  # fmt: skip
+    packed = torch.cat(
+        [
+            values.detach().double().reshape(-1) * weight,
+            values.new_tensor([weight], dtype=torch.float64),
+        ]
+    )
     total = all_reduce_sum(packed)
     count = float(total[-1])
     return total[:-1] / count, count

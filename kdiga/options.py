@@ -64,20 +64,33 @@ class DatasetInfo:
 #: test); synthetic: 512 images a split by default (``n``), labels ``arange(n) % classes``
 DATASET_INFO = {
     "digits": DatasetInfo(
-        channels=1, classes=10, image_size=16, test_images=599,
+        channels=1,
+        classes=10,
+        image_size=16,
+        test_images=599,
         train_class_counts=(119, 121, 118, 122, 121, 121, 121, 119, 116, 120),
     ),
     "cifar10": DatasetInfo(
-        channels=3, classes=10, image_size=32, test_images=10_000,
+        channels=3,
+        classes=10,
+        image_size=32,
+        test_images=10_000,
         train_class_counts=(5_000,) * 10,
     ),
     "imagenet": DatasetInfo(
-        channels=3, classes=1000, image_size=224, test_images=50_000,
-        train_images=1_281_167, image_folder=True,
+        channels=3,
+        classes=1000,
+        image_size=224,
+        test_images=50_000,
+        train_images=1_281_167,
+        image_folder=True,
     ),
     "synthetic": DatasetInfo(
-        channels=3, classes=10, image_size=32, test_images=512,
+        channels=3,
+        classes=10,
+        image_size=32,
+        test_images=512,
         train_class_counts=(52, 52, 51, 51, 51, 51, 51, 51, 51, 51),
     ),
-}  # fmt: skip
+}
 DATASETS = tuple(DATASET_INFO)

@@ -138,9 +138,13 @@ class SignalSet:
         scale = None if self.grad_scale is None else self.grad_scale[:k]
         meta = {key: v for key, v in self.meta.items() if key != "content_sha256"}
         return SignalSet(
-            self.offsets[:k], self.flips[:k], self.logits[:k], self.grads[:k], scale,
+            self.offsets[:k],
+            self.flips[:k],
+            self.logits[:k],
+            self.grads[:k],
+            scale,
             {**meta, "views": k},
-        )  # fmt: skip
+        )
 
     def view_images(self, images: Tensor, views: Tensor, idx: Tensor) -> Tensor:
         """Float ``[B, C, H, W]`` in [0, 1]: ``images`` (uint8 ``[B, C, H, W]``, the samples

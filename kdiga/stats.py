@@ -63,8 +63,12 @@ import torch
 
 METHODS = ("seeds+images", "seeds", "bootstrap", "single")
 #: what each method's interval is over, as the report labels it
-INTERVAL_OVER = {"seeds+images": "seeds and images", "seeds": "seeds only",
-                 "bootstrap": "images only, one seed", "single": "no interval"}  # fmt: skip
+INTERVAL_OVER = {
+    "seeds+images": "seeds and images",
+    "seeds": "seeds only",
+    "bootstrap": "images only, one seed",
+    "single": "no interval",
+}
 DIRECTIONS = ("greater", "less")
 NEEDS_SEEDS = "needs ≥ 2 seeds"
 VERDICTS = ("supported", "not supported", "inconclusive", NEEDS_SEEDS)

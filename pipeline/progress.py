@@ -246,9 +246,14 @@ class Bars:
         bar = self.bars.get(e.task)
         if bar is None:
             bar = tqdm(
-                total=e.total, initial=e.done, desc=e.task, unit=f" {e.unit}",
-                position=len(self.bars), file=self.stream, dynamic_ncols=True,
-            )  # fmt: skip
+                total=e.total,
+                initial=e.done,
+                desc=e.task,
+                unit=f" {e.unit}",
+                position=len(self.bars),
+                file=self.stream,
+                dynamic_ncols=True,
+            )
             self.bars[e.task] = bar
         elif e.done < bar.n or e.total != bar.total:
             bar.reset(total=e.total)

@@ -63,8 +63,15 @@ class Row:
         eta = duration(self.eta) if self.eta is not None else "-"
         if self.state == "to run" and self.plan_hours is not None:
             eta = f"plan {duration(self.plan_hours * 3600)}"
-        return [self.job, self.stage, self.state, self.progress or "-", duration(self.elapsed),
-                eta, self.where]  # fmt: skip
+        return [
+            self.job,
+            self.stage,
+            self.state,
+            self.progress or "-",
+            duration(self.elapsed),
+            eta,
+            self.where,
+        ]
 
 
 def outputs_current(params: Study, job: dag.Job) -> bool:
@@ -170,8 +177,11 @@ def summary(rows: list[Row], plan: dict[str, float] | None, plan_path: str) -> l
     if not todo:
         return lines
     if plan is None:
-        return [*lines, f"{what}: unknown (no cost plan at {plan_path}: "
-                        f"`python -m pipeline.plan --json > {PLAN_JSON}` writes one)"]  # fmt: skip
+        return [
+            *lines,
+            f"{what}: unknown (no cost plan at {plan_path}: "
+            f"`python -m pipeline.plan --json > {PLAN_JSON}` writes one)",
+        ]
     known = [r.plan_hours for r in todo if r.plan_hours is not None]
     hours = f"{sum(known):,.4g} h ({duration(sum(known) * 3600)})"
     if len(known) == len(todo):
@@ -179,8 +189,10 @@ def summary(rows: list[Row], plan: dict[str, float] | None, plan_path: str) -> l
     if not known:
         return [*lines, f"{what}: unknown (none of them is in the cost plan {plan_path})"]
     missing = len(todo) - len(known)
-    return [*lines, f"{what}: at least {hours}; {missing} of them not in the cost plan "
-                    f"{plan_path}, unknown"]  # fmt: skip
+    return [
+        *lines,
+        f"{what}: at least {hours}; {missing} of them not in the cost plan {plan_path}, unknown",
+    ]
 
 
 def status(
@@ -213,9 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--params", default=None, help="default: $KDIGA_PARAMS or params.yaml")
     ap.add_argument(
-        "--plan", default=None, help=f"a cost plan from `pipeline.plan --json` (default: "
-        f"{PLAN_JSON} if it exists)",
-    )  # fmt: skip
+        "--plan",
+        default=None,
+        help=f"a cost plan from `pipeline.plan --json` (default: {PLAN_JSON} if it exists)",
+    )
     ap.add_argument("--all", action="store_true", help="list the jobs that are done too")
     args = ap.parse_args(argv)
     try:

@@ -58,21 +58,38 @@ def body(args: argparse.Namespace, params: Study) -> None:
             model = build_student(params, job, data_info(manifest))
             cfg = train_config(params.train_settings(student), seed)
             start = time.perf_counter()
-            fit(model, method.build_from(d), x, y, cfg,
-                teacher=teacher, device=dev)  # fmt: skip
-            sweep = robust_sweep(model.eval(), to_float(vx), vy, a.radii, attack="pgd",
-                                 norm=a.norm, batch_size=a.batch_size, seed=params.shard.seed,
-                                 device=dev, steps=a.pgd.steps, restarts=a.pgd.restarts,
-                                 step_size=a.pgd.step_size)  # fmt: skip
+            fit(model, method.build_from(d), x, y, cfg, teacher=teacher, device=dev)
+            sweep = robust_sweep(
+                model.eval(),
+                to_float(vx),
+                vy,
+                a.radii,
+                attack="pgd",
+                norm=a.norm,
+                batch_size=a.batch_size,
+                seed=params.shard.seed,
+                device=dev,
+                steps=a.pgd.steps,
+                restarts=a.pgd.restarts,
+                step_size=a.pgd.step_size,
+            )
             acc = sweep.accuracy()
             rows.append((weight, acc["clean"], [acc["robust"][r] for r in sweep.radii]))
-            log.info("weight %g: %.1f s, val clean %.3f, robust %s", weight,
-                     time.perf_counter() - start, acc["clean"], rows[-1][2])  # fmt: skip
+            log.info(
+                "weight %g: %.1f s, val clean %.3f, robust %s",
+                weight,
+                time.perf_counter() - start,
+                acc["clean"],
+                rows[-1][2],
+            )
     head = " | ".join(f"{r:g}" for r in a.radii)
-    lines = [f"| {args.method} IGA weight | val clean | {head} |",
-             "|" + "---|" * (2 + len(a.radii))]  # fmt: skip
-    lines += [f"| {w:g} | {c:.3f} | " + " | ".join(f"{v:.3f}" for v in rob) + " |"
-              for w, c, rob in rows]  # fmt: skip
+    lines = [
+        f"| {args.method} IGA weight | val clean | {head} |",
+        "|" + "---|" * (2 + len(a.radii)),
+    ]
+    lines += [
+        f"| {w:g} | {c:.3f} | " + " | ".join(f"{v:.3f}" for v in rob) + " |" for w, c, rob in rows
+    ]
     print("\n".join(lines))
 
 

@@ -95,11 +95,17 @@ def local_linearity(
         x, y = plain(x), plain(y)
         ce0, g0 = input_gradient(model, x, y)
         t, count = own_ascent(
-            model, x, y, s, generator, ce0, g0,
+            model,
+            x,
+            y,
+            s,
+            generator,
+            ce0,
+            g0,
             warm_starts=[plain(e) for e in warm_starts],
             extra=[plain(e) for e in extra_perturbations],
             on_evaluate=on_evaluate,
-        )  # fmt: skip
+        )
     return LLMResult(
         gamma=t.gamma,
         e_star=t.e_star,

@@ -278,9 +278,21 @@ def proposition2_violations(
         share = teacher_check(teacher, x, y, s, generator, ce_t, g_t, pgd_steps, adv_t)
         terms = phi(ce_s, ce_t, g_s, g_t, s.eps, s.norm)
         return check_points(
-            (student, teacher), x, y, s, generator, st.gamma, share, terms, seen, adv_s,
-            pgd_steps, random_points, rtol, len(x),
-        )  # fmt: skip
+            (student, teacher),
+            x,
+            y,
+            s,
+            generator,
+            st.gamma,
+            share,
+            terms,
+            seen,
+            adv_s,
+            pgd_steps,
+            random_points,
+            rtol,
+            len(x),
+        )
 
 
 def check_points(

@@ -139,9 +139,16 @@ class _BatchNormTrain(torch.autograd.Function):
     ) -> Tensor:
         running_mean, running_var = stats
         out, mean, invstd, reserve, impl = torch.ops.aten._batch_norm_impl_index(
-            x, w, b, running_mean, running_var, True, momentum, eps,
+            x,
+            w,
+            b,
+            running_mean,
+            running_var,
+            True,
+            momentum,
+            eps,
             torch.backends.cudnn.enabled,
-        )  # fmt: skip
+        )
         ctx.save_for_backward(x, w, mean, invstd, reserve)
         ctx.impl, ctx.eps, ctx.has_bias = impl, eps, b is not None
         return out

@@ -164,9 +164,12 @@ class StreamLoader:
             # its own generator: the default one would draw the workers' base seed from the
             # global RNG, which a trainer restores on resume (the views do not use that seed)
             source = DataLoader(
-                dataset, batch_size=None, num_workers=cfg.workers, pin_memory=self.pin_memory,
+                dataset,
+                batch_size=None,
+                num_workers=cfg.workers,
+                pin_memory=self.pin_memory,
                 generator=torch.Generator().manual_seed(mix("workers", cfg.seed, self.epoch)),
-            )  # fmt: skip
+            )
         self.batch = self.start_batch
         for item in source:
             if isinstance(item, Failure):
@@ -364,9 +367,14 @@ def load_image_split(
                 "replaced): run the shard stage again"
             )
     loader = stream_loader(
-        manifest, train=False, batch_size=batch_size, image_size=int(doc["image_size"]),
-        workers=workers, rank=0, world_size=1,
-    )  # fmt: skip
+        manifest,
+        train=False,
+        batch_size=batch_size,
+        image_size=int(doc["image_size"]),
+        workers=workers,
+        rank=0,
+        world_size=1,
+    )
     xs, ys = [], []
     for x, y in loader:
         keep = y != PAD_LABEL
@@ -374,8 +382,9 @@ def load_image_split(
         ys.append(y[keep])
     images, labels = torch.cat(xs), torch.cat(ys)
     if len(labels) != doc["num_samples"]:
-        raise ShardError(f"{manifest}: read {len(labels)} samples, the manifest says "
-                         f"{doc['num_samples']}")  # fmt: skip
+        raise ShardError(
+            f"{manifest}: read {len(labels)} samples, the manifest says {doc['num_samples']}"
+        )
     return images, labels, doc
 
 
@@ -409,9 +418,14 @@ class ShardBatches:
             )
         self.manifest = manifest
         self.kwargs = dict(
-            train=True, batch_size=batch_size // world, image_size=image_size, workers=workers,
-            seed=seed, shuffle_buffer=shuffle_buffer, decode=decode,
-        )  # fmt: skip
+            train=True,
+            batch_size=batch_size // world,
+            image_size=image_size,
+            workers=workers,
+            seed=seed,
+            shuffle_buffer=shuffle_buffer,
+            decode=decode,
+        )
         self.steps_per_epoch = len(stream_loader(manifest, **self.kwargs))
 
     def batches(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[Tensor, Tensor]]:

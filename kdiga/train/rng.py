@@ -53,8 +53,10 @@ def restore_rng(
         if info.rank == 0:
             logger.warning(
                 "checkpoint was written by %d process(es), resumed by %d: the RNG streams "
-                "of ranks > 0 are re-seeded", len(ranks), info.world_size,
-            )  # fmt: skip
+                "of ranks > 0 are re-seeded",
+                len(ranks),
+                info.world_size,
+            )
         if info.rank > 0:
             seed_rng(rank_seed(fallback_seed, info.rank), cuda_index)
             return

@@ -56,33 +56,41 @@ def param_warnings(p: Study) -> list[ParamWarning]:
         if where is None:  # a student: its own milestones, else distill's
             own = p.students[name].milestones is not None
             where = f"students.{name}" if own else "distill"
-        out.append(ParamWarning(
-            f"{where}.milestones",
-            f"{', '.join(map(str, late))} {'is' if len(late) == 1 else 'are'} not below the "
-            f"{epochs} epochs: the learning rate would drop after the last epoch, so no effect "
-            f"on {kind[:-1]} {name}'s training",
-            stage, name,
-        ))  # fmt: skip
+        out.append(
+            ParamWarning(
+                f"{where}.milestones",
+                f"{', '.join(map(str, late))} {'is' if len(late) == 1 else 'are'} not below the "
+                f"{epochs} epochs: the learning rate would drop after the last epoch, so no effect "
+                f"on {kind[:-1]} {name}'s training",
+                stage,
+                name,
+            )
+        )
     aa = p.attack.autoattack
     runs = AUTOATTACK_VERSION_ATTACKS.get(aa.version)
     written = "attacks" in ((p.raw.get("attack") or {}).get("autoattack") or {})  # no default
     if "autoattack" in p.attack.attacks and runs and written and set(aa.attacks) != set(runs):
-        out.append(ParamWarning(
-            "attack.autoattack.attacks",
-            f"[{', '.join(aa.attacks)}] is not used: version {aa.version} runs its own "
-            f"attacks ({', '.join(runs)}); the list is for version custom",
-            "attack", "autoattack",
-        ))  # fmt: skip
+        out.append(
+            ParamWarning(
+                "attack.autoattack.attacks",
+                f"[{', '.join(aa.attacks)}] is not used: version {aa.version} runs its own "
+                f"attacks ({', '.join(runs)}); the list is for version custom",
+                "attack",
+                "autoattack",
+            )
+        )
     b, n_test = p.bounds, test_images(p.shard)
     used = b.samples if n_test is None else min(b.samples, n_test)
     if b.check_samples > used:
         why = "bounds.samples" if used == b.samples else f"the {used} test images"
-        out.append(ParamWarning(
-            "bounds.check_samples",
-            f"{b.check_samples} is more than the {used} images the bounds use ({why}): "
-            f"Proposition 2 is tested on all {used}",
-            "bounds",
-        ))  # fmt: skip
+        out.append(
+            ParamWarning(
+                "bounds.check_samples",
+                f"{b.check_samples} is more than the {used} images the bounds use ({why}): "
+                f"Proposition 2 is tested on all {used}",
+                "bounds",
+            )
+        )
     return out
 
 
@@ -163,9 +171,10 @@ def check_study(p: Study) -> None:
     needy = [m.name for m in methods if m.needs_teacher]
     if needy and not p.teachers:
         raise ParamError(
-            "teachers", {},
+            "teachers",
+            {},
             f"methods {', '.join(needy)} need a teacher: name at least one under teachers",
-        )  # fmt: skip
+        )
     if not p.students:
         raise ParamError("students", {}, "name at least one student under students")
     if p.report.figure_attack not in p.attack.attacks:
@@ -287,11 +296,16 @@ def check_models(p: Study) -> None:
     Nothing is allocated or downloaded."""
     dataset = p.shard.dataset
     builds = [
-        (f"teachers.{n}.arch", t.arch, f"teachers.{n}.arch_kwargs",
-         {"mean": t.mean, "std": t.std}, t.arch_kwargs)
+        (
+            f"teachers.{n}.arch",
+            t.arch,
+            f"teachers.{n}.arch_kwargs",
+            {"mean": t.mean, "std": t.std},
+            t.arch_kwargs,
+        )
         for n, t in p.teachers.items()
         if t.arch is not None
-    ]  # fmt: skip
+    ]
     builds += [
         (f"students.{n}.arch", s.arch, f"students.{n}.kwargs", {}, s.kwargs)
         for n, s in p.students.items()

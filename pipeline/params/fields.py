@@ -247,9 +247,13 @@ def _path_exists(key: str, v: Any, what: str) -> str:
     return v
 
 
-_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
-               (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-               (stat.S_ISSOCK, "a socket"))  # fmt: skip
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def _regular_file(key: str, v: Any, what: str) -> str:
@@ -388,9 +392,11 @@ def listing(item: Check, *, unique: bool = True) -> Check:
 def _epochs(k: str, v: Any) -> int:
     if v == 0 and isinstance(v, int) and not isinstance(v, bool):
         raise ParamError(
-            k, v, f"expected an integer >= 1 and <= {MAX_EPOCHS}: 0 epochs leaves the model "
+            k,
+            v,
+            f"expected an integer >= 1 and <= {MAX_EPOCHS}: 0 epochs leaves the model "
             "untrained, and the report would show it under its method's name",
-        )  # fmt: skip
+        )
     return _int(k, v, 1, MAX_EPOCHS)
 
 
@@ -464,8 +470,9 @@ def _teacher_source(k: str, src: Any) -> str:
 
 def _student_init(k: str, v: Any) -> str:
     if not isinstance(v, str) or not (v in ("scratch", "pretrained") or v.startswith("file:")):
-        raise ParamError(k, v, "allowed: scratch, pretrained (timm or torchvision weights), "
-                         "file:<checkpoint>")  # fmt: skip
+        raise ParamError(
+            k, v, "allowed: scratch, pretrained (timm or torchvision weights), file:<checkpoint>"
+        )
     if v == "file:":
         raise ParamError(k, v, "name the checkpoint's path: file:<path>")
     return v

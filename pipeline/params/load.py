@@ -48,15 +48,18 @@ def check_plain(raw: Any) -> None:
         seen += 1
         if seen > MAX_VALUES:
             raise ParamError(
-                at or "params", v, f"the file holds more than {MAX_VALUES:,} values (counting "
+                at or "params",
+                v,
+                f"the file holds more than {MAX_VALUES:,} values (counting "
                 "each use of a YAML alias): a params file needs far fewer; write them out",
-            )  # fmt: skip
+            )
         if isinstance(v, dict):
             for k, x in v.items():
                 if not isinstance(k, str):
                     where = f"{at}.{shown(k, repr_=False)}" if at else shown(k, repr_=False)
-                    raise ParamError(where, x, f"a key must be text, not {type(k).__name__}: "
-                                     "quote it")  # fmt: skip
+                    raise ParamError(
+                        where, x, f"a key must be text, not {type(k).__name__}: quote it"
+                    )
                 todo.append((x, f"{at}.{k}" if at else k))
         elif isinstance(v, list):
             todo.extend((x, f"{at}[{i}]") for i, x in enumerate(v))
@@ -64,9 +67,11 @@ def check_plain(raw: Any) -> None:
             kind = next((n for t, n in _YAML_TYPES.items() if isinstance(v, t)), None)
             kind = kind or f"a {type(v).__name__}"
             raise ParamError(
-                at or "params", v, f"{kind} is not a plain value: params take text, numbers, "
+                at or "params",
+                v,
+                f"{kind} is not a plain value: params take text, numbers, "
                 "true/false, null, lists and mappings (quote a date or a path to give text)",
-            )  # fmt: skip
+            )
 
 
 def params_file() -> str:

@@ -78,29 +78,53 @@ TRAIN_KEYS = (*OPTIMISER_KEYS, "augment", "crop_padding")
 
 @dataclass(frozen=True, kw_only=True)
 class Shard:
-    dataset: str = key("digits", choice(*DATASETS), "the dataset: digits, cifar10, imagenet, "
-                       "synthetic")  # fmt: skip
-    root: str | None = key(None, optional(_text), "dataset root (cifar10: torchvision layout; "
-                           "imagenet: ImageFolder)")  # fmt: skip
+    dataset: str = key(
+        "digits", choice(*DATASETS), "the dataset: digits, cifar10, imagenet, synthetic"
+    )
+    root: str | None = key(
+        None, optional(_text), "dataset root (cifar10: torchvision layout; imagenet: ImageFolder)"
+    )
     image_size: int = key(16, integer(4, MAX_IMAGE_SIZE), "images are resized to this side")
-    val_fraction: float = key(0.2, _val_fraction, "held out of train for tuning; the test split "
-                              "is never used to tune")  # fmt: skip
-    test_samples: int | None = key(300, optional(integer(1)), "evaluate on this many random "
-                                   "test images (null: all)")  # fmt: skip
+    val_fraction: float = key(
+        0.2, _val_fraction, "held out of train for tuning; the test split is never used to tune"
+    )
+    test_samples: int | None = key(
+        300, optional(integer(1)), "evaluate on this many random test images (null: all)"
+    )
     max_per_shard: int = key(10000, integer(1), "images per WebDataset shard")
-    num_classes: int | None = key(None, optional(integer(2, MAX_CLASSES)), "null: the dataset's "
-                                  "own (imagenet 1000); an ImageFolder root with another number "
-                                  "of class folders sets it")  # fmt: skip
-    resize_short: int | None = key(None, optional(integer(1, MAX_IMAGE_SIZE)), "imagenet: store "
-                                   "images whose short side is longer shrunk to this side "
-                                   "(null: the original JPEG bytes)")  # fmt: skip
-    workers: int = key(2, integer(0, 256), "imagenet: DataLoader workers that decode and "
-                       "augment streamed shards (the batch order depends on it)")  # fmt: skip
-    shuffle_buffer: int = key(1000, integer(0, 10_000_000), "imagenet: samples in each "
-                              "worker's shuffle buffer while training")  # fmt: skip
-    max_gb: float = key(16.0, number(strict=True), "the shard stage refuses data whose images "
-                        "held in memory would be larger (GB: images x channels x image_size^2 "
-                        "bytes; every stage holds them)", results=False)  # fmt: skip
+    num_classes: int | None = key(
+        None,
+        optional(integer(2, MAX_CLASSES)),
+        "null: the dataset's "
+        "own (imagenet 1000); an ImageFolder root with another number "
+        "of class folders sets it",
+    )
+    resize_short: int | None = key(
+        None,
+        optional(integer(1, MAX_IMAGE_SIZE)),
+        "imagenet: store "
+        "images whose short side is longer shrunk to this side "
+        "(null: the original JPEG bytes)",
+    )
+    workers: int = key(
+        2,
+        integer(0, 256),
+        "imagenet: DataLoader workers that decode and "
+        "augment streamed shards (the batch order depends on it)",
+    )
+    shuffle_buffer: int = key(
+        1000,
+        integer(0, 10_000_000),
+        "imagenet: samples in each worker's shuffle buffer while training",
+    )
+    max_gb: float = key(
+        16.0,
+        number(strict=True),
+        "the shard stage refuses data whose images "
+        "held in memory would be larger (GB: images x channels x image_size^2 "
+        "bytes; every stage holds them)",
+        results=False,
+    )
     seed: int = key(
         0,
         integer(0, SEED_MAX),
@@ -147,14 +171,22 @@ class Training:
     momentum: float = key(0.9, _momentum, "SGD momentum, in [0, 1)")
     weight_decay: float = key(5.0e-4, number(), "SGD weight decay")
     milestones: list = key([10], _milestones, "epochs at which the lr is divided by 10")
-    augment: str = key("crop", choice(*AUGMENTATIONS), "none, crop or crop_flip (in-memory data; "
-                       "streamed imagenet trains on RandomResizedCrop + flip)")  # fmt: skip
+    augment: str = key(
+        "crop",
+        choice(*AUGMENTATIONS),
+        "none, crop or crop_flip (in-memory data; "
+        "streamed imagenet trains on RandomResizedCrop + flip)",
+    )
     crop_padding: int = key(2, integer(0), "pixels of padding of the random crop")
     # not in TRAIN_KEYS nor in any params view: the weights do not depend on it
-    checkpoint_every: int = key(0, integer(0, MAX_STEPS), "also checkpoint every that many "
-                                "steps within an epoch, to resume mid-epoch (0: at the end of "
-                                "each epoch only); results do not depend on it",
-                                results=False)  # fmt: skip
+    checkpoint_every: int = key(
+        0,
+        integer(0, MAX_STEPS),
+        "also checkpoint every that many "
+        "steps within an epoch, to resume mid-epoch (0: at the end of "
+        "each epoch only); results do not depend on it",
+        results=False,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,16 +201,24 @@ class TeacherTrain(Training):
 
 @dataclass(frozen=True, kw_only=True)
 class Teacher:
-    source: str = key("train", _teacher_source, "train | file:<path> | url:<https://...> | "
-                      "timm:<name>")  # fmt: skip
+    source: str = key(
+        "train", _teacher_source, "train | file:<path> | url:<https://...> | timm:<name>"
+    )
     arch: str | None = key(None, optional(_arch), "architecture (required unless timm:)")
     arch_kwargs: dict = key({}, lambda k, v: _model_kwargs(k, v), "architecture options")
     sha256: str | None = key(None, _sha256, "required for url:, checked for file:")
-    mean: list | None = key(None, lambda k, v: _norm_stats(k, v), "input normalisation inside "
-                            "the model (null: identity or the checkpoint's own)")  # fmt: skip
+    mean: list | None = key(
+        None,
+        lambda k, v: _norm_stats(k, v),
+        "input normalisation inside the model (null: identity or the checkpoint's own)",
+    )
     std: list | None = key(None, lambda k, v: _norm_stats(k, v, positive=True), "see mean")
-    max_mb: float = key(2048.0, number(strict=True), "url: a download larger than this (MB) "
-                        "stops, and nothing is kept", results=False)  # fmt: skip
+    max_mb: float = key(
+        2048.0,
+        number(strict=True),
+        "url: a download larger than this (MB) stops, and nothing is kept",
+        results=False,
+    )
     train: TeacherTrain = section(TeacherTrain, "how a `train` teacher is trained")
 
     def check(self, prefix: str) -> None:
@@ -207,16 +247,23 @@ class Teacher:
 
 @dataclass(frozen=True, kw_only=True)
 class Student:
-    arch: str = key(check=_arch, doc="architecture: a kdiga model, timm:<name> or "
-                    "torchvision:<name>")  # fmt: skip
-    init: str = key("scratch", _student_init, "scratch | pretrained (timm or torchvision "
-                    "weights) | file:<checkpoint>")  # fmt: skip
+    arch: str = key(
+        check=_arch, doc="architecture: a kdiga model, timm:<name> or torchvision:<name>"
+    )
+    init: str = key(
+        "scratch",
+        _student_init,
+        "scratch | pretrained (timm or torchvision weights) | file:<checkpoint>",
+    )
     sha256: str | None = key(None, _sha256, "checked for a file: init")
     kwargs: dict = key({}, lambda k, v: _model_kwargs(k, v), "architecture options")
     epochs: int | None = key(None, optional(_epochs), "null: distill.epochs")
     batch_size: int | None = key(None, optional(integer(1, MAX_BATCH)), "null: distill's")
-    lr: float | None = key(None, optional(number(strict=True)), "null: distill.lr (the paper "
-                           "fine-tunes ViT-S/16 at 1e-5)")  # fmt: skip
+    lr: float | None = key(
+        None,
+        optional(number(strict=True)),
+        "null: distill.lr (the paper fine-tunes ViT-S/16 at 1e-5)",
+    )
     momentum: float | None = key(None, optional(_momentum), "null: distill.momentum")
     weight_decay: float | None = key(None, optional(number()), "null: distill.weight_decay")
     milestones: list | None = key(None, optional(_milestones), "null: distill.milestones")
@@ -255,8 +302,11 @@ class Iga:
 
 @dataclass(frozen=True, kw_only=True)
 class Adversarial:
-    eps: float = key(0.1, parse_radius, "radius of the inner maximisation (ard, kdiga_ardc, "
-                     "kdiga_arda, rslad, adaad, iad, igdm)")  # fmt: skip
+    eps: float = key(
+        0.1,
+        parse_radius,
+        "radius of the inner maximisation (ard, kdiga_ardc, kdiga_arda, rslad, adaad, iad, igdm)",
+    )
     steps: int = key(3, integer(1, MAX_STEPS), "its PGD steps")
     step_size: float | None = key(None, optional(parse_radius), "null: 2.5 * eps / steps")
 
@@ -280,26 +330,46 @@ def _epoch_fraction(k: str, v: Any) -> float:
 
 @dataclass(frozen=True, kw_only=True)
 class Adaad:
-    alpha: float = key(1.0, _fraction, "weight of KL(T(x+delta) || S(x+delta)); 1 - alpha "
-                       "weighs KL(T(x) || S(x)) (Huang et al. 2023: 1)")  # fmt: skip
+    alpha: float = key(
+        1.0,
+        _fraction,
+        "weight of KL(T(x+delta) || S(x+delta)); 1 - alpha "
+        "weighs KL(T(x) || S(x)) (Huang et al. 2023: 1)",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
 class Iad:
-    alpha: float = key(1.0, _fraction, "weight of the distillation terms; 1 - alpha weighs "
-                       "CE(S(x), y) (Zhu et al. 2022: 1)")  # fmt: skip
-    beta: float = key(0.1, number(), "the teacher's reliability at x+delta is "
-                      "P_T(y | x+delta) ** beta (0.1)")  # fmt: skip
-    warmup: float = key(0.3, _epoch_fraction, "fraction of the epochs trained as ARD before "
-                        "the introspection term (0.3: epoch 60 of 200)")  # fmt: skip
-    weight_teacher: bool = key(False, flag, "true: the reliability also weighs the teacher's "
-                               "KL (their IAD-II); false: full weight (their IAD-I)")  # fmt: skip
+    alpha: float = key(
+        1.0,
+        _fraction,
+        "weight of the distillation terms; 1 - alpha weighs CE(S(x), y) (Zhu et al. 2022: 1)",
+    )
+    beta: float = key(
+        0.1, number(), "the teacher's reliability at x+delta is P_T(y | x+delta) ** beta (0.1)"
+    )
+    warmup: float = key(
+        0.3,
+        _epoch_fraction,
+        "fraction of the epochs trained as ARD before "
+        "the introspection term (0.3: epoch 60 of 200)",
+    )
+    weight_teacher: bool = key(
+        False,
+        flag,
+        "true: the reliability also weighs the teacher's "
+        "KL (their IAD-II); false: full weight (their IAD-I)",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
 class Igdm:
-    weight: float = key(1.0, number(), "gamma: the IGDM term's weight at the last epoch, "
-                        "gamma * epoch / epochs before (Lee et al. 2024: 1)")  # fmt: skip
+    weight: float = key(
+        1.0,
+        number(),
+        "gamma: the IGDM term's weight at the last epoch, "
+        "gamma * epoch / epochs before (Lee et al. 2024: 1)",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -314,27 +384,44 @@ class Distill(Training):
     adaad: Adaad = section(Adaad, "AdaAD's loss weights")
     iad: Iad = section(Iad, "IAD's loss weights and warm-up")
     igdm: Igdm = section(Igdm, "IGDM's weight and its ramp")
-    compile_teacher: bool = key(False, flag, "the teacher's forward and input gradient "
-                                "through torch.compile (CUDA only; a compile of tens of "
-                                "seconds per job against a saving per step)")  # fmt: skip
-    gpus_per_job: int = key(1, integer(1, MAX_GPUS), "GPUs that train one student together: "
-                            "> 1 runs it as one torchrun/DDP job holding that many devices "
-                            "(the global batch is split between them)")  # fmt: skip
+    compile_teacher: bool = key(
+        False,
+        flag,
+        "the teacher's forward and input gradient "
+        "through torch.compile (CUDA only; a compile of tens of "
+        "seconds per job against a saving per step)",
+    )
+    gpus_per_job: int = key(
+        1,
+        integer(1, MAX_GPUS),
+        "GPUs that train one student together: "
+        "> 1 runs it as one torchrun/DDP job holding that many devices "
+        "(the global batch is split between them)",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
 class Signals:
-    enabled: bool = key(False, flag, "true: students of cacheable methods train from the "
-                        "teacher's cached logits and input gradients")  # fmt: skip
-    views: int = key(16, integer(1, MAX_VIEWS), "K augmented views per image (view 0 is the "
-                     "image itself)")  # fmt: skip
+    enabled: bool = key(
+        False,
+        flag,
+        "true: students of cacheable methods train from the "
+        "teacher's cached logits and input gradients",
+    )
+    views: int = key(
+        16, integer(1, MAX_VIEWS), "K augmented views per image (view 0 is the image itself)"
+    )
     grad_dtype: str = key("float16", choice(*GRAD_DTYPES), "storage of the input gradients")
-    schedule: str = key("cycle", choice(*SCHEDULES), "cycle: each view once per K epochs | "
-                        "random")  # fmt: skip
+    schedule: str = key("cycle", choice(*SCHEDULES), "cycle: each view once per K epochs | random")
     batch_size: int = key(256, integer(1, MAX_BATCH), "images per teacher call")
-    max_gb: float = key(20.0, number(strict=True), "the stage refuses to compute a signals file "
-                        "larger than this (GB: views x images x C x H x W x bytes, plus "
-                        "logits)", results=False)  # fmt: skip
+    max_gb: float = key(
+        20.0,
+        number(strict=True),
+        "the stage refuses to compute a signals file "
+        "larger than this (GB: views x images x C x H x W x bytes, plus "
+        "logits)",
+        results=False,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -351,23 +438,31 @@ def _aa_targets(k: str, v: Any) -> int | None:
 @dataclass(frozen=True, kw_only=True)
 class AutoAttackSettings:
     version: str = key("custom", choice(*AUTOATTACK_VERSIONS), "standard | plus | rand | custom")
-    attacks: list = key(["apgd-ce", "apgd-dlr"], listing(choice(*AUTOATTACK_ATTACKS)),
-                        "the attacks of the custom version")  # fmt: skip
-    n_restarts: int | None = key(1, optional(integer(1, MAX_RESTARTS)), "APGD-CE / FAB "
-                                 "restarts (null: AutoAttack's default)")  # fmt: skip
-    n_iter: int | None = key(25, optional(integer(1, MAX_STEPS)), "APGD / FAB iterations "
-                             "(null: 100)")  # fmt: skip
-    n_target_classes: int | None = key(None, _aa_targets, "APGD-T / FAB-T targets (null: 9, or "
-                                       "classes - 1)")  # fmt: skip
+    attacks: list = key(
+        ["apgd-ce", "apgd-dlr"],
+        listing(choice(*AUTOATTACK_ATTACKS)),
+        "the attacks of the custom version",
+    )
+    n_restarts: int | None = key(
+        1, optional(integer(1, MAX_RESTARTS)), "APGD-CE / FAB restarts (null: AutoAttack's default)"
+    )
+    n_iter: int | None = key(
+        25, optional(integer(1, MAX_STEPS)), "APGD / FAB iterations (null: 100)"
+    )
+    n_target_classes: int | None = key(
+        None, _aa_targets, "APGD-T / FAB-T targets (null: 9, or classes - 1)"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
 class Attack:
     split: str = key("test", choice("test", "val"), "test | val (tune on val)")
-    attacks: list = key(["pgd", "autoattack"], listing(choice(*SWEEP_ATTACKS)),
-                        "pgd, autoattack")  # fmt: skip
-    radii: list = key([0.02, 0.05, 0.1, 0.15, 0.2], _radii, "increasing radii in [0, 1] pixel "
-                      "units (write 8/255 as \"8/255\")")  # fmt: skip
+    attacks: list = key(["pgd", "autoattack"], listing(choice(*SWEEP_ATTACKS)), "pgd, autoattack")
+    radii: list = key(
+        [0.02, 0.05, 0.1, 0.15, 0.2],
+        _radii,
+        'increasing radii in [0, 1] pixel units (write 8/255 as "8/255")',
+    )
     norm: str = key("linf", choice(*NORMS), "linf | l2")
     batch_size: int = key(500, integer(1, MAX_BATCH), "images per attack batch")
     compile: bool = key(False, flag, "PGD's steps through torch.compile (CUDA only)")
@@ -400,17 +495,24 @@ class Bounds:
     patience: int = key(
         _ASCENT.patience, integer(1, MAX_STEPS), "steps over which the gain is measured"
     )
-    check_samples: int = key(200, integer(0), "samples on which Proposition 2 is tested at PGD, "
-                             "random and ascent points (0: not tested)")  # fmt: skip
+    check_samples: int = key(
+        200,
+        integer(0),
+        "samples on which Proposition 2 is tested at PGD, random and ascent points (0: not tested)",
+    )
     batch_size: int = key(500, integer(1, MAX_BATCH), "images per batch")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Report:
     figure_attack: str = key("pgd", choice(*SWEEP_ATTACKS), "the attack drawn in the figure")
-    claim_radius: float | None = key(None, optional(parse_radius), "the radius at which the "
-                                     "claims table compares robust accuracy (null: the attack "
-                                     "radius nearest distill.adversarial.eps)")  # fmt: skip
+    claim_radius: float | None = key(
+        None,
+        optional(parse_radius),
+        "the radius at which the "
+        "claims table compares robust accuracy (null: the attack "
+        "radius nearest distill.adversarial.eps)",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

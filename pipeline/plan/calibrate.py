@@ -205,10 +205,21 @@ class Calibrator:
         timed = [self._one_pass(model, spec, b)]
         while len(timed) < self.steps and total <= self.budget:
             timed.append(self._one_pass(model, spec, b))
-        forward, grad, held, forward_held = (statistics.median(t[i] for t in timed) / b
-                                             for i in range(4))  # fmt: skip
-        return Cost(f"passes of {spec.label}", "pass", forward, grad, b, full, _param_bytes(model),
-                    held, self.cuda, forward_held)  # fmt: skip
+        forward, grad, held, forward_held = (
+            statistics.median(t[i] for t in timed) / b for i in range(4)
+        )
+        return Cost(
+            f"passes of {spec.label}",
+            "pass",
+            forward,
+            grad,
+            b,
+            full,
+            _param_bytes(model),
+            held,
+            self.cuda,
+            forward_held,
+        )
 
     # -- training steps ---------------------------------------------------------------------
 
@@ -231,12 +242,24 @@ class Calibrator:
         elif given_signals:
             what += " (given teacher signals)"
         aug = "none" if given_signals else cfg.augment
-        key = ("step", spec, loss, json.dumps(settings, sort_keys=True), teacher, given_signals,
-               cfg.batch_size, aug, cfg.crop_padding, self.device, self.steps,
-               self.budget)  # fmt: skip
+        key = (
+            "step",
+            spec,
+            loss,
+            json.dumps(settings, sort_keys=True),
+            teacher,
+            given_signals,
+            cfg.batch_size,
+            aug,
+            cfg.crop_padding,
+            self.device,
+            self.steps,
+            self.budget,
+        )
         cfg = dataclasses.replace(cfg, augment=aug, epochs=1, drop_last=True, seed=0)
-        return self._measure(key, what, lambda: self._step(what, spec, loss, settings, cfg,
-                                                           teacher, given_signals))  # fmt: skip
+        return self._measure(
+            key, what, lambda: self._step(what, spec, loss, settings, cfg, teacher, given_signals)
+        )
 
     def _step(self, what, spec, loss, settings, cfg, teacher, given_signals) -> Cost:
         full, b = cfg.batch_size, 1
@@ -299,8 +322,17 @@ class Calibrator:
 
         models = [student] + ([teacher_model] if teacher_model is not None else [])
         with self._held(models) as held, contextlib.suppress(_Enough):
-            fit(student, build_loss(loss, **settings), images, labels, cfg, teacher=teacher_model,
-                device=self.device, on_batch=on_batch, **extra)  # fmt: skip
+            fit(
+                student,
+                build_loss(loss, **settings),
+                images,
+                labels,
+                cfg,
+                teacher=teacher_model,
+                device=self.device,
+                on_batch=on_batch,
+                **extra,
+            )
         return stamps, found["peak"], found["wider"]
 
     # -- the shard stage --------------------------------------------------------------------

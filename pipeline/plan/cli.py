@@ -21,8 +21,13 @@ def main(argv: list[str] | None = None, calibrator: Calibrator | None = None) ->
         description="Estimate every job's device-hours and peak memory from a short calibration.",
     )
     ap.add_argument("--params", default=None, help="default: $KDIGA_PARAMS or params.yaml")
-    ap.add_argument("--calibrate-steps", type=int, default=2, metavar="K",
-                    help="timed steps (or passes) per calibration, after a warm-up")  # fmt: skip
+    ap.add_argument(
+        "--calibrate-steps",
+        type=int,
+        default=2,
+        metavar="K",
+        help="timed steps (or passes) per calibration, after a warm-up",
+    )
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = ap.parse_args(argv)
     if args.calibrate_steps < 1:

@@ -62,8 +62,11 @@ class _Estimator:
     def row(self, job: dag.Job) -> Row:
         seconds, peak, basis = getattr(self, job.stage)(job)
         on = "cpu" if job.stage in STAGES_ON_CPU else self.cal.device
-        memory = "nominal" if job.stage == "report" else (
-            "estimate" if job.stage == "shard" else self.memory)  # fmt: skip
+        memory = (
+            "nominal"
+            if job.stage == "report"
+            else ("estimate" if job.stage == "shard" else self.memory)
+        )
         return Row(job.name, job.stage, on, seconds / 3600, int(peak), memory, basis)
 
     @property
@@ -87,8 +90,7 @@ class _Estimator:
             peak = 2 * self.image_bytes
         if peak > 2**35:
             self.note(f"the shard stage holds every split in memory: about {fmt_bytes(peak)}")
-        basis = (f"{total:,} images written x {fmt_s(c.seconds)} (reading the dataset not "
-                 "counted)")  # fmt: skip
+        basis = f"{total:,} images written x {fmt_s(c.seconds)} (reading the dataset not counted)"
         return total * c.seconds, peak, basis
 
     def teacher(self, job: dag.Job) -> tuple[float, float, str]:
@@ -107,8 +109,10 @@ class _Estimator:
         spe = max(1, z.train // cfg.batch_size)
         seconds = tr.epochs * (spe * c.seconds + z.val * p.seconds) + evals
         peak = c.peak(cfg.batch_size) + self.held_train
-        basis = (f"{tr.epochs} epochs x {spe:,} steps x {fmt_s(c.seconds)} ({tr.method}, "
-                 f"batch {cfg.batch_size}){_at(c)}")  # fmt: skip
+        basis = (
+            f"{tr.epochs} epochs x {spe:,} steps x {fmt_s(c.seconds)} ({tr.method}, "
+            f"batch {cfg.batch_size}){_at(c)}"
+        )
         return seconds, peak, basis
 
     def signals(self, job: dag.Job) -> tuple[float, float, str]:
@@ -117,10 +121,14 @@ class _Estimator:
         shape = (d["in_chans"], d["image_size"], d["image_size"])
         nbytes = signals_nbytes(sig.views, n, shape, d["num_classes"], sig.grad_dtype)
         if nbytes / 1e9 > sig.max_gb:
-            self.note(f"{job.name} would be refused: its file of {nbytes / 1e9:,.1f} GB is over "
-                      f"signals.max_gb ({sig.max_gb:g})")  # fmt: skip
-        basis = (f"{sig.views} views x {n:,} images x fwd+bwd {fmt_s(p.grad_seconds)}; file and "
-                 f"host memory {nbytes / 1e9:,.2f} GB")  # fmt: skip
+            self.note(
+                f"{job.name} would be refused: its file of {nbytes / 1e9:,.1f} GB is over "
+                f"signals.max_gb ({sig.max_gb:g})"
+            )
+        basis = (
+            f"{sig.views} views x {n:,} images x fwd+bwd {fmt_s(p.grad_seconds)}; file and "
+            f"host memory {nbytes / 1e9:,.2f} GB"
+        )
         return sig.views * n * p.grad_seconds, p.peak(sig.batch_size), basis
 
     def distill(self, job: dag.Job) -> tuple[float, float, str]:
@@ -132,8 +140,9 @@ class _Estimator:
         cached = dag.uses_signals(self.p, m.name)
         live = m.needs_teacher and not m.cacheable  # the teacher at x + delta: timed in the step
         t_spec = model_spec(self.p, sj.teacher) if live else None
-        c = self.cal.step(spec, m.name, settings, cfg, teacher=t_spec,
-                          given_signals=m.needs_teacher and not live)  # fmt: skip
+        c = self.cal.step(
+            spec, m.name, settings, cfg, teacher=t_spec, given_signals=m.needs_teacher and not live
+        )
         per_step, extra, held = c.seconds, "", c.peak(batch)
         if m.needs_teacher and not live and not cached:
             tp = self.passes(sj.teacher)
@@ -147,8 +156,10 @@ class _Estimator:
         evals = z.val * self.passes(job.key).seconds
         seconds = cfg.epochs * (spe * per_step + evals)
         peak = held + self.held_train
-        basis = (f"{cfg.epochs} epochs x {spe:,} steps x {fmt_s(c.seconds)}{extra} "
-                 f"(batch {batch}){_at(c)}")  # fmt: skip
+        basis = (
+            f"{cfg.epochs} epochs x {spe:,} steps x {fmt_s(c.seconds)}{extra} "
+            f"(batch {batch}){_at(c)}"
+        )
         return seconds, peak, basis
 
     def attack(self, job: dag.Job) -> tuple[float, float, str]:
@@ -197,8 +208,7 @@ class _Estimator:
         ps, pt = self.passes(sid), self.passes(teacher)
         seconds = s_grads * ps.grad_seconds + s_fwd * ps.seconds + t_fwd * pt.seconds
         peak = ps.fixed_bytes + pt.fixed_bytes + max(ps.item_bytes, pt.item_bytes) * b.batch_size
-        basis = (f"at most {s_grads:,} student fwd+bwd, "
-                 f"{forwards:,} forward passes of one image")  # fmt: skip
+        basis = f"at most {s_grads:,} student fwd+bwd, {forwards:,} forward passes of one image"
         return seconds, peak, basis
 
     def report(self, job: dag.Job) -> tuple[float, float, str]:
@@ -215,11 +225,18 @@ def autoattack_passes(params: Study) -> tuple[int, int]:
     configures them (version, restarts, iterations, target classes, Square's queries)."""
     kw = autoattack_settings(params.attack.autoattack)
     classes = params.shard.info.classes
-    adv = AutoAttack(torch.nn.Identity(), attacks=kw.get("attacks"), device="cpu", eps=0.1,
-                     norm=canonical_aa_norm(params.attack.norm), seed=0,
-                     version=kw["version"])  # fmt: skip
-    _configure(adv, classes, kw.get("n_iter"), None, kw.get("n_restarts"),
-               kw.get("n_target_classes"))  # fmt: skip
+    adv = AutoAttack(
+        torch.nn.Identity(),
+        attacks=kw.get("attacks"),
+        device="cpu",
+        eps=0.1,
+        norm=canonical_aa_norm(params.attack.norm),
+        seed=0,
+        version=kw["version"],
+    )
+    _configure(
+        adv, classes, kw.get("n_iter"), None, kw.get("n_restarts"), kw.get("n_target_classes")
+    )
     apgd, apgd_t, fab, square = adv.apgd, adv.apgd_targeted, adv.fab, adv.square
     grads = {
         "apgd-ce": apgd.n_restarts * apgd.n_iter * apgd.eot_iter,
@@ -242,9 +259,11 @@ def make_plan(params: Study, cal: Calibrator, path: str = "params.yaml") -> Plan
     rows = [est.row(job) for job in dag.jobs(params)]
     notes = est.notes
     if any(c.scaled for c in cal.costs.values()):
-        notes.append("[timed at batch b, scaled xk]: a step at the full batch would exceed "
-                     f"{cal.budget:g} s here, so a smaller batch was timed and its time "
-                     "multiplied by k")  # fmt: skip
+        notes.append(
+            "[timed at batch b, scaled xk]: a step at the full batch would exceed "
+            f"{cal.budget:g} s here, so a smaller batch was timed and its time "
+            "multiplied by k"
+        )
     notes += [
         f"split sizes from {sizes.source}: {sizes.train:,} train, {sizes.val:,} val, "
         f"{sizes.test:,} test images",

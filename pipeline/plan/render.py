@@ -31,15 +31,18 @@ def _cells(job: str, hours: float, on: str = "", *rest: str) -> list[str]:
 def _table(plan: Plan) -> list[str]:
     """The column heads, one line per job and the total, aligned (the last column free)."""
     cols = ["job", "on", "device-h", "about", "peak mem", "mem", "how"]
-    cells = [_cells(r.job, r.hours, r.on, fmt_bytes(r.peak_bytes), r.memory, r.basis)
-             for r in plan.rows]  # fmt: skip
+    cells = [
+        _cells(r.job, r.hours, r.on, fmt_bytes(r.peak_bytes), r.memory, r.basis) for r in plan.rows
+    ]
     cells.append(_cells("total", plan.total_hours))
     widths = [max(len(c[i]) for c in [cols, *cells]) for i in range(len(cols) - 1)]
     right = {2, 3, 4}
 
     def line(c: list[str]) -> str:
-        parts = [v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in
-                 enumerate(zip(c, widths, strict=False))]  # fmt: skip
+        parts = [
+            v.rjust(w) if i in right else v.ljust(w)
+            for i, (v, w) in enumerate(zip(c, widths, strict=False))
+        ]
         return "  ".join([*parts, c[-1]]).rstrip()
 
     rule = "-" * (sum(widths) + 2 * len(widths) + len("how"))

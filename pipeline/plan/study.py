@@ -62,8 +62,13 @@ class ModelSpec:
     image_size: int
 
     def build(self):
-        return build_model(self.arch, self.num_classes, in_chans=self.in_chans,
-                           image_size=self.image_size, **json.loads(self.kwargs))  # fmt: skip
+        return build_model(
+            self.arch,
+            self.num_classes,
+            in_chans=self.in_chans,
+            image_size=self.image_size,
+            **json.loads(self.kwargs),
+        )
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -84,5 +89,6 @@ def model_spec(params: Study, model_id: str) -> ModelSpec:
         s = params.students[parse_student_id(params, model_id).student]
         arch, kwargs = s.arch, s.kwargs
     d = params.data
-    return ModelSpec(arch, json.dumps(kwargs, sort_keys=True), d["num_classes"], d["in_chans"],
-                     d["image_size"])  # fmt: skip
+    return ModelSpec(
+        arch, json.dumps(kwargs, sort_keys=True), d["num_classes"], d["in_chans"], d["image_size"]
+    )
