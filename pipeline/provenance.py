@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import time
 from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
@@ -29,6 +32,9 @@ from typing import Any
 from kdiga.errors import KdigaError
 from kdiga.files import read_meta, sha256_file
 from pipeline import dag
+
+#: the stages' logger (pipeline.stages.common): :func:`open_job`'s line goes to the job's log
+log = logging.getLogger("kdiga.pipeline")
 
 RECORD_KEY = "provenance"
 _SHORT = 16  # hex digits of a sha256 shown in messages
@@ -210,6 +216,32 @@ def require_current_inputs(params: dict, job: dag.Job) -> None:
         found = problems(params, up, code=False)
         if found:
             raise ProvenanceError(f"{job.name}: stale input: {found[0]}; {how_to_rerun(up)}")
+
+
+class JobIsCurrent(Exception):
+    """Raised by :func:`open_job` when the job's outputs are current and may be reused."""
+
+
+def open_job(params: dict, stage: str, key: str | None = None, *, reuse: bool = False) -> dict:
+    """What a stage does first: find its job, check that every artifact it reads is current
+    (else :class:`ProvenanceError` naming both hashes), and return the record its outputs
+    will carry (:func:`make_record`). With ``reuse``, a job whose outputs are already current
+    (the same params, input bytes and code) moves their mtimes forward and raises
+    :class:`JobIsCurrent`."""
+    job = current_job(params, stage, key)
+    require_current_inputs(params, job)
+    if reuse:
+        stale = problems(params, job)
+        if not stale:
+            now = time.time()
+            for out in job.outputs:
+                os.utime(out, (now, now))
+            raise JobIsCurrent(
+                f"{job.name}: its outputs are current (made with these params, from these "
+                f"inputs by this code: {', '.join(job.outputs)}); nothing to do"
+            )
+        log.info("%s: running (%s)", job.name, stale[0])
+    return make_record(params, job)
 
 
 def current_job(params: dict, stage: str, key: str | None = None) -> dag.Job:

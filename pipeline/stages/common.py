@@ -10,7 +10,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from pipeline.params import (
     params_file,
     parse_student_id,
 )
+from pipeline.provenance import JobIsCurrent, open_job
 from pipeline.runners import RUNNER_ENV, SNAKEMAKE, refuse_if_snakemake_runs
 
 log = logging.getLogger("kdiga.pipeline")
@@ -372,31 +372,16 @@ _RECORD: dict[str, Any] = {}
 REUSE_ENV = "KDIGA_REUSE_CURRENT"
 
 
-class JobIsCurrent(Exception):
-    """Raised by :func:`begin` when the job's outputs are current and may be reused."""
-
-
 def begin(params: Study, stage: str, key: str | None = None) -> dict:
     """Check that every artifact this job reads is current (else raise ProvenanceError
     naming both hashes), and return the provenance record its outputs will carry, with the
-    machine that makes them (a record, not an input: nothing is stale because it changed)."""
+    machine that makes them (a record, not an input: nothing is stale because it changed).
+    With :data:`REUSE_ENV` set, a job whose outputs are current raises
+    :class:`~pipeline.provenance.JobIsCurrent` instead (:func:`pipeline.provenance.open_job`)."""
     from kdiga.utils import machine_info
-    from pipeline.provenance import current_job, make_record, problems, require_current_inputs
 
-    job = current_job(params, stage, key)
-    require_current_inputs(params, job)
-    stale = problems(params, job) if os.environ.get(REUSE_ENV) == "1" else ["not asked"]
-    if not stale:
-        now = time.time()
-        for out in job.outputs:
-            os.utime(out, (now, now))
-        raise JobIsCurrent(
-            f"{job.name}: its outputs are current (made with these params, from these inputs "
-            f"by this code: {', '.join(job.outputs)}); nothing to do"
-        )
-    if stale != ["not asked"]:
-        log.info("%s: running (%s)", job.name, stale[0])
-    record = make_record(params, job) | {"machine": machine_info()}
+    reuse = os.environ.get(REUSE_ENV) == "1"
+    record = open_job(params, stage, key, reuse=reuse) | {"machine": machine_info()}
     _RECORD.clear()
     _RECORD["record"] = record
     return record
