@@ -160,6 +160,37 @@ def _validate_attacks(version: str, attacks: Sequence[str] | None) -> tuple[str,
     return version, list(dict.fromkeys(attacks))
 
 
+@dataclass(frozen=True)
+class _Spec:
+    """What AutoAttack is run with, checked: the radius ``eps``, the ``norm`` in AutoAttack's
+    spelling, the ``version`` and its ``attacks`` (None: the version's own list)."""
+
+    eps: float
+    norm: str
+    version: str
+    attacks: list[str] | None
+
+    @classmethod
+    def checked(cls, eps: float, norm: str, version: str, attacks: Sequence[str] | None) -> _Spec:
+        """The spec of ``autoattack``'s arguments; ValueError for a bad one."""
+        eps = check_eps(eps)
+        aa_norm = canonical_aa_norm(norm)
+        version, attack_list = _validate_attacks(version, attacks)
+        return cls(eps, aa_norm, version, attack_list)
+
+    def adversary(self, model: nn.Module, seed: int | None, device: torch.device) -> Any:
+        """pyautoattack's ``AutoAttack`` on ``model`` with this spec."""
+        return AutoAttack(
+            model,
+            attacks=self.attacks,
+            device=device,
+            eps=self.eps,
+            norm=self.norm,
+            seed=seed,
+            version=self.version,
+        )
+
+
 def _model_device(model: nn.Module) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
@@ -304,6 +335,15 @@ def _outcome(
     return robust, clean_correct
 
 
+def _final_flags(flags: list[str], x: Tensor, x_adv: Tensor, spec: _Spec) -> list[str]:
+    """``flags`` and those of the perturbation check of ``x_adv``, without repeats, each logged
+    as a warning."""
+    flags = flags + check_perturbation(x.detach().cpu(), x_adv.detach().cpu(), spec.eps, spec.norm)
+    for f in dict.fromkeys(flags):
+        logger.warning("AutoAttack check (eps=%g): %s", spec.eps, f)
+    return list(dict.fromkeys(flags))
+
+
 def autoattack(
     model: nn.Module,
     x: Tensor,
@@ -344,9 +384,7 @@ def autoattack(
     Returns:
         ``AutoAttackResult``; ``flags`` holds pyautoattack's gradient-masking warnings.
     """
-    eps = check_eps(eps)
-    aa_norm = canonical_aa_norm(norm)
-    version, attack_list = _validate_attacks(version, attacks)
+    spec = _Spec.checked(eps, norm, version, attacks)
     _check_counts(batch_size, n_iter, n_queries, n_restarts, n_target_classes)
     _check_images(x, y)
     device = torch.device(device) if device is not None else _model_device(model)
@@ -356,29 +394,30 @@ def autoattack(
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     with eval_mode(model), torch.random.fork_rng(devices=rng_devices), torch.no_grad():
         clean_pred = adv_pred = _predict(model, x, batch_size, device)
-        adversary = AutoAttack(
-            counted, attacks=attack_list, device=device, eps=eps, norm=aa_norm, seed=seed,
-            version=version,
-        )  # fmt: skip
+        adversary = spec.adversary(counted, seed, device)
         if len(x):
-            head = slice(0, batch_size)
-            flags += check_gradients(model, x[head].to(device), y[head].to(device))
+            flags += check_gradients(model, x[:batch_size].to(device), y[:batch_size].to(device))
             n_classes = model(x[:1].to(device)).shape[-1]
             _configure(adversary, n_classes, n_iter, n_queries, n_restarts, n_target_classes)
             _reset_checks()
             if progress is not None:
                 robust = int((clean_pred == y.cpu()).sum())
-                _StageProgress(adversary, model, robust, eps, progress)
+                _StageProgress(adversary, model, robust, spec.eps, progress)
             with _capture_flags(flags):
                 x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
             adv_pred = _predict(model, x_adv, batch_size, device)
     robust, clean_correct = _outcome(y, y_adv, clean_pred, adv_pred, flags)
-    flags += check_perturbation(x.detach().cpu(), x_adv.detach().cpu(), eps, aa_norm)
-    for f in dict.fromkeys(flags):
-        logger.warning("AutoAttack check (eps=%g): %s", eps, f)
+    flags = _final_flags(flags, x, x_adv, spec)
     return AutoAttackResult(
-        robust=robust, clean_correct=clean_correct, x_adv=x_adv.detach(), y_adv=y_adv.detach(),
-        eps=eps, norm=aa_norm, version=version, attacks=list(adversary.attacks_to_run),
-        flags=list(dict.fromkeys(flags)), grad_evals=counted.backwards[0],
+        robust=robust,
+        clean_correct=clean_correct,
+        x_adv=x_adv.detach(),
+        y_adv=y_adv.detach(),
+        eps=spec.eps,
+        norm=spec.norm,
+        version=spec.version,
+        attacks=list(adversary.attacks_to_run),
+        flags=flags,
+        grad_evals=counted.backwards[0],
         forward_evals=counted.forwards,
-    )  # fmt: skip
+    )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal, overload
 
 import torch
@@ -186,6 +187,39 @@ def _run_once(
     return delta, grad_evals
 
 
+@dataclass
+class _Best:
+    """Per sample, the best attack point found so far over the restarts: ``x_adv`` [B, ...],
+    whether it is misclassified ``mis`` [B] and its loss ``loss`` [B]."""
+
+    x_adv: Tensor
+    mis: Tensor
+    loss: Tensor
+
+    @classmethod
+    def start(cls, x: Tensor) -> _Best:
+        """The clean points, none misclassified, at loss -inf."""
+        n = x.shape[0]
+        return cls(
+            x.clone(),
+            torch.zeros(n, dtype=torch.bool, device=x.device),
+            torch.full((n,), -math.inf, dtype=x.dtype, device=x.device),
+        )
+
+    def todo(self, early_stop: bool) -> Tensor:
+        """Indices [K] of the samples the next restart attacks: all, or with ``early_stop``
+        those not yet misclassified."""
+        todo = ~self.mis if early_stop else torch.ones_like(self.mis)
+        return todo.nonzero().squeeze(1)
+
+    def update(self, idx: Tensor, cand: Tensor, mis: Tensor, loss: Tensor) -> None:
+        """Keep ``cand`` (the points of samples ``idx``, with their ``mis`` and ``loss``) where
+        it is better: misclassified where the best is not, else equally so at a higher loss."""
+        better = (mis & ~self.mis[idx]) | ((mis == self.mis[idx]) & (loss > self.loss[idx]))
+        sel = idx[better]
+        self.x_adv[sel], self.mis[sel], self.loss[sel] = cand[better], mis[better], loss[better]
+
+
 @torch.no_grad()
 def _score(model: nn.Module, x_adv: Tensor, y: Tensor, loss_fn: LossFn) -> tuple[Tensor, Tensor]:
     """(misclassified [B] bool, per-sample loss [B]) at x_adv."""
@@ -303,33 +337,35 @@ def pgd(
     loss_fn = loss_fn or _default_loss
     x = x.detach()
     grad_evals = 0
-    best = x.clone()
-    best_mis = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    best_loss = torch.full((x.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
+    best = _Best.start(x)
     step_model = _compiled(model, compile_model, x.device)
     with eval_mode(model):
         for r in range(restarts):
-            todo = ~best_mis if early_stop else torch.ones_like(best_mis)
-            idx = todo.nonzero().squeeze(1)
+            idx = best.todo(early_stop)
             if idx.numel() == 0:
                 break
             xs, ys = x[idx], y[idx]
             delta = init_delta(xs, eps, norm, random_start, generator)
             delta, n = _run_once(
-                step_model, xs, ys, delta, eps=eps, steps=steps, step_size=step_size,
-                norm=norm, loss_fn=loss_fn, early_stop=early_stop,
-            )  # fmt: skip
+                step_model,
+                xs,
+                ys,
+                delta,
+                eps=eps,
+                steps=steps,
+                step_size=step_size,
+                norm=norm,
+                loss_fn=loss_fn,
+                early_stop=early_stop,
+            )
             grad_evals += n
             cand = xs + delta
             if restarts == 1:
-                best = cand
+                best.x_adv = cand
                 break
-            mis, loss = _score(model, cand, ys, loss_fn)
-            better = (mis & ~best_mis[idx]) | ((mis == best_mis[idx]) & (loss > best_loss[idx]))
-            sel = idx[better]
-            best[sel], best_mis[sel], best_loss[sel] = cand[better], mis[better], loss[better]
-            logger.debug("pgd restart %d: %d/%d misclassified", r, int(best_mis.sum()), len(x))
-    x_adv = best.detach()
+            best.update(idx, cand, *_score(model, cand, ys, loss_fn))
+            logger.debug("pgd restart %d: %d/%d misclassified", r, int(best.mis.sum()), len(x))
+    x_adv = best.x_adv.detach()
     if return_stats:
         return x_adv, {"grad_evals": grad_evals}
     return x_adv

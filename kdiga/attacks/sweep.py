@@ -185,10 +185,20 @@ def _pgd_attack(
 ) -> AttackFn:
     def run(x: Tensor, y: Tensor, radius: float) -> tuple[Tensor, int, list[str]]:
         x_adv, stats = pgd(
-            model, x, y, eps=radius, steps=steps, step_size=step_size, norm=norm,
-            restarts=restarts, random_start=random_start, generator=generator,
-            early_stop=True, return_stats=True, compile_model=compile_model,
-        )  # fmt: skip
+            model,
+            x,
+            y,
+            eps=radius,
+            steps=steps,
+            step_size=step_size,
+            norm=norm,
+            restarts=restarts,
+            random_start=random_start,
+            generator=generator,
+            early_stop=True,
+            return_stats=True,
+            compile_model=compile_model,
+        )
         return x_adv, stats["grad_evals"], []
 
     return run
@@ -206,9 +216,17 @@ def _autoattack_attack(
 ) -> AttackFn:
     def run(x: Tensor, y: Tensor, radius: float) -> tuple[Tensor, int, list[str]]:
         res = autoattack(
-            model, x, y, eps=radius, norm=norm, batch_size=batch_size, seed=seed,
-            device=device, progress=progress, **kwargs,
-        )  # fmt: skip
+            model,
+            x,
+            y,
+            eps=radius,
+            norm=norm,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+            progress=progress,
+            **kwargs,
+        )
         return res.x_adv, res.grad_evals, res.flags
 
     return run
@@ -324,6 +342,13 @@ def _merge(state: dict[str, Any], part: dict[str, Any], sl: slice) -> None:
     state["flags"] = list(dict.fromkeys(state["flags"] + part["flags"]))
 
 
+def _check_attack(attack: str, norm: str) -> str:
+    """``norm`` in lower case; ValueError for an unknown ``attack`` or a norm it does not take."""
+    if attack not in SWEEP_ATTACKS:
+        raise ValueError(f"attack must be one of {SWEEP_ATTACKS}, got {attack!r}")
+    return canonical_norm(norm) if attack == "pgd" else canonical_aa_norm(norm).lower()
+
+
 def _check_sizes(x: Tensor, y: Tensor, batch_size: int, steps: int, restarts: int) -> None:
     """ValueError unless the batch size, steps and restarts are ints in range and ``x``, ``y``
     are [N, C, H, W] images in [0, 1] with [N] labels."""
@@ -365,28 +390,44 @@ class _Sweep:
         """The attack that every batch and radius runs: PGD or the AutoAttack adapter."""
         if self.attack == "pgd":
             return _pgd_attack(
-                self.model, steps=self.steps, step_size=self.step_size, norm=self.norm,
-                restarts=self.restarts, random_start=self.random_start,
-                generator=self.generator, compile_model=self.compile_model,
-            )  # fmt: skip
+                self.model,
+                steps=self.steps,
+                step_size=self.step_size,
+                norm=self.norm,
+                restarts=self.restarts,
+                random_start=self.random_start,
+                generator=self.generator,
+                compile_model=self.compile_model,
+            )
         return _autoattack_attack(
-            self.model, norm=self.norm, batch_size=self.batch_size, seed=self.seed,
-            device=self.device, kwargs=self.aa_kwargs, progress=self.progress,
-        )  # fmt: skip
+            self.model,
+            norm=self.norm,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            device=self.device,
+            kwargs=self.aa_kwargs,
+            progress=self.progress,
+        )
 
     def fingerprint(self) -> dict[str, Any]:
         """What a saved state must have been made with: the settings, the generator's state
         and hashes of the data and the model's weights."""
         return {
-            "attack": self.attack, "norm": self.norm, "radii": self.radii, "steps": self.steps,
-            "step_size": self.step_size, "restarts": self.restarts,
-            "random_start": self.random_start, "batch_size": self.batch_size,
-            "reuse": self.reuse, "seed": self.seed,
+            "attack": self.attack,
+            "norm": self.norm,
+            "radii": self.radii,
+            "steps": self.steps,
+            "step_size": self.step_size,
+            "restarts": self.restarts,
+            "random_start": self.random_start,
+            "batch_size": self.batch_size,
+            "reuse": self.reuse,
+            "seed": self.seed,
             "generator": _hash_tensors([("g", self.generator.get_state())]),
             "autoattack_kwargs": repr(sorted(self.aa_kwargs.items())),
             "data": _hash_tensors([("x", self.x), ("y", self.y)]),
             "model": _hash_tensors(list(self.model.state_dict().items())),
-        }  # fmt: skip
+        }
 
     def gradient_flags(self) -> list[str]:
         """Gradient-masking warnings from the clean-correct points of the first batch."""
@@ -412,15 +453,38 @@ class _Sweep:
                 track.at(b * len(radii) + k + 1, f"batch {b + 1}/{n_batches}, radius {r:g}")
 
             part = _attack_batch(
-                self.model, run, x[sl].to(device), y[sl].to(device), radii, self.norm,
-                self.reuse, on_radius,
-            )  # fmt: skip
+                self.model,
+                run,
+                x[sl].to(device),
+                y[sl].to(device),
+                radii,
+                self.norm,
+                self.reuse,
+                on_radius,
+            )
             _merge(state, part, sl)
             state["batches_done"] = b + 1
             state["generator_state"] = self.generator.get_state()
             if path is not None:
                 atomic_torch_save(state, path)
             logger.debug("sweep batch %d/%d done", b + 1, n_batches)
+
+    def run(self, state_path: str | Path | None) -> SweepResult:
+        """The sweep's result, resumed from the progress saved at ``state_path`` if there is
+        any, and saving its progress there after each batch (when given)."""
+        run = self.attack_fn()
+        n, n_batches = self.x.shape[0], math.ceil(self.x.shape[0] / self.batch_size)
+        path = Path(state_path) if state_path is not None else None
+        fingerprint = self.fingerprint() if path is not None else {}
+        state = _open_state(path, fingerprint, n, len(self.radii), n_batches, self.generator)
+        if state["batches_done"] == 0 and n:
+            state["flags"] += self.gradient_flags()
+        self.run_batches(run, state, path)
+        result = self.result(state)
+        logger.info(
+            "sweep (%s, %s, reuse=%s): %s", self.attack, self.norm, self.reuse, result.accuracy()
+        )
+        return result
 
     def result(self, state: dict[str, Any]) -> SweepResult:
         """The ``SweepResult`` of a finished ``state``."""
@@ -489,28 +553,30 @@ def robust_sweep(
     Returns:
         ``SweepResult`` (tensors on the CPU).
     """
-    if attack not in SWEEP_ATTACKS:
-        raise ValueError(f"attack must be one of {SWEEP_ATTACKS}, got {attack!r}")
-    norm = canonical_norm(norm) if attack == "pgd" else canonical_aa_norm(norm).lower()
+    norm = _check_attack(attack, norm)
     radii = _check_radii(radii)
     _check_sizes(x, y, batch_size, steps, restarts)
     device = torch.device(device) if device is not None else _model_device(model)
     if generator is None:
         generator = torch.Generator().manual_seed(seed)
     sweep = _Sweep(
-        model=model, x=x, y=y, device=device, generator=generator, attack=attack, norm=norm,
-        radii=radii, steps=steps, step_size=step_size, restarts=restarts,
-        random_start=random_start, batch_size=batch_size, reuse=reuse, seed=seed,
-        aa_kwargs=dict(autoattack_kwargs or {}), compile_model=compile_model, progress=progress,
-    )  # fmt: skip
-    run = sweep.attack_fn()
-    n, n_batches = x.shape[0], math.ceil(x.shape[0] / batch_size)
-    path = Path(state_path) if state_path is not None else None
-    fingerprint = sweep.fingerprint() if path is not None else {}
-    state = _open_state(path, fingerprint, n, len(radii), n_batches, generator)
-    if state["batches_done"] == 0 and n:
-        state["flags"] += sweep.gradient_flags()
-    sweep.run_batches(run, state, path)
-    result = sweep.result(state)
-    logger.info("sweep (%s, %s, reuse=%s): %s", attack, norm, reuse, result.accuracy())
-    return result
+        model=model,
+        x=x,
+        y=y,
+        device=device,
+        generator=generator,
+        attack=attack,
+        norm=norm,
+        radii=radii,
+        steps=steps,
+        step_size=step_size,
+        restarts=restarts,
+        random_start=random_start,
+        batch_size=batch_size,
+        reuse=reuse,
+        seed=seed,
+        aa_kwargs=dict(autoattack_kwargs or {}),
+        compile_model=compile_model,
+        progress=progress,
+    )
+    return sweep.run(state_path)

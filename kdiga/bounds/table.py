@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,8 +47,14 @@ from kdiga.progress import ProgressFn, Tracker
 logger = logging.getLogger(__name__)
 
 TABLE4_PARTS = (
-    "samples", "half", "half_ratio", "converged", "steps", "samples_converged", "samples_steps",
-)  # fmt: skip
+    "samples",
+    "half",
+    "half_ratio",
+    "converged",
+    "steps",
+    "samples_converged",
+    "samples_steps",
+)
 _KINDS = (*VIOLATION_KINDS, "all")
 SHARE_FORMAT = "kdiga-bounds-teacher/1"
 
@@ -152,9 +158,15 @@ def teacher_share(
             k = min(max(n_check - start, 0), len(xb))
             for r in radii if k else ():
                 check = teacher_check(
-                    teacher, xb[:k], yb[:k], settings.at(r), generator, ce_t[:k], g_t[:k],
+                    teacher,
+                    xb[:k],
+                    yb[:k],
+                    settings.at(r),
+                    generator,
+                    ce_t[:k],
+                    g_t[:k],
                     pgd_steps,
-                )  # fmt: skip
+                )
                 parts[r].append(_on_cpu(check, start))
     checks = [_join(parts[r]) for r in radii] if n_check else []
     return TeacherShare(
@@ -198,9 +210,14 @@ def load_teacher_share(path: str | os.PathLike) -> TeacherShare:
         fields = [tensors[f"{i}/{f}"] for f in ("gamma", "rows", "e", "ce")]
         checks.append(TeacherCheck(*fields, tensors.get(f"{i}/x_adv")))
     return TeacherShare(
-        tensors["ce"], tensors["grad"], tuple(meta["radii"]), checks, meta["checked"],
-        AscentSettings(**meta["settings"]), meta["pgd_steps"],
-    )  # fmt: skip
+        tensors["ce"],
+        tensors["grad"],
+        tuple(meta["radii"]),
+        checks,
+        meta["checked"],
+        AscentSettings(**meta["settings"]),
+        meta["pgd_steps"],
+    )
 
 
 # --------------------------------------------------------------------------- Table 4
@@ -310,33 +327,40 @@ def table4(
       - `llm_key(r, "samples_converged")` and `llm_key(r, "samples_steps")`: per sample,
         whether every run converged (bools) and the gradient steps it took (ints);
       - "ce" and "ce/samples": the student's clean CE, mean and per sample;
-      - "grad_gap_l2" and "grad_gap_l2/samples": ‖gs − gt‖₂ with `teacher`, mean and per
-        sample;
+      - "grad_gap_l2" and "grad_gap_l2/samples": ‖gs − gt‖₂ with `teacher`, mean and per sample;
       - with `check_samples` > 0, "prop2/n" (the samples tested) and `prop2_key(r)`: for each
         kind of point of `proposition2_violations` (VIOLATION_KINDS and "all"),
         {"rate": the fraction of tested samples where the bound fails at a point of that
         kind (None where none was tested), "points": the (sample, point) pairs tested}.
     How Proposition 2 is checked: see the module docstring.
 
-    The teacher's part comes from `share` (`teacher_share` with the same samples and
-    settings, else ValueError) or is computed first, from `generator`; the student's draws
-    follow. Means are floats, per-sample values lists of N floats in the order of x. The
-    caller picks the samples (`sample_indices`). Batches of `batch_size` are moved to
-    `device` (default: the student's parameters' device); the models must already be there.
-    `progress` is called with a `kdiga.progress.Progress` of the task "bounds", counting the
-    student's ascents (batches x radii, each with its Proposition 2 check), at the start and
-    after each.
+    The teacher's part comes from `share` (`teacher_share` with the same samples and settings, else
+    ValueError) or is computed first, from `generator`; the student's draws follow. Means are
+    floats, per-sample values lists of N floats in the order of x. The caller picks the samples
+    (`sample_indices`). Batches of `batch_size` are moved to `device` (default: the student's
+    parameters' device); the models must already be there. `progress` is called with a
+    `kdiga.progress.Progress` of the task "bounds", counting the student's ascents (batches x radii,
+    each with its Proposition 2 check), at the start and after each.
     """
     _check_table4_args(x, y, radii, batch_size, check_samples, pgd_steps, random_points)
     device = next((p.device for p in student.parameters()), x.device) if device is None else device
     n_check = min(check_samples, len(x))
     if share is None:
         share = teacher_share(
-            teacher, x, y, radii=radii, settings=settings, check_samples=check_samples,
-            pgd_steps=pgd_steps, batch_size=batch_size, generator=generator, device=device,
-        )  # fmt: skip
+            teacher,
+            x,
+            y,
+            radii=radii,
+            settings=settings,
+            check_samples=check_samples,
+            pgd_steps=pgd_steps,
+            batch_size=batch_size,
+            generator=generator,
+            device=device,
+        )
     share.require(len(x), radii, n_check, settings, pgd_steps)
-    tally = _Tally(radii)
+    limits = (pgd_steps, random_points, rtol, batch_size)
+    part = _StudentPart((student, teacher), share, settings, generator, _Tally(radii), limits)
     n_batches = math.ceil(len(x) / batch_size)
     track = Tracker(progress, "bounds", n_batches * len(radii), "ascents")
     track.at(0, f"batch 0/{n_batches}")
@@ -344,17 +368,46 @@ def table4(
         for start in range(0, len(x), batch_size):
             stop = min(start + batch_size, len(x))
             xb, yb = plain(x[start:stop].to(device)), plain(y[start:stop].to(device))
-            ce_s, g_s, ce_t, g_t = _clean_terms(student, share, xb, yb, slice(start, stop), tally)
             k = min(max(n_check - start, 0), len(xb))  # the tested samples of this batch
-            for i, r in enumerate(radii):
-                check = share.checks[i].rows_in(start, start + k) if k else None
-                _student_batch(
-                    (student, teacher), xb, yb, (ce_s, g_s, ce_t, g_t), settings.at(r),
-                    generator, check, tally, (pgd_steps, random_points, rtol, batch_size),
-                )  # fmt: skip
+            for r in part.batch(xb, yb, start, k):
                 track.advance(1, f"batch {start // batch_size + 1}/{n_batches}, radius {r:g}")
             logger.debug("table4: %d/%d samples", stop, len(x))
-    return tally.summary(n_check)
+    return part.tally.summary(n_check)
+
+
+@dataclass
+class _StudentPart:
+    """The student's part of one `table4` call: models = (student, teacher), the teacher's
+    `share`, the ascent `settings` and `generator`, the `tally` the values go to, and limits =
+    (pgd_steps, random_points, rtol, chunk) of the Proposition 2 check."""
+
+    models: tuple[nn.Module, nn.Module]
+    share: TeacherShare
+    settings: AscentSettings
+    generator: torch.Generator | None
+    tally: _Tally
+    limits: tuple[int, int, float, int]
+
+    def batch(self, xb: Tensor, yb: Tensor, start: int, k: int) -> Iterator[float]:
+        """The batch of samples x[start : start + len(xb)]: its clean terms, then at each radius
+        the student's ascent, with the Proposition 2 check of its first `k` samples; yields
+        each radius once it is done. Inside `frozen`."""
+        rows = slice(start, start + len(xb))
+        clean = _clean_terms(self.models[0], self.share, xb, yb, rows, self.tally)
+        for i, r in enumerate(self.tally.radii):
+            share_rows = self.share.checks[i].rows_in(start, start + k) if k else None
+            _student_batch(
+                self.models,
+                xb,
+                yb,
+                clean,
+                self.settings.at(r),
+                self.generator,
+                share_rows,
+                self.tally,
+                self.limits,
+            )
+            yield r
 
 
 def _clean_terms(
@@ -399,9 +452,21 @@ def _student_batch(
     pgd_steps, random_points, rtol, chunk = check
     terms = phi(ce_s[:k], ce_t[:k], g_s[:k], g_t[:k], r, s.norm)
     result = check_points(
-        models, xb[:k], yb[:k], s, generator, st.gamma[:k], share, terms, seen, None,
-        pgd_steps, random_points, rtol, chunk,
-    )  # fmt: skip
+        models,
+        xb[:k],
+        yb[:k],
+        s,
+        generator,
+        st.gamma[:k],
+        share,
+        terms,
+        seen,
+        None,
+        pgd_steps,
+        random_points,
+        rtol,
+        chunk,
+    )
     for kind in _KINDS:
         tally.failed[r][kind] += int(result.violated[kind].sum())
         tally.tested[r][kind] += result.points[kind]

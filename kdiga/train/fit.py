@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,7 @@ from kdiga.train.epoch import run_epoch
 from kdiga.train.evaluation import evaluate
 from kdiga.train.optim import build_optimizer
 from kdiga.train.rng import restore_rng, rng_state, seed_rng
-from kdiga.train.steps import epoch_steps
+from kdiga.train.steps import Step, epoch_steps
 
 # one logger for the training package: the stage logs name its lines kdiga.train
 logger = logging.getLogger("kdiga.train")
@@ -86,8 +86,69 @@ def _prepare_teacher(teacher: nn.Module | None, device: torch.device, cl: bool) 
 
 
 @dataclass
+class _Inputs:
+    """What ``fit`` trains on: in-memory ``images`` and ``labels`` or a ``stream``, the
+    validation set ``val``, and ``teacher_cache`` or ``batch_source`` (teacher signals)."""
+
+    images: Tensor | None
+    labels: Tensor | None
+    stream: BatchStream | None
+    val: tuple[Tensor, Tensor] | None
+    teacher_cache: Callable[[Tensor], Any] | None
+    batch_source: Callable[[Tensor, int], tuple[Tensor, Any]] | None
+
+    @classmethod
+    def checked(
+        cls,
+        criterion: Callable[..., dict[str, Tensor]],
+        images: Tensor | None,
+        labels: Tensor | None,
+        cfg: TrainConfig,
+        stream: BatchStream | None,
+        val: tuple[Tensor, Tensor] | None,
+        teacher_cache: Callable[[Tensor], Any] | None,
+        batch_source: Callable[[Tensor, int], tuple[Tensor, Any]] | None,
+    ) -> _Inputs:
+        """The inputs as :func:`kdiga.train.config.check_inputs` checks and returns them."""
+        images, labels, val = check_inputs(
+            criterion, images, labels, cfg, stream, val, teacher_cache, batch_source
+        )
+        return cls(images, labels, stream, val, teacher_cache, batch_source)
+
+    def to(self, device: torch.device) -> None:
+        """Hold the in-memory images and labels on ``device`` (a stream is left as it is)."""
+        if self.stream is None:
+            self.images, self.labels = self.images.to(device), self.labels.to(device)
+
+    def steps(
+        self, cfg: TrainConfig, epoch: int, device: torch.device, pos: Position
+    ) -> tuple[int, Iterator[Step], Callable[[], Tensor | None]]:
+        """:func:`kdiga.train.steps.epoch_steps` of these inputs: epoch ``epoch``'s steps."""
+        return epoch_steps(
+            self.stream,
+            self.images,
+            self.labels,
+            cfg,
+            epoch,
+            device,
+            self.teacher_cache,
+            self.batch_source,
+            pos,
+        )
+
+
+@dataclass(frozen=True)
+class _Callbacks:
+    """``fit``'s callbacks (each may be None)."""
+
+    on_epoch: Callable[[dict], None] | None
+    on_batch: Callable[[dict], None] | None
+    progress: ProgressFn | None
+
+
+@dataclass
 class _Run:
-    """One ``fit`` call's models, data, optimiser and callbacks, placed on its device."""
+    """One ``fit`` call's models, optimiser, inputs and callbacks, placed on its device."""
 
     student: nn.Module
     criterion: Callable[..., dict[str, Tensor]]
@@ -96,15 +157,8 @@ class _Run:
     device: torch.device
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    images: Tensor | None
-    labels: Tensor | None
-    stream: BatchStream | None
-    val: tuple[Tensor, Tensor] | None
-    teacher_cache: Callable[[Tensor], Any] | None
-    batch_source: Callable[[Tensor, int], tuple[Tensor, Any]] | None
-    on_epoch: Callable[[dict], None] | None
-    on_batch: Callable[[dict], None] | None
-    progress: ProgressFn | None
+    inputs: _Inputs
+    callbacks: _Callbacks
 
 
 def fit(
@@ -169,23 +223,18 @@ def fit(
         val_acc when ``val`` is given. Raises NonFiniteLossError on a NaN or infinite loss
         part (epoch and batch named).
     """
-    images, labels, val = check_inputs(
+    inputs = _Inputs.checked(
         criterion, images, labels, cfg, stream, val, teacher_cache, batch_source
     )
     device = torch.device(device)
-    _check_run(criterion, labels, cfg, stream, device)
+    _check_run(criterion, inputs.labels, cfg, inputs.stream, device)
     teacher = _place_models(student, teacher, cfg, device)
-    if stream is None:
-        images, labels = images.to(device), labels.to(device)
+    inputs.to(device)
     optimizer, scheduler = build_optimizer(student, cfg)
     if isinstance(criterion, nn.Module):
         criterion.to(device)
-    run = _Run(
-        student=student, criterion=criterion, teacher=teacher, cfg=cfg, device=device,
-        optimizer=optimizer, scheduler=scheduler, images=images, labels=labels, stream=stream,
-        val=val, teacher_cache=teacher_cache, batch_source=batch_source, on_epoch=on_epoch,
-        on_batch=on_batch, progress=progress,
-    )  # fmt: skip
+    callbacks = _Callbacks(on_epoch, on_batch, progress)
+    run = _Run(student, criterion, teacher, cfg, device, optimizer, scheduler, inputs, callbacks)
     return _train(run, checkpoint_path, checkpoint_record)
 
 
@@ -214,11 +263,17 @@ def _train(
         else:
             seed_rng(rank_seed(cfg.seed, info.rank), cuda_index)  # rank 0: cfg.seed
         save = _saver(
-            path, student, run.optimizer, run.scheduler, cfg, history, cuda_index,
+            path,
+            student,
+            run.optimizer,
+            run.scheduler,
+            cfg,
+            history,
+            cuda_index,
             checkpoint_record,
-        )  # fmt: skip
+        )
         model = stack.enter_context(data_parallel(student, run.device, sync_bn=cfg.sync_bn))
-        track = Tracker(run.progress, "train", 0, "steps")
+        track = Tracker(run.callbacks.progress, "train", 0, "steps")
         for epoch in range(start, cfg.epochs):
             record = _epoch(run, model, epoch, pos, save, track)
             pos = Position()
@@ -226,8 +281,8 @@ def _train(
             save(epoch + 1)
             if info.rank == 0:
                 logger.info("epoch %d/%d %s", epoch + 1, cfg.epochs, _fmt(record))
-            if run.on_epoch is not None:
-                run.on_epoch(dict(record))
+            if run.callbacks.on_epoch is not None:
+                run.callbacks.on_epoch(dict(record))
     return history
 
 
@@ -247,20 +302,27 @@ def _epoch(
         set_epoch(epoch, cfg.epochs)
     lr = run.optimizer.param_groups[0]["lr"]
     t0 = time.perf_counter()
-    source = epoch_steps(
-        run.stream, run.images, run.labels, cfg, epoch, run.device, run.teacher_cache,
-        run.batch_source, pos,
-    )  # fmt: skip
+    source = run.inputs.steps(cfg, epoch, run.device, pos)
     means = run_epoch(
-        model, run.criterion, run.teacher, source, cfg, epoch, run.optimizer, run.device,
-        run.on_batch, pos, lambda at, epoch=epoch: save(epoch, at), track,
-    )  # fmt: skip
+        model,
+        run.criterion,
+        run.teacher,
+        source,
+        cfg,
+        epoch,
+        run.optimizer,
+        run.device,
+        run.callbacks.on_batch,
+        pos,
+        lambda at, epoch=epoch: save(epoch, at),
+        track,
+    )
     run.scheduler.step()
     broadcast_buffers(run.student)  # DDP: rank 0's BatchNorm running stats everywhere
     record = {"epoch": epoch + 1, "lr": lr, **means}
     record["time_s"] = time.perf_counter() - t0
-    if run.val is not None:
-        record["val_acc"] = evaluate(run.student, *run.val, device=run.device)
+    if run.inputs.val is not None:
+        record["val_acc"] = evaluate(run.student, *run.inputs.val, device=run.device)
     return record
 
 
@@ -273,8 +335,15 @@ def _check_run(
 ) -> None:
     """:func:`kdiga.distributed.check_run` for this run's training-set size and world."""
     n_train = stream.steps_per_epoch * cfg.batch_size if stream is not None else labels.numel()
-    check_run(n_train, cfg.batch_size, cfg.drop_last or stream is not None, current().world_size,
-              criterion, sync_bn=cfg.sync_bn, device=device)  # fmt: skip
+    check_run(
+        n_train,
+        cfg.batch_size,
+        cfg.drop_last or stream is not None,
+        current().world_size,
+        criterion,
+        sync_bn=cfg.sync_bn,
+        device=device,
+    )
 
 
 def _place_models(
@@ -338,9 +407,18 @@ def _saver(
         rngs = all_gather_object(rng_state(cuda_index)) if info.is_distributed else None
         if info.rank == 0:
             save_checkpoint(
-                path, student, optimizer, scheduler, cfg, epochs_done, history, cuda_index,
-                rngs, at, record,
-            )  # fmt: skip
+                path,
+                student,
+                optimizer,
+                scheduler,
+                cfg,
+                epochs_done,
+                history,
+                cuda_index,
+                rngs,
+                at,
+                record,
+            )
         barrier()
 
     return save
