@@ -18,7 +18,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from pipeline import dag, forkserver
-from pipeline.stages.common import REUSE_ENV
+from pipeline.provenance import REUSE_ENV
 from pipeline.runners import RUNNER_ENV, SNAKEMAKE, StudyBusyError, refuse_if_dvc_runs
 from pipeline.params import (
     check_models,
@@ -96,7 +96,7 @@ def values(stage, key=None):
 
 
 def command(stage, key=None):
-    """The job's command (``python -m pipeline.stages.<stage> ... --log <its log>``), as in
+    """The job's command (``python -m pipeline.stages <stage> ... --log <its log>``), as in
     dvc.yaml; a params entry, so a changed command re-runs the job, as it does for DVC."""
     return job(stage, key).cmd
 

@@ -110,8 +110,8 @@ class Job:
     @property
     def cmd(self) -> str:
         """The job's command, the one Snakemake and DVC run:
-        ``python -m pipeline.stages.<stage> --<arg> <value> ... --log <its log>``."""
-        parts = [f"python -m pipeline.stages.{self.stage}"]
+        ``python -m pipeline.stages <stage> --<arg> <value> ... --log <its log>``."""
+        parts = [f"python -m pipeline.stages {self.stage}"]
         parts += [f"--{k.replace('_', '-')} {v}" for k, v in self.args.items()]
         return " ".join([*parts, f"--log {self.log}"])
 

@@ -1,6 +1,6 @@
 """Stage jobs started warm: a fork server that has imported torch once.
 
-Every stage job is a ``python -m pipeline.stages.<stage> ...`` process, the command Snakemake
+Every stage job is a ``python -m pipeline.stages <stage> ...`` process, the command Snakemake
 and DVC share, and importing torch (and torchvision) costs each one 1.5 to 3 s of CPU before any
 work: in a small study that is more than the work, and a study of a hundred jobs pays it a
 hundred times. With ``KDIGA_FORKSERVER=1`` (the Snakefile sets it for the jobs it runs on this
@@ -54,7 +54,7 @@ from typing import Any
 ENABLE_ENV = "KDIGA_FORKSERVER"
 IDLE_ENV = "KDIGA_FORKSERVER_IDLE"
 DIR_ENV = "KDIGA_FORKSERVER_DIR"  # the servers' folder (default: see _folder)
-#: set in a child: a job it starts (``python -m pipeline.stages.<stage>`` again) runs itself
+#: set in a child: a job it starts (``python -m pipeline.stages <stage>`` again) runs itself
 CHILD_ENV = "KDIGA_FORKSERVER_CHILD"
 STARTUP_S = 30.0  # the most a job waits for a server that is starting (importing torch)
 #: imported once by the server; each may be missing (torchvision is optional to kdiga).

@@ -1,9 +1,10 @@
 """Run one stage as a torchrun (DDP) job: on one node in held GPU slots, or over several nodes.
 
 One node. With ``distill.gpus_per_job`` = N > 1, the distill job's own command (``python -m
-pipeline.stages.distill --model <id> --log <log>``, what Snakemake and DVC run) holds N GPUs of the
-slot pool at once, all or none (:func:`pipeline.gpu.run_in_slots`), and runs that same command
-again under ``torch.distributed.run`` (torchrun) in them (:func:`torchrun_command`)::
+pipeline.stages distill --model <id> --log <log>``, what Snakemake and DVC run) holds N GPUs of
+the slot pool at once, all or none (:func:`pipeline.gpu.run_in_slots`), and runs the stage's
+module with the same arguments under ``torch.distributed.run`` (torchrun) in them
+(:func:`torchrun_command`)::
 
     python -m torch.distributed.run --standalone --nproc-per-node 4 \\
         -m pipeline.stages.distill -- --model <id> --log logs/distill/<id>.log

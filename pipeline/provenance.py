@@ -218,6 +218,14 @@ def require_current_inputs(params: dict, job: dag.Job) -> None:
             raise ProvenanceError(f"{job.name}: stale input: {found[0]}; {how_to_rerun(up)}")
 
 
+#: "1": a job whose outputs are already what it would make (its provenance: the same params,
+#: the same input bytes, the same code) keeps them and ends at once, moving their mtimes
+#: forward. The Snakefile sets it: Snakemake judges by mtimes and re-runs everything below a
+#: job it re-runs, even when that job's outputs come back byte-identical. DVC, which compares
+#: hashes, runs a job only when something changed (or when forced, to recompute).
+REUSE_ENV = "KDIGA_REUSE_CURRENT"
+
+
 class JobIsCurrent(Exception):
     """Raised by :func:`open_job` when the job's outputs are current and may be reused."""
 

@@ -502,3 +502,28 @@ def test_the_job_that_writes_a_file_is_found_from_its_path(params_file):
     read_only = {d for job in table for d in job.deps} - set(written)
     for dep in read_only | {"data/models/nobody.safetensors", "data/evals/x.json", "README.md"}:
         assert dag.producer(params, dep) is None, dep
+
+
+def test_the_stage_entry_hands_off_before_torch_loads_and_names_the_stages():
+    """`python -m pipeline.stages <stage>` (every job's command) imports no torch before it
+    hands the job to the fork server; an unknown stage gets one line naming the stages."""
+    code = (
+        "import sys\n"
+        "import pipeline.stages.__main__\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.stages", "distil", "--model", "x"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "unknown stage 'distil'; the stages: " + ", ".join(dag.STAGES) in proc.stderr
+    assert "Traceback" not in proc.stderr

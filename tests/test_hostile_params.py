@@ -611,7 +611,7 @@ def test_an_interrupted_distill_job_says_where_and_exits_130(long_distill, forks
     progress = study / progress_path("distill", model)
     with open(study / "stderr.txt", "w+") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.stages.distill", "--model", model, "--log", log],
+            [sys.executable, "-m", "pipeline.stages", "distill", "--model", model, "--log", log],
             cwd=study,
             env=env(PYTHONPATH=str(ROOT), KDIGA_FORKSERVER=forkserver),
             stdout=subprocess.DEVNULL,

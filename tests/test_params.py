@@ -179,7 +179,7 @@ def test_cli_bad_params_exit_2_without_traceback(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(bad))
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.stages.report", "--params", str(path)],
+        [sys.executable, "-m", "pipeline.stages", "report", "--params", str(path)],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -212,7 +212,7 @@ def test_a_targeted_snakemake_run_blesses_nothing_stale(study):
             "report",
         ]
     )
-    report = run([sys.executable, "-m", "pipeline.stages.report"], study, check=False)
+    report = run([sys.executable, "-m", "pipeline.stages", "report"], study, check=False)
     old = json.loads((study / f"data/evals/{KDIGA}--pgd.json").read_text())
     assert report.returncode == 2
     assert old["model_sha256"][:16] in report.stderr and sha(model)[:16] in report.stderr

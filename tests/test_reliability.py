@@ -32,7 +32,7 @@ def stage(study: Path, name: str, *args: str, params: dict | None = None):
     if params is not None:
         (study / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return subprocess.run(
-        [sys.executable, "-m", f"pipeline.stages.{name}", *args],
+        [sys.executable, "-m", "pipeline.stages", name, *args],
         cwd=study,
         env=env(),
         capture_output=True,

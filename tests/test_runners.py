@@ -65,7 +65,7 @@ def test_snakemake_and_dvc_refuse_to_run_beside_each_other(tiny_study_built, tmp
     # a Snakemake run holds the study: DVC's job and a hand-run job stop in one line
     (study / runners.SNAKEMAKE_LOCKS).mkdir(parents=True, exist_ok=True)
     (study / runners.SNAKEMAKE_LOCKS / "0.output.lock").write_text("reports/report.md\n")
-    proc = run([sys.executable, "-m", "pipeline.stages.report"], study, check=False)
+    proc = run([sys.executable, "-m", "pipeline.stages", "report"], study, check=False)
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and "snakemake --unlock" in errors[0], proc.stderr[-2000:]

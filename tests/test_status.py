@@ -234,7 +234,8 @@ def test_a_running_job_shows_its_progress_and_a_killed_one_shows_stopped(distill
     cmd = [
         sys.executable,
         "-m",
-        "pipeline.stages.distill",
+        "pipeline.stages",
+        "distill",
         "--model",
         KD,
         "--log",

@@ -48,8 +48,7 @@ def test_a_file_init_with_another_sha256_is_refused(tmp_path):
 
 
 def test_pretrained_weights_unavailable_is_one_clear_error(monkeypatch):
-    import pipeline.stages.distill  # noqa: F401  (build_student imports build_model when called)
-    from kdiga import models
+    from pipeline.stages import distill
 
     def offline(*args, **kwargs):
         if kwargs.get("pretrained"):
@@ -61,7 +60,7 @@ def test_pretrained_weights_unavailable_is_one_clear_error(monkeypatch):
     raw["teachers"]["pgdat"]["arch_kwargs"] = {}
     raw["students"] = {"r18": {"arch": "timm:resnet18", "init": "pretrained", "lr": 1e-5}}
     params = validate(raw)
-    monkeypatch.setattr(models, "build_model", offline)
+    monkeypatch.setattr(distill, "build_model", offline)  # the name build_student calls
     with pytest.raises(
         CheckpointError,
         match=r"students\.r18: pretrained weights for "

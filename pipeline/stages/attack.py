@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import time
 
+from kdiga.attacks import check_gradients, check_sweep, robust_sweep
+from kdiga.data import to_float
+from kdiga.files import sha256_file
 from pipeline import dag
-from pipeline.forkserver import stage_main
 from pipeline.params import AutoAttackSettings, ParamError, model_ids, radius_label
 from pipeline.stages.common import (
     begin,
@@ -39,10 +41,6 @@ def autoattack_settings(aa: AutoAttackSettings) -> dict:
 
 
 def body(args: argparse.Namespace, params: dict) -> None:
-    from kdiga.attacks import check_gradients, check_sweep, robust_sweep
-    from kdiga.data import to_float
-    from kdiga.files import sha256_file
-
     if args.model not in model_ids(params):
         raise ParamError("--model", args.model, f"known: {', '.join(model_ids(params))}")
     a = params.attack
@@ -109,4 +107,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(stage_main("pipeline.stages.attack", main))
+    raise SystemExit(main())

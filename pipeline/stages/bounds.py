@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from kdiga.bounds import llm_key, load_teacher_share, prop2_key, table4
 from pipeline import dag
-from pipeline.forkserver import stage_main
 from pipeline.params import Study, check_teacher, parse_student_id, radius_label
 from pipeline.stages.bounds_teacher import ascent_settings, bounds_samples, generator
 from pipeline.stages.common import (
@@ -27,8 +27,6 @@ from pipeline.stages.common import (
 
 
 def body(args: argparse.Namespace, params: Study) -> None:
-    from kdiga.bounds import llm_key, load_teacher_share, prop2_key, table4
-
     parse_student_id(params, args.model)
     name = dag.bounds_teacher(params, args.model, args.teacher)
     if args.teacher is not None:
@@ -118,4 +116,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(stage_main("pipeline.stages.bounds", main))
+    raise SystemExit(main())

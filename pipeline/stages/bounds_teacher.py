@@ -1,5 +1,5 @@
 """Stage bounds_teacher: the teacher's share of the bounds stage, paid once per teacher:
-``python -m pipeline.stages.bounds_teacher --teacher <name>``.
+``python -m pipeline.stages bounds_teacher --teacher <name>``.
 
 On the bounds' random test samples (the same for every model), the teacher's clean CE and
 input gradient, and at each radius its own LLM ascent on the first ``bounds.check_samples``
@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 import time
 
+import torch
+
+from kdiga.bounds import AscentSettings, sample_indices, save_teacher_share, teacher_share
+from kdiga.data import to_float
 from pipeline import dag
-from pipeline.forkserver import stage_main
 from pipeline.params import Study, check_teacher
 from pipeline.stages.common import (
     begin,
@@ -29,9 +32,6 @@ from pipeline.stages.common import (
 def bounds_samples(params: Study):
     """The bounds' test samples (x [N, C, H, W] in [0, 1], y [N]): ``bounds.samples``
     random test images drawn with ``shard.seed``, the same for every model."""
-    from kdiga.bounds import sample_indices
-    from kdiga.data import to_float
-
     images, labels, _ = load_split("test")
     n = min(params.bounds.samples, len(labels))
     if n < params.bounds.samples:
@@ -46,22 +46,16 @@ def bounds_samples(params: Study):
 
 def ascent_settings(params: Study):
     """The LLM ascent's settings (``bounds.steps``, ``restarts``, ``tol``, ``patience``)."""
-    from kdiga.bounds import AscentSettings
-
     b = params.bounds
     return AscentSettings(steps=b.steps, restarts=b.restarts, tol=b.tol, patience=b.patience)
 
 
 def generator(params: Study):
     """The bounds' random draws (ascent starts, PGD starts, random points): ``shard.seed``."""
-    import torch
-
     return torch.Generator().manual_seed(params.shard.seed)
 
 
 def body(args: argparse.Namespace, params: Study) -> None:
-    from kdiga.bounds import save_teacher_share, teacher_share
-
     name = args.teacher
     check_teacher(params, name)
     provenance = begin(params, "bounds_teacher", name)
@@ -102,4 +96,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(stage_main("pipeline.stages.bounds_teacher", main))
+    raise SystemExit(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -14,8 +15,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kdiga.errors import KdigaError
+from kdiga.files import atomic_write_text
+from kdiga.models import CheckpointError, load_model
+from kdiga.shards import load_sharded, read_manifest
+from kdiga.stream import ShardBatches, load_image_split
+from kdiga.train import TrainConfig
+from kdiga.utils import gpu_name, machine_info, seed_everything
 from pipeline import dag, paths, progress
+from pipeline.gpu import check_cuda, gpu_slot
 from pipeline.params import (
     ParamError,
     Study,
@@ -24,7 +34,7 @@ from pipeline.params import (
     params_file,
     parse_student_id,
 )
-from pipeline.provenance import JobIsCurrent, open_job
+from pipeline.provenance import REUSE_ENV, JobIsCurrent, open_job
 from pipeline.runners import RUNNER_ENV, SNAKEMAKE, refuse_if_snakemake_runs
 
 log = logging.getLogger("kdiga.pipeline")
@@ -33,7 +43,7 @@ SPLITS = ("train", "val", "test")
 
 
 def parser(stage: str, description: str) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=f"python -m pipeline.stages.{stage}", description=description)
+    ap = argparse.ArgumentParser(prog=f"python -m pipeline.stages {stage}", description=description)
     ap.add_argument(
         "--params", default=None, help="the params file (default: $KDIGA_PARAMS or params.yaml)"
     )
@@ -202,7 +212,6 @@ def _prepare_job(stage: str, args: argparse.Namespace) -> Study:
         log.warning("%s", warning)
     refuse_if_snakemake_runs()  # DVC or a hand run beside a Snakemake run of the study
     check_paths(params, (stage,))
-    from kdiga.utils import seed_everything
 
     set_cpu_threads()  # the same bytes whichever tool runs the job
     seed_everything(params.shard.seed)  # any draw a stage makes: same seed, same run
@@ -225,8 +234,6 @@ def set_cpu_threads() -> int:
     another order), and Snakemake sets OMP_NUM_THREADS to a job's ``threads`` while DVC
     leaves it alone: pinning it here makes the two tools write the same bytes. Snakemake
     still fills every core, with jobs side by side."""
-    import torch
-
     raw = os.environ.get(THREADS_ENV, "1")
     if not raw.isdigit() or not 1 <= int(raw) <= 1024:
         raise ParamError(THREADS_ENV, raw, "expected a number of CPU threads from 1 to 1024")
@@ -238,14 +245,10 @@ def set_cpu_threads() -> int:
 def device() -> Iterator[str]:
     """A device for this job: its own GPU when there are any (a slot from pipeline.gpu), else
     the CPU. Held for the whole job."""
-    from pipeline.gpu import check_cuda, gpu_slot
-
     with gpu_slot() as slot:
         if slot is None:
             yield "cpu"
         else:
-            from kdiga.utils import gpu_name
-
             check_cuda([slot])  # KDIGA_GPU_SLOTS names a GPU: refuse one CUDA cannot see
             log.info("running on GPU %s", slot)
             if "record" in _RECORD:
@@ -265,14 +268,10 @@ def load_split(split: str) -> tuple[Any, Any, dict]:
 
     Image shards (ImageNet) are decoded with the evaluation view (resize, center crop); the
     training split of those streams instead (:func:`train_data`)."""
-    from kdiga.shards import load_sharded, read_manifest
-
     path = manifest_path(split)
     if not path.exists():
         raise MissingInputError(f"{path} is missing: run the shard stage first")
     if read_manifest(path).get("encoding") == "image":
-        from kdiga.stream import load_image_split
-
         return load_image_split(path)
     return load_sharded(path)
 
@@ -284,10 +283,6 @@ def train_data(params: Any, cfg: Any) -> tuple[dict, Any, dict]:
     "labels": None, "stream": kdiga.stream.ShardBatches}`` with ``cfg.augment`` set to "none"
     (the loader's RandomResizedCrop and flip are the augmentation; ``augment`` and
     ``crop_padding`` apply to in-memory data)."""
-    import dataclasses
-
-    from kdiga.shards import read_manifest
-
     path = manifest_path("train")
     if not path.exists():
         raise MissingInputError(f"{path} is missing: run the shard stage first")
@@ -295,7 +290,6 @@ def train_data(params: Any, cfg: Any) -> tuple[dict, Any, dict]:
     if manifest.get("encoding") != "image":
         x, y, manifest = load_split("train")
         return {"images": x, "labels": y}, cfg, manifest
-    from kdiga.stream import ShardBatches
 
     s = params.shard
     stream = ShardBatches(
@@ -322,8 +316,6 @@ def data_info(manifest: dict) -> dict:
 def train_config(section: Any, seed: int):
     """kdiga.train.TrainConfig from training settings: a teacher's ``train`` section, or a
     student's (:meth:`pipeline.params.Study.train_settings`, a mapping)."""
-    from kdiga.train import TrainConfig
-
     get = section.get if isinstance(section, dict) else lambda k: getattr(section, k)
     keys = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "augment", "crop_padding")
     return TrainConfig(
@@ -339,8 +331,6 @@ def train_config(section: Any, seed: int):
 
 
 def write_json(obj: Any, path: str | Path) -> None:
-    from kdiga.files import atomic_write_text
-
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", path)
 
 
@@ -364,12 +354,6 @@ def write_timing(stage: str, key: str | None, **figures: Any) -> None:
 #: the provenance record of this process's job (one job a process): :func:`device` adds the
 #: GPU it picks to its machine
 _RECORD: dict[str, Any] = {}
-#: "1": a job whose outputs are already what it would make (its provenance: the same params,
-#: the same input bytes, the same code) keeps them and ends at once, moving their mtimes
-#: forward. The Snakefile sets it: Snakemake judges by mtimes and re-runs everything below a
-#: job it re-runs, even when that job's outputs come back byte-identical. DVC, which compares
-#: hashes, runs a job only when something changed (or when forced, to recompute).
-REUSE_ENV = "KDIGA_REUSE_CURRENT"
 
 
 def begin(params: Study, stage: str, key: str | None = None) -> dict:
@@ -378,8 +362,6 @@ def begin(params: Study, stage: str, key: str | None = None) -> dict:
     machine that makes them (a record, not an input: nothing is stale because it changed).
     With :data:`REUSE_ENV` set, a job whose outputs are current raises
     :class:`~pipeline.provenance.JobIsCurrent` instead (:func:`pipeline.provenance.open_job`)."""
-    from kdiga.utils import machine_info
-
     reuse = os.environ.get(REUSE_ENV) == "1"
     record = open_job(params, stage, key, reuse=reuse) | {"machine": machine_info()}
     _RECORD.clear()
@@ -391,8 +373,6 @@ def load_stage_model(params: Study, model_id: str):
     """A model of the study (a teacher's name or a student id), refused if its tensors are
     not those its job wrote, if its header holds another model than the study declares
     (architecture, options, classes, input shape), or if it was written for another model id."""
-    from kdiga.models import CheckpointError, load_model
-
     path = dag.model_path(model_id)
     if model_id in params.teachers:
         t = params.teachers[model_id]

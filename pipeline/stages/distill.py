@@ -1,7 +1,7 @@
 """Stage distill: one student of the grid, (teacher, method, student, seed), trained from its
 init (scratch, pretrained weights or a checkpoint); resumable from its last epoch; per-epoch
 metrics for plots.
-``python -m pipeline.stages.distill --model <teacher>--<method>--<student>--s<seed>``.
+``python -m pipeline.stages distill --model <teacher>--<method>--<student>--s<seed>``.
 
 The method's loss, its settings and whether it needs the teacher come from the method table
 (``kdiga.methods``). With ``signals.enabled``, students of methods that take the teacher only
@@ -28,8 +28,18 @@ import sys
 import time
 from collections.abc import Callable
 
+import torch
+
+from kdiga.distributed import barrier, check_run, init_from_env, is_main, shutdown
+from kdiga.files import sha256_file
+from kdiga.methods import get_method
+from kdiga.models import CheckpointError, build_model, save_model
+from kdiga.shards import read_manifest
+from kdiga.signals import SignalCache, SignalMismatchError, load_signals
+from kdiga.teachers import load_teacher
+from kdiga.train import evaluate, fit
+from kdiga.utils import seed_everything
 from pipeline import dag, launch
-from pipeline.forkserver import stage_main
 from pipeline.params import ParamError, StudentJob, Study, check_train_shards, parse_student_id
 from pipeline.provenance import seal
 from pipeline.stages.common import (
@@ -54,7 +64,6 @@ def _device(info) -> contextlib.AbstractContextManager[str]:
     """Under torchrun each rank uses its local GPU (or the CPU); else a GPU slot or the CPU."""
     if not info.is_distributed:
         return device()
-    import torch
 
     dev = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
     return contextlib.nullcontext(dev)
@@ -63,8 +72,6 @@ def _device(info) -> contextlib.AbstractContextManager[str]:
 def _signal_cache(params: Study, job: StudentJob, x, y, teacher_sha: str, dev: str):
     """The teacher's cached signals as fit's batch_source, checked against this teacher and
     these images (a file made for another teacher or other data is refused)."""
-    from kdiga.signals import SignalCache, SignalMismatchError, load_signals
-
     sig, path = params.signals, dag.signals_path(job.teacher)
     signal_set = load_signals(path, teacher_sha256=teacher_sha, n=y.numel())
     meta = signal_set.meta
@@ -88,8 +95,6 @@ def _signal_cache(params: Study, job: StudentJob, x, y, teacher_sha: str, dev: s
 def build_student(params: Study, job: StudentJob, info: dict):
     """The student before training: built from scratch, with pretrained timm/torchvision
     weights (offline: a clear error naming the model), or from a checkpoint file."""
-    from kdiga.models import CheckpointError, build_model
-
     s = params.students[job.student]
     if s.init == "scratch":
         return build_model(s.arch, **info, **s.kwargs)
@@ -101,7 +106,6 @@ def build_student(params: Study, job: StudentJob, info: dict):
                 f"students.{job.student}: pretrained weights for {s.arch} are not available "
                 f"({' '.join(str(err).split())})"
             ) from None
-    from kdiga.teachers import load_teacher
 
     model, _ = load_teacher(
         s.init,
@@ -129,11 +133,6 @@ def check_world(params: Study, job: StudentJob, world: int) -> None:
     Raises:
         ParamError: naming ``distill.gpus_per_job`` and what is wrong.
     """
-    import torch
-
-    from kdiga.distributed import check_run
-    from kdiga.methods import get_method
-
     method = get_method(job.method)
     criterion = method.build_from(params.value("distill"))
     cfg = train_config(params.train_settings(job.student), job.seed)
@@ -161,8 +160,6 @@ def launch_ddp(args: argparse.Namespace, params: Study, gpus: int) -> bool:
 
 
 def body(args: argparse.Namespace, params: Study) -> None:
-    from kdiga.distributed import barrier, init_from_env, shutdown
-
     gpus = params.distill.gpus_per_job
     if gpus > 1 and not launch.under_torchrun():
         if launch_ddp(args, params, gpus):
@@ -189,14 +186,6 @@ def body(args: argparse.Namespace, params: Study) -> None:
 
 
 def distill(model_id: str, params: Study, info, progress: Callable | None = None) -> None:
-    from kdiga.distributed import is_main
-    from kdiga.files import sha256_file
-    from kdiga.methods import get_method
-    from kdiga.models import save_model
-    from kdiga.shards import read_manifest
-    from kdiga.train import evaluate, fit
-    from kdiga.utils import seed_everything
-
     job = parse_student_id(params, model_id)
     method = get_method(job.method)
     provenance = begin(params, "distill", model_id)
@@ -281,4 +270,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(stage_main("pipeline.stages.distill", main))
+    raise SystemExit(main())

@@ -22,8 +22,13 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
+from kdiga.data import load_dataset, seeded_subset, split_indices
+from kdiga.files import current_umask, remove_stale_temporaries, temporary_prefix
+from kdiga.shards import write_manifest, write_shards
+from kdiga.stream import list_image_folder, write_image_shards
 from pipeline import dag
-from pipeline.forkserver import stage_main
 from pipeline.params import (
     ParamError,
     Shard,
@@ -57,8 +62,6 @@ def check_memory(s: Shard, images: int) -> None:
 
 
 def _splits(s: Shard) -> dict:
-    from kdiga.data import load_dataset, split_indices
-
     check_memory(s, in_memory_images(s))
     seed = s.seed
     kw = {"root": s.root, "image_size": s.image_size}
@@ -74,12 +77,6 @@ def _splits(s: Shard) -> dict:
 
 def _folder_splits(s: Shard, out: Path, progress: Callable | None = None) -> None:
     """ImageNet / an ImageFolder root as shards of its image files, with their manifests."""
-    import torch
-
-    from kdiga.data import seeded_subset, split_indices
-    from kdiga.shards import write_manifest
-    from kdiga.stream import list_image_folder, write_image_shards
-
     root = Path(s.root)
     train, classes = list_image_folder(root / "train")
     test, test_classes = list_image_folder(root / "val")
@@ -153,8 +150,6 @@ def _remove_stale(out: Path) -> None:
     writer no longer running (:func:`kdiga.files.remove_stale_temporaries`), and the
     ``.shards-*`` of an older kdiga, which did not name their writer (a study has one shard
     job, and a run of it waits for no other: what is there was left behind)."""
-    from kdiga.files import remove_stale_temporaries
-
     gone = remove_stale_temporaries(out, suffix="")
     for old in sorted(out.parent.glob(_UNNAMED_TEMPORARIES)):
         if old.is_dir() and not old.is_symlink():
@@ -165,9 +160,6 @@ def _remove_stale(out: Path) -> None:
 
 
 def body(args: argparse.Namespace, params: Study) -> None:
-    from kdiga.files import current_umask, temporary_prefix
-    from kdiga.shards import write_manifest, write_shards
-
     s = params.shard
     classes = s.classes
     provenance = begin(params, "shard")
@@ -209,4 +201,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(stage_main("pipeline.stages.shard", main))
+    raise SystemExit(main())

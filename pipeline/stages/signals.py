@@ -1,5 +1,5 @@
 """Stage signals (optional, ``signals.enabled``): one teacher's signals, paid once per teacher:
-``python -m pipeline.stages.signals --teacher <name>``.
+``python -m pipeline.stages signals --teacher <name>``.
 
 Stores the teacher's logits and input gradients (paper eq. 5, gt) for ``signals.views`` fixed
 augmented views of every training image in ``data/signals/<teacher>.safetensors``
@@ -19,8 +19,10 @@ import math
 import time
 from collections.abc import Sequence
 
+from kdiga.files import sha256_file
+from kdiga.shards import read_manifest
+from kdiga.signals import compute_signals, save_signals, signals_nbytes
 from pipeline import dag
-from pipeline.forkserver import stage_main
 from pipeline.params import ParamError, Signals, check_teacher
 from pipeline.stages.common import (
     MissingInputError,
@@ -41,8 +43,6 @@ def check_size(
     """The bytes of ``teacher``'s signals file for ``n`` training images of ``image_shape``
     ``(C, H, W)`` (:func:`kdiga.signals.signals_nbytes`), logged; a :class:`ParamError`
     naming the size, the budget and ``signals.max_gb`` when it is over that budget."""
-    from kdiga.signals import signals_nbytes
-
     nbytes = signals_nbytes(sig.views, n, image_shape, num_classes, sig.grad_dtype)
     what = (
         f"{sig.views} views x {n:,} images x {' x '.join(map(str, image_shape))} in "
@@ -65,8 +65,6 @@ def check_size(
 
 def _train_manifest() -> dict:
     """The training split's manifest (counts and shapes), read before any image is."""
-    from kdiga.shards import read_manifest
-
     path = manifest_path("train")
     if not path.exists():
         raise MissingInputError(f"{path} is missing: run the shard stage first")
@@ -74,9 +72,6 @@ def _train_manifest() -> dict:
 
 
 def body(args: argparse.Namespace, params: dict) -> None:
-    from kdiga.files import sha256_file
-    from kdiga.signals import compute_signals, save_signals
-
     sig, d = params.signals, params.distill
     name = args.teacher
     check_teacher(params, name)
@@ -128,4 +123,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(stage_main("pipeline.stages.signals", main))
+    raise SystemExit(main())

@@ -1,5 +1,5 @@
 """Stage teacher: fetch one of the study's teachers (file, url, timm) or train it (PGD-AT or
-TRADES): ``python -m pipeline.stages.teacher --teacher <name>``.
+TRADES): ``python -m pipeline.stages teacher --teacher <name>``.
 
 Writes the teacher as a kdiga model file and its metadata (architecture, normalisation,
 source, sha256, clean accuracy on validation and test). Its robust accuracy comes from the
@@ -12,8 +12,15 @@ import argparse
 import time
 from collections.abc import Callable
 
+from kdiga.files import sha256_file
+from kdiga.methods import build_loss
+from kdiga.models import CheckpointError, build_model, save_model
+from kdiga.models.io import model_spec
+from kdiga.shards import read_manifest
+from kdiga.teachers import DownloadTooLargeError, load_teacher
+from kdiga.train import evaluate, fit
+from kdiga.utils import seed_everything
 from pipeline import dag
-from pipeline.forkserver import stage_main
 from pipeline.params import ParamError, Study, Teacher, check_teacher, check_train_shards
 from pipeline.provenance import seal
 from pipeline.stages.common import (
@@ -43,12 +50,6 @@ def _train(
     provenance: dict,
     progress: Callable | None = None,
 ):
-    from kdiga.methods import build_loss
-    from kdiga.models import build_model
-    from kdiga.shards import read_manifest
-    from kdiga.train import fit
-    from kdiga.utils import seed_everything
-
     tr = t.train
     seed_everything(tr.seed)  # the teacher's own seed: its init and every draw of its training
     model = build_model(t.arch, mean=t.mean, std=t.std, **info, **t.arch_kwargs)
@@ -81,9 +82,6 @@ def _train(
 def _fetch(name: str, t: Teacher, info: dict):
     """A file, url or timm teacher, checked against what the study declares for it (its
     arch, arch_kwargs and the data's classes, channels and image size)."""
-    from kdiga.models import CheckpointError
-    from kdiga.teachers import DownloadTooLargeError, load_teacher
-
     try:
         return load_teacher(
             t.source,
@@ -106,11 +104,6 @@ def _fetch(name: str, t: Teacher, info: dict):
 
 
 def body(args: argparse.Namespace, params: dict) -> None:
-    from kdiga.files import sha256_file
-    from kdiga.models import save_model
-    from kdiga.models.io import model_spec
-    from kdiga.train import evaluate
-
     name = args.teacher
     t = check_teacher(params, name)
     provenance = begin(params, "teacher", name)
@@ -158,4 +151,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(stage_main("pipeline.stages.teacher", main))
+    raise SystemExit(main())

@@ -18,12 +18,13 @@ per method, relative to KD, goes to ``logs/cost.md`` beside the logs, outside wh
 
 One topic a module: ``numbers`` (the stages' outputs read into rows), ``tables``, ``claims``,
 ``figure``, ``metrics`` (and the cost note), ``text`` (the notes in words), ``sections`` (the
-report's markdown), ``stage`` (the stage's entry, run by ``python -m pipeline.stages.report``).
+report's markdown), ``stage`` (the stage's entry, run by ``python -m pipeline.stages report``).
 """
 
 from pipeline.stages.report.claims import CLAIMS_HEADER, claims, claims_in_words, claims_table
 from pipeline.stages.report.metrics import metrics
 from pipeline.stages.report.numbers import Numbers, cells, estimate
+from pipeline.stages.report.stage import main
 from pipeline.stages.report.tables import accuracy_table, model_label, training_table
 from pipeline.stages.report.text import uncertainty_note
 
@@ -36,6 +37,7 @@ __all__ = [
     "claims_in_words",
     "claims_table",
     "estimate",
+    "main",
     "metrics",
     "model_label",
     "training_table",

@@ -12,10 +12,11 @@ from pipeline.stages.report.numbers import Numbers, cells, estimate, label
 def figure(params: Study, numbers: Numbers, attack: str, path: str) -> list[dict]:
     """Clean and robust accuracy against radius, one panel per teacher, one line per method
     (the mean over seeds) with its 95% CI as a band; returns the CSV rows (per model id)."""
-    import matplotlib  # heavy, and only the figure draws: imported when it is drawn
+    # matplotlib is heavy and only the figure draws: imported when it is drawn
+    import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (after choosing the Agg backend)
 
     groups = cells(params)
     fig, axes = plt.subplots(
