@@ -69,6 +69,10 @@ PRELOAD = (
     "torch._dynamo",
     "safetensors.torch",
     "torchvision",
+    # imported by every stage module at its top (kdiga.stream, kdiga.attacks)
+    "torchvision.transforms.v2",
+    "webdataset",
+    "pyautoattack",
 )
 #: the project's packages: imported by each child from its own job's path
 PROJECT = ("pipeline", "kdiga")
