@@ -52,6 +52,7 @@ never the global RNGs, so a fixed seed gives the same numbers on every run.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -213,6 +214,16 @@ class Estimate:
             )
         if c.n_seeds != self.n:
             raise ValueError(f"components are over {c.n_seeds} seeds but n is {self.n}")
+
+    def within(self, low: float, high: float) -> Estimate:
+        """The same estimate with its interval cut to [``low``, ``high``], the values the
+        quantity can take: an accuracy lies in [0, 1], while a t-interval over few seeds can
+        reach past either end. The mean must lie in that range (``ValueError`` otherwise)."""
+        if not low <= self.mean <= high:
+            raise ValueError(f"the mean {self.mean} lies outside [{low}, {high}]")
+        if self.lo is None:
+            return self
+        return dataclasses.replace(self, lo=max(self.lo, low), hi=min(self.hi, high))
 
     @property
     def seed_sd(self) -> float | None:

@@ -510,3 +510,27 @@ TWO_COMP = VarianceComponents(2, 3, 0.1, 0.2, 0.05)
 def test_bad_input_raises_a_clear_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_within_cuts_the_interval_to_the_values_the_quantity_can_take():
+    """Three seeds near 100% with one weak seed: the t-interval reaches past 1; cut to
+    [0, 1], its upper end is 1 and the mean and lower end stay as they were."""
+    per_seed = [np.ones(50), np.ones(50), np.r_[np.ones(40), np.zeros(10)]]
+    raw = estimate(per_seed)
+    assert raw.hi > 1.0
+    cut = raw.within(0.0, 1.0)
+    assert (cut.mean, cut.lo, cut.hi, cut.n, cut.method) == (raw.mean, raw.lo, 1.0, 3, raw.method)
+    assert cut.format() == f"{round(100 * raw.mean, 1):.1f} [{round(100 * raw.lo, 1):.1f}, 100.0]"
+    single = estimate([[0.5]])
+    assert single.within(0.0, 1.0) == single
+    with pytest.raises(ValueError, match=r"the mean 0.5 lies outside \[0.6, 1.0\]"):
+        single.within(0.6, 1.0)
+
+
+def test_the_report_cuts_accuracy_intervals_to_0_100():
+    from pipeline.stages.report.numbers import accuracy_estimate
+
+    per_seed = [np.ones(50), np.ones(50), np.r_[np.zeros(40), np.ones(10)]]
+    est = accuracy_estimate(per_seed)  # seed means 1, 1, 0.2: the t-interval spans ±115 pts
+    assert (est.lo, est.hi) == (0.0, 1.0)
+    assert est.mean == pytest.approx(2.2 / 3)

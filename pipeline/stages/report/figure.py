@@ -6,7 +6,7 @@ import polars as pl
 
 from kdiga.files import atomic_path
 from pipeline.params import Study, model_ids
-from pipeline.stages.report.numbers import Numbers, cells, estimate, label
+from pipeline.stages.report.numbers import Numbers, accuracy_estimate, cells, label
 
 
 def figure(params: Study, numbers: Numbers, attack: str, path: str) -> list[dict]:
@@ -26,7 +26,7 @@ def figure(params: Study, numbers: Numbers, attack: str, path: str) -> list[dict
     for ax, (teacher, group) in zip(axes[0], groups.items(), strict=True):
         for cell in group:
             est = [
-                estimate(numbers.accuracy(cell, attack, r))
+                accuracy_estimate(numbers.accuracy(cell, attack, r))
                 for r in [None, *range(len(numbers.radii))]
             ]
             mean = [100 * e.mean for e in est]

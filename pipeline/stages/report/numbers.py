@@ -121,3 +121,9 @@ class Numbers:
 def estimate(per_seed: list):
     """The mean of ``per_seed`` with its 95% CI, from the bootstrap's fixed draw."""
     return stats.estimate(per_seed, **BOOT)
+
+
+def accuracy_estimate(per_seed: list):
+    """An accuracy's :func:`estimate`, its interval cut to [0, 1], the values an accuracy
+    can take (a t-interval over few seeds reaches past them)."""
+    return estimate(per_seed).within(0.0, 1.0)

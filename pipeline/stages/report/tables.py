@@ -4,7 +4,7 @@ failures and the students' training."""
 from __future__ import annotations
 
 from pipeline.params import Study, student_jobs
-from pipeline.stages.report.numbers import Cell, Numbers, cells, estimate, label
+from pipeline.stages.report.numbers import Cell, Numbers, accuracy_estimate, cells, estimate, label
 
 PROP2_KINDS = {
     "pgd_student": "PGD (student)",
@@ -44,10 +44,10 @@ def accuracy_table(params: Study, numbers: Numbers, teacher: str | None, attack:
         suspect = any(numbers.evals[(m, attack)]["suspect"] for m in cell.ids)
         row = [model_label(params, cell, numbers) + (" (suspect)" if suspect else "")]
         for r in [None, *range(len(numbers.radii))]:
-            v = estimate(numbers.accuracy(cell, attack, r))
+            v = accuracy_estimate(numbers.accuracy(cell, attack, r))
             text = pct(v)
             if cell.method is not None and teacher is not None:
-                tv = estimate(numbers.accuracy(tcell, attack, r))
+                tv = accuracy_estimate(numbers.accuracy(tcell, attack, r))
                 text += f" ({100 * tv.mean:.1f})"
             row.append(text)
         rows.append(row)

@@ -45,6 +45,7 @@ def uncertainty_note(params: Study, n_test: int) -> str:
         how = f"over the {n_test} {split} images. {ONE_SEED_RULE}"
     note = (
         f"Every number is a mean with its 95% confidence interval in square brackets, {how} "
+        "An accuracy's interval is cut to [0, 100], the values an accuracy can take. "
         f"Claims are checked on paired differences (the same images and seeds). {VERDICT_RULE}"
     )
     return note.replace(" test images", f" {split} images")  # kdiga.stats' rules say test
