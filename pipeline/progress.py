@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from kdiga.files import remove_stale_temporaries, temporary_prefix
 from pipeline import dag
 
 if TYPE_CHECKING:
@@ -390,11 +391,14 @@ class JobProgress:
             return
         now = self.clock() if now is None else now
         text = json.dumps(self.snapshot(now), indent=1) + "\n"
-        tmp = self.path.with_name(f".{self.path.name}.{self.pid}.tmp")
+        # named as kdiga.files names its temporaries, so that those of a killed job go
+        tmp = self.path.with_name(temporary_prefix(self.path.name) + "progress.tmp")
         with self._io:
-            self._last_write = now
+            first, self._last_write = self._last_write == -math.inf, now
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+                if first:  # what a job killed by SIGKILL left beside the file
+                    remove_stale_temporaries(self.path)
                 tmp.write_text(text, encoding="utf-8")
                 os.replace(tmp, self.path)
             except OSError as err:

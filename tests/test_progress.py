@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from kdiga.attacks import autoattack, robust_sweep
 from kdiga.bounds import AscentSettings, table4
+from kdiga.files import temporary_prefix
 from kdiga.progress import Progress, Tracker
 from kdiga.shards import write_shards
 from kdiga.signals import compute_signals
@@ -537,3 +538,21 @@ def test_durations_and_rates_read_as_a_person_writes_them():
     assert pp.rate_text(None, "steps") == "rate not known yet"
     assert pp.progress_path("attack", "m--pgd") == "logs/attack/m--pgd.progress.json"
     assert pp.progress_path("shard") == "logs/shard.progress.json"
+
+
+def test_a_progress_temporary_left_by_a_killed_job_is_removed_by_the_next_one(tmp_path):
+    """A job killed (SIGKILL) between writing its progress temporary and renaming it leaves
+    the temporary; the next job of that file removes it on its first write, and leaves
+    those of live processes."""
+    path = tmp_path / "logs" / "distill" / "m.progress.json"
+    path.parent.mkdir(parents=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], text=True, capture_output=True
+    ).stdout.strip()  # a pid no process has now
+    host = temporary_prefix(path.name).split("@")[1].rstrip(".")
+    stale = path.with_name(f".{path.name}.{dead}@{host}.progress.tmp")
+    live = path.with_name(f".{path.name}.{os.getppid()}@{host}.progress.tmp")
+    stale.write_text("{")
+    live.write_text("{")
+    pp.JobProgress("distill", path, job="distill-m").write()
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, live.name])
