@@ -156,3 +156,29 @@ def test_a_full_disk_during_sync_is_one_line_and_keeps_the_lock(
     ], err
     assert "Traceback" not in err
     assert (study / "dvc.lock").read_bytes() == lock
+
+
+@pytest.mark.slow
+def test_a_model_file_edited_after_its_job_is_not_recorded(
+    tiny_study_built, tmp_path, monkeypatch, capsys
+):
+    """A student's weights changed after its job wrote them (the header and mtime kept): its
+    provenance still matches, but sync --dvc refuses to record those bytes as the job's
+    output, in one line naming the job and both hashes, and exits 1; dvc.lock keeps the
+    job's entry as it was."""
+    from test_hostile_inputs import flip_weight_byte
+
+    study = copy_study(tiny_study_built, tmp_path / "study")
+    sid = "st--small_cnn--s0"
+    stage = f"distill-{sid}"
+    before = yaml.safe_load((study / "dvc.lock").read_text())["stages"][stage]
+    flip_weight_byte(study / "data" / "models" / f"{sid}.safetensors")
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")  # dvc, as in a venv
+    monkeypatch.chdir(study)
+    assert sync.main(["--dvc", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert (
+        f"not recorded in dvc.lock: {stage}: data/models/{sid}.safetensors: its tensors have sha256"
+    ) in err
+    assert "its header records" in err and f"re-run its job '{stage}'" in err
+    assert yaml.safe_load((study / "dvc.lock").read_text())["stages"][stage] == before
