@@ -234,12 +234,14 @@ def open_job(params: dict, stage: str, key: str | None = None, *, reuse: bool = 
     """What a stage does first: find its job, check that every artifact it reads is current
     (else :class:`ProvenanceError` naming both hashes), and return the record its outputs
     will carry (:func:`make_record`). With ``reuse``, a job whose outputs are already current
-    (the same params, input bytes and code) moves their mtimes forward and raises
-    :class:`JobIsCurrent`."""
+    (the same params, input bytes and code, and model files that still hold what it wrote:
+    :func:`output_problem`) moves their mtimes forward and raises :class:`JobIsCurrent`."""
     job = current_job(params, stage, key)
     require_current_inputs(params, job)
     if reuse:
         stale = problems(params, job)
+        if not stale and (why := output_problem(job)):
+            stale = [why]
         if not stale:
             now = time.time()
             for out in job.outputs:
@@ -250,6 +252,25 @@ def open_job(params: dict, stage: str, key: str | None = None, *, reuse: bool = 
             )
         log.info("%s: running (%s)", job.name, stale[0])
     return make_record(params, job)
+
+
+def output_problem(job: dag.Job) -> str | None:
+    """Why an output of ``job`` no longer holds what its job wrote: a model file whose
+    tensors are not those its header records (edited after the job wrote it); None when
+    none is. A record says what made the outputs, not whether they are still what was made.
+    Reads the model files, so it imports torch: for a stage deciding whether to reuse its
+    outputs and for ``sync --dvc``, never for :func:`freshness`, which stays torch-free."""
+    # torch and safetensors: loaded only by the callers above, see the docstring
+    from kdiga.models import CheckpointError  # noqa: PLC0415
+    from kdiga.models.io import check_tensors, read_model_record  # noqa: PLC0415
+
+    models = [o for o in job.outputs if o.startswith("data/models/") and o.endswith(".safetensors")]
+    for path in filter(os.path.isfile, models):
+        try:
+            check_tensors(read_model_record(path), path)
+        except CheckpointError as err:
+            return str(err)
+    return None
 
 
 def current_job(params: dict, stage: str, key: str | None = None) -> dag.Job:

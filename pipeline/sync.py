@@ -34,7 +34,7 @@ import yaml
 from kdiga.files import atomic_write_text
 from pipeline import dag
 from pipeline.params import ParamError, load_params, params_file
-from pipeline.provenance import freshness
+from pipeline.provenance import freshness, output_problem
 
 
 def _mtimes(paths: list[str]) -> dict[Path, tuple[int, int]]:
@@ -238,27 +238,6 @@ def _disk_full(err: BaseException, records: list[logging.LogRecord] = ()) -> boo
     return False
 
 
-def tampered_models(names: list[str], jobs: dict[str, dag.Job]) -> dict[str, str]:
-    """Job name -> why its model file may not be recorded: its tensors are not those its
-    header records (the file was edited after its job wrote it). A job's provenance says what
-    made it, not whether its output still holds what it wrote; DVC would hash whatever bytes
-    are there."""
-    # torch and safetensors: for --dvc only, so the listing and the dry runs load without them
-    from kdiga.models import CheckpointError  # noqa: PLC0415
-    from kdiga.models.io import check_tensors, read_model_record  # noqa: PLC0415
-
-    out: dict[str, str] = {}
-    for name in names:
-        outputs = jobs[name].outputs if name in jobs else []
-        for path in (o for o in outputs if o.startswith("data/models/")):
-            if path.endswith(".safetensors") and Path(path).is_file():
-                try:
-                    check_tensors(read_model_record(path), path)
-                except CheckpointError as err:
-                    out[name] = str(err)
-    return out
-
-
 def touch_in_snakemake(names: list[str], jobs: dict[str, dag.Job]) -> int:
     """``snakemake --touch`` for the outputs of the named (current) jobs."""
     snakemake = shutil.which("snakemake")
@@ -311,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         record = dag.dag_record(params)
         if not Path(dag.DAG_RECORD).exists() or Path(dag.DAG_RECORD).read_text() != record:
             atomic_write_text(record, dag.DAG_RECORD)
-        for name, why in (bad := tampered_models(current, jobs)).items():
+        bad = {n: why for n in current if n in jobs and (why := output_problem(jobs[n]))}
+        for name, why in bad.items():
             print(f"not recorded in dvc.lock: {name}: {why}", file=sys.stderr)
         current = [n for n in current if n not in bad]
         rc |= 1 if bad else 0

@@ -26,7 +26,7 @@ import pytest
 import torch
 import yaml
 from test_reliability import failed_cleanly, ok, stage
-from tiny_study import ROOT, TINY
+from tiny_study import ROOT, TINY, copy_study
 
 from kdiga.artifacts import save_tensors, tensors_sha256
 from kdiga.files import atomic_write_text, read_meta, remove_stale_temporaries, sha256_file
@@ -133,6 +133,27 @@ def test_a_tampered_student_stops_the_job_that_reads_it(tiny_study_built, tmp_pa
         "its header records",
         f"re-run its job 'distill-{ST}'",
     )
+
+
+@pytest.mark.slow
+def test_a_tampered_model_is_made_again_not_reused(tiny_study_built, tmp_path, monkeypatch):
+    """With KDIGA_REUSE_CURRENT=1 (as the Snakefile runs jobs) a job whose outputs are
+    current keeps them; a model file whose tensors were edited since is not what its job
+    wrote, so the job runs again (naming why) and writes the same bytes it wrote before."""
+    study = copy_study(tiny_study_built, tmp_path / "study")  # with its code: the same digest
+    path = study / "data" / "models" / f"{ST}.safetensors"
+    written = path.read_bytes()
+    monkeypatch.setenv("KDIGA_REUSE_CURRENT", "1")
+    kept = stage(study, "distill", "--model", ST)
+    ok(kept)
+    assert f"distill-{ST}: its outputs are current" in kept.stderr, kept.stderr[-1500:]
+    flip_weight_byte(path)
+    again = stage(study, "distill", "--model", ST)
+    ok(again)
+    assert f"distill-{ST}: running (data/models/{ST}.safetensors: its tensors have sha256" in (
+        again.stderr
+    )
+    assert path.read_bytes() == written
 
 
 # -- 2. a resume checkpoint carries the run it was made for --------------------------------
