@@ -223,9 +223,18 @@ def report_job(params: Study) -> Job:
     deps += [eval_path(m, a) for m in model_ids(params) for a in attacks]
     deps += [bounds_path(s, t) for s, t in bounds_pairs(params)]
     deps += [history_path(j.id) for j in student_jobs(params)]
-    outs, rec = [REPORT_MD, REPORT_PNG, REPORT_RECORD], REPORT_RECORD
-    extra = {"metrics": [METRICS], "plots": [PLOT_CSV]}
-    return Job("report", None, deps, outs, REPORT_PARAMS, **extra, record=rec, gpus=0)
+    outs = [REPORT_MD, REPORT_PNG, REPORT_RECORD]
+    return Job(
+        "report",
+        None,
+        deps,
+        outs,
+        REPORT_PARAMS,
+        metrics=[METRICS],
+        plots=[PLOT_CSV],
+        record=REPORT_RECORD,
+        gpus=0,
+    )
 
 
 def signals_served(params: Study) -> set[str]:

@@ -447,25 +447,33 @@ def test_a_new_method_flows_through_schema_dag_and_report():
         validate(raw)
 
 
+def _torch_modules_after(code: str) -> str:
+    """The torch and torchvision modules a fresh interpreter holds after running ``code``."""
+    code += "\nprint(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))"
+    proc = subprocess.run(
+        [sys.executable, "-c", f"import sys\n{code}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip()
+
+
 def test_the_schema_and_the_dag_load_without_torch():
     """A dry run, `python -m pipeline.dag` and the hand-offs read tables (the method table,
     the model names, the option lists) and build nothing: importing torch would cost them
     about 2 s each, several times per Snakemake run."""
     code = (
-        "import sys\n"
         "from pipeline import dag, plan, provenance, status, sync\n"
         "from pipeline.params import load_params\n"
         "for f in ('params.yaml', 'configs/cifar10.yaml', 'configs/imagenet.yaml'):\n"
         "    p = load_params(f, build=False)\n"
         "    dag.dvc_yaml(p)\n"
-        "    provenance.freshness(p)\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))\n"
+        "    provenance.freshness(p)"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == "[]"
+    assert _torch_modules_after(code) == "[]"
 
 
 @pytest.mark.parametrize("params_file", list(PRESET_JOBS))
@@ -507,16 +515,7 @@ def test_the_job_that_writes_a_file_is_found_from_its_path(params_file):
 def test_the_stage_entry_hands_off_before_torch_loads_and_names_the_stages():
     """`python -m pipeline.stages <stage>` (every job's command) imports no torch before it
     hands the job to the fork server; an unknown stage gets one line naming the stages."""
-    code = (
-        "import sys\n"
-        "import pipeline.stages.__main__\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == "[]"
+    assert _torch_modules_after("import pipeline.stages.__main__") == "[]"
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline.stages", "distil", "--model", "x"],
         cwd=ROOT,
